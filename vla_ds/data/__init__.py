@@ -1,0 +1,42 @@
+"""Dataset layer: episodes on disk (SPEC section 3) -> samples -> batches.
+
+``VLADataset.from_config`` finds and validates every episode, ``split_train_val``
+splits by episode, ``DistributedWeightedSampler`` orders each epoch, and
+``collate_numeric`` stacks samples into tensors. See docs/dataset_format.md.
+"""
+
+from vla_ds.data.dataset import (
+    ACTION_DIM,
+    ACTION_IS_PAD,
+    ACTIONS,
+    CONFIDENCE,
+    EPISODE_INDEX,
+    FRAME_TIME,
+    HAS_SENSOR,
+    IMAGES,
+    INSTRUCTION,
+    SENSOR_WINDOW,
+    DataConfig,
+    VLADataset,
+    collate_numeric,
+    compute_action_chunk,
+    read_mixture,
+    scan_dataset,
+    split_train_val,
+    wrap_degrees,
+)
+from vla_ds.data.demo import make_demo_dataset
+from vla_ds.data.episodes import Episode, SensorData, find_episode_dirs, load_episode
+from vla_ds.data.normalize import NormStats, compute_norm_stats
+from vla_ds.data.sampler import DistributedWeightedSampler
+
+__all__ = [
+    "ACTION_DIM", "ACTION_IS_PAD", "ACTIONS", "CONFIDENCE", "EPISODE_INDEX", "FRAME_TIME", "HAS_SENSOR",
+    "IMAGES", "INSTRUCTION", "SENSOR_WINDOW",
+    "DataConfig", "VLADataset", "collate_numeric", "compute_action_chunk", "read_mixture", "scan_dataset",
+    "split_train_val", "wrap_degrees",
+    "make_demo_dataset",
+    "Episode", "SensorData", "find_episode_dirs", "load_episode",
+    "NormStats", "compute_norm_stats",
+    "DistributedWeightedSampler",
+]

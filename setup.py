@@ -1,0 +1,35 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="vla_ds",
+    version="0.1.0",
+    description="DeepSpeed training of Vision-Language-Action robot policies (Qwen2.5-VL + sensor encoder + diffusion action expert)",
+    packages=find_packages(include=["vla_ds", "vla_ds.*"]),
+    python_requires=">=3.10",
+    # torch is deliberately unpinned-but-required: install the build for your machine first
+    # (CPU: pip install torch==2.13.0; GPU: the CUDA wheel), then `pip install -e .[dev]`.
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.19,<0.20",
+        "transformers>=5.0,<6",
+        "peft>=0.17",
+        "safetensors>=0.4",
+        "tokenizers>=0.21",
+        "numpy>=1.24",
+        "pillow>=10",
+        "pyyaml>=6",
+        "tqdm>=4.60",
+        "matplotlib>=3.7",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "ninja"],
+        "monitor": ["tensorboard", "wandb"],
+    },
+    entry_points={
+        "console_scripts": [
+            "vla-train=vla_ds.train:main",
+            "vla-make-tiny-backbone=vla_ds.tiny_backbone:main",
+            "vla-make-demo-dataset=vla_ds.data.demo:main",
+        ]
+    },
+)

@@ -1,0 +1,347 @@
+"""Finding and reading one episode directory (SPEC section 3)."""
+
+import io
+import json
+import pickle
+import zipfile
+
+import numpy as np
+import pytest
+
+from data_helpers import write_csv, write_episode
+from vla_ds.data.episodes import (
+    SensorData,
+    find_episode_dirs,
+    index_view_frames,
+    load_episode,
+    nearest_frames,
+    read_metadata,
+    read_robot_states,
+)
+from vla_ds.errors import DatasetError
+
+# ---------------------------------------------------------------- finding
+
+
+def test_find_episode_dirs_any_depth_sorted_and_not_inside_episodes(tmp_path):
+    for rel in ["b/ep1", "a/deep/er/ep0", "a/ep2", "c"]:
+        (tmp_path / rel).mkdir(parents=True)
+        (tmp_path / rel / "metadata.json").write_text("{}")
+    (tmp_path / "c" / "images" / "nested").mkdir(parents=True)
+    (tmp_path / "c" / "images" / "nested" / "metadata.json").write_text("{}")  # inside an episode: ignored
+    (tmp_path / "not_an_episode").mkdir()
+    found = [p.relative_to(tmp_path).as_posix() for p in find_episode_dirs(tmp_path)]
+    assert found == ["a/deep/er/ep0", "a/ep2", "b/ep1", "c"]
+
+
+def test_find_episode_dirs_missing_root(tmp_path):
+    with pytest.raises(DatasetError, match="dataset directory not found"):
+        find_episode_dirs(tmp_path / "nope")
+
+
+# ---------------------------------------------------------------- metadata
+
+
+def test_metadata_defaults(tmp_path):
+    ep = tmp_path / "Needle_insertion_eye_trocar" / "ep0"
+    (ep / "images" / "wrist").mkdir(parents=True)
+    (ep / "images" / "front").mkdir(parents=True)
+    (ep / "metadata.json").write_text("{}")
+    meta = read_metadata(ep)
+    assert meta.instruction == "Needle insertion eye trocar"
+    assert meta.camera_views == ["front", "wrist"]
+    assert (meta.action_type, meta.action_hz, meta.confidence) == ("delta_pose", 10.0, 1.0)
+
+
+def test_metadata_explicit_values(tmp_path):
+    ep = tmp_path / "x"
+    ep.mkdir()
+    (ep / "metadata.json").write_text(json.dumps({
+        "instruction": "pick", "camera_views": ["wrist", "front"], "action": {"hz": 20}, "confidence": 0.5}))
+    meta = read_metadata(ep)
+    assert (meta.instruction, meta.camera_views, meta.action_hz, meta.confidence) == (
+        "pick", ["wrist", "front"], 20.0, 0.5)
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"action": {"type": "joint_pos"}}', "unsupported action type 'joint_pos'"),
+    ('{"action": {"hz": 0}}', "'hz' must be a positive number"),
+    ('{"confidence": -1}', "'confidence' must be a number >= 0"),
+    ('{"camera_views": []}', "'camera_views' must be a non-empty list"),
+    ('{"instruction": 3}', "'instruction' must be a string"),
+    ('{"instruction": ', "invalid JSON"),
+    ('[1, 2]', "expected a JSON object"),
+])
+def test_metadata_errors_name_file(tmp_path, content, message):
+    ep = tmp_path / "ep"
+    (ep / "images" / "front").mkdir(parents=True)
+    (ep / "metadata.json").write_text(content)
+    with pytest.raises(DatasetError) as e:
+        read_metadata(ep)
+    assert str(e.value).startswith(f"{ep / 'metadata.json'}: ")
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------- robot states
+
+
+def test_robot_states_columns_gripper_and_extra_ignored(tmp_path):
+    path = write_csv(tmp_path / "robot_states.csv",
+                     ["joint_1", "timestamp", "pose_x", "pose_y", "pose_z", "pose_a", "pose_b", "pose_r", "gripper"],
+                     [[9, 0.0, 1, 2, 3, 4, 5, 6, 0.5], [9, 0.1, 1.5, 2, 3, 4, 5, 6, 0.25]])
+    s = read_robot_states(path)
+    np.testing.assert_array_equal(s.times, [0.0, 0.1])
+    np.testing.assert_array_equal(s.poses, [[1, 2, 3, 4, 5, 6], [1.5, 2, 3, 4, 5, 6]])
+    np.testing.assert_array_equal(s.gripper, [0.5, 0.25])
+
+
+def test_robot_states_without_gripper(tmp_path):
+    path = write_csv(tmp_path / "r.csv", ["timestamp", "pose_x", "pose_y", "pose_z", "pose_a", "pose_b", "pose_r"],
+                     [[0, 0, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0]])
+    assert read_robot_states(path).gripper is None
+
+
+def test_robot_states_angles_unwrapped(tmp_path):
+    header = ["timestamp", "pose_x", "pose_y", "pose_z", "pose_a", "pose_b", "pose_r"]
+    path = write_csv(tmp_path / "r.csv", header, [[0, 0, 0, 0, 179, -170, 0], [1, 0, 0, 0, -179, 170, 0],
+                                                   [2, 0, 0, 0, -175, 160, 0]])
+    poses = read_robot_states(path).poses
+    np.testing.assert_allclose(poses[:, 3], [179, 181, 185])
+    np.testing.assert_allclose(poses[:, 4], [-170, -190, -200])
+
+
+def test_robot_states_missing_column(tmp_path):
+    path = write_csv(tmp_path / "robot_states.csv", ["timestamp", "pose_x", "pose_y", "pose_a", "pose_b", "pose_r"],
+                     [[0, 0, 0, 0, 0, 0]])
+    with pytest.raises(DatasetError) as e:
+        read_robot_states(path)
+    assert str(e.value) == f"{path}: missing required column 'pose_z'"
+
+
+@pytest.mark.parametrize("bad_row, message", [
+    (["0.2", "nan", "0", "0", "0", "0", "0"], "line 4: column 'pose_x' is nan (NaN/inf not allowed)"),
+    (["0.2", "0", "0", "inf", "0", "0", "0"], "line 4: column 'pose_z' is inf"),
+    (["0.2", "0", "abc", "0", "0", "0", "0"], "line 4: column 'pose_y' is 'abc', not a number"),
+    (["0.1", "0", "0", "0", "0", "0", "0"], "line 4: timestamp 0.1 does not increase"),
+    (["0.2", "0", "0"], "line 4: 3 fields, expected 7"),
+])
+def test_robot_states_bad_rows_name_line_and_column(tmp_path, bad_row, message):
+    header = ["timestamp", "pose_x", "pose_y", "pose_z", "pose_a", "pose_b", "pose_r"]
+    path = write_csv(tmp_path / "robot_states.csv", header,
+                     [["0.0"] + ["0"] * 6, ["0.1"] + ["0"] * 6, bad_row, ["0.3"] + ["0"] * 6])
+    with pytest.raises(DatasetError) as e:
+        read_robot_states(path)
+    assert str(e.value).startswith(f"{path}: ")
+    assert message in str(e.value)
+
+
+def test_robot_states_empty_and_header_only(tmp_path):
+    empty = tmp_path / "a.csv"
+    empty.write_text("")
+    with pytest.raises(DatasetError, match="empty file"):
+        read_robot_states(empty)
+    header_only = write_csv(tmp_path / "b.csv", ["timestamp", "pose_x", "pose_y", "pose_z", "pose_a", "pose_b",
+                                                 "pose_r"], [])
+    with pytest.raises(DatasetError, match="no data rows"):
+        read_robot_states(header_only)
+
+
+def test_robot_states_quoted_values_parse(tmp_path):
+    path = tmp_path / "r.csv"
+    path.write_text('timestamp,pose_x,pose_y,pose_z,pose_a,pose_b,pose_r\n"0.0",1,2,3,4,5,6\n\n"0.5",2,2,3,4,5,6\n')
+    s = read_robot_states(path)
+    np.testing.assert_array_equal(s.times, [0.0, 0.5])
+    np.testing.assert_array_equal(s.poses[:, 0], [1, 2])
+
+
+# ---------------------------------------------------------------- images
+
+
+def test_index_view_frames_sorted_ignores_other_files(tmp_path):
+    for name in ["3.5.png", "1730000000.125000.jpg", "2.0.JPG", "notes.txt", ".DS_Store"]:
+        (tmp_path / name).write_bytes(b"")
+    times, names = index_view_frames(tmp_path)
+    np.testing.assert_array_equal(times, [2.0, 3.5, 1730000000.125])
+    assert [n.decode() for n in names] == ["2.0.JPG", "3.5.png", "1730000000.125000.jpg"]
+
+
+def test_index_view_frames_errors(tmp_path):
+    (tmp_path / "frame_01.jpg").write_bytes(b"")
+    with pytest.raises(DatasetError) as e:
+        index_view_frames(tmp_path)
+    assert str(e.value).startswith(f"{tmp_path / 'frame_01.jpg'}: image file name must be the capture time")
+    (tmp_path / "frame_01.jpg").unlink()
+    (tmp_path / "1.5.jpg").write_bytes(b"")
+    (tmp_path / "1.500.png").write_bytes(b"")
+    with pytest.raises(DatasetError, match="two frames with the same capture time"):
+        index_view_frames(tmp_path)
+    with pytest.raises(DatasetError, match="camera view folder not found"):
+        index_view_frames(tmp_path / "missing")
+
+
+def test_nearest_frames():
+    idx, dist = nearest_frames(np.array([0.0, 1.0, 2.0]), np.array([-1.0, 0.4, 0.6, 1.5, 9.0]))
+    np.testing.assert_array_equal(idx, [0, 0, 1, 1, 2])  # a tie (1.5) picks the earlier frame
+    np.testing.assert_allclose(dist, [1.0, 0.4, 0.4, 0.5, 7.0])
+    idx, dist = nearest_frames(np.zeros(0), np.array([1.0]))
+    assert np.isinf(dist[0])
+
+
+# ---------------------------------------------------------------- sensor file
+
+
+def _stream(n=10, c=3):
+    ts = 100.0 + np.arange(n) * 0.01  # (N,)
+    data = (np.arange(n)[:, None] * 10 + np.arange(c)[None, :]).astype(np.float32)  # row i = [10i, 10i+1, ...]
+    return ts, data
+
+
+def test_sensor_raw_stored_is_memory_mapped_and_windows_exact(tmp_path):
+    ts, data = _stream()
+    np.savez(tmp_path / "s.npz", timestamps=ts, data=data)
+    s = SensorData(tmp_path / "s.npz")
+    assert (s.channels, s.is_windows, s.compressed) == (3, False, False)
+    assert isinstance(s.data, np.memmap)
+    np.testing.assert_array_equal(s.data, data)
+    # t equals sample 5's timestamp: samples 2..5 (the last 4 with timestamp <= t)
+    np.testing.assert_array_equal(s.window(ts[5], 4), data[2:6])
+    # between samples 5 and 6: still ends at sample 5
+    np.testing.assert_array_equal(s.window(ts[5] + 0.005, 4), data[2:6])
+    # only 2 samples so far: front zero-padded
+    w = s.window(ts[1], 4)
+    np.testing.assert_array_equal(w[:2], 0)
+    np.testing.assert_array_equal(w[2:], data[0:2])
+    np.testing.assert_array_equal(s.window(ts[0] - 1, 4), np.zeros((4, 3)))
+    assert s.window(ts[9], 4).dtype == np.float32
+
+
+def test_sensor_compressed_matches(tmp_path):
+    ts, data = _stream()
+    np.savez_compressed(tmp_path / "s.npz", timestamps=ts, data=data)
+    s = SensorData(tmp_path / "s.npz")
+    assert s.compressed and not isinstance(s.data, np.memmap)
+    np.testing.assert_array_equal(s.window(ts[7], 3), data[5:8])
+
+
+def test_sensor_fortran_order_and_int_dtype(tmp_path):
+    ts, data = _stream()
+    np.savez(tmp_path / "s.npz", timestamps=ts, data=np.asfortranarray(data.astype(np.int16)))
+    np.testing.assert_array_equal(SensorData(tmp_path / "s.npz").window(ts[4], 2), data[3:5])
+
+
+def test_sensor_precut_windows(tmp_path):
+    # 3 windows of 4 rows, ending at 1.0, 2.0, 3.0; window j's rows are 100j + [0, 1, 2, 3]
+    ends = np.array([1.0, 2.0, 3.0])
+    windows = (100 * np.arange(3)[:, None, None] + np.arange(4)[None, :, None]
+               + np.zeros((1, 1, 2))).astype(np.float32)  # (3, 4, 2)
+    np.savez(tmp_path / "w.npz", timestamps=ends, data=windows)
+    s = SensorData(tmp_path / "w.npz")
+    assert s.is_windows and s.channels == 2
+    np.testing.assert_array_equal(s.window(0.99, 4), np.zeros((4, 2)))  # no window ends by t
+    np.testing.assert_array_equal(s.window(2.0, 4), windows[1])  # ends exactly at t
+    np.testing.assert_array_equal(s.window(2.0 + 5e-7, 4), windows[1])
+    np.testing.assert_array_equal(s.window(2.99, 2), windows[1, 2:])  # last W rows
+    w = s.window(3.5, 6)  # Wp = 4 < W = 6: front zero-padded
+    np.testing.assert_array_equal(w[:2], 0)
+    np.testing.assert_array_equal(w[2:], windows[2])
+
+
+def test_sensor_errors_name_file(tmp_path):
+    ts, data = _stream()
+    path = tmp_path / "sensor_data.npz"
+    np.savez(path, times=ts, data=data)
+    with pytest.raises(DatasetError) as e:
+        SensorData(path)
+    assert str(e.value) == f"{path}: missing key 'timestamps' (found: ['data', 'times'])"
+
+    np.savez(path, timestamps=ts[:5], data=data)
+    with pytest.raises(DatasetError, match=r"must have shape \(N, C\) or \(N, W, C\)"):
+        SensorData(path)
+
+    np.savez(path, timestamps=ts[::-1], data=data)
+    with pytest.raises(DatasetError, match="'timestamps' decrease at row 1"):
+        SensorData(path)
+
+    np.savez(path, timestamps=ts, data=data)
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])  # truncated: the zip directory is gone
+    with pytest.raises(DatasetError) as e:
+        SensorData(path)
+    assert str(e.value).startswith(f"{path}: cannot read sensor file")
+
+    path.write_bytes(b"not a zip at all")
+    with pytest.raises(DatasetError, match="cannot read sensor file"):
+        SensorData(path)
+
+
+def _npy_bytes(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+def test_sensor_truncated_member_detected(tmp_path):
+    """A readable zip whose stored 'data' member is shorter than its .npy header says."""
+    ts, data = _stream(n=200)
+    path = tmp_path / "s.npz"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("timestamps.npy", _npy_bytes(ts))
+        zf.writestr("data.npy", _npy_bytes(data)[:-100])
+    with pytest.raises(DatasetError) as e:
+        SensorData(path)
+    assert str(e.value).startswith(f"{path}: file is truncated")
+
+
+def test_sensor_nan_in_window_is_error(tmp_path):
+    ts, data = _stream()
+    data[3, 1] = np.nan
+    np.savez(tmp_path / "s.npz", timestamps=ts, data=data)
+    s = SensorData(tmp_path / "s.npz")
+    np.testing.assert_array_equal(s.window(ts[9], 4), data[6:10])  # NaN row not in this window
+    with pytest.raises(DatasetError, match="NaN/inf in the sensor window"):
+        s.window(ts[4], 4)
+
+
+def test_sensor_pickles_without_data(tmp_path):
+    ts, data = _stream()
+    np.savez(tmp_path / "s.npz", timestamps=ts, data=data)
+    s = SensorData(tmp_path / "s.npz")
+    _ = s.data
+    blob = pickle.dumps(s)
+    assert len(blob) < 2000 + ts.nbytes
+    np.testing.assert_array_equal(pickle.loads(blob).window(ts[9], 10), data)
+
+
+# ---------------------------------------------------------------- whole episode
+
+
+def test_load_episode(tmp_path):
+    ts, data = _stream(n=5, c=2)
+    ep_dir = write_episode(tmp_path / "Pick_cube" / "ep0", gripper=np.linspace(0, 1, 31),
+                           metadata={"camera_views": ["wrist", "front"], "confidence": 0.7},
+                           sensor=(ts, data))
+    ep = load_episode(ep_dir, source="Pick_cube", index=3)
+    assert (ep.instruction, ep.camera_views, ep.confidence, ep.index, ep.source) == (
+        "Pick cube", ["wrist", "front"], 0.7, 3, "Pick_cube")
+    assert ep.duration_s == pytest.approx(3.0)
+    assert ep.sensor.channels == 2
+    np.testing.assert_allclose(ep.frame_times[0][:2], [0.02, 0.12])  # wrist is listed first
+    assert ep.image_path(1, 2) == ep_dir / "images" / "front" / "0.200000.png"
+    times, idx, dist = ep.match_frames(frame_stride=5, tolerance_s=0.1)
+    np.testing.assert_allclose(times, [0.02, 0.52, 1.02, 1.52, 2.02])
+    np.testing.assert_array_equal(idx[:, 1], [0, 5, 10, 15, 20])  # front frame nearest to each wrist time
+    np.testing.assert_allclose(dist[:, 1], 0.02, atol=1e-9)
+
+
+def test_load_episode_missing_files(tmp_path):
+    ep_dir = write_episode(tmp_path / "ep")
+    (ep_dir / "robot_states.csv").unlink()
+    with pytest.raises(DatasetError) as e:
+        load_episode(ep_dir)
+    assert str(e.value) == f"{ep_dir / 'robot_states.csv'}: file not found"
+
+    ep_dir = write_episode(tmp_path / "ep2", metadata={"camera_views": ["front", "side"]})
+    with pytest.raises(DatasetError) as e:
+        load_episode(ep_dir)
+    assert str(e.value) == f"{ep_dir / 'images' / 'side'}: camera view folder not found"

@@ -1,0 +1,84 @@
+"""NormStats and compute_norm_stats."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from data_helpers import write_episode
+from vla_ds.data.dataset import DataConfig, VLADataset
+from vla_ds.data.normalize import NormStats, compute_norm_stats
+from vla_ds.errors import CheckpointError
+
+
+def _dataset(root, with_sensor=True):
+    t = np.round(np.arange(26) * 0.1, 6)  # states end at 2.5 s: samples after 1.7 s have padded steps
+    poses = np.stack([t, np.zeros_like(t), t ** 2, np.zeros_like(t), np.zeros_like(t), np.zeros_like(t)], 1)
+    raw = np.stack([np.arange(10), np.full(10, 5.0)], 1)  # (10, 2)
+    windows = np.stack([np.arange(12).reshape(3, 4), np.full((3, 4), 5.0)], 2)  # (3, 4, 2): rows 0..11
+    write_episode(root / "a", state_times=t, poses=poses, gripper=t / 2.5,
+                  sensor=(np.arange(10) * 0.3, raw) if with_sensor else None)
+    write_episode(root / "b", state_times=t, poses=poses, gripper=t / 2.5,
+                  sensor=(np.array([1.0, 2.0, 3.0]), windows) if with_sensor else None)
+    return VLADataset.from_config(DataConfig(dataset_dir=str(root), sensor_window_size=4))
+
+
+def test_action_stats_exclude_padding(tmp_path):
+    ds = _dataset(tmp_path)
+    stats = compute_norm_stats(ds)
+    # dx = 0.1 on every real step; padded zeros would pull the mean down and give a std
+    assert stats.action_mean[0] == pytest.approx(0.1)
+    assert stats.action_std[0] == 1.0  # constant -> 1.0
+    np.testing.assert_array_equal(stats.action_mean[[1, 3, 4, 5]], 0)
+    np.testing.assert_array_equal(stats.action_std[[1, 3, 4, 5]], 1.0)
+    steps = np.concatenate([ds[i]["actions"][~ds[i]["action_is_pad"]] for i in range(len(ds))]).astype(np.float64)
+    assert len(steps) < len(ds) * 8  # the dataset does have padded steps
+    np.testing.assert_allclose(stats.action_mean[[2, 6]], steps[:, [2, 6]].mean(0), rtol=1e-6)
+    np.testing.assert_allclose(stats.action_std[[2, 6]], steps[:, [2, 6]].std(0), rtol=1e-6)
+
+
+def test_sensor_stats_over_rows_of_both_layouts(tmp_path):
+    stats = compute_norm_stats(_dataset(tmp_path))
+    rows = np.concatenate([np.arange(10), np.arange(12)]).astype(np.float64)  # channel 0 of both files
+    np.testing.assert_allclose(stats.sensor_mean, [rows.mean(), 5.0])
+    np.testing.assert_allclose(stats.sensor_std, [rows.std(), 1.0])  # channel 1 constant -> 1.0
+
+
+def test_no_sensor_data_gives_identity(tmp_path):
+    stats = compute_norm_stats(_dataset(tmp_path, with_sensor=False))
+    np.testing.assert_array_equal(stats.sensor_mean, [0.0])
+    np.testing.assert_array_equal(stats.sensor_std, [1.0])
+
+
+def test_subsample_is_deterministic(tmp_path):
+    ds = _dataset(tmp_path)
+    a = compute_norm_stats(ds, max_samples=5, seed=1)
+    b = compute_norm_stats(ds, max_samples=5, seed=1)
+    full = compute_norm_stats(ds)
+    np.testing.assert_array_equal(a.action_mean, b.action_mean)
+    assert not np.allclose(a.action_mean[2], full.action_mean[2])
+
+
+def test_dict_round_trip_and_errors():
+    stats = NormStats(np.arange(7.0), np.ones(7) * 2, np.array([1.0, 2.0]), np.array([3.0, 4.0]))
+    d = json.loads(json.dumps(stats.to_dict()))
+    back = NormStats.from_dict(d)
+    for k in ("action_mean", "action_std", "sensor_mean", "sensor_std"):
+        np.testing.assert_array_equal(getattr(back, k), getattr(stats, k))
+    with pytest.raises(CheckpointError, match="missing key 'sensor_std'"):
+        NormStats.from_dict({k: v for k, v in d.items() if k != "sensor_std"})
+    with pytest.raises(CheckpointError, match=r"'action_mean' has shape \(6,\)"):
+        NormStats.from_dict({**d, "action_mean": [0.0] * 6})
+
+
+def test_normalize_round_trip_numpy_and_torch():
+    stats = NormStats(np.arange(7.0), np.full(7, 2.0), np.array([1.0]), np.array([4.0]))
+    a = np.ones((3, 8, 7), dtype=np.float32)
+    n = stats.normalize_actions(a)
+    assert n.dtype == np.float32
+    np.testing.assert_allclose(n[0, 0], (1 - np.arange(7.0)) / 2)
+    np.testing.assert_allclose(stats.denormalize_actions(n), a)
+    t = torch.ones(2, 8, 7, dtype=torch.bfloat16)
+    assert stats.normalize_actions(t).dtype == torch.bfloat16
+    torch.testing.assert_close(stats.normalize_sensor(torch.full((2, 5, 1), 9.0)), torch.full((2, 5, 1), 2.0))

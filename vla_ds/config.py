@@ -1,0 +1,455 @@
+"""Run configuration: one DeepSpeed JSON with a ``vla_ds`` project section.
+
+A run is described by one JSON file per stage (``ds_configs/stage1.json``): DeepSpeed's
+own keys (ZeRO, bf16, optimizer, scheduler, batch sizes, monitors) next to a ``vla_ds``
+section holding the recipe (stage, model sizes, data, training loop, parameter groups).
+The guide's command-line flags and ``--set dotted.key=value`` override the JSON, then
+:func:`resolve_config` fills the "auto" values, checks every value and returns a
+:class:`RunConfig`. All of this happens before any process group starts, so a bad value
+is one message and a non-zero exit, not a hang on the other ranks.
+
+Precedence (lowest first): dataclass defaults -> ``model_preset`` -> the JSON's ``vla_ds``
+section -> command-line flags / ``--set``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import json
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vla_ds.data.dataset import DataConfig
+from vla_ds.errors import ConfigError
+from vla_ds.models.action_expert import ActionExpertConfig
+from vla_ds.models.backbone import BackboneConfig
+from vla_ds.models.sensor_encoder import SensorEncoderConfig
+
+PROJECT_KEY = "vla_ds"
+# Keys of the JSON that are ours, not DeepSpeed's; removed before deepspeed.initialize.
+NON_DEEPSPEED_KEYS = (PROJECT_KEY, "description")
+STAGES = ("stage1", "stage2")
+
+# Small sizes that train in seconds on a CPU; the reference sizes are the dataclass defaults.
+MODEL_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "reference": {},
+    "tiny": {
+        "sensor_encoder": {"conv_channels": [32, 64], "d_model": 64, "num_layers": 1, "num_heads": 4,
+                           "dim_feedforward": 128, "dropout": 0.0, "out_dim": 128},
+        "action_expert": {"vl_feature_dim": 128, "d_model": 64, "num_layers": 2, "num_heads": 4,
+                          "dim_feedforward": 128, "dropout": 0.0},
+    },
+}
+
+
+@dataclass
+class ParamGroupConfig:
+    """One optimizer parameter group.
+
+    Fields:
+        modules: top-level policy modules whose trainable parameters join this group
+            (``backbone``, ``sensor_encoder``, ``action_expert``); ``"*"`` takes every
+            trainable parameter no earlier group took.
+        lr: peak learning rate of the group (the scheduler scales every group by the same
+            factor, so ratios between groups hold through warmup and decay).
+        weight_decay: AdamW weight decay of the group.
+    """
+
+    modules: list[str] = field(default_factory=lambda: ["*"])
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+
+    def __post_init__(self):
+        if not self.modules:
+            raise ConfigError("optimizer_groups: a group needs at least one entry in 'modules'")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"optimizer_groups: lr must be a positive number, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"optimizer_groups: weight_decay must be >= 0, got {self.weight_decay}")
+
+
+def _default_groups() -> dict[str, ParamGroupConfig]:
+    return {"other": ParamGroupConfig(modules=["*"], lr=1e-4, weight_decay=0.01)}
+
+
+@dataclass
+class TrainConfig:
+    """The training loop.
+
+    Fields:
+        epochs: total epochs of the run (a resumed run trains up to this many in all).
+        seed: seeds the split, sampling order, noise and initialisation.
+        output_dir: where checkpoints, metrics.jsonl and the resolved config go.
+        sensor_loss_weight: per-sample loss weight of samples that have sensor data
+            (multiplied with the episode's confidence).
+        warmup_ratio: fraction of the total optimizer steps used for warmup when the
+            scheduler's ``warmup_num_steps`` is "auto".
+        log_every: optimizer steps between metrics.jsonl rows.
+        max_steps: stop after this many optimizer steps (0 = run all epochs); for smoke tests.
+        validate_every_epochs: run validation every N epochs (and after the last one).
+        val_batch_size: micro batch size of validation (0 = the training micro batch).
+        dist_timeout_minutes: process-group timeout; a dead rank ends the job after this.
+        progress_bar: show a tqdm bar on rank 0.
+    """
+
+    epochs: int = 20
+    seed: int = 42
+    output_dir: str = "checkpoints/stage1"
+    sensor_loss_weight: float = 1.0
+    warmup_ratio: float = 0.05
+    log_every: int = 1
+    max_steps: int = 0
+    validate_every_epochs: int = 1
+    val_batch_size: int = 0
+    dist_timeout_minutes: float = 10.0
+    progress_bar: bool = True
+
+    def __post_init__(self):
+        _check(self.epochs >= 1, "train.epochs", self.epochs, "must be >= 1")
+        _check(self.sensor_loss_weight >= 0, "train.sensor_loss_weight", self.sensor_loss_weight, "must be >= 0")
+        _check(0 <= self.warmup_ratio < 1, "train.warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
+        _check(self.log_every >= 1, "train.log_every", self.log_every, "must be >= 1")
+        _check(self.max_steps >= 0, "train.max_steps", self.max_steps, "must be >= 0")
+        _check(self.validate_every_epochs >= 1, "train.validate_every_epochs", self.validate_every_epochs, "must be >= 1")
+        _check(self.val_batch_size >= 0, "train.val_batch_size", self.val_batch_size, "must be >= 0")
+        _check(self.dist_timeout_minutes > 0, "train.dist_timeout_minutes", self.dist_timeout_minutes, "must be > 0")
+        _check(bool(self.output_dir), "train.output_dir", self.output_dir, "must not be empty")
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs: the recipe (the JSON's ``vla_ds`` section) plus the
+    resolved DeepSpeed config that :mod:`vla_ds.engine` hands to ``deepspeed.initialize``.
+
+    Fields:
+        stage: ``stage1`` (backbone frozen; sensor encoder + action expert trained).
+        model_preset: ``reference`` (SPEC sizes) or ``tiny`` (CPU-sized heads).
+        backbone, sensor_encoder, action_expert, data, train: component configs.
+        optimizer_groups: named parameter groups (``train/lr/<name>`` in the metrics).
+        deepspeed: the DeepSpeed part of the JSON, "auto" values resolved.
+        world_size: number of ranks the config was resolved for.
+    """
+
+    stage: str = "stage1"
+    model_preset: str = "reference"
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    sensor_encoder: SensorEncoderConfig = field(default_factory=SensorEncoderConfig)
+    action_expert: ActionExpertConfig = field(default_factory=ActionExpertConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer_groups: dict[str, ParamGroupConfig] = field(default_factory=_default_groups)
+    deepspeed: dict[str, Any] = field(default_factory=dict)
+    world_size: int = 1
+
+    @property
+    def micro_batch_size(self) -> int:
+        return int(self.deepspeed["train_micro_batch_size_per_gpu"])
+
+    @property
+    def grad_accum(self) -> int:
+        return int(self.deepspeed["gradient_accumulation_steps"])
+
+    def project_dict(self) -> dict[str, Any]:
+        """The ``vla_ds`` section, fully expanded (every field, JSON types)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.name in ("deepspeed", "world_size"):
+                continue
+            out[f.name] = _to_jsonable(getattr(self, f.name))
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """The whole resolved JSON: DeepSpeed keys plus the expanded ``vla_ds`` section."""
+        return {**copy.deepcopy(self.deepspeed), PROJECT_KEY: self.project_dict()}
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], world_size: int = 1) -> "RunConfig":
+        """Build from a resolved dict (as written by :meth:`to_dict`); no "auto" values expected."""
+        ds = {k: v for k, v in d.items() if k not in NON_DEEPSPEED_KEYS}
+        cfg = _project_from_dict(d.get(PROJECT_KEY, {}))
+        cfg.deepspeed = ds
+        cfg.world_size = world_size
+        return cfg
+
+
+def _check(ok: bool, name: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}={value!r}: {why}")
+
+
+def _to_jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {k: _to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_jsonable(v) for v in obj]
+    return obj
+
+
+def _unknown_key_error(where: str, key: str, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else f" (valid: {', '.join(sorted(valid))})"
+    return ConfigError(f"unknown config key '{where}{key}'{hint}")
+
+
+def _coerce(value: Any, annotation: Any, name: str) -> Any:
+    """Convert a JSON/CLI value to a dataclass field's type, or raise ConfigError naming the field."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is typing.Union or (origin is not None and type(None) in args):
+        if value is None:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], name) if len(inner) == 1 else value
+    try:
+        if annotation is bool:
+            if isinstance(value, str):
+                if value.lower() in ("true", "1", "yes", "on"):
+                    return True
+                if value.lower() in ("false", "0", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if annotation is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if annotation is float:
+            return float(value)
+        if annotation is str:
+            if not isinstance(value, str):
+                raise ValueError(value)
+            return value
+        if origin in (tuple, list):
+            if isinstance(value, str):
+                value = yaml.safe_load(value)
+            if not isinstance(value, (list, tuple)):
+                raise ValueError(value)
+            item_type = args[0] if args else Any
+            items = [_coerce(v, item_type, name) if item_type is not Any else v for v in value]
+            return tuple(items) if origin is tuple else items
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}={value!r}: expected {getattr(annotation, '__name__', annotation)}") from None
+    return value
+
+
+def _dataclass_from_dict(cls: type, d: dict[str, Any], where: str, base: Any = None) -> Any:
+    """Instantiate ``cls`` from ``d`` on top of ``base`` (or the defaults), refusing unknown keys."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"'{where.rstrip('.')}' must be a JSON object, got {d!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    values = {n: getattr(base, n) for n in names} if base is not None else {}
+    for key, value in d.items():
+        if key not in names:
+            raise _unknown_key_error(where, key, names)
+        values[key] = _coerce(value, hints[key], where + key)
+    return cls(**values)
+
+
+_SECTIONS = {
+    "backbone": BackboneConfig,
+    "sensor_encoder": SensorEncoderConfig,
+    "action_expert": ActionExpertConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+}
+
+
+def _project_from_dict(section: dict[str, Any]) -> RunConfig:
+    """The ``vla_ds`` JSON section -> RunConfig (presets applied first, then explicit values)."""
+    if not isinstance(section, dict):
+        raise ConfigError(f"'{PROJECT_KEY}' must be a JSON object")
+    valid = ["stage", "model_preset", "optimizer_groups", *_SECTIONS]
+    for key in section:
+        if key not in valid:
+            raise _unknown_key_error(f"{PROJECT_KEY}.", key, valid)
+    stage = section.get("stage", "stage1")
+    if stage not in STAGES:
+        raise ConfigError(f"{PROJECT_KEY}.stage={stage!r}: expected one of {', '.join(STAGES)}")
+    preset = section.get("model_preset", "reference")
+    if preset not in MODEL_PRESETS:
+        raise ConfigError(f"{PROJECT_KEY}.model_preset={preset!r}: expected one of {', '.join(MODEL_PRESETS)}")
+
+    parts = {}
+    for name, cls in _SECTIONS.items():
+        base = _dataclass_from_dict(cls, MODEL_PRESETS[preset].get(name, {}), f"{PROJECT_KEY}.{name}.")
+        parts[name] = _dataclass_from_dict(cls, section.get(name, {}), f"{PROJECT_KEY}.{name}.", base)
+
+    groups_raw = section.get("optimizer_groups")
+    if groups_raw is None:
+        groups = _default_groups()
+    else:
+        if not isinstance(groups_raw, dict) or not groups_raw:
+            raise ConfigError(f"{PROJECT_KEY}.optimizer_groups must be a non-empty object of named groups")
+        groups = {name: _dataclass_from_dict(ParamGroupConfig, g, f"{PROJECT_KEY}.optimizer_groups.{name}.")
+                  for name, g in groups_raw.items()}
+    return RunConfig(stage=stage, model_preset=preset, optimizer_groups=groups, **parts)
+
+
+# ---------------------------------------------------------------------------------------
+# Loading, overriding and resolving
+
+
+def load_json(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a JSON object")
+    return raw
+
+
+def _parse_scalar(text: str) -> Any:
+    """A --set value: JSON first (so 1e-4 is a float), then YAML (so bare words are strings)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return yaml.safe_load(text)
+
+
+def apply_override(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``dotted`` (e.g. ``vla_ds.train.epochs`` or ``zero_optimization.stage``) in ``raw``.
+
+    Keys under the project section may leave out the ``vla_ds.`` prefix
+    (``train.epochs=3``). String values are parsed (``"3"`` -> 3, ``"1e-4"`` -> 1e-4).
+    """
+    keys = dotted.split(".")
+    if keys[0] in _SECTIONS or keys[0] in ("stage", "model_preset", "optimizer_groups"):
+        keys = [PROJECT_KEY, *keys]
+    if isinstance(value, str):
+        value = _parse_scalar(value)
+    node = raw
+    for key in keys[:-1]:
+        nxt = node.setdefault(key, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {dotted}: '{key}' is not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def _resolve_batch(ds: dict[str, Any], world_size: int, source: str) -> None:
+    """Fill/check train_batch_size = micro x accumulation x world size."""
+    def as_int(key: str, default: Any) -> int | None:
+        v = ds.get(key, default)
+        if v in (None, "auto"):
+            return None
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{source}: {key}={v!r} must be a positive integer or \"auto\"")
+        return v
+
+    micro = as_int("train_micro_batch_size_per_gpu", "auto")
+    accum = as_int("gradient_accumulation_steps", "auto")
+    total = as_int("train_batch_size", "auto")
+    if micro is None and accum is None:
+        raise ConfigError(f"{source}: set train_micro_batch_size_per_gpu (--batch_size) or "
+                          "gradient_accumulation_steps (--grad_accum)")
+    if micro is None:
+        micro = 1 if total is None else total // (accum * world_size)
+    if accum is None:
+        accum = 1 if total is None else total // (micro * world_size)
+    if micro < 1 or accum < 1:
+        raise ConfigError(f"{source}: train_batch_size={total} is smaller than one sample per rank "
+                          f"({world_size} ranks)")
+    if total is not None and total != micro * accum * world_size:
+        raise ConfigError(
+            f"{source}: inconsistent batch settings: train_batch_size={total} but "
+            f"train_micro_batch_size_per_gpu={micro} x gradient_accumulation_steps={accum} x "
+            f"{world_size} ranks = {micro * accum * world_size}; set train_batch_size to \"auto\" "
+            "or make the product match")
+    ds["train_micro_batch_size_per_gpu"] = micro
+    ds["gradient_accumulation_steps"] = accum
+    ds["train_batch_size"] = micro * accum * world_size
+
+
+def resolve_config(raw: dict[str, Any], world_size: int, source: str = "config") -> RunConfig:
+    """Validate the (already overridden) JSON for ``world_size`` ranks and resolve "auto" values.
+
+    The scheduler's step counts stay "auto" until :func:`resolve_schedule` knows the
+    number of optimizer steps per epoch (which needs the dataset).
+    """
+    raw = copy.deepcopy(raw)
+    if PROJECT_KEY not in raw:
+        raise ConfigError(f"{source}: no '{PROJECT_KEY}' section (see ds_configs/stage1.json)")
+    cfg = _project_from_dict(raw[PROJECT_KEY])
+    ds = {k: v for k, v in raw.items() if k not in NON_DEEPSPEED_KEYS}
+    _resolve_batch(ds, world_size, source)
+
+    opt = ds.get("optimizer")
+    if not isinstance(opt, dict) or "type" not in opt:
+        raise ConfigError(f"{source}: an 'optimizer' section with a 'type' is required (e.g. AdamW)")
+    # The JSON's optimizer lr is DeepSpeed's default; every parameter group carries its own.
+    first_group = next(iter(cfg.optimizer_groups.values()))
+    opt.setdefault("params", {}).setdefault("lr", first_group.lr)
+    for key in ("lr", "weight_decay", "eps"):
+        v = opt["params"].get(key)
+        if v == "auto":
+            opt["params"][key] = {"lr": first_group.lr, "weight_decay": first_group.weight_decay, "eps": 1e-8}[key]
+    if ds.get("gradient_clipping") == "auto":
+        ds["gradient_clipping"] = 1.0
+    for section in ("tensorboard", "csv_monitor", "wandb"):
+        mon = ds.get(section)
+        if isinstance(mon, dict) and mon.get("output_path") == "auto":
+            mon["output_path"] = str(Path(cfg.train.output_dir) / "monitor")
+    for section in ("tensorboard", "csv_monitor"):
+        mon = ds.get(section)
+        if isinstance(mon, dict) and mon.get("job_name") == "auto":
+            mon["job_name"] = cfg.stage
+
+    if cfg.stage != "stage1":
+        raise ConfigError(f"{source}: stage={cfg.stage!r} is not available yet in this version")
+    cfg.deepspeed = ds
+    cfg.world_size = world_size
+    _check_consistency(cfg, source)
+    return cfg
+
+
+def _check_consistency(cfg: RunConfig, source: str) -> None:
+    """Cross-field checks the single dataclasses cannot do."""
+    if not cfg.data.dataset_dir:
+        raise ConfigError(f"{source}: no dataset directory: pass --dataset_dir DIR")
+    se, ae = cfg.sensor_encoder, cfg.action_expert
+    if se.d_model % se.num_heads:
+        raise ConfigError(f"sensor_encoder.d_model={se.d_model} is not divisible by num_heads={se.num_heads}")
+    if ae.d_model % ae.num_heads:
+        raise ConfigError(f"action_expert.d_model={ae.d_model} is not divisible by num_heads={ae.num_heads}")
+    bf16 = cfg.deepspeed.get("bf16", {}).get("enabled", False)
+    fp16 = cfg.deepspeed.get("fp16", {}).get("enabled", False)
+    if fp16:
+        raise ConfigError(f"{source}: fp16 is not supported (bf16 compute with fp32 master weights is the recipe)")
+    if bf16 and cfg.backbone.dtype != "bfloat16":
+        raise ConfigError(f"{source}: bf16 is enabled but backbone.dtype={cfg.backbone.dtype!r}; "
+                          "use bfloat16 (or disable bf16 for an fp32 run)")
+
+
+def resolve_schedule(cfg: RunConfig, steps_per_epoch: int) -> int:
+    """Fill the scheduler's "auto" step counts from epochs x optimizer steps per epoch.
+
+    Returns the total number of optimizer steps of the run.
+    """
+    total = steps_per_epoch * cfg.train.epochs
+    if cfg.train.max_steps:
+        total = min(total, cfg.train.max_steps)
+    sched = cfg.deepspeed.get("scheduler")
+    if isinstance(sched, dict):
+        params = sched.setdefault("params", {})
+        if params.get("total_num_steps", "auto") == "auto":
+            params["total_num_steps"] = max(1, total)
+        if params.get("warmup_num_steps") == "auto":
+            params["warmup_num_steps"] = max(1, round(cfg.train.warmup_ratio * total))
+    return total

@@ -1,0 +1,534 @@
+"""Samples: camera views, sensor window, action chunk and padding (SPEC section 3).
+
+A sample is taken at every ``frame_stride``-th frame time t of an episode's first
+camera view. ``VLADataset.get_item`` returns one sample as numpy values and
+``collate_numeric`` stacks a list of them into a batch. Keys and shapes, per sample
+-> per batch (B samples, V views, W = sensor_window_size, C = sensor channels,
+H = action_horizon), are the constants below.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+
+from vla_ds.data.episodes import Episode, find_episode_dirs, load_episode
+from vla_ds.errors import ConfigError, DatasetError
+
+logger = logging.getLogger(__name__)
+
+IMAGES = "images"                  # list of V uint8 (h, w, 3) arrays, camera_views order -> list of B lists
+INSTRUCTION = "instruction"        # str -> list of B str
+SENSOR_WINDOW = "sensor_window"    # float32 (W, C) raw values, zeros without sensor -> (B, W, C)
+HAS_SENSOR = "has_sensor"          # bool -> bool (B,)
+ACTIONS = "actions"                # float32 (H, 7) raw deltas, zeros at padded steps -> (B, H, 7)
+ACTION_IS_PAD = "action_is_pad"    # bool (H,), True past the episode end -> bool (B, H)
+CONFIDENCE = "confidence"          # float, loss weight from metadata.json -> float32 (B,)
+EPISODE_INDEX = "episode_index"    # int, Episode.index -> int64 (B,)
+FRAME_TIME = "frame_time"          # float seconds, t -> float64 (B,)
+
+ACTION_DIM = 7  # [dx, dy, dz, da, db, dr, gripper]: mm, degrees, gripper value at step end
+ANGLE_DIMS = slice(3, 6)
+MIXTURE_FILE = "mixture.yaml"
+BAD_SAMPLE_POLICIES = ("error", "skip")
+
+
+@dataclass
+class DataConfig:
+    """How samples are cut from a dataset directory.
+
+    Fields:
+        dataset_dir: root of the dataset (SPEC section 3); episodes are found at any depth,
+            and an optional ``mixture.yaml`` there selects sources and their weights.
+        sensor_window_size: W, sensor samples per window, ending at the sample time
+            (front zero-padded when fewer exist).
+        action_horizon: H, future action steps per sample (the action chunk).
+        frame_stride: take a sample at every n-th frame of the first camera view.
+        view_tolerance_s: a view's nearest frame must be within this many seconds of
+            the sample time, otherwise the sample is invalid.
+        val_split: fraction of episodes (per source) held out for validation, in [0, 1).
+        num_workers: data-loader worker processes per rank.
+        on_bad_sample: what an invalid sample does: "error" stops with a message naming
+            the episode, view and time; "skip" drops it at indexing and counts it.
+    """
+
+    dataset_dir: str = ""
+    sensor_window_size: int = 650
+    action_horizon: int = 8
+    frame_stride: int = 1
+    view_tolerance_s: float = 0.1
+    val_split: float = 0.1
+    num_workers: int = 2
+    on_bad_sample: str = "error"
+
+    def __post_init__(self):
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        for name in ("sensor_window_size", "action_horizon", "frame_stride"):
+            v = getattr(self, name)
+            if not is_int(v) or v < 1:
+                raise ConfigError(f"DataConfig.{name} must be an integer >= 1, got {v!r}")
+        if not is_int(self.num_workers) or self.num_workers < 0:
+            raise ConfigError(f"DataConfig.num_workers must be an integer >= 0, got {self.num_workers!r}")
+        if not is_num(self.view_tolerance_s) or self.view_tolerance_s < 0:
+            raise ConfigError(f"DataConfig.view_tolerance_s must be a number >= 0, got {self.view_tolerance_s!r}")
+        if not is_num(self.val_split) or not 0 <= self.val_split < 1:
+            raise ConfigError(f"DataConfig.val_split must be in [0, 1), got {self.val_split!r}")
+        if self.on_bad_sample not in BAD_SAMPLE_POLICIES:
+            raise ConfigError(f"DataConfig.on_bad_sample must be one of {BAD_SAMPLE_POLICIES}, "
+                              f"got {self.on_bad_sample!r}")
+        if not isinstance(self.dataset_dir, (str, os.PathLike)):
+            raise ConfigError(f"DataConfig.dataset_dir must be a path string, got {self.dataset_dir!r}")
+        self.dataset_dir = os.fspath(self.dataset_dir)
+
+
+# --------------------------------------------------------------------------- sample maths
+
+
+def wrap_degrees(x: np.ndarray) -> np.ndarray:
+    """Wrap angles in degrees into (-180, 180]."""
+    return -((-np.asarray(x) + 180.0) % 360.0 - 180.0)
+
+
+def compute_action_chunk(times: np.ndarray, poses: np.ndarray, gripper: np.ndarray | None,
+                         t: float, horizon: int, hz: float) -> tuple[np.ndarray, np.ndarray]:
+    """The delta-pose action chunk at time t.
+
+    times (T,) increasing, poses (T, 6) with unwrapped angles, gripper (T,) or None.
+    With D = 1/hz, for k = 0..H-1: ``action[k, :6] = pose(t+(k+1)D) - pose(t+kD)`` (pose
+    linearly interpolated, angle deltas wrapped into (-180, 180]) and ``action[k, 6] =
+    gripper(t+(k+1)D)`` (1.0 without a gripper column). Step k is padded when t+(k+1)D
+    lies past the last state time; padded steps are zeros.
+    Returns (actions (H, 7) float32, is_pad (H,) bool).
+    """
+    dt = 1.0 / hz
+    query = t + dt * np.arange(horizon + 1)  # (H+1,)
+    pose = np.stack([np.interp(query, times, poses[:, c]) for c in range(6)], axis=1)  # (H+1, 6)
+    actions = np.empty((horizon, ACTION_DIM), dtype=np.float64)
+    actions[:, :6] = pose[1:] - pose[:-1]
+    actions[:, ANGLE_DIMS] = wrap_degrees(actions[:, ANGLE_DIMS])
+    actions[:, 6] = 1.0 if gripper is None else np.interp(query[1:], times, gripper)
+    is_pad = query[1:] > times[-1] + 1e-9  # (H,)
+    actions[is_pad] = 0.0
+    return actions.astype(np.float32), is_pad
+
+
+def decode_image(path: Path) -> np.ndarray:
+    """Decode one image file to uint8 (h, w, 3) RGB; a corrupt or truncated file is a DatasetError."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return np.array(img.convert("RGB"), dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise DatasetError(f"{path}: cannot decode image ({e})") from None
+
+
+# --------------------------------------------------------------------------- finding episodes
+
+
+def read_mixture(root: Path) -> list[tuple[str, float]] | None:
+    """Parse ``root/mixture.yaml`` into [(source path, weight), ...], or None when absent.
+
+    Format: ``sources: [{path: Needle_insertion_eye_trocar, weight: 3.0}, ...]``; paths
+    relative to root, weight > 0 (default 1.0).
+    """
+    path = root / MIXTURE_FILE
+    if not path.is_file():
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise DatasetError(f"{path}: invalid YAML ({' '.join(str(e).split())})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{path}: cannot read ({e})") from None
+    example = "sources: [{path: FOLDER, weight: 1.0}, ...]"
+    if not isinstance(doc, dict) or not isinstance(doc.get("sources"), list) or not doc["sources"]:
+        raise DatasetError(f"{path}: expected a non-empty source list: {example}")
+    unknown = sorted(set(doc) - {"sources"})
+    if unknown:
+        raise DatasetError(f"{path}: unknown key '{unknown[0]}' (expected: {example})")
+    sources = []
+    for i, entry in enumerate(doc["sources"]):
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not entry["path"]:
+            raise DatasetError(f"{path}: source {i} must be a mapping with a 'path' string, got {entry!r}")
+        bad = sorted(set(entry) - {"path", "weight"})
+        if bad:
+            raise DatasetError(f"{path}: source '{entry['path']}': unknown key '{bad[0]}' (expected 'path', 'weight')")
+        name = str(PurePosixPath(entry["path"]))
+        weight = entry.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
+            raise DatasetError(f"{path}: source '{name}': weight must be a number > 0, got {weight!r}")
+        if not (root / name).is_dir():
+            raise DatasetError(f"{path}: source path '{name}' not found ({root / name})")
+        if name in (s for s, _ in sources):
+            raise DatasetError(f"{path}: source '{name}' is listed twice")
+        sources.append((name, float(weight)))
+    return sources
+
+
+def _default_source(episode_dir: Path, root: Path | None) -> str:
+    """Source name without a mixture: the top-level folder under the root ("." for the root itself)."""
+    if root is not None:
+        try:
+            rel = episode_dir.relative_to(root)
+            return rel.parts[0] if rel.parts else "."
+        except ValueError:
+            pass
+    return episode_dir.parent.name
+
+
+def scan_dataset(root: str | os.PathLike) -> tuple[list[tuple[Path, str]], dict[str, float] | None]:
+    """Find the episodes a dataset directory uses, without loading them.
+
+    Returns ``([(episode_dir, source), ...] sorted by path, source_weights)``.
+    ``source_weights`` is None without mixture.yaml (every episode used, uniform sampling);
+    with it only the listed sources are used.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: dataset directory not found")
+    mixture = read_mixture(root)
+    if mixture is None:
+        return [(d, _default_source(d, root)) for d in find_episode_dirs(root)], None
+    owner: dict[str, str] = {}
+    pairs = []
+    for name, _ in mixture:
+        dirs = find_episode_dirs(root / name)
+        if not dirs:
+            raise DatasetError(f"{root / MIXTURE_FILE}: source '{name}' has no episodes "
+                               f"(no folder under {root / name} holds metadata.json)")
+        for d in dirs:
+            key = os.path.realpath(d)
+            if key in owner:
+                raise DatasetError(f"{root / MIXTURE_FILE}: sources '{owner[key]}' and '{name}' overlap "
+                                   f"(both contain {d})")
+            owner[key] = name
+            pairs.append((d, name))
+    return sorted(pairs), dict(mixture)
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+class VLADataset(torch.utils.data.Dataset):
+    """Samples of a set of episodes (a map-style dataset; items are dicts of numpy values).
+
+    Build the full dataset with :meth:`from_config`, then split it by episode with
+    :func:`split_train_val`. The constructor checks everything that can be checked
+    without decoding images: each episode's robot states span at least one action
+    chunk, every episode has the same number of camera views, sensor channel counts
+    agree, and each sample's views have a frame within ``view_tolerance_s``.
+
+    Args:
+        config: the data config.
+        episodes: loaded :class:`Episode` objects or episode directories (loaded here,
+            with the top-level folder under ``config.dataset_dir`` as source). None scans
+            ``config.dataset_dir`` like :meth:`from_config`.
+        source_weights: mixture weight per source name; None means uniform over samples.
+        sensor_channels: force C (a split's halves share their parent's); by default
+            read from the episodes' sensor files, 1 when none has one.
+        num_views: force the number of camera views (for an empty split half).
+        allow_empty: allow zero samples (a validation split); otherwise a DatasetError.
+
+    Attributes:
+        episodes: the episodes, in path order.
+        sensor_channels: C.
+        num_views: V, camera views per sample.
+        source_weights: as given (None: uniform).
+        sample_weights: (N,) float64 sampling probability per sample (sums to 1): each
+            source's total is proportional to its weight.
+        invalid_samples: {episode dir: samples dropped} with on_bad_sample="skip".
+    """
+
+    def __init__(self, config: DataConfig, episodes: Sequence[Episode | str | os.PathLike] | None = None,
+                 source_weights: Mapping[str, float] | None = None, *, sensor_channels: int | None = None,
+                 num_views: int | None = None, allow_empty: bool = False):
+        self.config = config
+        root = Path(config.dataset_dir) if config.dataset_dir else None
+        if episodes is None:
+            if root is None:
+                raise ConfigError("DataConfig.dataset_dir is empty: set it with --dataset_dir")
+            pairs, scanned_weights = scan_dataset(root)
+            if not pairs:
+                raise DatasetError(f"{root}: no episodes found (no folder holds metadata.json)")
+            episodes = [load_episode(d, source=s, index=i) for i, (d, s) in enumerate(pairs)]
+            if source_weights is None:
+                source_weights = scanned_weights
+        self.episodes: list[Episode] = [
+            ep if isinstance(ep, Episode) else load_episode(ep, source=_default_source(Path(ep), root), index=i)
+            for i, ep in enumerate(episodes)
+        ]
+        self.source_weights = dict(source_weights) if source_weights is not None else None
+        where = str(root) if root is not None else "dataset"
+        if not self.episodes and not allow_empty:
+            raise DatasetError(f"{where}: no episodes given")
+
+        self._check_episodes(num_views)
+        self.sensor_channels = sensor_channels if sensor_channels is not None else self._read_sensor_channels()
+        for ep in self.episodes:
+            if ep.sensor is not None and ep.sensor.channels != self.sensor_channels:
+                raise DatasetError(f"{ep.sensor.path}: {ep.sensor.channels} sensor channels, "
+                                   f"expected {self.sensor_channels}")
+        self._build_index()
+        if len(self) == 0 and not allow_empty:
+            raise DatasetError(f"{where}: no valid samples in {len(self.episodes)} episodes"
+                               + (f" ({sum(self.invalid_samples.values())} skipped as invalid)"
+                                  if self.invalid_samples else ""))
+        self.sample_weights = self._compute_sample_weights()
+
+    @classmethod
+    def from_config(cls, config: DataConfig) -> VLADataset:
+        """Every episode under ``config.dataset_dir`` (only mixture.yaml's sources if it exists)."""
+        start = time.perf_counter()
+        ds = cls(config)
+        logger.info("loaded %d episodes (%d samples) from %s in %.1f s",
+                    len(ds.episodes), len(ds), config.dataset_dir, time.perf_counter() - start)
+        for path, n in ds.invalid_samples.items():
+            logger.warning("%s: skipped %d samples with a camera view missing a frame within %.3g s",
+                           path, n, config.view_tolerance_s)
+        return ds
+
+    def with_episodes(self, episodes: Sequence[Episode], allow_empty: bool = True) -> VLADataset:
+        """A dataset over some of this dataset's episodes, with the same config, weights, C and V."""
+        return VLADataset(self.config, list(episodes), self.source_weights, sensor_channels=self.sensor_channels,
+                          num_views=self.num_views, allow_empty=allow_empty)
+
+    # ---- construction helpers
+
+    def _check_episodes(self, num_views: int | None):
+        cfg = self.config
+        for ep in self.episodes:
+            chunk_s = cfg.action_horizon / ep.action_hz
+            if ep.duration_s + 1e-9 < chunk_s:
+                raise DatasetError(f"{ep.path}: robot_states.csv spans {ep.duration_s:.3f} s, shorter than one "
+                                   f"action chunk ({cfg.action_horizon} steps at {ep.action_hz:g} Hz = {chunk_s:.3f} s)")
+            if self.source_weights is not None and ep.source not in self.source_weights:
+                raise DatasetError(f"{ep.path}: source '{ep.source}' has no mixture weight")
+        first = self.episodes[0] if self.episodes else None
+        self.num_views = num_views if num_views is not None else len(first.camera_views) if first else 0
+        for ep in self.episodes:
+            if len(ep.camera_views) != self.num_views:
+                ref = f"{first.path} has {len(first.camera_views)} ({', '.join(first.camera_views)})" \
+                    if first is not None and num_views is None else f"expected {self.num_views}"
+                raise DatasetError(f"{ep.path}: {len(ep.camera_views)} camera views "
+                                   f"({', '.join(ep.camera_views)}) but {ref}; every episode needs the same number")
+
+    def _read_sensor_channels(self) -> int:
+        ref = None
+        for ep in self.episodes:
+            if ep.sensor is None:
+                continue
+            if ref is None:
+                ref = ep.sensor
+            elif ep.sensor.channels != ref.channels:
+                raise DatasetError(f"{ep.sensor.path}: {ep.sensor.channels} sensor channels, but "
+                                   f"{ref.path} has {ref.channels}; every sensor file needs the same channels")
+        return ref.channels if ref is not None else 1
+
+    def _build_index(self):
+        cfg = self.config
+        tol = cfg.view_tolerance_s + 1e-9
+        ep_ids, times, frames = [], [], []
+        self.invalid_samples: dict[str, int] = {}
+        for e, ep in enumerate(self.episodes):
+            if len(ep.frame_times[0]) == 0 and cfg.on_bad_sample == "error":
+                raise DatasetError(f"{ep.path / 'images' / ep.camera_views[0]}: no .jpg/.png frames "
+                                   f"(the first camera view sets the sample times)")
+            t, idx, dist = ep.match_frames(cfg.frame_stride, cfg.view_tolerance_s)  # (S,), (S, V), (S, V)
+            ok = (dist <= tol).all(axis=1)  # (S,)
+            if not ok.all():
+                s = int(np.flatnonzero(~ok)[0])
+                v = int(np.flatnonzero(dist[s] > tol)[0])
+                if cfg.on_bad_sample == "error":
+                    near = (f"nearest is {dist[s, v]:.3f} s away" if math.isfinite(dist[s, v])
+                            else "the view has no frames")
+                    raise DatasetError(f"{ep.path}: view '{ep.camera_views[v]}' has no frame within "
+                                       f"{cfg.view_tolerance_s:g} s of t={t[s]:.6f} ({near}); "
+                                       f"on_bad_sample='skip' drops such samples")
+                self.invalid_samples[str(ep.path)] = int((~ok).sum())
+            ep_ids.append(np.full(int(ok.sum()), e, dtype=np.int64))
+            times.append(t[ok])
+            frames.append(idx[ok])
+        v = self.num_views
+        self._sample_episode = np.concatenate(ep_ids) if ep_ids else np.zeros(0, np.int64)  # (N,)
+        self._sample_time = np.concatenate(times) if times else np.zeros(0)  # (N,)
+        self._sample_frames = np.concatenate(frames) if frames else np.zeros((0, v), np.int64)  # (N, V)
+
+    def _compute_sample_weights(self) -> np.ndarray:
+        n = len(self)
+        if n == 0:
+            return np.zeros(0)
+        if self.source_weights is None:
+            return np.full(n, 1.0 / n)
+        sources = np.array([self.episodes[e].source for e in self._sample_episode])  # (N,)
+        w = np.zeros(n)
+        present = {s: self.source_weights[s] for s in np.unique(sources)}
+        total = sum(present.values())
+        for s, weight in present.items():
+            mask = sources == s
+            w[mask] = weight / total / mask.sum()
+        return w
+
+    # ---- samples
+
+    def __len__(self) -> int:
+        return len(self._sample_time)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.get_item(i)
+
+    def get_item(self, i: int, with_images: bool = True) -> dict:
+        """Sample i as a dict of numpy values (keys at the top of this module).
+
+        ``with_images=False`` skips decoding and returns ``images`` as an empty list
+        (for statistics and feature caches).
+        """
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"sample {i} out of range for {n} samples")
+        i = int(i) % n
+        ep = self.episodes[self._sample_episode[i]]
+        t = float(self._sample_time[i])
+        cfg = self.config
+        images = []
+        if with_images:
+            images = [decode_image(ep.image_path(v, self._sample_frames[i, v])) for v in range(self.num_views)]
+        if ep.sensor is not None:
+            sensor = ep.sensor.window(t, cfg.sensor_window_size)  # (W, C)
+        else:
+            sensor = np.zeros((cfg.sensor_window_size, self.sensor_channels), dtype=np.float32)  # (W, C)
+        actions, is_pad = compute_action_chunk(ep.states.times, ep.states.poses, ep.states.gripper,
+                                               t, cfg.action_horizon, ep.action_hz)  # (H, 7), (H,)
+        return {
+            IMAGES: images,
+            INSTRUCTION: ep.instruction,
+            SENSOR_WINDOW: sensor,
+            HAS_SENSOR: ep.sensor is not None,
+            ACTIONS: actions,
+            ACTION_IS_PAD: is_pad,
+            CONFIDENCE: ep.confidence,
+            EPISODE_INDEX: ep.index,
+            FRAME_TIME: t,
+        }
+
+    # ---- reporting
+
+    def sample_source(self) -> np.ndarray:
+        """(N,) source name of each sample."""
+        return np.array([self.episodes[e].source for e in self._sample_episode], dtype=object)
+
+    def describe(self) -> str:
+        """A few lines for the start-up log: episodes, samples, sources and weights, views, sensor."""
+        n_sensor = sum(ep.has_sensor for ep in self.episodes)
+        views = ", ".join(self.episodes[0].camera_views) if self.episodes else "-"
+        skipped = sum(self.invalid_samples.values())
+        lines = [
+            f"{len(self.episodes)} episodes, {len(self)} samples"
+            + (f" ({skipped} invalid skipped)" if skipped else "")
+            + f", {self.num_views} views ({views}), sensor channels {self.sensor_channels} "
+            f"({n_sensor}/{len(self.episodes)} episodes with sensor data), "
+            f"window {self.config.sensor_window_size}, horizon {self.config.action_horizon}"
+        ]
+        sources = self.sample_source()
+        for s in sorted({ep.source for ep in self.episodes}):
+            mask = sources == s
+            n_ep = sum(ep.source == s for ep in self.episodes)
+            weight = "uniform" if self.source_weights is None else f"weight {self.source_weights[s]:g}"
+            lines.append(f"  source {s}: {n_ep} episodes, {int(mask.sum())} samples, {weight}, "
+                         f"{100 * self.sample_weights[mask].sum():.1f}% of draws")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- split
+
+
+def _val_counts(sizes: list[int], target: int) -> list[int]:
+    """Validation episodes per source: proportional (largest remainder), keeping each
+    source's last episode for training while any other source can give one."""
+    total = sum(sizes)
+    exact = [n * target / total for n in sizes]
+    counts = [min(int(q), max(n - 1, 0)) for q, n in zip(exact, sizes)]
+    order = sorted(range(len(sizes)), key=lambda s: (-(exact[s] - int(exact[s])), s))
+    for keep in (1, 0):  # first keep one training episode per source, then allow taking it
+        while sum(counts) < target:
+            room = [s for s in order if counts[s] < sizes[s] - keep]
+            if not room:
+                break
+            for s in room[:target - sum(counts)]:
+                counts[s] += 1
+    return counts
+
+
+def split_train_val(dataset_or_episodes: VLADataset | Sequence[Episode], val_split: float, seed: int):
+    """Split by episode (never by sample: chunks of one episode overlap).
+
+    Deterministic from ``seed``; stratified per source (each source gives about
+    ``val_split`` of its episodes, largest-remainder rounding); at least one validation
+    episode when ``val_split > 0`` and there are >= 2 episodes, and always at least one
+    training episode. ``val_split=0`` gives an empty validation set.
+
+    Returns ``(train, val)``: two VLADataset objects sharing sensor_channels and num_views
+    when given a dataset, or two episode lists when given episodes.
+    """
+    if not 0 <= val_split < 1:
+        raise ConfigError(f"val_split must be in [0, 1), got {val_split!r}")
+    is_dataset = isinstance(dataset_or_episodes, VLADataset)
+    episodes = list(dataset_or_episodes.episodes if is_dataset else dataset_or_episodes)
+    n = len(episodes)
+    target = min(int(n * val_split + 0.5), max(n - 1, 0))  # always keep a training episode
+    if val_split > 0 and n >= 2:
+        target = max(target, 1)
+    by_source: dict[str, list[Episode]] = {}
+    for ep in sorted(episodes, key=lambda e: e.path):
+        by_source.setdefault(ep.source, []).append(ep)
+    names = sorted(by_source)
+    counts = _val_counts([len(by_source[s]) for s in names], target) if target else [0] * len(names)
+    rng = np.random.default_rng(seed)
+    val_ids = set()
+    for s, k in zip(names, counts):
+        perm = rng.permutation(len(by_source[s]))
+        val_ids.update(id(by_source[s][j]) for j in perm[:k])
+    train = [ep for ep in episodes if id(ep) not in val_ids]
+    val = [ep for ep in episodes if id(ep) in val_ids]
+    if not is_dataset:
+        return train, val
+    return (dataset_or_episodes.with_episodes(train, allow_empty=False),
+            dataset_or_episodes.with_episodes(val, allow_empty=True))
+
+
+# --------------------------------------------------------------------------- batching
+
+
+def collate_numeric(samples: list[dict]) -> dict:
+    """Stack samples into a batch: numeric keys become tensors (shapes at the top of this
+    module); ``images`` and ``instruction`` (and any other key) pass through as lists."""
+    if not samples:
+        raise ValueError("collate_numeric needs at least one sample")
+    batch = {
+        SENSOR_WINDOW: torch.from_numpy(np.stack([s[SENSOR_WINDOW] for s in samples]).astype(np.float32)),  # (B, W, C)
+        HAS_SENSOR: torch.tensor([bool(s[HAS_SENSOR]) for s in samples], dtype=torch.bool),  # (B,)
+        ACTIONS: torch.from_numpy(np.stack([s[ACTIONS] for s in samples]).astype(np.float32)),  # (B, H, 7)
+        ACTION_IS_PAD: torch.from_numpy(np.stack([s[ACTION_IS_PAD] for s in samples]).astype(np.bool_)),  # (B, H)
+        CONFIDENCE: torch.tensor([float(s[CONFIDENCE]) for s in samples], dtype=torch.float32),  # (B,)
+        EPISODE_INDEX: torch.tensor([int(s[EPISODE_INDEX]) for s in samples], dtype=torch.long),  # (B,)
+        FRAME_TIME: torch.tensor([float(s[FRAME_TIME]) for s in samples], dtype=torch.float64),  # (B,)
+    }
+    for key in samples[0]:
+        if key not in batch:
+            batch[key] = [s[key] for s in samples]
+    return batch

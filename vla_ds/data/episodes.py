@@ -1,0 +1,567 @@
+"""One episode directory: finding episodes, reading and validating their files.
+
+An episode is any directory holding ``metadata.json`` (SPEC section 3)::
+
+    <episode>/
+      metadata.json                 every key optional
+      robot_states.csv              timestamp, pose_x..pose_r (mm, degrees), optional gripper
+      images/<view>/<time>.jpg|png  file stem = capture time in seconds
+      sensor_data.npz               optional: timestamps (N,), data (N, C) or (N, Wp, C)
+
+Everything cheap is read once, when the episode is loaded: metadata, the robot
+states (a few thousand rows), the image file names (a directory listing, no
+decoding) and the sensor file's index (timestamps plus the shape and byte offset
+of ``data``). Images are decoded and sensor rows read per sample, by the dataset.
+Every problem is a :class:`~vla_ds.errors.DatasetError` whose one-line message
+starts with the full path of the file at fault.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import json
+import logging
+import math
+import os
+import warnings
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from vla_ds.errors import DatasetError
+
+logger = logging.getLogger(__name__)
+
+METADATA_FILE = "metadata.json"
+ROBOT_STATES_FILE = "robot_states.csv"
+IMAGES_DIR = "images"
+SENSOR_FILE = "sensor_data.npz"
+
+POSE_COLUMNS = ("pose_x", "pose_y", "pose_z", "pose_a", "pose_b", "pose_r")
+ANGLE_COLUMNS = ("pose_a", "pose_b", "pose_r")  # degrees; unwrapped on load
+GRIPPER_COLUMN = "gripper"
+TIMESTAMP_COLUMN = "timestamp"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+DEFAULT_ACTION = {"type": "delta_pose", "hz": 10}
+SUPPORTED_ACTION_TYPES = ("delta_pose",)
+
+# Tolerance when comparing times read from different files: timestamps around 1.7e9 s
+# have a float64 resolution of ~2.4e-7 s, so "<= t" is evaluated as "<= t + TIME_EPS".
+TIME_EPS = 1e-6
+
+# At most this many sensor files are memory-mapped at once per process; each map holds
+# a file descriptor, and a large dataset has more episodes than the default fd limit.
+MAX_OPEN_SENSOR_MAPS = 64
+
+
+# --------------------------------------------------------------------------- finding
+
+
+def find_episode_dirs(root: str | os.PathLike) -> list[Path]:
+    """All episode directories (holding ``metadata.json``) under ``root``, any depth, sorted by path.
+
+    ``root`` itself counts if it holds ``metadata.json``. The walk does not descend
+    into an episode (its ``images/`` folders can hold thousands of files) and follows
+    symbolic links to folders, visiting each real folder once.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: dataset directory not found")
+    found = []
+    seen = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a symlink loop or a folder linked twice
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        if METADATA_FILE in filenames:
+            found.append(Path(dirpath))
+            dirnames[:] = []
+        else:
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+    return sorted(found)
+
+
+# --------------------------------------------------------------------------- metadata
+
+
+@dataclass
+class EpisodeMetadata:
+    """Parsed ``metadata.json`` with SPEC defaults applied.
+
+    Fields:
+        instruction: language instruction; default is the episode's parent folder name
+            with ``_`` replaced by spaces.
+        camera_views: view folder names under ``images/``, in the order images are given
+            to the model; default is the sorted folder names.
+        action_type: only ``"delta_pose"`` is supported.
+        action_hz: action rate; one action step spans ``1 / action_hz`` seconds.
+        confidence: per-sample loss weight (>= 0), default 1.0.
+    """
+
+    instruction: str
+    camera_views: list[str]
+    action_type: str
+    action_hz: float
+    confidence: float
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def read_metadata(episode_dir: Path) -> EpisodeMetadata:
+    """Read and validate ``episode_dir/metadata.json``; missing keys get SPEC defaults."""
+    path = episode_dir / METADATA_FILE
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path}: invalid JSON ({e})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{path}: cannot read ({e})") from None
+    if not isinstance(meta, dict):
+        raise DatasetError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+
+    instruction = meta.get("instruction")
+    if instruction is None:
+        instruction = episode_dir.resolve().parent.name.replace("_", " ")
+    elif not isinstance(instruction, str):
+        raise DatasetError(f"{path}: 'instruction' must be a string, got {instruction!r}")
+
+    views = meta.get("camera_views")
+    if views is None:
+        images = episode_dir / IMAGES_DIR
+        views = sorted(d.name for d in images.iterdir() if d.is_dir()) if images.is_dir() else []
+        if not views:
+            raise DatasetError(f"{images}: no camera view folders (and no 'camera_views' in {path})")
+    elif (not isinstance(views, list) or not views
+          or not all(isinstance(v, str) and v for v in views)):
+        raise DatasetError(f"{path}: 'camera_views' must be a non-empty list of folder names, got {views!r}")
+    elif len(set(views)) != len(views):
+        raise DatasetError(f"{path}: 'camera_views' lists a view twice: {views!r}")
+
+    action = meta.get("action", DEFAULT_ACTION)
+    if not isinstance(action, dict):
+        raise DatasetError(f"{path}: 'action' must be an object like {json.dumps(DEFAULT_ACTION)}, got {action!r}")
+    action_type = action.get("type", DEFAULT_ACTION["type"])
+    if action_type not in SUPPORTED_ACTION_TYPES:
+        raise DatasetError(f"{path}: unsupported action type {action_type!r} (supported: {', '.join(SUPPORTED_ACTION_TYPES)})")
+    hz = action.get("hz", DEFAULT_ACTION["hz"])
+    if not _is_number(hz) or hz <= 0:
+        raise DatasetError(f"{path}: action 'hz' must be a positive number, got {hz!r}")
+
+    confidence = meta.get("confidence", 1.0)
+    if not _is_number(confidence) or confidence < 0:
+        raise DatasetError(f"{path}: 'confidence' must be a number >= 0, got {confidence!r}")
+
+    return EpisodeMetadata(instruction, list(views), action_type, float(hz), float(confidence))
+
+
+# --------------------------------------------------------------------------- robot states
+
+
+@dataclass
+class RobotStates:
+    """The used columns of ``robot_states.csv``.
+
+    Fields:
+        times: (T,) float64 seconds, strictly increasing.
+        poses: (T, 6) float64 ``[x, y, z, a, b, r]`` in mm and degrees; the angle columns
+            are unwrapped (no 360 degree jumps) so linear interpolation across +-180 works.
+        gripper: (T,) float64, or None when the file has no ``gripper`` column.
+    """
+
+    times: np.ndarray
+    poses: np.ndarray
+    gripper: np.ndarray | None
+
+
+def _parse_csv_slow(path: Path, header: list[str], columns: list[str]) -> np.ndarray:
+    """Parse ``columns`` of a CSV row by row with exact line numbers in errors. Returns (T, len(columns))."""
+    idx = [header.index(c) for c in columns]
+    rows = []
+    prev_t = -math.inf
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        next(reader)  # header
+        for fields in reader:
+            line = reader.line_num
+            if not any(s.strip() for s in fields):
+                continue  # blank line
+            if len(fields) <= max(idx):
+                raise DatasetError(f"{path}: line {line}: {len(fields)} fields, expected {len(header)}")
+            values = []
+            for c, i in zip(columns, idx):
+                s = fields[i].strip()
+                try:
+                    v = float(s)
+                except ValueError:
+                    raise DatasetError(f"{path}: line {line}: column '{c}' is {s!r}, not a number") from None
+                if not math.isfinite(v):
+                    raise DatasetError(f"{path}: line {line}: column '{c}' is {s} (NaN/inf not allowed)")
+                values.append(v)
+            if values[0] <= prev_t:
+                raise DatasetError(f"{path}: line {line}: timestamp {values[0]!r} does not increase "
+                                   f"(previous row: {prev_t!r})")
+            prev_t = values[0]
+            rows.append(values)
+    if not rows:
+        raise DatasetError(f"{path}: no data rows")
+    return np.asarray(rows, dtype=np.float64)
+
+
+def read_robot_states(path: Path) -> RobotStates:
+    """Read ``robot_states.csv``: required columns, finite values, strictly increasing timestamps.
+
+    Good files take a fast path (``np.loadtxt`` on the used columns); anything it
+    rejects or any failed check is re-parsed row by row to name the exact line.
+    """
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            header = next(csv.reader(f), None)
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{path}: cannot read ({e})") from None
+    if not header:
+        raise DatasetError(f"{path}: empty file (expected a header row)")
+    header = [h.strip() for h in header]
+    for c in (TIMESTAMP_COLUMN, *POSE_COLUMNS):
+        if c not in header:
+            raise DatasetError(f"{path}: missing required column '{c}'")
+    columns = [TIMESTAMP_COLUMN, *POSE_COLUMNS]
+    if GRIPPER_COLUMN in header:
+        columns.append(GRIPPER_COLUMN)
+
+    table = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "input contained no data" is handled below
+            table = np.loadtxt(path, delimiter=",", skiprows=1, usecols=[header.index(c) for c in columns],
+                               dtype=np.float64, ndmin=2, encoding="utf-8-sig")
+        if (len(table) == 0 or not np.isfinite(table).all()
+                or (len(table) > 1 and not (np.diff(table[:, 0]) > 0).all())):
+            table = None
+    except (ValueError, IndexError):
+        table = None
+    if table is None:
+        table = _parse_csv_slow(path, header, columns)  # raises with the exact line, or parses quoted files
+
+    poses = table[:, 1:7].copy()
+    poses[:, 3:6] = np.unwrap(poses[:, 3:6], period=360.0, axis=0)
+    gripper = table[:, 7].copy() if len(columns) == 8 else None
+    return RobotStates(times=table[:, 0].copy(), poses=poses, gripper=gripper)
+
+
+# --------------------------------------------------------------------------- images
+
+
+def index_view_frames(view_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """List one view folder: capture times from the file stems, without decoding anything.
+
+    Returns ``(times, names)``: times (F,) float64 sorted ascending, names (F,) bytes
+    (``os.fsencode`` file names, a numpy array so forked data-loader workers share it
+    instead of copying a Python list). Non-image files are ignored.
+    """
+    if not view_dir.is_dir():
+        raise DatasetError(f"{view_dir}: camera view folder not found")
+    times, names = [], []
+    with os.scandir(view_dir) as it:
+        for entry in it:
+            stem, suffix = os.path.splitext(entry.name)
+            if suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            try:
+                t = float(stem)
+            except ValueError:
+                raise DatasetError(f"{view_dir / entry.name}: image file name must be the capture time "
+                                   f"in seconds (e.g. 1730000000.125000.jpg)") from None
+            if not math.isfinite(t):
+                raise DatasetError(f"{view_dir / entry.name}: capture time in the file name is not finite")
+            times.append(t)
+            names.append(os.fsencode(entry.name))
+    times = np.asarray(times, dtype=np.float64)
+    order = np.argsort(times, kind="stable")
+    times = times[order]
+    names = np.asarray(names, dtype=np.bytes_)[order] if names else np.zeros(0, dtype="S1")
+    dup = np.flatnonzero(np.diff(times) == 0)
+    if len(dup):
+        i = dup[0]
+        raise DatasetError(f"{view_dir}: two frames with the same capture time: "
+                           f"{os.fsdecode(names[i])} and {os.fsdecode(names[i + 1])}")
+    return times, names
+
+
+def nearest_frames(frame_times: np.ndarray, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each query time, the index of the nearest frame and its distance in seconds.
+
+    frame_times (F,) sorted, query (S,) -> (idx (S,) int64, dist (S,) float64). With no
+    frames the distance is inf.
+    """
+    if len(frame_times) == 0:
+        return np.zeros(len(query), dtype=np.int64), np.full(len(query), np.inf)
+    right = np.clip(np.searchsorted(frame_times, query), 0, len(frame_times) - 1)
+    left = np.clip(right - 1, 0, len(frame_times) - 1)
+    d_right = np.abs(frame_times[right] - query)
+    d_left = np.abs(frame_times[left] - query)
+    idx = np.where(d_left <= d_right, left, right)
+    return idx, np.minimum(d_left, d_right)
+
+
+# --------------------------------------------------------------------------- sensor file
+
+_OPEN_MAPS: collections.OrderedDict[int, SensorData] = collections.OrderedDict()
+
+
+def _read_npy_header(fp, where: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    version = np.lib.format.read_magic(fp)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(fp)
+    if version == (2, 0):
+        return np.lib.format.read_array_header_2_0(fp)
+    raise DatasetError(f"{where}: unsupported .npy format version {version}")
+
+
+class SensorData:
+    """Index of one ``sensor_data.npz`` and access to its windows.
+
+    ``timestamps`` is loaded fully at open. ``data`` is never loaded whole when it is
+    stored uncompressed (``np.savez``): it is memory-mapped at the member's byte offset
+    inside the zip file (``np.load(mmap_mode=...)`` ignores mmap for .npz), so a sample
+    reads only its own rows. A compressed member (``np.savez_compressed``) cannot be
+    mapped; it is decompressed on first use and kept in memory for this episode.
+
+    Fields:
+        path: the .npz file.
+        timestamps: (N,) float64 seconds, non-decreasing; for pre-cut windows, window end times.
+        shape: shape of ``data``: (N, C) raw stream or (N, Wp, C) pre-cut windows.
+        channels: C.
+        is_windows: True for the (N, Wp, C) pre-cut layout.
+        compressed: True when ``data`` is stored deflated.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._array = None  # opened lazily, per process (see __getstate__)
+        try:
+            with zipfile.ZipFile(self.path) as zf:
+                names = set(zf.namelist())
+                for key in ("timestamps", "data"):
+                    if key + ".npy" not in names:
+                        found = sorted(n[:-4] for n in names if n.endswith(".npy"))
+                        raise DatasetError(f"{self.path}: missing key '{key}' (found: {found})")
+                with zf.open("timestamps.npy") as f:
+                    ts = np.lib.format.read_array(f, allow_pickle=False)
+                info = zf.getinfo("data.npy")
+                with zf.open(info) as f:
+                    shape, fortran, dtype = _read_npy_header(f, str(self.path))
+                    header_len = f.tell()
+                self.compressed = info.compress_type != zipfile.ZIP_STORED
+                data_start = 0
+                if not self.compressed:
+                    # The member's bytes start after its local file header (30 bytes, then
+                    # name and extra field, whose lengths can differ from the central directory's).
+                    with open(self.path, "rb") as raw:
+                        raw.seek(info.header_offset)
+                        local = raw.read(30)
+                    if len(local) != 30 or local[:4] != b"PK\x03\x04":
+                        raise DatasetError(f"{self.path}: corrupt zip member 'data.npy'")
+                    name_len = int.from_bytes(local[26:28], "little")
+                    extra_len = int.from_bytes(local[28:30], "little")
+                    data_start = info.header_offset + 30 + name_len + extra_len + header_len
+        except DatasetError:
+            raise
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as e:
+            raise DatasetError(f"{self.path}: cannot read sensor file ({e})") from None
+
+        if dtype.kind not in "biuf":
+            raise DatasetError(f"{self.path}: 'data' must be a numeric array, got dtype {dtype}")
+        if ts.ndim != 1 or ts.dtype.kind not in "biuf":
+            raise DatasetError(f"{self.path}: 'timestamps' must be a 1-D numeric array, got shape {ts.shape}")
+        if len(shape) not in (2, 3) or shape[0] != len(ts):
+            raise DatasetError(f"{self.path}: 'data' must have shape (N, C) or (N, W, C) with N = "
+                               f"len(timestamps) = {len(ts)}, got {tuple(shape)}")
+        ts = ts.astype(np.float64)
+        if not np.isfinite(ts).all():
+            raise DatasetError(f"{self.path}: 'timestamps' row {int(np.flatnonzero(~np.isfinite(ts))[0])} is not finite")
+        back = np.flatnonzero(np.diff(ts) < 0)
+        if len(back):
+            raise DatasetError(f"{self.path}: 'timestamps' decrease at row {int(back[0]) + 1}")
+        if not self.compressed:
+            nbytes = int(np.prod(shape)) * dtype.itemsize
+            if data_start + nbytes > os.path.getsize(self.path) or header_len + nbytes > info.file_size:
+                raise DatasetError(f"{self.path}: file is truncated ('data' needs {nbytes} bytes)")
+
+        self.timestamps = ts
+        self.shape = tuple(int(s) for s in shape)
+        self.channels = self.shape[-1]
+        self.is_windows = len(self.shape) == 3
+        self._dtype = dtype
+        self._fortran = bool(fortran)
+        self._offset = data_start
+
+    def __getstate__(self):
+        # Data-loader workers reopen the map (or re-decompress) themselves; pickling a
+        # memmap would copy the whole stream.
+        state = self.__dict__.copy()
+        state["_array"] = None
+        return state
+
+    @property
+    def data(self) -> np.ndarray:
+        """``data`` as an array: a read-only memmap (stored) or the decompressed array (compressed)."""
+        if self._array is not None:
+            if not self.compressed:
+                _OPEN_MAPS.move_to_end(id(self))
+            return self._array
+        if self.compressed:
+            try:
+                with np.load(self.path, allow_pickle=False) as z:
+                    self._array = z["data"]
+            except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+                raise DatasetError(f"{self.path}: cannot read 'data' ({e})") from None
+            return self._array
+        if int(np.prod(self.shape)) == 0:
+            self._array = np.zeros(self.shape, dtype=self._dtype)
+            return self._array
+        self._array = np.memmap(self.path, dtype=self._dtype, mode="r", offset=self._offset,
+                                shape=self.shape, order="F" if self._fortran else "C")
+        _OPEN_MAPS[id(self)] = self
+        while len(_OPEN_MAPS) > MAX_OPEN_SENSOR_MAPS:
+            _, oldest = _OPEN_MAPS.popitem(last=False)
+            oldest._array = None  # closes the map once no view of it is alive
+        return self._array
+
+    def window(self, t: float, size: int) -> np.ndarray:
+        """The sensor window ending at time ``t``: (size, C) float32, raw values.
+
+        Raw stream: the last ``size`` samples with timestamp <= t, front zero-padded.
+        Pre-cut windows: the last window whose end time <= t, its last ``size`` rows,
+        front zero-padded if it is shorter; all zeros when no window ends by t.
+        Both compare with ``TIME_EPS`` slack.
+        """
+        out = np.zeros((size, self.channels), dtype=np.float32)
+        end = int(np.searchsorted(self.timestamps, t + TIME_EPS, side="right"))
+        if self.is_windows:
+            if end == 0:
+                return out
+            rows = self.data[end - 1, -size:]  # (<=size, C)
+        else:
+            rows = self.data[max(0, end - size):end]  # (<=size, C)
+        if len(rows):
+            out[size - len(rows):] = rows
+        if not np.isfinite(out).all():
+            raise DatasetError(f"{self.path}: NaN/inf in the sensor window ending at t={t:.6f}")
+        return out
+
+    def sample_rows(self, rng: np.random.Generator, max_rows: int) -> np.ndarray:
+        """Up to ``max_rows`` random rows of the stream (windows flattened): (n, C) float64."""
+        n_windows = self.shape[0]
+        per = self.shape[1] if self.is_windows else 1
+        total = n_windows * per
+        if total == 0:
+            return np.zeros((0, self.channels))
+        flat = np.sort(rng.choice(total, size=min(max_rows, total), replace=False))
+        if self.is_windows:
+            rows = np.asarray(self.data[flat // per, flat % per], dtype=np.float64)
+        else:
+            rows = np.asarray(self.data[flat], dtype=np.float64)
+        if not np.isfinite(rows).all():
+            raise DatasetError(f"{self.path}: 'data' contains NaN/inf values")
+        return rows
+
+
+# --------------------------------------------------------------------------- episode
+
+
+@dataclass
+class Episode:
+    """One loaded episode: everything needed to build its samples, read once.
+
+    Fields:
+        path: the episode directory.
+        source: the mixture source it belongs to (mixture.yaml ``path``, or the
+            top-level folder under the dataset root without a mixture.yaml).
+        index: position in the full dataset's episode list (stable across splits);
+            reported as ``episode_index`` in samples.
+        meta: parsed metadata.json (instruction, camera_views, action_hz, confidence).
+        states: robot states (times, unwrapped poses, gripper).
+        frame_times: per camera view (in ``meta.camera_views`` order), (F_v,) float64 sorted.
+        frame_names: per camera view, (F_v,) bytes file names aligned with ``frame_times``.
+        sensor: the sensor file index, or None when the episode has no sensor_data.npz.
+    """
+
+    path: Path
+    source: str
+    index: int
+    meta: EpisodeMetadata
+    states: RobotStates
+    frame_times: list[np.ndarray]
+    frame_names: list[np.ndarray]
+    sensor: SensorData | None = None
+    _match_cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def camera_views(self) -> list[str]:
+        return self.meta.camera_views
+
+    @property
+    def instruction(self) -> str:
+        return self.meta.instruction
+
+    @property
+    def confidence(self) -> float:
+        return self.meta.confidence
+
+    @property
+    def action_hz(self) -> float:
+        return self.meta.action_hz
+
+    @property
+    def has_sensor(self) -> bool:
+        return self.sensor is not None
+
+    @property
+    def duration_s(self) -> float:
+        """Time spanned by robot_states.csv, in seconds."""
+        return float(self.states.times[-1] - self.states.times[0])
+
+    def image_path(self, view_index: int, frame_index: int) -> Path:
+        name = os.fsdecode(self.frame_names[view_index][frame_index])
+        return self.path / IMAGES_DIR / self.camera_views[view_index] / name
+
+    def match_frames(self, frame_stride: int, tolerance_s: float):
+        """Sample times and, per view, the nearest frame (cached per (stride, tolerance)).
+
+        Sample times are every ``frame_stride``-th frame time of the first view. Returns
+        ``(times (S,) float64, frame_idx (S, V) int64, dist (S, V) float64)``; a sample is
+        valid when every ``dist <= tolerance_s``.
+        """
+        key = (frame_stride, tolerance_s)
+        if key not in self._match_cache:
+            times = self.frame_times[0][::frame_stride]
+            idx, dist = zip(*(nearest_frames(ft, times) for ft in self.frame_times))
+            self._match_cache[key] = (times, np.stack(idx, axis=1), np.stack(dist, axis=1))
+        return self._match_cache[key]
+
+
+def load_episode(episode_dir: str | os.PathLike, source: str = "", index: int = -1) -> Episode:
+    """Read one episode directory (metadata, robot states, image index, sensor index)."""
+    episode_dir = Path(episode_dir)
+    meta = read_metadata(episode_dir)
+    states = read_robot_states(episode_dir / ROBOT_STATES_FILE)
+    frame_times, frame_names = [], []
+    for view in meta.camera_views:
+        times, names = index_view_frames(episode_dir / IMAGES_DIR / view)
+        frame_times.append(times)
+        frame_names.append(names)
+    sensor_path = episode_dir / SENSOR_FILE
+    sensor = SensorData(sensor_path) if sensor_path.exists() else None
+    return Episode(path=episode_dir, source=source, index=index, meta=meta, states=states,
+                   frame_times=frame_times, frame_names=frame_names, sensor=sensor)

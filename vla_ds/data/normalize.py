@@ -1,0 +1,127 @@
+"""Normalisation statistics for actions and sensor windows, and (de)normalisation.
+
+Stats are computed on the training split only and travel with every checkpoint
+(``NormStats.to_dict`` is JSON-able). Models see ``(x - mean) / std``; predictions
+are mapped back with :meth:`NormStats.denormalize_actions`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vla_ds.data.dataset import ACTION_DIM, ACTION_IS_PAD, ACTIONS, VLADataset
+from vla_ds.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+MIN_STD = 1e-6  # dims with a smaller std are constant: their std is stored as 1.0
+MAX_SENSOR_ROWS = 200_000  # sensor rows sampled for stats, over all episodes
+
+
+@dataclass
+class NormStats:
+    """Per-dimension mean and std of actions and sensor channels.
+
+    Fields:
+        action_mean: (7,) mean of non-padded action steps.
+        action_std: (7,) their std; a constant dim gets 1.0 so it never divides by ~0.
+        sensor_mean: (C,) mean of the sensor rows (0 when no episode has sensor data).
+        sensor_std: (C,) their std; constant channels get 1.0.
+    """
+
+    action_mean: np.ndarray
+    action_std: np.ndarray
+    sensor_mean: np.ndarray
+    sensor_std: np.ndarray
+
+    def to_dict(self) -> dict:
+        """JSON-able dict of float lists."""
+        return {k: [float(x) for x in getattr(self, k)] for k in self._keys()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> NormStats:
+        """Inverse of :meth:`to_dict`; checks keys and shapes."""
+        if not isinstance(d, dict):
+            raise CheckpointError(f"norm stats: expected a dict, got {type(d).__name__}")
+        for k in cls._keys():
+            if k not in d:
+                raise CheckpointError(f"norm stats: missing key '{k}'")
+        arrays = {k: np.asarray(d[k], dtype=np.float64) for k in cls._keys()}
+        for k in ("action_mean", "action_std"):
+            if arrays[k].shape != (ACTION_DIM,):
+                raise CheckpointError(f"norm stats: '{k}' has shape {arrays[k].shape}, expected ({ACTION_DIM},)")
+        if arrays["sensor_mean"].ndim != 1 or arrays["sensor_mean"].shape != arrays["sensor_std"].shape:
+            raise CheckpointError(f"norm stats: 'sensor_mean' {arrays['sensor_mean'].shape} and 'sensor_std' "
+                                  f"{arrays['sensor_std'].shape} must be equal 1-D shapes")
+        return cls(**arrays)
+
+    @staticmethod
+    def _keys() -> tuple[str, ...]:
+        return ("action_mean", "action_std", "sensor_mean", "sensor_std")
+
+    def normalize_actions(self, actions):
+        """(..., 7) raw actions -> normalised; numpy array or torch tensor."""
+        return _affine(actions, self.action_mean, self.action_std, inverse=False)
+
+    def denormalize_actions(self, actions):
+        """(..., 7) normalised actions -> raw; numpy array or torch tensor."""
+        return _affine(actions, self.action_mean, self.action_std, inverse=True)
+
+    def normalize_sensor(self, sensor):
+        """(..., C) raw sensor values -> normalised; numpy array or torch tensor."""
+        return _affine(sensor, self.sensor_mean, self.sensor_std, inverse=False)
+
+
+def _affine(x, mean: np.ndarray, std: np.ndarray, inverse: bool):
+    if isinstance(x, torch.Tensor):
+        mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device)
+        std = torch.as_tensor(std, dtype=x.dtype, device=x.device)
+    else:
+        x = np.asarray(x)
+        dtype = x.dtype if x.dtype.kind == "f" else np.float64
+        mean, std = mean.astype(dtype), std.astype(dtype)
+    return x * std + mean if inverse else (x - mean) / std
+
+
+def _mean_std(rows: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Float64 mean/std over rows (n, dim); no rows -> (0, 1); constant dims -> std 1."""
+    if len(rows) == 0:
+        return np.zeros(dim), np.ones(dim)
+    rows = rows.astype(np.float64)
+    mean = rows.mean(axis=0)
+    std = rows.std(axis=0)
+    std[std < MIN_STD] = 1.0
+    return mean, std
+
+
+def compute_norm_stats(dataset: VLADataset, max_samples: int = 2000, seed: int = 0) -> NormStats:
+    """Stats over (a random subsample of) ``dataset``, which should be the training split.
+
+    Actions: the non-padded steps of up to ``max_samples`` samples (read without images).
+    Sensor: up to ``MAX_SENSOR_ROWS`` rows drawn evenly from the episodes that have a
+    sensor file (pre-cut windows count each row; zero padding is never included).
+    """
+    rng = np.random.default_rng(seed)
+    n = len(dataset)
+    if n > max_samples:
+        indices = np.sort(rng.choice(n, size=max_samples, replace=False))
+    else:
+        indices = np.arange(n)
+    steps = []
+    for i in indices:
+        item = dataset.get_item(int(i), with_images=False)
+        steps.append(item[ACTIONS][~item[ACTION_IS_PAD]])  # (h, 7)
+    action_rows = np.concatenate(steps) if steps else np.zeros((0, ACTION_DIM))
+    action_mean, action_std = _mean_std(action_rows, ACTION_DIM)
+
+    sensors = [ep.sensor for ep in dataset.episodes if ep.sensor is not None]
+    sensor_rows = [s.sample_rows(rng, max(1, MAX_SENSOR_ROWS // len(sensors))) for s in sensors]
+    sensor_rows = np.concatenate(sensor_rows) if sensor_rows else np.zeros((0, dataset.sensor_channels))
+    sensor_mean, sensor_std = _mean_std(sensor_rows, dataset.sensor_channels)
+    logger.info("norm stats from %d action steps (%d samples) and %d sensor rows (%d episodes)",
+                len(action_rows), len(indices), len(sensor_rows), len(sensors))
+    return NormStats(action_mean, action_std, sensor_mean, sensor_std)

@@ -1,0 +1,125 @@
+"""The one place that starts DeepSpeed: process group, parameter groups, ``deepspeed.initialize``.
+
+Everything DeepSpeed-specific (ZeRO stage, bf16, fused Adam, clipping, accumulation,
+scheduler, monitors) comes from the resolved JSON in ``RunConfig.deepspeed``; nothing here
+re-declares those settings in Python.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+from torch import nn
+
+from vla_ds.config import ParamGroupConfig, RunConfig
+from vla_ds.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+# Display names for the guide's "Optimizer config" log lines.
+_GROUP_TITLES = {"vl": "VL params", "other": "Other params"}
+
+
+def env_world_size() -> int:
+    """World size the launcher announced (1 when run as a plain ``python scripts/train.py``)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def env_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(timeout_minutes: float) -> None:
+    """Start the process group (NCCL on GPUs, gloo/ccl on CPU, chosen by DeepSpeed's accelerator).
+
+    Without a launcher this becomes a one-rank group on a free local port, so
+    ``python scripts/train.py ...`` and in-process tests take the same path as
+    ``deepspeed --num_gpus N``. Idempotent.
+    """
+    import deepspeed
+
+    if deepspeed.comm.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    deepspeed.init_distributed(timeout=timedelta(minutes=timeout_minutes), verbose=False)
+
+
+@dataclass
+class GroupSummary:
+    name: str
+    lr: float
+    weight_decay: float
+    num_tensors: int
+    num_params: int
+
+
+def build_param_groups(policy: nn.Module, groups: dict[str, ParamGroupConfig]) -> tuple[list[dict], list[GroupSummary]]:
+    """Split the policy's trainable parameters into the configured named groups.
+
+    A group lists top-level module names (``backbone``, ``sensor_encoder``,
+    ``action_expert``) or ``"*"`` for whatever earlier groups left. Groups that end up
+    empty (the VL group while the backbone is frozen) are dropped. Every trainable
+    parameter must land in exactly one group.
+    """
+    trainable = [(n, p) for n, p in policy.named_parameters() if p.requires_grad]
+    top_level = {n.split(".", 1)[0] for n, _ in policy.named_parameters()}
+    taken: set[str] = set()
+    out, summary = [], []
+    for name, g in groups.items():
+        for m in g.modules:
+            if m != "*" and m not in top_level:
+                raise ConfigError(f"optimizer_groups.{name}.modules: unknown module '{m}' "
+                                  f"(the policy has: {', '.join(sorted(top_level))}, or '*')")
+        params = [
+            (n, p) for n, p in trainable
+            if n not in taken and ("*" in g.modules or n.split(".", 1)[0] in g.modules)
+        ]
+        taken.update(n for n, _ in params)
+        if not params:
+            logger.info("parameter group '%s' has no trainable parameters; skipped", name)
+            continue
+        out.append({"name": name, "params": [p for _, p in params], "lr": g.lr, "weight_decay": g.weight_decay})
+        summary.append(GroupSummary(name, g.lr, g.weight_decay, len(params), sum(p.numel() for _, p in params)))
+    left = [n for n, _ in trainable if n not in taken]
+    if left:
+        raise ConfigError(f"optimizer_groups: {len(left)} trainable parameters belong to no group "
+                          f"(e.g. {left[0]}); add a group with modules [\"*\"]")
+    if not out:
+        raise ConfigError("optimizer_groups: the policy has no trainable parameters")
+    return out, summary
+
+
+def log_param_groups(summary: list[GroupSummary]) -> None:
+    logger.info("Optimizer config:")
+    for s in summary:
+        title = _GROUP_TITLES.get(s.name, f"{s.name} params")
+        logger.info("   %s: %d tensors, %s parameters (lr=%g, weight_decay=%g)",
+                    title, s.num_tensors, f"{s.num_params:,}", s.lr, s.weight_decay)
+    logger.info("   Total trainable: %s parameters", f"{sum(s.num_params for s in summary):,}")
+
+
+def initialize(policy: nn.Module, cfg: RunConfig):
+    """Wrap ``policy`` in a DeepSpeed engine built from ``cfg.deepspeed``.
+
+    Returns ``(engine, group_summary)``. The engine owns the optimizer (fused AdamW from
+    the JSON) and the scheduler (its "auto" step counts filled by the trainer beforehand).
+    """
+    import deepspeed
+
+    param_groups, summary = build_param_groups(policy, cfg.optimizer_groups)
+    log_param_groups(summary)
+    engine, _, _, _ = deepspeed.initialize(model=policy, model_parameters=param_groups, config=cfg.deepspeed)
+    return engine, summary

@@ -1,0 +1,30 @@
+"""One logging setup for every entry point: rank 0 talks, other ranks only warn."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+
+
+def setup_logging(rank: int | None = None, level: int = logging.INFO) -> None:
+    """Configure the ``vla_ds`` logger (idempotent).
+
+    Rank 0 logs at ``level``; other ranks log warnings and errors only, prefixed with
+    their rank, so a multi-rank run prints each message once. Chatty third-party loggers
+    (DeepSpeed's per-step lines, transformers' load reports) are turned down.
+    """
+    if rank is None:
+        rank = int(os.environ.get("RANK", "0"))
+    prefix = "" if rank == 0 else f"[rank {rank}] "
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(message)s", datefmt="%H:%M:%S"))
+    root = logging.getLogger("vla_ds")
+    root.handlers[:] = [handler]
+    root.setLevel(level if rank == 0 else logging.WARNING)
+    root.propagate = False
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    # torch.utils.checkpoint and friends warn once per process about defaults we set on purpose.
+    warnings.filterwarnings("ignore", message=".*torch.utils._pytree.*")

@@ -1,0 +1,99 @@
+"""Training metrics: ``metrics.jsonl`` rows plus the same figures to DeepSpeed's monitors.
+
+``metrics.jsonl`` (in the output dir, appended, one JSON object per line) has two kinds
+of rows:
+
+* a training row per logged optimizer step: ``step``, ``epoch``, ``train/loss``,
+  ``train/lr/<group>`` for every parameter group, ``train/grad_norm``, ``samples_per_s``
+  (global samples per second of the step) and ``data_share`` (fraction of the step's wall
+  time spent waiting for the DataLoader);
+* a validation row: ``step``, ``epoch``, ``val/loss``.
+
+DeepSpeed's monitor sections of the JSON (``tensorboard``, ``csv_monitor``, ``wandb``)
+receive every numeric value under the same names; they are off by default.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsLogger:
+    """Writes rows on rank 0 only (callers need no rank branches)."""
+
+    def __init__(self, output_dir: str | Path, monitor: Any = None, is_main: bool = True):
+        self.path = Path(output_dir) / METRICS_FILE
+        self.monitor = monitor if monitor is not None and getattr(monitor, "enabled", False) else None
+        self.is_main = is_main
+        self._file = open(self.path, "a") if is_main else None
+
+    def log(self, row: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+        self._file.write(json.dumps(clean) + "\n")
+        self._file.flush()
+        if self.monitor is not None:
+            step = row["step"]
+            events = [(k, float(v), step) for k, v in row.items()
+                      if k not in ("step", "epoch") and isinstance(v, (int, float)) and not isinstance(v, bool)]
+            self.monitor.write_events(events)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """All rows of a metrics.jsonl (for tests, plots and the demo summary)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def summarize(rows: list[dict[str, Any]]) -> str:
+    """A few lines about a run: loss at start and end, validation losses, throughput."""
+    train = [r for r in rows if "train/loss" in r]
+    val = [r for r in rows if "val/loss" in r]
+    if not train:
+        return "no training rows yet"
+    k = max(1, len(train) // 10)
+    first = sum(r["train/loss"] for r in train[:k]) / k
+    last = sum(r["train/loss"] for r in train[-k:]) / k
+    lines = [f"steps: {train[-1]['step']}, epochs: {train[-1]['epoch']}",
+             f"train/loss: {first:.4f} (mean of first {k} steps) -> {last:.4f} (mean of last {k} steps)"]
+    if val:
+        lines.append(f"val/loss: {val[0]['val/loss']:.4f} (epoch {val[0]['epoch']}) -> "
+                     f"{val[-1]['val/loss']:.4f} (epoch {val[-1]['epoch']})")
+    sps = sorted(r["samples_per_s"] for r in train if "samples_per_s" in r)
+    if sps:
+        lines.append(f"samples/s (median): {sps[len(sps) // 2]:.1f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m vla_ds.metrics OUTPUT_DIR``: print the run summary."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m vla_ds.metrics OUTPUT_DIR_OR_METRICS_JSONL", file=sys.stderr)
+        return 2
+    path = Path(args[0])
+    target = path / METRICS_FILE if path.is_dir() else path
+    if not target.is_file():
+        print(f"error: {target}: no metrics file", file=sys.stderr)
+        return 2
+    print(summarize(read_metrics(target)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

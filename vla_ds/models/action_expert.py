@@ -1,0 +1,574 @@
+"""Diffusion action expert: noise schedule, denoiser, DDPM/DDIM sampling.
+
+The expert predicts a chunk of H future actions (B, H, A) in normalised units by
+denoising. Training (DDPM, Ho et al. 2020): pick t, noise the true chunk to x_t, and
+regress the added noise. Inference: start from Gaussian noise and step back to t = 0,
+either with deterministic DDIM (Song et al. 2021, few steps) or full ancestral DDPM.
+
+Pieces, from the maths outwards:
+
+- :class:`NoiseSchedule` holds the cosine schedule as float32 buffers and implements
+  ``add_noise``, ``predict_x0``, ``ddim_step`` and ``ddpm_step`` as pure tensor
+  functions, so the diffusion maths is tested without any network.
+- :func:`run_sampler` runs a DDIM or DDPM loop around any ``denoise_fn(x_t, t) -> eps``.
+- :class:`ActionExpert` is the denoiser: a pre-norm Transformer over
+  ``[vl, sensor, timestep ; action_1 .. action_H]`` tokens, plus ``compute_loss`` and
+  ``sample``.
+
+This file imports torch only: the device and the dtype come from outside.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vla_ds.errors import ConfigError
+
+BETA_SCHEDULES = ("cosine", "linear")
+PREDICTION_TYPES = ("epsilon",)
+SAMPLING_METHODS = ("ddim", "ddpm")
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
+    """Number of parameter elements in ``module`` (shared parameters counted once).
+
+    Works on the meta device, so reference sizes can be counted without allocating.
+    """
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def _require_positive_int(owner: str, name: str, value: object) -> None:
+    # bool is an int subclass; `True` as a layer count is a config mistake, not 1.
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{owner}.{name} must be a positive integer, got {value!r}")
+
+
+@dataclass
+class ActionExpertConfig:
+    """Sizes and diffusion settings of the action expert. Defaults are the reference.
+
+    Attributes:
+        action_dim: A, values per action step ([dx, dy, dz, da, db, dr, gripper] = 7).
+        horizon: H, future steps predicted per chunk.
+        vl_hidden_size: size of the pooled backbone hidden state that ``vl_proj`` maps
+            from. Filled from the backbone at build time (2048 for Qwen2.5-VL-3B).
+        vl_feature_dim: VL feature size after ``vl_proj`` (3072 in the guide).
+        sensor_feature_dim: size of the sensor encoder output (its ``out_dim``).
+        d_model: Transformer width.
+        num_layers: pre-norm Transformer encoder layers.
+        num_heads: attention heads; must divide ``d_model``.
+        dim_feedforward: hidden size of each Transformer feed-forward block.
+        dropout: dropout inside the Transformer, in [0, 1).
+        num_train_timesteps: T, diffusion steps in training and in full DDPM sampling.
+        beta_schedule: "cosine" (Nichol & Dhariwal 2021, the reference) or "linear"
+            (Ho et al. 2020, endpoints rescaled from 1000 steps to T).
+        prediction_type: what the network predicts; only "epsilon" (the added noise).
+        num_inference_steps: default DDIM steps, 1..T.
+        clip_sample: during sampling the predicted clean chunk is clamped to
+            [-clip_sample, clip_sample] (normalised units, so 5 is five standard
+            deviations); 0 disables clamping.
+    """
+
+    action_dim: int = 7
+    horizon: int = 8
+    vl_hidden_size: int = 2048
+    vl_feature_dim: int = 3072
+    sensor_feature_dim: int = 3072
+    d_model: int = 1024
+    num_layers: int = 4
+    num_heads: int = 8
+    dim_feedforward: int = 4096
+    dropout: float = 0.1
+    num_train_timesteps: int = 100
+    beta_schedule: str = "cosine"
+    prediction_type: str = "epsilon"
+    num_inference_steps: int = 10
+    clip_sample: float = 5.0
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        for name in ("action_dim", "horizon", "vl_hidden_size", "vl_feature_dim",
+                     "sensor_feature_dim", "d_model", "num_layers", "num_heads",
+                     "dim_feedforward", "num_train_timesteps", "num_inference_steps"):
+            _require_positive_int(owner, name, getattr(self, name))
+        if self.d_model % self.num_heads != 0:
+            raise ConfigError(
+                f"{owner}.num_heads must divide d_model, got num_heads={self.num_heads}, "
+                f"d_model={self.d_model}"
+            )
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
+                or not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"{owner}.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.beta_schedule not in BETA_SCHEDULES:
+            raise ConfigError(
+                f"{owner}.beta_schedule must be one of {BETA_SCHEDULES}, got {self.beta_schedule!r}"
+            )
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ConfigError(
+                f"{owner}.prediction_type must be one of {PREDICTION_TYPES}, "
+                f"got {self.prediction_type!r}"
+            )
+        if self.num_inference_steps > self.num_train_timesteps:
+            raise ConfigError(
+                f"{owner}.num_inference_steps={self.num_inference_steps} must not exceed "
+                f"num_train_timesteps={self.num_train_timesteps}"
+            )
+        if isinstance(self.clip_sample, bool) or not isinstance(self.clip_sample, (int, float)) \
+                or not math.isfinite(self.clip_sample) or self.clip_sample < 0:
+            raise ConfigError(
+                f"{owner}.clip_sample must be a finite number >= 0 (0 disables), "
+                f"got {self.clip_sample!r}"
+            )
+
+
+# --------------------------------------------------------------------------- schedule
+
+
+def make_betas(num_train_timesteps: int, beta_schedule: str) -> Tensor:
+    """(T,) float64 betas for the named schedule."""
+    T = num_train_timesteps
+    if beta_schedule == "cosine":
+        # Nichol & Dhariwal 2021, eq. 17: alpha_bar(t) = f(t) / f(0) with
+        # f(t) = cos^2(((t / T) + s) / (1 + s) * pi / 2); s keeps beta_0 from being ~0.
+        # The last beta is ~1 (alpha_bar(T) = 0); clip at 0.999 as in the paper to keep
+        # the reverse process from dividing by ~0 near t = T.
+        s = 0.008
+        steps = torch.arange(T + 1, dtype=torch.float64, device="cpu") / T
+        f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+        betas = 1 - f[1:] / f[:-1]
+        return betas.clamp(max=0.999)
+    if beta_schedule == "linear":
+        # Ho et al. use 1e-4 .. 0.02 for T = 1000; scale so that any T spans the same
+        # total noise (improved-diffusion's get_named_beta_schedule).
+        scale = 1000 / T
+        return torch.linspace(scale * 1e-4, scale * 0.02, T, dtype=torch.float64, device="cpu")
+    raise ValueError(f"unknown beta_schedule {beta_schedule!r}; expected one of {BETA_SCHEDULES}")
+
+
+def _schedule_tensors(num_train_timesteps: int, beta_schedule: str) -> dict[str, Tensor]:
+    """All schedule tensors, (T,) float64 on CPU; computed in float64 so that the
+    products and square roots near alpha_bar ~ 0 do not lose precision before the
+    final rounding to float32."""
+    betas = make_betas(num_train_timesteps, beta_schedule)
+    alphas = 1 - betas
+    alphas_cumprod = torch.cumprod(alphas, dim=0)
+    # alpha_bar_{t-1}, with alpha_bar_{-1} = 1 (no noise before the first step).
+    alphas_cumprod_prev = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
+    # Posterior q(x_{t-1} | x_t, x_0) (Ho et al. eq. 6-7).
+    posterior_variance = betas * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod)
+    return {
+        "betas": betas,
+        "alphas": alphas,
+        "alphas_cumprod": alphas_cumprod,
+        "alphas_cumprod_prev": alphas_cumprod_prev,
+        "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
+        "sqrt_one_minus_alphas_cumprod": (1 - alphas_cumprod).sqrt(),
+        "posterior_variance": posterior_variance,
+        "posterior_mean_coef1": betas * alphas_cumprod_prev.sqrt() / (1 - alphas_cumprod),
+        "posterior_mean_coef2": (1 - alphas_cumprod_prev) * alphas.sqrt() / (1 - alphas_cumprod),
+    }
+
+
+def _per_sample(values: Tensor, t: Tensor | int, ndim: int) -> Tensor:
+    """values[t] shaped to broadcast against a (B, ...) tensor of ``ndim`` dims.
+
+    ``t`` is an int (same step for the whole batch) or a (B,) integer tensor.
+    """
+    return _broadcastable(values[torch.as_tensor(t, device=values.device, dtype=torch.long)], ndim)
+
+
+def _broadcastable(values: Tensor, ndim: int) -> Tensor:
+    """() or (B,) -> shape with trailing singleton dims up to ``ndim`` dims."""
+    return values.reshape(values.shape + (1,) * (ndim - values.ndim))
+
+
+class NoiseSchedule(nn.Module):
+    """Diffusion noise schedule with float32 buffers and pure step functions.
+
+    Buffers, each (T,) float32: ``betas``, ``alphas``, ``alphas_cumprod`` (alpha_bar),
+    ``alphas_cumprod_prev``, ``sqrt_alphas_cumprod``, ``sqrt_one_minus_alphas_cumprod``,
+    ``posterior_variance``, ``posterior_mean_coef1``, ``posterior_mean_coef2``.
+
+    They are buffers so that ``.to(device)`` moves them with the model, and
+    non-persistent because they follow from the config: checkpoints stay free of them
+    and a checkpoint never overrides the schedule the config asks for.
+
+    All step functions compute in float32 (or float64 when given float64 inputs) and
+    never in the module's dtype: in bf16, 1 - alpha_bar near t = 0 rounds to 0 and
+    x_0 = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar) near t = T blows up errors.
+    """
+
+    def __init__(self, num_train_timesteps: int = 100, beta_schedule: str = "cosine") -> None:
+        super().__init__()
+        self.num_train_timesteps = num_train_timesteps
+        self.beta_schedule = beta_schedule
+        # torch.empty(0).device honours a `with torch.device(...)` block around the build.
+        self._set_buffers(torch.empty(0).device, register=True)
+
+    def _set_buffers(self, device: torch.device, register: bool = False) -> None:
+        tensors = _schedule_tensors(self.num_train_timesteps, self.beta_schedule)
+        for name, value in tensors.items():
+            value = value.to(device=device, dtype=torch.float32)
+            if register:
+                self.register_buffer(name, value, persistent=False)
+            else:
+                self._buffers[name] = value
+
+    def _apply(self, fn, recurse: bool = True):
+        # DeepSpeed and users cast whole models (`model.bfloat16()`, `.to(dtype)`,
+        # `.to_empty(device)` after a meta-device build); all of these reach here. A
+        # schedule cast to bf16 and back is not the schedule any more (alpha_bar = 0.9994
+        # rounds to 1.0, so 1 - alpha_bar = 0), so instead of casting we rebuild the
+        # buffers in float64 and store them as float32 on whatever device `fn` chose.
+        super()._apply(fn, recurse)
+        self._set_buffers(self.betas.device)
+        return self
+
+    def _ensure_float32(self) -> None:
+        # Casts that assign `buffer.data` directly bypass _apply (DeepSpeed does this
+        # when its config sets a `buffer_dtype`); repair rather than compute with them.
+        if self.betas.dtype != torch.float32:
+            self._set_buffers(self.betas.device)
+
+    @staticmethod
+    def _compute_dtype(x: Tensor) -> torch.dtype:
+        # float32 at least, float64 kept (tests use it to check the algebra exactly).
+        return torch.promote_types(x.dtype, torch.float32)
+
+    def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor | int) -> Tensor:
+        """Forward process q(x_t | x_0): sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise.
+
+        Args:
+            x0: (B, ...) clean samples. noise: same shape. t: (B,) long or an int.
+        Returns:
+            x_t, same shape, float32 (float64 for float64 inputs).
+        """
+        self._ensure_float32()
+        dtype = self._compute_dtype(x0)
+        a = _per_sample(self.sqrt_alphas_cumprod, t, x0.ndim).to(dtype)           # (B, 1, 1)
+        b = _per_sample(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim).to(dtype)  # (B, 1, 1)
+        return a * x0.to(dtype) + b * noise.to(dtype)
+
+    def predict_x0(self, model_output: Tensor, t: Tensor | int, sample: Tensor,
+                   clip_sample: float = 0.0) -> Tensor:
+        """Clean sample implied by predicted noise ``model_output`` at x_t = ``sample``,
+        clamped to [-clip_sample, clip_sample] when clip_sample > 0."""
+        self._ensure_float32()
+        dtype = self._compute_dtype(sample)
+        a = _per_sample(self.sqrt_alphas_cumprod, t, sample.ndim).to(dtype)
+        b = _per_sample(self.sqrt_one_minus_alphas_cumprod, t, sample.ndim).to(dtype)
+        x0 = (sample.to(dtype) - b * model_output.to(dtype)) / a
+        if clip_sample > 0:
+            x0 = x0.clamp(-clip_sample, clip_sample)
+        return x0
+
+    def ddim_step(self, model_output: Tensor, t: Tensor | int, t_prev: Tensor | int,
+                  sample: Tensor, clip_sample: float = 0.0) -> Tensor:
+        """One deterministic DDIM step (eta = 0) from x_t to x_{t_prev}.
+
+        ``t_prev`` < 0 means "the clean sample": alpha_bar = 1 there, so the step returns
+        the predicted x0. With the true noise as ``model_output`` the result is
+        ``add_noise(x0, noise, t_prev)`` up to rounding.
+        """
+        dtype = self._compute_dtype(sample)
+        x0 = self.predict_x0(model_output, t, sample, clip_sample)
+        a_t = _per_sample(self.sqrt_alphas_cumprod, t, sample.ndim).to(dtype)
+        b_t = _per_sample(self.sqrt_one_minus_alphas_cumprod, t, sample.ndim).to(dtype)
+        # Re-derive the noise from the (possibly clamped) x0 so the step stays on the
+        # line through x0 and x_t; without clamping this equals model_output.
+        eps = (sample.to(dtype) - a_t * x0) / b_t
+
+        # The same stored coefficients as add_noise, so that a true-noise step lands
+        # exactly on add_noise(x0, noise, t_prev); t_prev < 0 gives (1, 0).
+        t_prev = torch.as_tensor(t_prev, device=self.betas.device, dtype=torch.long)
+        is_noisy = t_prev >= 0
+        t_prev = t_prev.clamp(min=0)
+        a_prev = torch.where(is_noisy, self.sqrt_alphas_cumprod[t_prev], 1.0)
+        b_prev = torch.where(is_noisy, self.sqrt_one_minus_alphas_cumprod[t_prev], 0.0)
+        a_prev = _broadcastable(a_prev, sample.ndim).to(dtype)
+        b_prev = _broadcastable(b_prev, sample.ndim).to(dtype)
+        return a_prev * x0 + b_prev * eps
+
+    def ddpm_step(self, model_output: Tensor, t: Tensor | int, sample: Tensor,
+                  clip_sample: float = 0.0, generator: torch.Generator | None = None,
+                  noise: Tensor | None = None) -> Tensor:
+        """One ancestral DDPM step: a draw from q(x_{t-1} | x_t, x0_pred).
+
+        The variance is the posterior variance beta_tilde_t ("fixed small"), which is 0
+        at t = 0, so the last step returns the posterior mean, i.e. the predicted x0.
+        ``noise`` (same shape as ``sample``) overrides the Gaussian draw, for tests.
+        """
+        dtype = self._compute_dtype(sample)
+        x0 = self.predict_x0(model_output, t, sample, clip_sample)
+        c1 = _per_sample(self.posterior_mean_coef1, t, sample.ndim).to(dtype)
+        c2 = _per_sample(self.posterior_mean_coef2, t, sample.ndim).to(dtype)
+        var = _per_sample(self.posterior_variance, t, sample.ndim).to(dtype)
+        mean = c1 * x0 + c2 * sample.to(dtype)
+        if noise is None:
+            noise = torch.randn(sample.shape, generator=generator, device=sample.device,
+                                dtype=dtype)
+        return mean + var.sqrt() * noise.to(dtype)
+
+    def ddim_timesteps(self, num_inference_steps: int) -> list[int]:
+        """Evenly spaced DDIM timesteps, descending, starting at T - 1.
+
+        "Trailing" spacing (Lin et al. 2024): the first step starts from the noisiest
+        training timestep, where x_T really is ~pure noise. For T = 100 and 10 steps:
+        99, 89, ..., 9.
+        """
+        T = self.num_train_timesteps
+        if not 1 <= num_inference_steps <= T:
+            raise ValueError(
+                f"num_inference_steps must be in [1, {T}] (num_train_timesteps), "
+                f"got {num_inference_steps}"
+            )
+        stride = T / num_inference_steps
+        return [round(T - i * stride) - 1 for i in range(num_inference_steps)]
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def run_sampler(
+    schedule: NoiseSchedule,
+    denoise_fn: Callable[[Tensor, Tensor], Tensor],
+    shape: tuple[int, ...],
+    *,
+    method: str = "ddim",
+    num_inference_steps: int = 10,
+    clip_sample: float = 0.0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Reverse diffusion from Gaussian noise to a clean sample, in float32.
+
+    Args:
+        schedule: the noise schedule (its buffers define the device if ``device`` is None).
+        denoise_fn: ``(x_t (B, ...) float32, t (B,) long) -> predicted noise``, any float dtype.
+        shape: (B, ...) of the sample.
+        method: "ddim" (deterministic, ``num_inference_steps`` steps) or "ddpm"
+            (ancestral, all T steps; ``num_inference_steps`` is ignored).
+        clip_sample: clamp for the predicted x0 at each step; 0 disables.
+        generator: for the initial noise and the DDPM noise; must live on ``device``.
+
+    Returns:
+        (shape) float32 clean sample.
+    """
+    if method not in SAMPLING_METHODS:
+        raise ValueError(f"method must be one of {SAMPLING_METHODS}, got {method!r}")
+    device = schedule.betas.device if device is None else torch.device(device)
+    B = shape[0]
+    x = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+
+    if method == "ddim":
+        timesteps = schedule.ddim_timesteps(num_inference_steps)
+        for i, t in enumerate(timesteps):
+            t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+            t_batch = torch.full((B,), t, device=device, dtype=torch.long)
+            eps = denoise_fn(x, t_batch).float()
+            x = schedule.ddim_step(eps, t, t_prev, x, clip_sample)
+    else:
+        for t in range(schedule.num_train_timesteps - 1, -1, -1):
+            t_batch = torch.full((B,), t, device=device, dtype=torch.long)
+            eps = denoise_fn(x, t_batch).float()
+            x = schedule.ddpm_step(eps, t, x, clip_sample, generator=generator)
+    return x
+
+
+# --------------------------------------------------------------------------- denoiser
+
+
+def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """(B,) integer timesteps -> (B, dim) float32 sinusoidal embedding (Vaswani et al.).
+
+    Always float32: in bf16, sin(t * freq) for t up to T loses the fine frequencies.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period)
+                      * torch.arange(half, device=timesteps.device, dtype=torch.float32) / half)
+    args = timesteps.float()[:, None] * freqs[None]                    # (B, dim/2)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)        # (B, 2*(dim/2))
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb                                                         # (B, dim)
+
+
+class ActionExpert(nn.Module):
+    """Diffusion denoiser conditioned on VL features, sensor features and the timestep.
+
+    ``vl_proj`` (vl_hidden_size -> vl_feature_dim) lives here and not in the backbone:
+    stage 1 freezes the backbone and trains only {sensor_encoder, action_expert}, and the
+    guide's stage-1 checkpoint holds exactly those two, so the projection must belong to
+    one of them to be trained in stage 1 and carried into stage 2. It also lets the VL
+    feature cache store the backbone's pooled hidden state, which stage 1 never changes.
+
+    Tokens, each d_model wide:
+        [ vl | sensor | timestep | action_1 ... action_H ]
+    A pre-norm Transformer encoder (full attention) mixes them; a head on the H action
+    tokens predicts the noise (B, H, A).
+    """
+
+    def __init__(self, config: ActionExpertConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.schedule = NoiseSchedule(c.num_train_timesteps, c.beta_schedule)
+
+        self.vl_proj = nn.Linear(c.vl_hidden_size, c.vl_feature_dim)
+        self.vl_cond = nn.Linear(c.vl_feature_dim, c.d_model)
+        self.sensor_cond = nn.Linear(c.sensor_feature_dim, c.d_model)
+        self.time_mlp = nn.Sequential(
+            nn.Linear(c.d_model, c.d_model),
+            nn.SiLU(),
+            nn.Linear(c.d_model, c.d_model),
+        )
+        self.action_in = nn.Linear(c.action_dim, c.d_model)
+        self.action_pos = nn.Parameter(torch.zeros(1, c.horizon, c.d_model))
+        layer = nn.TransformerEncoderLayer(
+            c.d_model, c.num_heads, c.dim_feedforward, c.dropout,
+            activation="gelu", batch_first=True, norm_first=True,
+        )
+        # enable_nested_tensor only helps with padding masks, which we never pass, and
+        # warns with norm_first=True.
+        self.transformer = nn.TransformerEncoder(layer, c.num_layers, enable_nested_tensor=False)
+        self.final_norm = nn.LayerNorm(c.d_model)  # the pre-norm residual stream is un-normalised
+        self.head = nn.Linear(c.d_model, c.action_dim)
+
+        nn.init.normal_(self.action_pos, std=0.02)
+        # Small init: the first predictions are ~0, so the starting loss is ~E[eps^2] = 1,
+        # yet the output still depends on the inputs (a zero head would hide them).
+        nn.init.normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.action_in.weight.dtype
+
+    def denoise(self, noisy_actions: Tensor, timesteps: Tensor, vl_hidden: Tensor,
+                sensor_features: Tensor) -> Tensor:
+        """Predict the noise in ``noisy_actions``.
+
+        Args:
+            noisy_actions: (B, H, A) x_t.
+            timesteps: (B,) long, in [0, T).
+            vl_hidden: (B, vl_hidden_size) pooled backbone hidden state.
+            sensor_features: (B, sensor_feature_dim) sensor encoder output.
+
+        Returns:
+            (B, H, A) predicted noise in the module's dtype (float inputs are cast to it,
+            since the engine may run the module in bf16 while the rest is fp32).
+        """
+        c = self.config
+        B = noisy_actions.shape[0]
+        if noisy_actions.shape[1:] != (c.horizon, c.action_dim):
+            raise ValueError(
+                f"noisy_actions must be (B, {c.horizon}, {c.action_dim}) (horizon, action_dim), "
+                f"got {tuple(noisy_actions.shape)}"
+            )
+        if vl_hidden.shape != (B, c.vl_hidden_size):
+            raise ValueError(
+                f"vl_hidden must be ({B}, {c.vl_hidden_size}) (vl_hidden_size), "
+                f"got {tuple(vl_hidden.shape)}"
+            )
+        if sensor_features.shape != (B, c.sensor_feature_dim):
+            raise ValueError(
+                f"sensor_features must be ({B}, {c.sensor_feature_dim}) (sensor_feature_dim), "
+                f"got {tuple(sensor_features.shape)}"
+            )
+        dtype = self.dtype
+
+        vl = self.vl_cond(self.vl_proj(vl_hidden.to(dtype)))                 # (B, D)
+        sensor = self.sensor_cond(sensor_features.to(dtype))                  # (B, D)
+        time = self.time_mlp(timestep_embedding(timesteps, c.d_model).to(dtype))  # (B, D)
+        cond = torch.stack([vl, sensor, time], dim=1)                         # (B, 3, D)
+        actions = self.action_in(noisy_actions.to(dtype)) + self.action_pos   # (B, H, D)
+
+        x = self.transformer(torch.cat([cond, actions], dim=1))               # (B, 3+H, D)
+        x = self.final_norm(x[:, cond.shape[1]:])                             # (B, H, D)
+        return self.head(x)                                                   # (B, H, A)
+
+    def compute_loss(
+        self,
+        actions: Tensor,
+        action_is_pad: Tensor,
+        sample_weight: Tensor,
+        vl_hidden: Tensor,
+        sensor_features: Tensor,
+        noise: Tensor | None = None,
+        timesteps: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Weighted noise-prediction MSE over the non-padded action steps.
+
+        Args:
+            actions: (B, H, A) normalised action chunk.
+            action_is_pad: (B, H) bool, True for steps past the episode end.
+            sample_weight: (B,) per-sample weight (confidence x sensor weight).
+            vl_hidden, sensor_features: conditioning, as in :meth:`denoise`.
+            noise: (B, H, A) optional fixed noise (default: standard Gaussian).
+            timesteps: (B,) long optional fixed timesteps (default: uniform in [0, T)).
+                Fixing both makes validation losses comparable across evaluations.
+
+        Returns:
+            (loss, per_sample_loss): loss is the float32 scalar
+            mean_b(sample_weight_b * per_sample_loss_b); per_sample_loss (B,) float32 is
+            the unweighted MSE over sample b's valid elements (0 for a fully padded one).
+        """
+        B = actions.shape[0]
+        x0 = actions.float()                                                  # (B, H, A)
+        pad = action_is_pad.to(device=x0.device, dtype=torch.bool)            # (B, H)
+        # Padded steps hold whatever the pipeline put there; zero them so they cannot
+        # reach the valid steps through attention and the loss ignores them entirely.
+        x0 = x0.masked_fill(pad[..., None], 0.0)
+        if noise is None:
+            noise = torch.randn_like(x0)
+        if timesteps is None:
+            timesteps = torch.randint(0, self.config.num_train_timesteps, (B,), device=x0.device)
+        noise = noise.float()
+
+        x_t = self.schedule.add_noise(x0, noise, timesteps)                   # (B, H, A) fp32
+        pred = self.denoise(x_t, timesteps, vl_hidden, sensor_features).float()  # (B, H, A)
+
+        valid = (~pad)[..., None].expand_as(x0).float()                       # (B, H, A)
+        sq_err = (pred - noise) ** 2 * valid                                  # (B, H, A)
+        num_valid = valid.sum(dim=(1, 2))                                     # (B,)
+        # clamp: a fully padded sample gives 0 / 1 = 0 instead of 0 / 0 = NaN.
+        per_sample_loss = sq_err.sum(dim=(1, 2)) / num_valid.clamp(min=1.0)  # (B,)
+        loss = (sample_weight.float() * per_sample_loss).mean()
+        return loss, per_sample_loss
+
+    @torch.no_grad()
+    def sample(
+        self,
+        vl_hidden: Tensor,
+        sensor_features: Tensor,
+        num_inference_steps: int | None = None,
+        method: str = "ddim",
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Sample normalised action chunks (B, H, A), float32, whatever the module dtype.
+
+        ``method`` "ddim": deterministic DDIM with ``num_inference_steps`` evenly spaced
+        steps (default ``config.num_inference_steps``); "ddpm": ancestral sampling over
+        all T steps. The predicted x0 is clamped by ``config.clip_sample`` at each step.
+        ``generator`` seeds the initial noise (and DDPM's noise); it must live on the
+        module's device. Call ``eval()`` first so dropout is off.
+        """
+        c = self.config
+        steps = c.num_inference_steps if num_inference_steps is None else num_inference_steps
+        B = vl_hidden.shape[0]
+        return run_sampler(
+            self.schedule,
+            lambda x_t, t: self.denoise(x_t, t, vl_hidden, sensor_features),
+            (B, c.horizon, c.action_dim),
+            method=method,
+            num_inference_steps=steps,
+            clip_sample=float(c.clip_sample),
+            generator=generator,
+            device=vl_hidden.device,
+        )

@@ -1,0 +1,189 @@
+"""``scripts/train.py``: parse -> build -> train.
+
+    deepspeed --num_gpus 4 scripts/train.py --ds_config ds_configs/stage1.json --dataset_dir DATA
+    python scripts/train.py --ds_config ds_configs/stage1.json --dataset_dir DATA   # one process
+
+``main(argv)`` runs in-process (tests call it). Everything that can be wrong with the
+user's input (config, dataset, backbone) is checked before the process group starts; a
+:class:`~vla_ds.errors.VLAError` ends the run with one message and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+import vla_ds
+from vla_ds import config as config_lib
+from vla_ds.errors import VLAError
+from vla_ds.log import setup_logging
+
+logger = logging.getLogger("vla_ds.train")
+
+# The guide's flags -> dotted config keys (DeepSpeed keys at the top level, ours under vla_ds.).
+FLAG_TO_KEY = {
+    "training_stage": "vla_ds.stage",
+    "batch_size": "train_micro_batch_size_per_gpu",
+    "grad_accum": "gradient_accumulation_steps",
+    "lr": "vla_ds.optimizer_groups.other.lr",
+    "epochs": "vla_ds.train.epochs",
+    "val_split": "vla_ds.data.val_split",
+    "diffusion_timesteps": "vla_ds.action_expert.num_train_timesteps",
+    "sensor_loss_weight": "vla_ds.train.sensor_loss_weight",
+    "dataset_dir": "vla_ds.data.dataset_dir",
+    "vl_model": "vla_ds.backbone.model_name_or_path",
+    "model_preset": "vla_ds.model_preset",
+    "output_dir": "vla_ds.train.output_dir",
+    "seed": "vla_ds.train.seed",
+    "sensor_window_size": "vla_ds.data.sensor_window_size",
+    "num_workers": "vla_ds.data.num_workers",
+    "max_steps": "vla_ds.train.max_steps",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train.py",
+        description="Train a VLA policy (Qwen2.5-VL + sensor encoder + diffusion action expert) with DeepSpeed.",
+    )
+    p.add_argument("--ds_config", "--ds-config", required=True, help="DeepSpeed JSON with a vla_ds section")
+    p.add_argument("--dataset_dir", "--dataset-dir", help="dataset root (SPEC section 3 format)")
+    p.add_argument("--training-stage", "--training_stage", dest="training_stage", choices=config_lib.STAGES)
+    p.add_argument("--vl-model", "--vl_model", dest="vl_model", help="Qwen2.5-VL dir or hub id")
+    p.add_argument("--model-preset", "--model_preset", dest="model_preset", choices=list(config_lib.MODEL_PRESETS))
+    p.add_argument("--batch_size", "--batch-size", type=int, help="micro batch per GPU")
+    p.add_argument("--grad_accum", "--grad-accum", type=int, help="gradient accumulation steps")
+    p.add_argument("--lr", type=float, help="learning rate of the sensor encoder + action expert")
+    p.add_argument("--epochs", type=int, help="total epochs of the run")
+    p.add_argument("--val_split", "--val-split", type=float)
+    p.add_argument("--diffusion_timesteps", "--diffusion-timesteps", type=int)
+    p.add_argument("--sensor_loss_weight", "--sensor-loss-weight", type=float)
+    p.add_argument("--sensor-window-size", "--sensor_window_size", dest="sensor_window_size", type=int)
+    p.add_argument("--num_workers", "--num-workers", type=int)
+    p.add_argument("--output_dir", "--output-dir")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--max_steps", "--max-steps", type=int, help="stop after N optimizer steps (smoke tests)")
+    p.add_argument("--resume", help="output dir (its 'latest') or a global_stepN dir to continue from")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config field, e.g. --set train.log_every=10 --set zero_optimization.stage=1")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)  # from the launcher
+    return p
+
+
+def load_run_config(args: argparse.Namespace, world_size: int) -> config_lib.RunConfig:
+    raw = config_lib.load_json(args.ds_config)
+    for flag, key in FLAG_TO_KEY.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            config_lib.apply_override(raw, key, value)
+    for item in args.overrides:
+        if "=" not in item:
+            raise config_lib.ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        key, value = item.split("=", 1)
+        config_lib.apply_override(raw, key.strip(), value)
+    return config_lib.resolve_config(raw, world_size, source=str(args.ds_config))
+
+
+def run(args: argparse.Namespace) -> dict:
+    from vla_ds import checkpoint, engine as engine_lib, trainer
+    from vla_ds.data import DistributedWeightedSampler, VLADataset, compute_norm_stats, split_train_val
+    from vla_ds.models.backbone import VLBackbone, VLInputBuilder
+    from vla_ds.models.policy import VLAPolicy
+
+    world, rank = engine_lib.env_world_size(), engine_lib.env_rank()
+    cfg = load_run_config(args, world)
+    logger.info("vla_ds %s | %s | %d rank(s) | micro batch %d x accumulation %d x %d = global batch %d",
+                vla_ds.__version__, cfg.stage, world, cfg.micro_batch_size, cfg.grad_accum, world,
+                cfg.deepspeed["train_batch_size"])
+    logger.info("Stage 1: training sensor encoder + action expert (VL model frozen)")
+
+    # --- data (indexing only; images are decoded by the DataLoader workers)
+    dataset = VLADataset.from_config(cfg.data)
+    train_ds, val_ds = split_train_val(dataset, cfg.data.val_split, cfg.train.seed)
+    logger.info("%s", dataset.describe())
+    logger.info("split by episode: %d train samples, %d val samples", len(train_ds), len(val_ds))
+    sampler = DistributedWeightedSampler(len(train_ds), num_replicas=world, rank=rank, seed=cfg.train.seed,
+                                         weights=train_ds.sample_weights)
+    steps_per_epoch = len(sampler) // cfg.micro_batch_size // cfg.grad_accum
+    if steps_per_epoch == 0:
+        raise config_lib.ConfigError(
+            f"{cfg.data.dataset_dir}: {len(sampler)} training samples per rank are fewer than one optimizer "
+            f"step needs (micro batch {cfg.micro_batch_size} x accumulation {cfg.grad_accum}); "
+            "lower --batch_size / --grad_accum or use fewer ranks")
+    total_steps = config_lib.resolve_schedule(cfg, steps_per_epoch)
+    logger.info("%d optimizer steps per epoch, %d in all", steps_per_epoch, total_steps)
+    norm_stats = compute_norm_stats(train_ds, seed=cfg.train.seed)
+
+    # --- model (the backbone loads before the process group, so a bad path fails fast)
+    logger.info("Loading VL backbone from %s", cfg.backbone.model_name_or_path)
+    backbone = VLBackbone(cfg.backbone)
+    backbone.freeze()
+    input_builder = VLInputBuilder.from_pretrained(cfg.backbone)
+    trainer.seed_everything(cfg.train.seed)
+    policy = VLAPolicy(backbone, cfg.sensor_encoder, cfg.action_expert, norm_stats,
+                       sensor_channels=dataset.sensor_channels, sensor_window_size=cfg.data.sensor_window_size,
+                       sensor_loss_weight=cfg.train.sensor_loss_weight)
+    n_backbone = sum(p.numel() for p in policy.backbone.parameters())
+    logger.info("   Backbone: %s parameters (frozen)", f"{n_backbone:,}")
+    logger.info("   Sensor encoder: %s parameters", f"{sum(p.numel() for p in policy.sensor_encoder.parameters()):,}")
+    logger.info("   Action expert: %s parameters", f"{sum(p.numel() for p in policy.action_expert.parameters()):,}")
+
+    output_dir = Path(cfg.train.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        cfg.save(output_dir / "config.json")
+
+    # --- DeepSpeed
+    engine_lib.init_distributed(cfg.train.dist_timeout_minutes)
+    engine, groups = engine_lib.initialize(policy, cfg)
+
+    collate = trainer.PolicyCollator(input_builder)
+    loader_kwargs = dict(collate_fn=collate, num_workers=cfg.data.num_workers,
+                         persistent_workers=cfg.data.num_workers > 0, pin_memory=torch.cuda.is_available())
+    train_loader = DataLoader(train_ds, batch_size=cfg.micro_batch_size, sampler=sampler, drop_last=True,
+                              **loader_kwargs)
+    val_loader = None
+    if len(val_ds):
+        val_bs = cfg.train.val_batch_size or cfg.micro_batch_size
+        val_loader = DataLoader(val_ds, batch_size=val_bs, sampler=list(range(rank, len(val_ds), world)),
+                                **loader_kwargs)
+
+    state = trainer.TrainState()
+    if args.resume:
+        client = checkpoint.load_checkpoint(engine, args.resume)
+        state = trainer.TrainState(step=client["step"], epoch=client["epoch"],
+                                   micro_step_in_epoch=client["micro_step_in_epoch"])
+        checkpoint.set_rng_state(client["rng"])
+
+    client_extra = {"norm_stats": norm_stats.to_dict(), "config": cfg.to_dict(),
+                    "backbone_fingerprint": backbone.fingerprint(), "vla_ds_version": vla_ds.__version__}
+    state = trainer.train(cfg, engine, train_loader, val_loader, sampler, [g.name for g in groups], state,
+                          client_extra, total_steps)
+    if state.history:
+        logger.info("done: %d steps, train/loss %.4f -> %.4f; checkpoints and metrics.jsonl in %s",
+                    state.step, state.history[0], state.history[-1], output_dir)
+    return {"state": state, "output_dir": output_dir, "engine": engine}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code (0, or 2 for a user error with its message printed)."""
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    try:
+        run(args)
+    except VLAError as e:
+        rank = os.environ.get("RANK", "0")
+        prefix = "" if rank == "0" else f"[rank {rank}] "
+        print(f"{prefix}error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
