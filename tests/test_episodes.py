@@ -345,3 +345,18 @@ def test_load_episode_missing_files(tmp_path):
     with pytest.raises(DatasetError) as e:
         load_episode(ep_dir)
     assert str(e.value) == f"{ep_dir / 'images' / 'side'}: camera view folder not found"
+
+
+def test_sensor_maps_are_bounded(tmp_path, monkeypatch):
+    import vla_ds.data.episodes as episodes
+
+    monkeypatch.setattr(episodes, "MAX_OPEN_SENSOR_MAPS", 2)
+    ts, data = _stream()
+    sensors = []
+    for i in range(3):
+        np.savez(tmp_path / f"s{i}.npz", timestamps=ts, data=data + i)
+        sensors.append(SensorData(tmp_path / f"s{i}.npz"))
+        sensors[-1].window(ts[9], 2)
+    assert sensors[0]._array is None and sensors[2]._array is not None  # the oldest map was closed
+    np.testing.assert_array_equal(sensors[0].window(ts[9], 2), data[8:10])  # and reopens on use
+    assert sensors[1]._array is None

@@ -20,6 +20,7 @@ from vla_ds.data.dataset import (
     VLADataset,
     collate_numeric,
     compute_action_chunk,
+    load_episodes,
     read_mixture,
     scan_dataset,
     split_train_val,
@@ -33,7 +34,7 @@ from vla_ds.data.sampler import DistributedWeightedSampler
 __all__ = [
     "ACTION_DIM", "ACTION_IS_PAD", "ACTIONS", "CONFIDENCE", "EPISODE_INDEX", "FRAME_TIME", "HAS_SENSOR",
     "IMAGES", "INSTRUCTION", "SENSOR_WINDOW",
-    "DataConfig", "VLADataset", "collate_numeric", "compute_action_chunk", "read_mixture", "scan_dataset",
+    "DataConfig", "VLADataset", "collate_numeric", "compute_action_chunk", "load_episodes", "read_mixture", "scan_dataset",
     "split_train_val", "wrap_degrees",
     "make_demo_dataset",
     "Episode", "SensorData", "find_episode_dirs", "load_episode",

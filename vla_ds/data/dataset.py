@@ -14,6 +14,7 @@ import math
 import os
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -222,6 +223,17 @@ def scan_dataset(root: str | os.PathLike) -> tuple[list[tuple[Path, str]], dict[
     return sorted(pairs), dict(mixture)
 
 
+def load_episodes(pairs: Sequence[tuple[Path, str]], max_threads: int = 16) -> list[Episode]:
+    """Load [(episode_dir, source), ...] in order, ``index`` = position. Threads overlap the
+    file-system latency (network storage); the first failing episode's error is raised."""
+    def load(item):
+        index, (episode_dir, source) = item
+        return load_episode(episode_dir, source=source, index=index)
+
+    with ThreadPoolExecutor(max_workers=max(1, min(max_threads, len(pairs)))) as pool:
+        return list(pool.map(load, enumerate(pairs)))
+
+
 # --------------------------------------------------------------------------- dataset
 
 
@@ -266,7 +278,7 @@ class VLADataset(torch.utils.data.Dataset):
             pairs, scanned_weights = scan_dataset(root)
             if not pairs:
                 raise DatasetError(f"{root}: no episodes found (no folder holds metadata.json)")
-            episodes = [load_episode(d, source=s, index=i) for i, (d, s) in enumerate(pairs)]
+            episodes = load_episodes(pairs)
             if source_weights is None:
                 source_weights = scanned_weights
         self.episodes: list[Episode] = [
@@ -412,8 +424,7 @@ class VLADataset(torch.utils.data.Dataset):
             sensor = ep.sensor.window(t, cfg.sensor_window_size)  # (W, C)
         else:
             sensor = np.zeros((cfg.sensor_window_size, self.sensor_channels), dtype=np.float32)  # (W, C)
-        actions, is_pad = compute_action_chunk(ep.states.times, ep.states.poses, ep.states.gripper,
-                                               t, cfg.action_horizon, ep.action_hz)  # (H, 7), (H,)
+        actions, is_pad = self.get_actions(i)  # (H, 7), (H,)
         return {
             IMAGES: images,
             INSTRUCTION: ep.instruction,
@@ -425,6 +436,13 @@ class VLADataset(torch.utils.data.Dataset):
             EPISODE_INDEX: ep.index,
             FRAME_TIME: t,
         }
+
+    def get_actions(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Only the action chunk of sample i: (actions (H, 7) float32, action_is_pad (H,) bool).
+        Cheap (no image or sensor reads), for statistics."""
+        ep = self.episodes[self._sample_episode[i]]
+        return compute_action_chunk(ep.states.times, ep.states.poses, ep.states.gripper,
+                                    float(self._sample_time[i]), self.config.action_horizon, ep.action_hz)
 
     # ---- reporting
 

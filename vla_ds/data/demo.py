@@ -24,15 +24,18 @@ Every episode's pose_r crosses +-180 degrees. Deterministic from ``seed``.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from vla_ds.errors import DatasetError
+from vla_ds.data.dataset import DataConfig, VLADataset
+from vla_ds.errors import DatasetError, VLAError
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +169,8 @@ def make_demo_dataset(out_dir, episodes_per_source: tuple[int, int] = (4, 3), se
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise DatasetError(f"{out}: directory exists and is not empty (use a new directory or overwrite)")
+            raise DatasetError(f"{out}: directory exists and is not empty "
+                               f"(use a new directory, or --overwrite to replace a previous demo)")
         if not (out / MARKER).exists():
             raise DatasetError(f"{out}: not a demo dataset (no {MARKER}); refusing to delete it")
         shutil.rmtree(out)
@@ -194,3 +198,25 @@ def make_demo_dataset(out_dir, episodes_per_source: tuple[int, int] = (4, 3), se
     lines = ["sources:"] + [f"  - {{path: {folder}, weight: {weight}}}" for folder, _, weight, _ in SOURCES]
     (out / "mixture.yaml").write_text("\n".join(lines) + "\n")
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: ``python scripts/make_demo_dataset.py OUT_DIR [--episodes N] [--seed S] [--overwrite]``."""
+    parser = argparse.ArgumentParser(description="Write the synthetic demo dataset (SPEC section 3 format).")
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--episodes", type=int, default=None,
+                        help="episodes per source (default: 4 with sensor data, 3 without)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true", help="replace a previous demo dataset in OUT_DIR")
+    args = parser.parse_args(argv)
+    per_source = (4, 3) if args.episodes is None else (args.episodes,) * len(SOURCES)
+    try:
+        out = make_demo_dataset(args.out_dir, per_source, seed=args.seed, overwrite=args.overwrite)
+        ds = VLADataset.from_config(DataConfig(dataset_dir=str(out), sensor_window_size=SENSOR_WINDOW))
+    except (VLAError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote demo dataset to {out}")
+    print(ds.describe())
+    print(f"train with: --dataset_dir {out} --sensor-window-size {SENSOR_WINDOW}")
+    return 0

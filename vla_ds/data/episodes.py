@@ -137,7 +137,8 @@ def read_metadata(episode_dir: Path) -> EpisodeMetadata:
     views = meta.get("camera_views")
     if views is None:
         images = episode_dir / IMAGES_DIR
-        views = sorted(d.name for d in images.iterdir() if d.is_dir()) if images.is_dir() else []
+        views = sorted(d.name for d in images.iterdir() if d.is_dir() and not d.name.startswith(".")) \
+            if images.is_dir() else []
         if not views:
             raise DatasetError(f"{images}: no camera view folders (and no 'camera_views' in {path})")
     elif (not isinstance(views, list) or not views
@@ -417,7 +418,7 @@ class SensorData:
     def data(self) -> np.ndarray:
         """``data`` as an array: a read-only memmap (stored) or the decompressed array (compressed)."""
         if self._array is not None:
-            if not self.compressed:
+            if id(self) in _OPEN_MAPS:
                 _OPEN_MAPS.move_to_end(id(self))
             return self._array
         if self.compressed:

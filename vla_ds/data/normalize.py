@@ -13,13 +13,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vla_ds.data.dataset import ACTION_DIM, ACTION_IS_PAD, ACTIONS, VLADataset
+from vla_ds.data.dataset import ACTION_DIM, VLADataset
 from vla_ds.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
 MIN_STD = 1e-6  # dims with a smaller std are constant: their std is stored as 1.0
-MAX_SENSOR_ROWS = 200_000  # sensor rows sampled for stats, over all episodes
+MAX_SENSOR_ROWS = 50_000  # sensor rows sampled for stats, over all episodes
 
 
 @dataclass
@@ -101,7 +101,8 @@ def _mean_std(rows: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
 def compute_norm_stats(dataset: VLADataset, max_samples: int = 2000, seed: int = 0) -> NormStats:
     """Stats over (a random subsample of) ``dataset``, which should be the training split.
 
-    Actions: the non-padded steps of up to ``max_samples`` samples (read without images).
+    Actions: the non-padded steps of up to ``max_samples`` samples (action chunks only:
+    no image decoding or sensor reads).
     Sensor: up to ``MAX_SENSOR_ROWS`` rows drawn evenly from the episodes that have a
     sensor file (pre-cut windows count each row; zero padding is never included).
     """
@@ -113,8 +114,8 @@ def compute_norm_stats(dataset: VLADataset, max_samples: int = 2000, seed: int =
         indices = np.arange(n)
     steps = []
     for i in indices:
-        item = dataset.get_item(int(i), with_images=False)
-        steps.append(item[ACTIONS][~item[ACTION_IS_PAD]])  # (h, 7)
+        actions, is_pad = dataset.get_actions(int(i))  # (H, 7), (H,)
+        steps.append(actions[~is_pad])  # (h, 7)
     action_rows = np.concatenate(steps) if steps else np.zeros((0, ACTION_DIM))
     action_mean, action_std = _mean_std(action_rows, ACTION_DIM)
 

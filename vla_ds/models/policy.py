@@ -52,6 +52,17 @@ class Normalizer(nn.Module):
         return x.float() * self.std.float() + self.mean.float()
 
 
+def _drop_tied_aliases(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """List each tensor once: drop the second name of tied weights (Qwen's ``lm_head`` is
+    ``embed_tokens``). DeepSpeed's ``exclude_frozen_parameters`` walks ``named_parameters()``,
+    which names a tied weight once, so without this the frozen 600 MB embedding of the 3B
+    model would be written into every checkpoint under its ``lm_head`` alias."""
+    first = {name for name, _ in module.named_parameters()}
+    for name, _ in module.named_parameters(remove_duplicate=False):
+        if name not in first:
+            state_dict.pop(prefix + name, None)
+
+
 class VLAPolicy(nn.Module):
     """The whole policy.
 
@@ -89,6 +100,7 @@ class VLAPolicy(nn.Module):
         self.sensor_norm = Normalizer(norm_stats.sensor_mean, norm_stats.sensor_std)
         self.sensor_loss_weight = sensor_loss_weight
         self.input_builder: VLInputBuilder | None = None  # set for inference (predict_actions)
+        self.register_state_dict_post_hook(_drop_tied_aliases)
 
     # -- features ---------------------------------------------------------------------
 

@@ -1,0 +1,121 @@
+"""The real entry point, in-process (one rank) and through the DeepSpeed launcher (two ranks)."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vla_ds.checkpoint import strict_trainable_load
+from vla_ds.errors import CheckpointError
+from vla_ds.metrics import read_metrics
+from vla_ds.train import main
+
+REPO = Path(__file__).resolve().parent.parent
+STAGE1 = str(REPO / "ds_configs" / "stage1.json")
+
+
+def tiny_args(dataset, backbone, out, *extra):
+    return ["--ds_config", STAGE1, "--dataset_dir", str(dataset), "--vl-model", str(backbone),
+            "--model-preset", "tiny", "--sensor-window-size", "32", "--num_workers", "0",
+            "--output_dir", str(out), "--set", "train.progress_bar=false", *extra]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_in_process_run_writes_metrics_config_and_checkpoints(tiny_backbone_dir, demo_dataset_dir, tmp_path):
+    out = tmp_path / "run"
+    assert main(tiny_args(demo_dataset_dir, tiny_backbone_dir, out, "--batch_size", "8", "--grad_accum", "2",
+                          "--epochs", "2", "--lr", "1e-3")) == 0
+    rows = read_metrics(out)
+    train = [r for r in rows if "train/loss" in r]
+    val = [r for r in rows if "val/loss" in r]
+    steps_per_epoch = len(train) // 2
+    assert [r["step"] for r in train] == list(range(1, 2 * steps_per_epoch + 1))
+    assert [r["epoch"] for r in val] == [1, 2]
+    assert {"train/lr/other", "samples_per_s", "data_share", "train/grad_norm"} <= set(train[0])
+    assert (out / "latest").read_text().strip() == f"global_step{2 * steps_per_epoch}"
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["train_batch_size"] == 16 and saved["vla_ds"]["train"]["epochs"] == 2
+    assert saved["scheduler"]["params"]["total_num_steps"] == 2 * steps_per_epoch
+
+
+@pytest.mark.parametrize("case", ["no_dataset", "not_qwen", "bad_batch", "unknown_key"])
+def test_bad_input_is_one_message_and_exit_2(case, tiny_backbone_dir, demo_dataset_dir, tmp_path, capsys):
+    dataset, backbone, extra = demo_dataset_dir, tiny_backbone_dir, []
+    if case == "no_dataset":
+        dataset = tmp_path / "missing_dataset"
+        expect = str(dataset)
+    elif case == "not_qwen":
+        backbone = tmp_path / "not_qwen"
+        backbone.mkdir()
+        (backbone / "config.json").write_text(json.dumps({"model_type": "bert"}))
+        expect = str(backbone)
+    elif case == "bad_batch":
+        extra = ["--set", "train_batch_size=7"]
+        expect = "inconsistent batch settings"
+    else:
+        extra = ["--set", "data.sensor_windw_size=3"]
+        expect = "did you mean 'sensor_window_size'"
+    code = main(tiny_args(dataset, backbone, tmp_path / "out", *extra))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert expect in err
+    assert "Traceback" not in err
+    assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1
+
+
+def test_deepspeed_launcher_two_ranks_loss_falls_and_resumes(tiny_backbone_dir, demo_dataset_dir, tmp_path):
+    launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    out = tmp_path / "ds_run"
+
+    def launch(*extra):
+        cmd = [launcher, "--num_gpus", "2", "--master_port", str(free_port()), str(REPO / "scripts" / "train.py"),
+               *tiny_args(demo_dataset_dir, tiny_backbone_dir, out, "--batch_size", "8", "--lr", "1e-3", *extra)]
+        proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc
+
+    launch("--epochs", "4")
+    rows = read_metrics(out)
+    train = [r for r in rows if "train/loss" in r]
+    steps_per_epoch = len(train) // 4
+    k = max(3, steps_per_epoch // 2)
+    first = sum(r["train/loss"] for r in train[:k]) / k
+    last = sum(r["train/loss"] for r in train[-k:]) / k
+    assert last < 0.6 * first, (first, last)
+    assert all(r["train/lr/other"] > 0 for r in train[1:])
+    assert [r["epoch"] for r in rows if "val/loss" in r] == [1, 2, 3, 4]
+    tags = sorted(p.name for p in out.glob("global_step*"))
+    assert len(tags) == 4 and (out / "latest").read_text().strip() == f"global_step{4 * steps_per_epoch}"
+    # The frozen backbone is not in the checkpoint; the heads are, and load strictly.
+    ckpt_file = out / f"global_step{4 * steps_per_epoch}" / "mp_rank_00_model_states.pt"
+    module = torch.load(ckpt_file, map_location="cpu", weights_only=False)["module"]
+    assert not any(k.startswith("backbone.") and "weight" in k for k in module)
+    assert any(k.startswith("sensor_encoder.") for k in module) and any(k.startswith("action_expert.") for k in module)
+
+    # Resume: the run continues at the next step with the saved state (no restart).
+    launch("--epochs", "5", "--resume", str(out))
+    rows = read_metrics(out)
+    resumed = [r for r in rows if "train/loss" in r][len(train):]
+    assert [r["step"] for r in resumed] == list(range(4 * steps_per_epoch + 1, 5 * steps_per_epoch + 1))
+    assert sum(r["train/loss"] for r in resumed) / len(resumed) < first
+
+
+def test_strict_load_names_mismatched_tensors():
+    dst = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    src = {"0.weight": torch.zeros(2, 4), "0.bias": torch.zeros(2)}
+    with pytest.raises(CheckpointError, match=r"0\.weight: checkpoint \(2, 4\) vs model \(2, 3\)"):
+        strict_trainable_load(src, dst)
+    with pytest.raises(CheckpointError, match=r"missing tensors \(e\.g\. 0\.bias\)"):
+        strict_trainable_load({"0.weight": torch.zeros(2, 3)}, dst)
