@@ -13,7 +13,7 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}"
 
 python scripts/make_tiny_backbone.py "$OUT/tiny_backbone"
-python scripts/make_demo_dataset.py "$OUT/dataset"
+python scripts/make_demo_dataset.py "$OUT/dataset" --episodes 10 --overwrite
 rm -rf "$OUT/stage1"
 deepspeed --num_gpus 2 --master_port "$PORT" scripts/train.py \
     --ds_config ds_configs/stage1.json \
@@ -21,7 +21,7 @@ deepspeed --num_gpus 2 --master_port "$PORT" scripts/train.py \
     --vl-model "$OUT/tiny_backbone" \
     --model-preset tiny \
     --sensor-window-size 32 \
-    --batch_size 8 --grad_accum 1 --lr 1e-3 --epochs 15 \
+    --batch_size 8 --grad_accum 1 --lr 1e-3 --epochs 10 \
     --num_workers 0 \
     --output_dir "$OUT/stage1"
 python -m vla_ds.metrics "$OUT/stage1"

@@ -35,7 +35,7 @@ def free_port() -> int:
 def test_in_process_run_writes_metrics_config_and_checkpoints(tiny_backbone_dir, demo_dataset_dir, tmp_path):
     out = tmp_path / "run"
     assert main(tiny_args(demo_dataset_dir, tiny_backbone_dir, out, "--batch_size", "8", "--grad_accum", "2",
-                          "--epochs", "2", "--lr", "1e-3")) == 0
+                          "--epochs", "2", "--lr", "1e-3", "--set", "csv_monitor.enabled=true")) == 0
     rows = read_metrics(out)
     train = [r for r in rows if "train/loss" in r]
     val = [r for r in rows if "val/loss" in r]
@@ -47,9 +47,14 @@ def test_in_process_run_writes_metrics_config_and_checkpoints(tiny_backbone_dir,
     saved = json.loads((out / "config.json").read_text())
     assert saved["train_batch_size"] == 16 and saved["vla_ds"]["train"]["epochs"] == 2
     assert saved["scheduler"]["params"]["total_num_steps"] == 2 * steps_per_epoch
+    # DeepSpeed's CSV monitor got the same figures.
+    csv_files = {p.name: p for p in (out / "monitor").rglob("*.csv")}
+    loss_csv = next(p for name, p in csv_files.items() if "train" in name and "loss" in name)
+    assert len(loss_csv.read_text().strip().splitlines()) - 1 == len(train)
+    assert any("val" in name for name in csv_files)
 
 
-@pytest.mark.parametrize("case", ["no_dataset", "not_qwen", "bad_batch", "unknown_key"])
+@pytest.mark.parametrize("case", ["no_dataset", "not_qwen", "bad_batch", "unknown_key", "corrupt_image_in_worker"])
 def test_bad_input_is_one_message_and_exit_2(case, tiny_backbone_dir, demo_dataset_dir, tmp_path, capsys):
     dataset, backbone, extra = demo_dataset_dir, tiny_backbone_dir, []
     if case == "no_dataset":
@@ -63,15 +68,25 @@ def test_bad_input_is_one_message_and_exit_2(case, tiny_backbone_dir, demo_datas
     elif case == "bad_batch":
         extra = ["--set", "train_batch_size=7"]
         expect = "inconsistent batch settings"
-    else:
+    elif case == "unknown_key":
         extra = ["--set", "data.sensor_windw_size=3"]
         expect = "did you mean 'sensor_window_size'"
+    else:  # decoded in a DataLoader worker process: the message still names the file, once
+        dataset = tmp_path / "dataset"
+        shutil.copytree(demo_dataset_dir, dataset)
+        for image in dataset.rglob("images/*/*.*"):
+            image.write_bytes(image.read_bytes()[:40])  # truncated
+        extra = ["--num_workers", "2", "--max_steps", "1"]
+        expect = str(dataset)
     code = main(tiny_args(dataset, backbone, tmp_path / "out", *extra))
     err = capsys.readouterr().err
     assert code == 2
     assert expect in err
     assert "Traceback" not in err
     assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1
+    if case == "corrupt_image_in_worker":
+        line = next(line for line in err.splitlines() if line.startswith("error:"))
+        assert "/images/" in line and "Original" not in line
 
 
 def test_deepspeed_launcher_two_ranks_loss_falls_and_resumes(tiny_backbone_dir, demo_dataset_dir, tmp_path):

@@ -428,6 +428,9 @@ def _check_consistency(cfg: RunConfig, source: str) -> None:
         raise ConfigError(f"sensor_encoder.d_model={se.d_model} is not divisible by num_heads={se.num_heads}")
     if ae.d_model % ae.num_heads:
         raise ConfigError(f"action_expert.d_model={ae.d_model} is not divisible by num_heads={ae.num_heads}")
+    if ae.horizon != cfg.data.action_horizon:
+        raise ConfigError(f"action_expert.horizon={ae.horizon} differs from data.action_horizon="
+                          f"{cfg.data.action_horizon}; set both (the chunk the model predicts is the one the data makes)")
     bf16 = cfg.deepspeed.get("bf16", {}).get("enabled", False)
     fp16 = cfg.deepspeed.get("fp16", {}).get("enabled", False)
     if fp16:

@@ -25,3 +25,17 @@ class CheckpointError(VLAError):
 
 class BackboneError(VLAError):
     """The VL backbone directory or hub id cannot be loaded as a Qwen2.5-VL model."""
+
+
+def user_message(exc: VLAError) -> str:
+    """The one line to show for ``exc``.
+
+    An error raised inside a DataLoader worker comes back re-raised by torch with the
+    worker's whole traceback in its message; the user needs only the original line.
+    """
+    text = str(exc)
+    if "\nOriginal Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        prefix = f"{type(exc).__module__}.{type(exc).__name__}: "
+        text = last[len(prefix):] if last.startswith(prefix) else last.split(": ", 1)[-1]
+    return text

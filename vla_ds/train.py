@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 import vla_ds
 from vla_ds import config as config_lib
-from vla_ds.errors import VLAError
+from vla_ds.errors import VLAError, user_message
 from vla_ds.log import setup_logging
 
 logger = logging.getLogger("vla_ds.train")
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     except VLAError as e:
         rank = os.environ.get("RANK", "0")
         prefix = "" if rank == "0" else f"[rank {rank}] "
-        print(f"{prefix}error: {e}", file=sys.stderr)
+        print(f"{prefix}error: {user_message(e)}", file=sys.stderr)
         return 2
     return 0
 
