@@ -11,22 +11,21 @@ Layout written by :func:`save_checkpoint` (DeepSpeed's own, plus our client stat
                                        excluded) and the client state below
         *_optim_states.pt              ZeRO optimizer shards, one per rank
 
-Client state (a plain dict of Python / numpy / tensor values, loadable with
-``torch.load(weights_only=True)`` except for the RNG states):
-``step``, ``epoch`` (completed epochs), ``micro_step_in_epoch`` (position inside the
-current epoch, for resumes mid-epoch), ``rng`` (python, numpy, torch RNG states of the
-saving rank), ``norm_stats``, ``config`` (resolved run config), ``backbone_fingerprint``,
-``vla_ds_version``.
+Client state (plain Python values and tensors: the file loads with
+``torch.load(weights_only=True)``): ``step``, ``epoch`` (completed epochs),
+``micro_step_in_epoch`` (position inside the current epoch), ``micro_batch_size`` and
+``world_size`` (a mid-epoch position only means something for the same layout), ``seed``,
+``norm_stats``, ``config`` (resolved run config), ``backbone_fingerprint``,
+``vla_ds_version``. Random state needs no saving: the trainer reseeds every micro step from
+(seed, rank, step), which is what makes ``--resume`` continue exactly.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -35,25 +34,15 @@ from vla_ds.errors import CheckpointError
 logger = logging.getLogger(__name__)
 
 LATEST_FILE = "latest"
+MODEL_STATES_FILE = "mp_rank_00_model_states.pt"
+CLIENT_KEYS = ("step", "epoch", "micro_step_in_epoch", "norm_stats", "config")
+# Module prefixes Stage 2 takes from Stage 1 (the heads and the normalisation statistics).
+STAGE1_PARTS = ("sensor_encoder", "action_expert")
+STAGE1_BUFFERS = ("action_norm", "sensor_norm")
 
 
 def tag_for_step(step: int) -> str:
     return f"global_step{step}"
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save_checkpoint(engine, output_dir: str | Path, step: int, client_state: dict[str, Any]) -> Path:
@@ -68,6 +57,21 @@ def save_checkpoint(engine, output_dir: str | Path, step: int, client_state: dic
     return Path(output_dir) / tag
 
 
+def _mismatch_report(src: dict[str, torch.Tensor], own: dict[str, torch.Tensor], optional: set[str]) -> list[str]:
+    unexpected = [k for k in src if k not in own]
+    mismatched = [f"{k}: checkpoint {tuple(src[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in src if k in own and src[k].shape != own[k].shape]
+    missing = [k for k in own if k not in src and k not in optional]
+    problems = []
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensors (e.g. {', '.join(unexpected[:3])})")
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatches ({'; '.join(mismatched[:3])})")
+    if missing:
+        problems.append(f"{len(missing)} missing tensors (e.g. {', '.join(missing[:3])})")
+    return problems
+
+
 def strict_trainable_load(src: dict[str, torch.Tensor], dst: nn.Module) -> None:
     """Load a checkpoint's module state into ``dst``: strict about everything it saved.
 
@@ -78,43 +82,111 @@ def strict_trainable_load(src: dict[str, torch.Tensor], dst: nn.Module) -> None:
     """
     own = dst.state_dict()
     frozen = {n for n, p in dst.named_parameters() if not p.requires_grad}
-    unexpected = [k for k in src if k not in own]
-    mismatched = [f"{k}: checkpoint {tuple(src[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in src if k in own and src[k].shape != own[k].shape]
-    missing = [k for k in own if k not in src and k not in frozen]
-    problems = []
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected tensors (e.g. {', '.join(unexpected[:3])})")
-    if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatches ({'; '.join(mismatched[:3])})")
-    if missing:
-        problems.append(f"{len(missing)} missing tensors (e.g. {', '.join(missing[:3])})")
+    problems = _mismatch_report(src, own, frozen)
     if problems:
         raise CheckpointError("checkpoint does not match the model: " + "; ".join(problems))
     dst.load_state_dict(src, strict=False)
 
 
-def resolve_resume_dir(path: str | Path) -> tuple[Path, str]:
-    """``--resume DIR``: an output dir (its ``latest``) or one ``global_stepN`` dir -> (load_dir, tag)."""
+def resolve_checkpoint_dir(path: str | Path) -> tuple[Path, str]:
+    """An output dir (its ``latest``) or one ``global_stepN`` dir -> (load_dir, tag)."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"{path}: resume directory does not exist")
+        raise CheckpointError(f"{path}: checkpoint directory does not exist")
     if (path / LATEST_FILE).is_file():
         tag = (path / LATEST_FILE).read_text().strip()
         if not (path / tag).is_dir():
             raise CheckpointError(f"{path / LATEST_FILE}: names '{tag}', which does not exist in {path}")
         return path, tag
-    if path.is_dir() and any(path.glob("*model_states.pt")):
+    if path.is_dir() and (path / MODEL_STATES_FILE).is_file():
         return path.parent, path.name
-    raise CheckpointError(f"{path}: not a checkpoint (no '{LATEST_FILE}' file and no *model_states.pt inside)")
+    raise CheckpointError(f"{path}: not a checkpoint (no '{LATEST_FILE}' file and no {MODEL_STATES_FILE} inside)")
+
+
+def read_model_states(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """The rank-0 model-states file of a checkpoint dir (module weights + client state),
+    read on the CPU without DeepSpeed; for checks before any process group starts."""
+    load_dir, tag = resolve_checkpoint_dir(path)
+    file = load_dir / tag / MODEL_STATES_FILE
+    try:
+        states = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated / not a torch file / not from vla_ds
+        raise CheckpointError(f"{file}: cannot read checkpoint ({str(e).splitlines()[0][:200]})") from None
+    missing = [k for k in ("module", *CLIENT_KEYS) if k not in states]
+    if missing:
+        raise CheckpointError(f"{file}: not a vla_ds checkpoint (missing {', '.join(missing)})")
+    return file, states
+
+
+def check_resume_compatible(states: dict[str, Any], file: Path, world_size: int, micro_batch_size: int,
+                            fingerprint: str) -> None:
+    """Refuse a resume that could not continue exactly: another base backbone, or a
+    mid-epoch position under a different batch layout."""
+    saved = states.get("backbone_fingerprint")
+    if saved and saved != fingerprint:
+        raise CheckpointError(f"{file}: saved with another VL backbone (fingerprint {saved}, the --vl-model "
+                              f"given now has {fingerprint}); pass the --vl-model the run was started with")
+    if states["micro_step_in_epoch"] and (states.get("world_size"), states.get("micro_batch_size")) != (
+            world_size, micro_batch_size):
+        raise CheckpointError(
+            f"{file}: saved mid-epoch with {states.get('world_size')} ranks x micro batch "
+            f"{states.get('micro_batch_size')}; resume with the same layout (now {world_size} x {micro_batch_size})")
 
 
 def load_checkpoint(engine, path: str | Path) -> dict[str, Any]:
     """Restore module, optimizer and scheduler state from ``path``; returns the client state. Collective."""
-    load_dir, tag = resolve_resume_dir(path)
-    load_path, client_state = engine.load_checkpoint(str(load_dir), tag=tag, custom_load_fn=strict_trainable_load)
+    load_dir, tag = resolve_checkpoint_dir(path)
+    try:
+        load_path, client_state = engine.load_checkpoint(str(load_dir), tag=tag, custom_load_fn=strict_trainable_load)
+    except CheckpointError as e:
+        raise CheckpointError(f"{load_dir / tag}: {e}") from None
     if load_path is None:
         raise CheckpointError(f"{load_dir / tag}: DeepSpeed could not load this checkpoint")
     logger.info("resumed from %s (step %s, %s completed epochs)", load_dir / tag,
                 client_state.get("step"), client_state.get("epoch"))
     return client_state
+
+
+def read_stage1(path: str | Path) -> tuple[Path, dict[str, dict[str, torch.Tensor]], dict[str, Any] | None]:
+    """Read the Stage 1 weights Stage 2 starts from, before any model is built.
+
+    ``path`` is a Stage 1 output dir, one of its ``global_stepN`` dirs, or a guide-format
+    ``.pt`` (``{"sensor_encoder": ..., "action_expert": ..., "training_stage": "stage1"}``,
+    optionally with ``norm_stats``). Returns ``(source file, {part: state dict}, norm stats
+    dict or None)``; the parts are ``sensor_encoder``, ``action_expert`` and, from engine
+    checkpoints, the normalisation buffers.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: Stage 1 checkpoint does not exist")
+    if path.is_file():
+        try:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"{path}: cannot read the Stage 1 checkpoint ({str(e).splitlines()[0][:200]})") from None
+        if not isinstance(raw, dict) or not all(k in raw for k in STAGE1_PARTS):
+            keys = ", ".join(map(str, raw.keys())) if isinstance(raw, dict) else type(raw).__name__
+            raise CheckpointError(f"{path}: not a Stage 1 checkpoint: expected keys sensor_encoder and "
+                                  f"action_expert, found {keys}")
+        return path, {name: raw[name] for name in STAGE1_PARTS}, raw.get("norm_stats")
+    source, states = read_model_states(path)
+    stage = states["config"].get("vla_ds", {}).get("stage")
+    if stage not in (None, "stage1"):
+        logger.warning("%s was saved by a %s run; taking its sensor encoder and action expert", source, stage)
+    module = states["module"]
+    parts = {name: {k[len(name) + 1:]: v for k, v in module.items() if k.startswith(name + ".")}
+             for name in (*STAGE1_PARTS, *STAGE1_BUFFERS)}
+    return source, parts, states["norm_stats"]
+
+
+def load_stage1_weights(policy: nn.Module, source: Path, parts: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Load :func:`read_stage1`'s parts into ``policy``, strictly; mismatches are named."""
+    logger.info("Loading Stage 1 checkpoint from %s", source)
+    for name, state in parts.items():
+        target = getattr(policy, name)
+        problems = _mismatch_report(state, target.state_dict(), set())
+        if problems:
+            raise CheckpointError(f"{source}: {name} does not match the model: {'; '.join(problems)}")
+        target.load_state_dict(state)
+    logger.info("   Loaded Sensor Encoder from Stage 1")
+    logger.info("   Loaded Diffusion Action Expert from Stage 1")

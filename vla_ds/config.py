@@ -30,6 +30,7 @@ from vla_ds.data.dataset import DataConfig
 from vla_ds.errors import ConfigError
 from vla_ds.models.action_expert import ActionExpertConfig
 from vla_ds.models.backbone import BackboneConfig
+from vla_ds.models.finetune import FinetuneConfig
 from vla_ds.models.sensor_encoder import SensorEncoderConfig
 
 PROJECT_KEY = "vla_ds"
@@ -87,12 +88,18 @@ class TrainConfig:
         epochs: total epochs of the run (a resumed run trains up to this many in all).
         seed: seeds the split, sampling order, noise and initialisation.
         output_dir: where checkpoints, metrics.jsonl and the resolved config go.
+        stage1_checkpoint: Stage 2 only: the Stage 1 output dir (its ``latest``), one of its
+            ``global_stepN`` dirs, or a guide-format ``.pt`` with ``sensor_encoder`` and
+            ``action_expert`` (``--stage1-checkpoint``).
+        resume: continue this run from an output dir (its ``latest``) or a ``global_stepN``
+            dir (``--resume``); ``epochs`` stays the total of the whole run.
         sensor_loss_weight: per-sample loss weight of samples that have sensor data
             (multiplied with the episode's confidence).
         warmup_ratio: fraction of the total optimizer steps used for warmup when the
             scheduler's ``warmup_num_steps`` is "auto".
         log_every: optimizer steps between metrics.jsonl rows.
-        max_steps: stop after this many optimizer steps (0 = run all epochs); for smoke tests.
+        max_steps: stop after this many optimizer steps (0 = run all epochs); the learning-rate
+            schedule still spans all epochs, so ``--resume`` continues it exactly.
         validate_every_epochs: run validation every N epochs (and after the last one).
         val_batch_size: micro batch size of validation (0 = the training micro batch).
         dist_timeout_minutes: process-group timeout; a dead rank ends the job after this.
@@ -102,6 +109,8 @@ class TrainConfig:
     epochs: int = 20
     seed: int = 42
     output_dir: str = "checkpoints/stage1"
+    stage1_checkpoint: str = ""
+    resume: str = ""
     sensor_loss_weight: float = 1.0
     warmup_ratio: float = 0.05
     log_every: int = 1
@@ -129,9 +138,11 @@ class RunConfig:
     resolved DeepSpeed config that :mod:`vla_ds.engine` hands to ``deepspeed.initialize``.
 
     Fields:
-        stage: ``stage1`` (backbone frozen; sensor encoder + action expert trained).
+        stage: ``stage1`` (backbone frozen; sensor encoder + action expert trained from
+            scratch) or ``stage2`` (heads loaded from Stage 1; the backbone trained as
+            ``finetune`` says).
         model_preset: ``reference`` (SPEC sizes) or ``tiny`` (CPU-sized heads).
-        backbone, sensor_encoder, action_expert, data, train: component configs.
+        backbone, finetune, sensor_encoder, action_expert, data, train: component configs.
         optimizer_groups: named parameter groups (``train/lr/<name>`` in the metrics).
         deepspeed: the DeepSpeed part of the JSON, "auto" values resolved.
         world_size: number of ranks the config was resolved for.
@@ -140,6 +151,7 @@ class RunConfig:
     stage: str = "stage1"
     model_preset: str = "reference"
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     sensor_encoder: SensorEncoderConfig = field(default_factory=SensorEncoderConfig)
     action_expert: ActionExpertConfig = field(default_factory=ActionExpertConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -260,6 +272,7 @@ def _dataclass_from_dict(cls: type, d: dict[str, Any], where: str, base: Any = N
 
 _SECTIONS = {
     "backbone": BackboneConfig,
+    "finetune": FinetuneConfig,
     "sensor_encoder": SensorEncoderConfig,
     "action_expert": ActionExpertConfig,
     "data": DataConfig,
@@ -411,8 +424,6 @@ def resolve_config(raw: dict[str, Any], world_size: int, source: str = "config")
         if isinstance(mon, dict) and mon.get("job_name") == "auto":
             mon["job_name"] = cfg.stage
 
-    if cfg.stage != "stage1":
-        raise ConfigError(f"{source}: stage={cfg.stage!r} is not available yet in this version")
     cfg.deepspeed = ds
     cfg.world_size = world_size
     _check_consistency(cfg, source)
@@ -423,6 +434,12 @@ def _check_consistency(cfg: RunConfig, source: str) -> None:
     """Cross-field checks the single dataclasses cannot do."""
     if not cfg.data.dataset_dir:
         raise ConfigError(f"{source}: no dataset directory: pass --dataset_dir DIR")
+    if cfg.stage == "stage1" and cfg.finetune.mode != "none":
+        raise ConfigError(f"{source}: stage1 keeps the VL model frozen, but finetune.mode={cfg.finetune.mode!r} "
+                          "(use --training-stage stage2 with --finetune-vl)")
+    if cfg.stage == "stage2" and not (cfg.train.stage1_checkpoint or cfg.train.resume):
+        raise ConfigError(f"{source}: stage2 needs the Stage 1 weights: pass --stage1-checkpoint PATH "
+                          "(a Stage 1 output dir or its .pt)")
     se, ae = cfg.sensor_encoder, cfg.action_expert
     if se.d_model % se.num_heads:
         raise ConfigError(f"sensor_encoder.d_model={se.d_model} is not divisible by num_heads={se.num_heads}")
@@ -446,13 +463,46 @@ def resolve_schedule(cfg: RunConfig, steps_per_epoch: int) -> int:
     Returns the total number of optimizer steps of the run.
     """
     total = steps_per_epoch * cfg.train.epochs
-    if cfg.train.max_steps:
-        total = min(total, cfg.train.max_steps)
     sched = cfg.deepspeed.get("scheduler")
     if isinstance(sched, dict):
         params = sched.setdefault("params", {})
-        if params.get("total_num_steps", "auto") == "auto":
+        # Schedulers that decay over the run need its length; fill it when asked ("auto") or absent.
+        if params.get("total_num_steps") == "auto" or (
+                "total_num_steps" not in params and sched.get("type") in _SCHEDULERS_WITH_TOTAL):
             params["total_num_steps"] = max(1, total)
         if params.get("warmup_num_steps") == "auto":
             params["warmup_num_steps"] = max(1, round(cfg.train.warmup_ratio * total))
-    return total
+    return min(total, cfg.train.max_steps) if cfg.train.max_steps else total
+
+
+_SCHEDULERS_WITH_TOTAL = ("WarmupCosineLR", "WarmupDecayLR")
+
+
+def _find_auto(node: Any, path: str = "") -> str | None:
+    if node == "auto":
+        return path
+    if isinstance(node, dict):
+        for k, v in node.items():
+            found = _find_auto(v, f"{path}.{k}" if path else k)
+            if found:
+                return found
+    return None
+
+
+def validate_deepspeed(cfg: RunConfig, source: str = "config") -> None:
+    """Let DeepSpeed's own config parser check its keys now, before any process group
+    starts, so a typo (``zero_optimization.stagee``) is one message instead of a traceback
+    on every rank. Call after :func:`resolve_schedule`."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    left = _find_auto(cfg.deepspeed)
+    if left:
+        raise ConfigError(f"{source}: {left}=\"auto\" cannot be resolved by vla_ds; set a value")
+    # DeepSpeedConfig checks the batch product against the world size it sees (1 here).
+    probe = copy.deepcopy(cfg.deepspeed)
+    probe["train_batch_size"] = cfg.micro_batch_size * cfg.grad_accum
+    try:
+        DeepSpeedConfig(probe)
+    except Exception as e:  # pydantic ValidationError, AssertionError, ...: all mean a bad key or value
+        lines = [line.strip() for line in str(e).splitlines() if line.strip() and "errors.pydantic" not in line]
+        raise ConfigError(f"{source}: DeepSpeed rejects the config: {'; '.join(lines[:3])}") from None

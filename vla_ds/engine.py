@@ -39,6 +39,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def distributed_started() -> bool:
+    """Whether this process joined a process group (for error reporting decisions)."""
+    try:
+        import deepspeed.comm as dist
+
+        return bool(dist.is_initialized())
+    except Exception:  # deepspeed not importable: certainly not started
+        return False
+
+
 def init_distributed(timeout_minutes: float) -> None:
     """Start the process group (NCCL on GPUs, gloo/ccl on CPU, chosen by DeepSpeed's accelerator).
 
@@ -122,4 +132,10 @@ def initialize(policy: nn.Module, cfg: RunConfig):
     param_groups, summary = build_param_groups(policy, cfg.optimizer_groups)
     log_param_groups(summary)
     engine, _, _, _ = deepspeed.initialize(model=policy, model_parameters=param_groups, config=cfg.deepspeed)
+    if engine.lr_scheduler is not None and getattr(engine.lr_scheduler, "last_batch_iteration", 0) == -1:
+        # DeepSpeed's warmup schedulers start at iteration -1 (lr 0) and the engine steps them
+        # after each update, so the first *two* updates would run at lr 0. Start at iteration
+        # 0: the first update is warmup step 0, the next one warmup step 1. (A resume loads
+        # the scheduler's saved iteration over this.)
+        engine.lr_scheduler.step()
     return engine, summary

@@ -24,13 +24,26 @@ METRICS_FILE = "metrics.jsonl"
 
 
 class MetricsLogger:
-    """Writes rows on rank 0 only (callers need no rank branches)."""
+    """Writes rows on rank 0 only (callers need no rank branches).
 
-    def __init__(self, output_dir: str | Path, monitor: Any = None, is_main: bool = True):
+    A fresh run starts a new file. A resumed run (``resume_step``) keeps the rows up to its
+    checkpoint's step and drops later ones, which the resumed run is about to redo.
+    """
+
+    def __init__(self, output_dir: str | Path, monitor: Any = None, is_main: bool = True,
+                 resume_step: int | None = None):
         self.path = Path(output_dir) / METRICS_FILE
         self.monitor = monitor if monitor is not None and getattr(monitor, "enabled", False) else None
         self.is_main = is_main
-        self._file = open(self.path, "a") if is_main else None
+        self._file = None
+        if is_main:
+            kept = []
+            if resume_step is not None and self.path.is_file():
+                kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+            self._file = open(self.path, "w")
+            for row in kept:
+                self._file.write(json.dumps(row) + "\n")
+            self._file.flush()
 
     def log(self, row: dict[str, Any]) -> None:
         if not self.is_main:

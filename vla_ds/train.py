@@ -44,7 +44,17 @@ FLAG_TO_KEY = {
     "sensor_window_size": "vla_ds.data.sensor_window_size",
     "num_workers": "vla_ds.data.num_workers",
     "max_steps": "vla_ds.train.max_steps",
+    "vl_lr": "vla_ds.optimizer_groups.vl.lr",
+    "stage1_checkpoint": "vla_ds.train.stage1_checkpoint",
+    "resume": "vla_ds.train.resume",
+    "finetune_vl": "vla_ds.finetune.mode",
+    "lora_r": "vla_ds.finetune.lora_r",
+    "lora_alpha": "vla_ds.finetune.lora_alpha",
+    "lora_dropout": "vla_ds.finetune.lora_dropout",
+    "unfreeze_last_n": "vla_ds.finetune.unfreeze_last_n",
 }
+# Flags that set one parameter group's lr: the group must exist in the JSON.
+GROUP_FLAGS = {"lr": "other", "vl_lr": "vl"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,7 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-preset", "--model_preset", dest="model_preset", choices=list(config_lib.MODEL_PRESETS))
     p.add_argument("--batch_size", "--batch-size", type=int, help="micro batch per GPU")
     p.add_argument("--grad_accum", "--grad-accum", type=int, help="gradient accumulation steps")
-    p.add_argument("--lr", type=float, help="learning rate of the sensor encoder + action expert")
+    p.add_argument("--lr", type=float, help="learning rate of the sensor encoder + action expert ('other' group)")
+    p.add_argument("--vl-lr", "--vl_lr", dest="vl_lr", type=float, help="learning rate of the VL model ('vl' group)")
+    p.add_argument("--stage1-checkpoint", "--stage1_checkpoint", dest="stage1_checkpoint",
+                   help="Stage 2: Stage 1 output dir or its .pt")
+    p.add_argument("--finetune-vl", "--finetune_vl", dest="finetune_vl", choices=["lora", "full", "none"])
+    p.add_argument("--lora-r", "--lora_r", dest="lora_r", type=int)
+    p.add_argument("--lora-alpha", "--lora_alpha", dest="lora_alpha", type=float)
+    p.add_argument("--lora-dropout", "--lora_dropout", dest="lora_dropout", type=float)
+    p.add_argument("--unfreeze-last-n", "--unfreeze_last_n", dest="unfreeze_last_n", type=int,
+                   help="decoder layers trained with --finetune-vl full (default 2)")
     p.add_argument("--epochs", type=int, help="total epochs of the run")
     p.add_argument("--val_split", "--val-split", type=float)
     p.add_argument("--diffusion_timesteps", "--diffusion-timesteps", type=int)
@@ -78,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_run_config(args: argparse.Namespace, world_size: int) -> config_lib.RunConfig:
     raw = config_lib.load_json(args.ds_config)
+    groups = raw.get(config_lib.PROJECT_KEY, {}).get("optimizer_groups", {"other": {}})
+    for flag, group in GROUP_FLAGS.items():
+        if getattr(args, flag, None) is not None and group not in groups:
+            raise config_lib.ConfigError(
+                f"{args.ds_config}: --{flag.replace('_', '-')} sets the '{group}' parameter group, which this config "
+                f"does not have (it has: {', '.join(groups)}); use a stage-2 config or --set optimizer_groups.NAME.lr=")
     for flag, key in FLAG_TO_KEY.items():
         value = getattr(args, flag, None)
         if value is not None:
@@ -92,7 +117,7 @@ def load_run_config(args: argparse.Namespace, world_size: int) -> config_lib.Run
 
 def run(args: argparse.Namespace) -> dict:
     from vla_ds import checkpoint, engine as engine_lib, trainer
-    from vla_ds.data import DistributedWeightedSampler, VLADataset, compute_norm_stats, split_train_val
+    from vla_ds.data import DistributedWeightedSampler, NormStats, VLADataset, compute_norm_stats, split_train_val
     from vla_ds.models.backbone import VLBackbone, VLInputBuilder
     from vla_ds.models.policy import VLAPolicy
 
@@ -101,15 +126,20 @@ def run(args: argparse.Namespace) -> dict:
     logger.info("vla_ds %s | %s | %d rank(s) | micro batch %d x accumulation %d x %d = global batch %d",
                 vla_ds.__version__, cfg.stage, world, cfg.micro_batch_size, cfg.grad_accum, world,
                 cfg.deepspeed["train_batch_size"])
-    logger.info("Stage 1: training sensor encoder + action expert (VL model frozen)")
+    if cfg.stage == "stage1":
+        logger.info("Stage 1: training sensor encoder + action expert (VL model frozen)")
+    else:
+        logger.info("Stage 2: training the full model (VL fine-tuning: %s)", cfg.finetune.mode)
 
     # --- data (indexing only; images are decoded by the DataLoader workers)
     dataset = VLADataset.from_config(cfg.data)
     train_ds, val_ds = split_train_val(dataset, cfg.data.val_split, cfg.train.seed)
     logger.info("%s", dataset.describe())
     logger.info("split by episode: %d train samples, %d val samples", len(train_ds), len(val_ds))
+    # Without mixture.yaml an epoch is a permutation; with it, a weighted draw.
+    weights = train_ds.sample_weights if train_ds.source_weights is not None else None
     sampler = DistributedWeightedSampler(len(train_ds), num_replicas=world, rank=rank, seed=cfg.train.seed,
-                                         weights=train_ds.sample_weights)
+                                         weights=weights)
     steps_per_epoch = len(sampler) // cfg.micro_batch_size // cfg.grad_accum
     if steps_per_epoch == 0:
         raise config_lib.ConfigError(
@@ -117,27 +147,58 @@ def run(args: argparse.Namespace) -> dict:
             f"step needs (micro batch {cfg.micro_batch_size} x accumulation {cfg.grad_accum}); "
             "lower --batch_size / --grad_accum or use fewer ranks")
     total_steps = config_lib.resolve_schedule(cfg, steps_per_epoch)
-    logger.info("%d optimizer steps per epoch, %d in all", steps_per_epoch, total_steps)
-    norm_stats = compute_norm_stats(train_ds, seed=cfg.train.seed)
+    config_lib.validate_deepspeed(cfg, source=str(args.ds_config))
+    logger.info("%d optimizer steps per epoch, %d in this run", steps_per_epoch, total_steps)
+
+    # --- what the run starts from: a checkpoint to resume, Stage 1 heads, or nothing
+    resume_states = stage1 = None
+    if cfg.train.resume:
+        resume_file, resume_states = checkpoint.read_model_states(cfg.train.resume)
+        norm_stats = NormStats.from_dict(resume_states["norm_stats"])
+    elif cfg.stage == "stage2":
+        stage1 = checkpoint.read_stage1(cfg.train.stage1_checkpoint)
+        if stage1[2] is not None:
+            norm_stats = NormStats.from_dict(stage1[2])
+        else:
+            logger.warning("%s has no normalisation statistics; computing them from the training split", stage1[0])
+            norm_stats = compute_norm_stats(train_ds, seed=cfg.train.seed)
+    else:
+        norm_stats = compute_norm_stats(train_ds, seed=cfg.train.seed)
 
     # --- model (the backbone loads before the process group, so a bad path fails fast)
     logger.info("Loading VL backbone from %s", cfg.backbone.model_name_or_path)
     backbone = VLBackbone(cfg.backbone)
+    fingerprint = backbone.fingerprint()  # of the base weights, before adapters or ZeRO-3 partitioning
     backbone.freeze()
+    if resume_states is not None:
+        checkpoint.check_resume_compatible(resume_states, resume_file, world, cfg.micro_batch_size, fingerprint)
     input_builder = VLInputBuilder.from_pretrained(cfg.backbone)
     trainer.seed_everything(cfg.train.seed)
     policy = VLAPolicy(backbone, cfg.sensor_encoder, cfg.action_expert, norm_stats,
                        sensor_channels=dataset.sensor_channels, sensor_window_size=cfg.data.sensor_window_size,
                        sensor_loss_weight=cfg.train.sensor_loss_weight)
-    n_backbone = sum(p.numel() for p in policy.backbone.parameters())
-    logger.info("   Backbone: %s parameters (frozen)", f"{n_backbone:,}")
+    if stage1 is not None:
+        checkpoint.load_stage1_weights(policy, stage1[0], stage1[1])
+    if cfg.stage == "stage2":
+        if cfg.finetune.mode == "lora":
+            logger.info("Applying LoRA fine-tuning to VL model (r=%d, alpha=%g, dropout=%g, targets %s%s)",
+                        cfg.finetune.lora_r, cfg.finetune.lora_alpha, cfg.finetune.lora_dropout,
+                        ",".join(cfg.finetune.lora_target_modules), " + vision attention" if cfg.finetune.lora_vision else "")
+        policy.backbone.setup_finetune(cfg.finetune)
+        n_vl = sum(p.numel() for p in policy.backbone.parameters() if p.requires_grad)
+        logger.info("   %s trainable parameters: %s", "LoRA" if cfg.finetune.mode == "lora" else "VL", f"{n_vl:,}")
+    n_backbone = sum(p.numel() for p in policy.backbone.parameters() if not p.requires_grad)
+    logger.info("   Backbone: %s frozen parameters", f"{n_backbone:,}")
     logger.info("   Sensor encoder: %s parameters", f"{sum(p.numel() for p in policy.sensor_encoder.parameters()):,}")
     logger.info("   Action expert: %s parameters", f"{sum(p.numel() for p in policy.action_expert.parameters()):,}")
 
     output_dir = Path(cfg.train.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if rank == 0:
-        cfg.save(output_dir / "config.json")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if rank == 0:
+            cfg.save(output_dir / "config.json")
+    except OSError as e:
+        raise config_lib.ConfigError(f"{output_dir}: cannot write the output directory ({e.strerror})") from None
 
     # --- DeepSpeed
     engine_lib.init_distributed(cfg.train.dist_timeout_minutes)
@@ -150,19 +211,18 @@ def run(args: argparse.Namespace) -> dict:
                               **loader_kwargs)
     val_loader = None
     if len(val_ds):
+        val_indices, num_real = trainer.validation_indices(len(val_ds), rank, world)
         val_bs = cfg.train.val_batch_size or cfg.micro_batch_size
-        val_loader = DataLoader(val_ds, batch_size=val_bs, sampler=list(range(rank, len(val_ds), world)),
-                                **loader_kwargs)
+        val_loader = (DataLoader(val_ds, batch_size=val_bs, sampler=val_indices, **loader_kwargs), num_real)
 
     state = trainer.TrainState()
-    if args.resume:
-        client = checkpoint.load_checkpoint(engine, args.resume)
+    if cfg.train.resume:
+        client = checkpoint.load_checkpoint(engine, cfg.train.resume)
         state = trainer.TrainState(step=client["step"], epoch=client["epoch"],
                                    micro_step_in_epoch=client["micro_step_in_epoch"])
-        checkpoint.set_rng_state(client["rng"])
 
     client_extra = {"norm_stats": norm_stats.to_dict(), "config": cfg.to_dict(),
-                    "backbone_fingerprint": backbone.fingerprint(), "vla_ds_version": vla_ds.__version__}
+                    "backbone_fingerprint": fingerprint, "vla_ds_version": vla_ds.__version__}
     state = trainer.train(cfg, engine, train_loader, val_loader, sampler, [g.name for g in groups], state,
                           client_extra, total_steps)
     if state.history:
@@ -178,9 +238,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except VLAError as e:
+        from vla_ds.engine import distributed_started
+
         rank = os.environ.get("RANK", "0")
-        prefix = "" if rank == "0" else f"[rank {rank}] "
-        print(f"{prefix}error: {user_message(e)}", file=sys.stderr)
+        # Before the process group starts every rank reads the same input and fails the same
+        # way: rank 0 speaks for all. After, an error may be one rank's own (its data shard).
+        if rank == "0" or distributed_started():
+            prefix = "" if rank == "0" else f"[rank {rank}] "
+            print(f"{prefix}error: {user_message(e)}", file=sys.stderr)
         return 2
     return 0
 

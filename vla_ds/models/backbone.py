@@ -544,6 +544,13 @@ class VLBackbone(nn.Module):
         for param in self.parameters():
             param.requires_grad_(False)
 
+    def setup_finetune(self, config) -> None:
+        """Stage 2: make the part ``config`` (a ``FinetuneConfig``) names trainable: LoRA
+        adapters (``self.model`` becomes a ``peft.PeftModel``), the last N layers, or nothing."""
+        from vla_ds.models.finetune import apply_finetune
+
+        self.model = apply_finetune(self.model, config)
+
     def _fingerprint_tensors(self) -> list[tuple[str, torch.Tensor]]:
         inner = self.vl_model
         text_layers = inner.language_model.layers
