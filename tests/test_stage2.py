@@ -1,0 +1,158 @@
+"""Stage 2 through the real entry point (one rank, in-process): Stage 1 weights in,
+continuity, two learning rates, lean checkpoints, exact resume, the offload configs."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from vla_ds.metrics import read_metrics
+from vla_ds.train import main
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "ds_configs"
+
+
+def args(config, dataset, backbone, out, *extra):
+    return ["--ds_config", str(CONFIGS / config), "--dataset_dir", str(dataset), "--vl-model", str(backbone),
+            "--model-preset", "tiny", "--sensor-window-size", "32", "--num_workers", "0", "--batch_size", "8",
+            "--output_dir", str(out), "--set", "train.progress_bar=false", *extra]
+
+
+def train_rows(out):
+    return [r for r in read_metrics(out) if "train/loss" in r]
+
+
+def final_module(out):
+    tag = (Path(out) / "latest").read_text().strip()
+    return torch.load(Path(out) / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
+
+
+@pytest.fixture(scope="module")
+def stage1(tiny_backbone_dir, demo_dataset_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("stage1") / "run"
+    assert main(args("stage1.json", demo_dataset_dir, tiny_backbone_dir, out, "--epochs", "2", "--lr", "1e-3")) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def stage2(stage1, tiny_backbone_dir, demo_dataset_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("stage2") / "run"
+    assert main(args("stage2.json", demo_dataset_dir, tiny_backbone_dir, out, "--stage1-checkpoint", str(stage1),
+                     "--grad_accum", "2", "--epochs", "2", "--lora-r", "8")) == 0
+    return out
+
+
+def test_stage2_starts_where_stage1_ended(stage1, stage2):
+    s1_val = [r["val/loss"] for r in read_metrics(stage1) if "val/loss" in r]
+    first = read_metrics(stage2)[0]
+    assert first["step"] == 0 and "val/loss" in first
+    assert first["val/loss"] == pytest.approx(s1_val[-1], rel=1e-4)
+
+
+def test_two_learning_rates_keep_their_ratio(stage2):
+    rows = train_rows(stage2)
+    ratios = [r["train/lr/vl"] / r["train/lr/other"] for r in rows if r["train/lr/other"] > 0]
+    assert len(ratios) == len(rows) - 1  # only warmup step 0 runs at lr 0
+    assert all(math.isclose(x, 0.1, rel_tol=1e-6) for x in ratios)
+    peak = max(r["train/lr/other"] for r in rows)
+    assert rows[-1]["train/lr/other"] < peak  # warmup then decay
+
+
+def test_stage2_checkpoint_holds_adapters_and_heads_not_the_base(stage2):
+    module = final_module(stage2)
+    backbone_keys = [k for k in module if k.startswith("backbone.")]
+    assert backbone_keys and all(".lora_A." in k or ".lora_B." in k for k in backbone_keys)
+    assert any(k.startswith("sensor_encoder.") for k in module) and any(k.startswith("action_expert.") for k in module)
+    lora_b = [v for k, v in module.items() if ".lora_B." in k]
+    assert any(torch.count_nonzero(v) for v in lora_b)  # the adapters did train
+
+
+def test_guide_format_stage1_checkpoint_loads(stage1, tiny_backbone_dir, demo_dataset_dir, tmp_path, caplog):
+    module = final_module(stage1)
+    guide = {part: {k[len(part) + 1:]: v for k, v in module.items() if k.startswith(part + ".")}
+             for part in ("sensor_encoder", "action_expert")}
+    torch.save({**guide, "training_stage": "stage1"}, tmp_path / "diffusion_epoch2.pt")
+    out = tmp_path / "s2"
+    assert main(args("stage2.json", demo_dataset_dir, tiny_backbone_dir, out, "--stage1-checkpoint",
+                     str(tmp_path / "diffusion_epoch2.pt"), "--max_steps", "1", "--finetune-vl", "full",
+                     "--unfreeze-last-n", "1")) == 0
+    loaded = final_module(out)
+    # One update at warmup step 0 (lr 0): the heads are exactly Stage 1's.
+    for part, state in guide.items():
+        for k, v in state.items():
+            assert torch.equal(loaded[f"{part}.{k}"], v), k
+
+
+@pytest.mark.parametrize("case", ["missing", "not_a_checkpoint", "mismatched", "no_stage1"])
+def test_bad_stage1_checkpoint_is_one_message(case, stage1, tiny_backbone_dir, demo_dataset_dir, tmp_path, capsys):
+    extra = ["--stage1-checkpoint", str(stage1)]
+    if case == "missing":
+        extra = ["--stage1-checkpoint", str(tmp_path / "nope.pt")]
+        expect = [str(tmp_path / "nope.pt"), "does not exist"]
+    elif case == "not_a_checkpoint":
+        (tmp_path / "notes.pt").write_text("hello")
+        extra = ["--stage1-checkpoint", str(tmp_path / "notes.pt")]
+        expect = [str(tmp_path / "notes.pt"), "cannot read"]
+    elif case == "mismatched":
+        extra += ["--set", "action_expert.d_model=32", "--set", "action_expert.dim_feedforward=64"]
+        expect = ["mp_rank_00_model_states.pt", "action_expert does not match", "shape mismatches", "checkpoint ("]
+    else:
+        extra = []
+        expect = ["--stage1-checkpoint"]
+    code = main(args("stage2.json", demo_dataset_dir, tiny_backbone_dir, tmp_path / "out", *extra))
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    for piece in expect:
+        assert piece in err, (piece, err)
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_resume_continues_exactly(stage, stage1, stage2, tiny_backbone_dir, demo_dataset_dir, tmp_path):
+    """k steps + --resume + the rest == the uninterrupted run: losses step by step and the
+    final weights (same LR schedule position, data order and noise)."""
+    if stage == "stage1":
+        full, config, extra = stage1, "stage1.json", ["--epochs", "2", "--lr", "1e-3"]
+    else:
+        full, config, extra = stage2, "stage2.json", ["--stage1-checkpoint", str(stage1), "--grad_accum", "2",
+                                                      "--epochs", "2", "--lora-r", "8"]
+    reference = train_rows(full)
+    k = len(reference) // 2 + 1  # mid-epoch 2
+    out = tmp_path / "resumed"
+    assert main(args(config, demo_dataset_dir, tiny_backbone_dir, out, *extra, "--max_steps", str(k))) == 0
+    assert main(args(config, demo_dataset_dir, tiny_backbone_dir, out, *extra, "--resume", str(out))) == 0
+    resumed = train_rows(out)
+    assert [r["step"] for r in resumed] == [r["step"] for r in reference]
+    for a, b in zip(resumed, reference):
+        assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-3, abs=1e-4), a["step"]
+        assert a["train/lr/other"] == pytest.approx(b["train/lr/other"], rel=1e-6)
+    got, want = final_module(out), final_module(full)
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.allclose(got[name].float(), want[name].float(), atol=1e-3, rtol=1e-2), name
+
+
+def test_resume_refuses_another_backbone(stage1, demo_dataset_dir, tmp_path, capsys):
+    from vla_ds.tiny_backbone import make_tiny_backbone
+
+    other = make_tiny_backbone(tmp_path / "other_backbone", seed=1)
+    code = main(args("stage1.json", demo_dataset_dir, other, tmp_path / "o", "--resume", str(stage1), "--epochs", "3"))
+    err = capsys.readouterr().err
+    assert code == 2 and "another VL backbone" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("config", ["stage2_offload.json", "stage3_offload.json"])
+def test_offload_configs_train(config, stage1, tiny_backbone_dir, demo_dataset_dir, tmp_path):
+    shipped = json.loads((CONFIGS / config).read_text())
+    reference = json.loads((CONFIGS / "stage2.json").read_text())
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
+        assert shipped[key] == reference[key]  # the same effective global batch
+    assert "description" in shipped and shipped["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    out = tmp_path / "run"
+    assert main(args(config, demo_dataset_dir, tiny_backbone_dir, out, "--stage1-checkpoint", str(stage1),
+                     "--grad_accum", "2", "--max_steps", "4", "--lora-r", "4", "--set", "train.warmup_ratio=0")) == 0
+    rows = train_rows(out)
+    assert len(rows) == 4 and all(math.isfinite(r["train/loss"]) for r in rows)
+    assert (out / "latest").read_text().strip() == "global_step4"
