@@ -1,0 +1,230 @@
+"""vla_ds.memory: exact meta-device counts, ZeRO byte accounting, the estimate_memory script."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from vla_ds import memory
+from vla_ds.errors import ConfigError
+from vla_ds.memory import ActivationShape, ParamCounts, ZeroSettings
+from vla_ds.models.action_expert import ActionExpert, ActionExpertConfig, count_parameters
+from vla_ds.models.backbone import reference_backbone_config
+from vla_ds.models.finetune import FinetuneConfig
+from vla_ds.models.sensor_encoder import SensorEncoder, SensorEncoderConfig
+
+REPO = Path(__file__).resolve().parent.parent
+SHIPPED = ("stage1.json", "stage2.json", "stage2_offload.json", "stage3_offload.json")
+REFERENCE_VL_PARAMS = 3_754_622_976  # vision 668,684,288 + text 3,085,938,688 (tied embeddings once)
+REFERENCE_LORA_R16_QKVO = 7_372_800
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("estimate_memory", REPO / "scripts" / "estimate_memory.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---------------------------------------------------------------- meta-device counts (reference sizes)
+
+
+@pytest.fixture(scope="module")
+def reference_heads_params() -> int:
+    with torch.device("meta"):
+        heads = [SensorEncoder(SensorEncoderConfig()), ActionExpert(ActionExpertConfig())]
+    return sum(count_parameters(m) for m in heads)
+
+
+def _count(finetune: FinetuneConfig) -> ParamCounts:
+    return memory.count_policy_parameters(reference_backbone_config(), finetune, SensorEncoderConfig(),
+                                          ActionExpertConfig())
+
+
+def test_reference_lora_counts(reference_heads_params):
+    counts = _count(FinetuneConfig(mode="lora", lora_r=16))
+    assert counts.trainable_vl == REFERENCE_LORA_R16_QKVO
+    assert counts.trainable_vl_tensors == 36 * 4 * 2  # lora_A + lora_B per projection per layer
+    assert counts.trainable_other == reference_heads_params
+    assert counts.frozen == REFERENCE_VL_PARAMS
+    assert abs(counts.total - reference_heads_params - 3.75e9) / 3.75e9 < 0.01
+    assert counts.largest_module == 151936 * 2048  # the token embedding, gathered whole by ZeRO-3
+
+
+def test_reference_full_unfreezes_exactly_last_two_layers():
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    with torch.device("meta"):
+        vl = Qwen2_5_VLForConditionalGeneration(reference_backbone_config())
+    layer = vl.model.language_model.layers[-1]
+    per_layer, tensors = sum(p.numel() for p in layer.parameters()), len(list(layer.parameters()))
+
+    counts = _count(FinetuneConfig(mode="full", unfreeze_last_n=2))
+    assert counts.trainable_vl == 2 * per_layer
+    assert counts.trainable_vl_tensors == 2 * tensors
+    assert counts.frozen + counts.trainable_vl == REFERENCE_VL_PARAMS
+
+
+def test_lora_on_vision_attention_and_frozen_mode():
+    lora = _count(FinetuneConfig(mode="lora", lora_r=16, lora_vision=True))
+    # 32 blocks x r x ((1280 -> 3840 qkv) + (1280 -> 1280 proj))
+    assert lora.trainable_vl == REFERENCE_LORA_R16_QKVO + 32 * 16 * ((1280 + 3840) + (1280 + 1280))
+    assert _count(FinetuneConfig(mode="none")).trainable_vl == 0
+
+
+# ---------------------------------------------------------------- pure byte accounting
+
+
+COUNTS = ParamCounts(trainable_vl=8_000_000, trainable_other=100_000_000, frozen=3_750_000_000,
+                     largest_module=311_000_000, largest_trainable=10_000_000,
+                     param_numels=(3_750_000_000, 100_000_000, 8_000_000, 50_000))
+SHAPE = ActivationShape(lm_tokens=642, lm_layers=36, lm_hidden=2048, lm_heads=16, vision_tokens=2392,
+                        vision_layers=32, vision_hidden=1280, vision_heads=16, lm_grad_layers=36,
+                        head_bytes_per_sample=20_000_000)
+ZERO2 = ZeroSettings(stage=2, reduce_bucket_size=50_000_000, overlap_comm=True)
+
+
+def test_zero2_optimizer_states_partition_and_offload():
+    one = memory.optimizer_bytes(COUNTS, ZERO2, 1)
+    assert one == 12 * COUNTS.trainable
+    assert memory.optimizer_bytes(COUNTS, ZERO2, 2) == one // 2
+    offload = ZeroSettings(stage=2, offload_optimizer=True)
+    assert memory.optimizer_bytes(COUNTS, offload, 2) == 0
+    assert memory.cpu_bytes(COUNTS, offload, 2)["optimizer_states"] == one // 2
+
+
+def test_weights_shard_with_zero3_only():
+    assert memory.weight_bytes(COUNTS, ZERO2, 1) == memory.weight_bytes(COUNTS, ZERO2, 8) == 2 * COUNTS.total
+    zero3 = ZeroSettings(stage=3)
+    w1, w2, w8 = (memory.weight_bytes(COUNTS, zero3, n) for n in (1, 2, 8))
+    assert w1 > w2 > w8
+    offload = ZeroSettings(stage=3, offload_optimizer=True, offload_param=True)
+    assert memory.weight_bytes(COUNTS, offload, 4) < w8  # only the working set stays
+    assert memory.cpu_bytes(COUNTS, offload, 4)["params"] > 0
+
+
+def test_zero2_gradients_fp32_partition_plus_buckets():
+    buckets = 2 * 50_000_000 * 2  # overlap_comm: two bf16 buckets
+    in_flight = 2 * COUNTS.largest_trainable
+    assert memory.gradient_bytes(COUNTS, ZERO2, 4) == buckets + 4 * COUNTS.trainable // 4 + in_flight
+    bf16 = ZeroSettings(stage=2, reduce_bucket_size=50_000_000, overlap_comm=True, grad_accum_fp32=False)
+    assert memory.gradient_bytes(COUNTS, bf16, 4) < memory.gradient_bytes(COUNTS, ZERO2, 4)
+    frozen = ParamCounts(trainable_vl=0, trainable_other=0, frozen=10)
+    assert memory.gradient_bytes(frozen, ZERO2, 4) == 0
+
+
+def test_activations_checkpointing_and_linear_in_batch():
+    full = memory.activation_bytes(SHAPE, 4, checkpointing=False)
+    ckpt = memory.activation_bytes(SHAPE, 4, checkpointing=True)
+    assert ckpt < full / 3
+    for checkpointing in (False, True):
+        a1 = memory.activation_bytes(SHAPE, 1, checkpointing)
+        assert memory.activation_bytes(SHAPE, 2, checkpointing) == 2 * a1
+        assert memory.activation_bytes(SHAPE, 8, checkpointing) == 8 * a1
+
+
+def test_frozen_backbone_keeps_only_a_transient_layer():
+    frozen = ActivationShape(**{**SHAPE.__dict__, "lm_grad_layers": 0})
+    on, off = (memory.activation_bytes(frozen, 4, c) for c in (True, False))
+    assert on == off  # checkpointing changes nothing when nothing is kept for backward
+    lm_layer = memory.transformer_layer_activation_bytes(642, 4, 2048, 16)
+    vision_layer = memory.transformer_layer_activation_bytes(2392, 4, 1280, 16)
+    assert on == max(lm_layer, vision_layer) + 8 * 642 * 4 * 2048 + 4 * 20_000_000
+
+
+def test_korthikanti_formula_and_sdpa():
+    s, b, h, a = 100, 2, 64, 4
+    # s*b*h*(34 + 5as/h), multiplied out so it stays exact in integers
+    assert memory.transformer_layer_activation_bytes(s, b, h, a, sdpa=False) == s * b * h * 34 + 5 * a * s * s * b
+    assert memory.transformer_layer_activation_bytes(s, b, h, a, sdpa=True) == 34 * s * b * h
+
+
+def test_estimate_total_is_the_sum():
+    est = memory.estimate(COUNTS, ZERO2, 4, 4, SHAPE, checkpointing=True)
+    assert est.total == est.weights + est.gradients + est.optimizer_states + est.activations + est.overhead
+    assert est.overhead == memory.FIXED_OVERHEAD_BYTES
+    assert est.activations == est.activations_checkpointed < est.activations_not_checkpointed
+    with pytest.raises(ConfigError, match="num_gpus"):
+        memory.estimate(COUNTS, ZERO2, 0, 4, SHAPE, checkpointing=True)
+
+
+def test_image_tokens_follow_qwen_smart_resize():
+    view = memory.image_tokens(360, 640)  # the guide's 640x360 frames
+    assert (view.resized_height, view.resized_width, view.patches, view.tokens) == (364, 644, 26 * 46, 13 * 23)
+    assert memory.lm_tokens_per_sample(view.tokens, 2) == 2 * (299 + 2) + memory.PROMPT_TEXT_TOKENS
+    big = memory.image_tokens(4000, 4000, max_pixels=1_000_000)
+    assert big.resized_height * big.resized_width <= 1_000_000
+    assert big.resized_height % 28 == 0 and big.resized_width % 28 == 0
+
+
+def test_settings_from_shipped_json():
+    raw = {name: json.loads((REPO / "ds_configs" / name).read_text()) for name in SHIPPED}
+    z2, z2o, z3o = (ZeroSettings.from_ds_config(raw[n]) for n in SHIPPED[1:])
+    assert (z2.stage, z2.offload_optimizer, z2.grad_accum_fp32, z2.overlap_comm) == (2, False, True, True)
+    assert z2.reduce_bucket_size == 50_000_000
+    assert (z2o.stage, z2o.offload_optimizer, z2o.offload_param) == (2, True, False)
+    assert (z3o.stage, z3o.offload_optimizer, z3o.offload_param) == (3, True, True)
+    assert memory.finetune_config(raw["stage1.json"]).mode == "none"
+    ft = memory.finetune_config(raw["stage2.json"])
+    assert isinstance(ft, FinetuneConfig)
+    assert (ft.mode, ft.lora_r, ft.gradient_checkpointing) == ("lora", 16, True)
+    assert memory.finetune_config(raw["stage3_offload.json"]).mode == "lora"
+    bad = {"vla_ds": {"stage": "stage2", "finetune": {"mode": "partial"}}}
+    with pytest.raises(ConfigError, match="finetune.mode"):
+        memory.finetune_config(bad)
+    with pytest.raises(ConfigError, match="vla_ds.finetune.lora_rank"):
+        memory.finetune_config({"vla_ds": {"stage": "stage2", "finetune": {"lora_rank": 8}}})
+
+
+def test_parse_memory_size_and_recommendation():
+    assert memory.parse_memory_size("24GB") == 24 * 1024**3
+    assert memory.parse_memory_size("80") == 80 * 1024**3
+    assert memory.parse_memory_size("40 GiB") == 40 * 1024**3
+    assert memory.parse_memory_size("512MB") == 512 * 1024**2
+    with pytest.raises(ConfigError, match="gpu-memory"):
+        memory.parse_memory_size("lots")
+    assert memory.recommend({"stage2.json": False, "stage2_offload.json": True, "stage3_offload.json": True}) \
+        == "stage2_offload.json"
+    assert memory.recommend({"stage1.json": True, "stage2.json": False}) is None
+
+
+# ---------------------------------------------------------------- the script, in-process
+
+
+@pytest.mark.parametrize("config", SHIPPED)
+def test_script_table_for_each_shipped_config(config, capsys, tmp_path):
+    script = _load_script()
+    out_json = tmp_path / "estimate.json"
+    code = script.main(["--ds_config", str(REPO / "ds_configs" / config), "--num_gpus", "4",
+                        "--gpu-memory", "24GB", "--json", str(out_json)])
+    assert code == 0
+    text = capsys.readouterr().out
+    for name in SHIPPED:
+        assert name in text
+    for part in ("weights", "gradients", "optimizer states", "activations", "fixed overhead", "total"):
+        assert part in text
+    assert "Recommendation:" in text
+    data = json.loads(out_json.read_text())
+    assert data["estimate_bytes"]["total"] > 0
+    assert [row["config"] for row in data["comparison"]] == list(SHIPPED)
+
+
+def test_script_rejects_bad_flags(capsys):
+    script = _load_script()
+    code = script.main(["--ds_config", str(REPO / "ds_configs" / "stage2.json"), "--image-size", "640"])
+    assert code == 2
+    assert "--image-size" in capsys.readouterr().err
+
+
+def test_script_reads_the_vl_model_config(tiny_backbone_dir, tmp_path, capsys):
+    script = _load_script()
+    out_json = tmp_path / "estimate.json"
+    code = script.main(["--ds_config", str(REPO / "ds_configs" / "stage2.json"), "--vl-model", str(tiny_backbone_dir),
+                        "--num_gpus", "2", "--gpu-memory", "8GB", "--micro-batch", "2", "--json", str(out_json)])
+    assert code == 0, capsys.readouterr().err
+    data = json.loads(out_json.read_text())
+    assert data["micro_batch"] == 2 and data["num_gpus"] == 2
+    assert 0 < data["parameters"]["trainable_vl"] < 1_000_000  # LoRA on the tiny model, not the 3B
+    assert data["parameters"]["total"] < 1e9
