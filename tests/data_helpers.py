@@ -85,3 +85,34 @@ def write_mixture(root: Path, sources: list[tuple[str, float]]) -> Path:
     path = Path(root) / "mixture.yaml"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def corrupt_compressed_member(path: Path, member: str, start_fraction: float = 0.5) -> Path:
+    """Damage ``member`` of a ``np.savez_compressed`` file in place so that inflating it
+    raises ``zlib.error`` (not merely a CRC mismatch); the zip directory stays intact.
+
+    Bytes are flipped from ``start_fraction`` of the member's compressed stream onward
+    (0.5: the start of the stream, holding the .npy header, still decodes).
+    """
+    import zipfile
+    import zlib
+
+    path = Path(path)
+    raw = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo(member)
+    assert info.compress_type == zipfile.ZIP_DEFLATED, f"{member} is not compressed"
+    name_len = int.from_bytes(raw[info.header_offset + 26:info.header_offset + 28], "little")
+    extra_len = int.from_bytes(raw[info.header_offset + 28:info.header_offset + 30], "little")
+    start = info.header_offset + 30 + name_len + extra_len
+    stream = bytes(raw[start:start + info.compress_size])
+    for offset in range(int(len(stream) * start_fraction), len(stream) - 16, 7):
+        damaged = bytearray(stream)
+        damaged[offset:offset + 16] = bytes(b ^ 0xA5 for b in damaged[offset:offset + 16])
+        try:
+            zlib.decompressobj(-zlib.MAX_WBITS).decompress(bytes(damaged))
+        except zlib.error:
+            raw[start:start + info.compress_size] = damaged
+            path.write_bytes(bytes(raw))
+            return path
+    raise AssertionError(f"could not make {member} of {path} fail to inflate")

@@ -1,12 +1,13 @@
 """Samples: views, sensor window, action chunk, padding; mixture weights; split; collate."""
 
+import logging
 import pickle
 
 import numpy as np
 import pytest
 import torch
 
-from data_helpers import write_episode, write_mixture
+from data_helpers import corrupt_compressed_member, write_episode, write_mixture
 from vla_ds.data.dataset import (
     ACTION_DIM,
     DataConfig,
@@ -16,7 +17,8 @@ from vla_ds.data.dataset import (
     split_train_val,
     wrap_degrees,
 )
-from vla_ds.errors import ConfigError, DatasetError
+from vla_ds.data.sampler import DistributedWeightedSampler
+from vla_ds.errors import ConfigError, DatasetError, user_message
 
 
 def cfg(root, **kw):
@@ -198,6 +200,56 @@ def test_episode_shorter_than_chunk(tmp_path):
                             f"(8 steps at 10 Hz = 0.800 s)")
 
 
+# ---------------------------------------------------------------- frames outside the robot states
+
+
+def test_frames_outside_robot_states_range_are_not_samples(tmp_path, caplog):
+    """Before the first state the pose is held (zero deltas marked valid), after the last every
+    step is padding: such frames are dropped and counted; frames at the ends stay."""
+    t = np.round(np.arange(10, 21) * 0.1, 6)  # states over [1.0, 2.0] s, pose_x = t
+    ep = write_episode(tmp_path / "A" / "ep0", state_times=t,
+                       frame_times={"front": [0.5, 0.9, 1.0, 1.5, 2.0, 2.1, 2.5]})
+    write_episode(tmp_path / "A" / "ep1", frame_times={"front": [0.0, 0.1]})  # all inside
+    with caplog.at_level(logging.INFO, logger="vla_ds.data.dataset"):
+        ds = VLADataset.from_config(cfg(tmp_path))
+    times = [ds[i]["frame_time"] for i in range(len(ds)) if ds[i]["episode_index"] == 0]
+    assert times == [1.0, 1.5, 2.0]  # exactly at the first and the last state: kept
+    assert ds.out_of_range_frames == {str(ep): 4}
+    first = ds.get_actions(0)  # t = 1.0: every step real, dx = 0.1 (no held pose)
+    np.testing.assert_allclose(first[0][:, 0], 0.1, atol=1e-6)
+    assert not first[1].any()
+    actions, is_pad = ds.get_actions(1)  # t = 1.5: partly past the end, still a sample with padding
+    np.testing.assert_array_equal(is_pad, [False] * 5 + [True] * 3)
+    for i in range(len(ds)):  # no sample has a valid step from a held pose
+        a, pad = ds.get_actions(i)
+        assert (a[~pad, 0] > 0.05).all()
+    assert "4 frames outside their episode's robot_states time range not used (1 episodes)" in ds.describe()
+    lines = [r for r in caplog.records if "robot_states time range" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelno == logging.INFO
+    assert lines[0].getMessage().startswith(
+        "4 frames outside their episode's robot_states time range were not used")
+    train, val = split_train_val(ds, 0.5, seed=0)  # the split halves count their own episodes
+    assert sum(train.out_of_range_frames.values()) + sum(val.out_of_range_frames.values()) == 4
+
+
+def test_out_of_range_frames_are_not_checked_for_view_tolerance(tmp_path):
+    """A frame that is not a sample cannot make on_bad_sample='error' fail."""
+    t = np.round(np.arange(10, 31) * 0.1, 6)  # states over [1.0, 3.0] s
+    write_episode(tmp_path / "ep", state_times=t,
+                  frame_times={"front": [0.0, 1.0, 1.1], "wrist": [1.0, 1.1]})  # wrist has nothing near 0.0
+    ds = VLADataset.from_config(cfg(tmp_path))
+    assert len(ds) == 2 and not ds.invalid_samples and sum(ds.out_of_range_frames.values()) == 1
+
+
+def test_all_frames_out_of_range_is_empty_dataset(tmp_path):
+    t = np.round(np.arange(10, 21) * 0.1, 6)
+    write_episode(tmp_path / "ep", state_times=t, frame_times={"front": [0.0, 0.1, 2.5]})
+    with pytest.raises(DatasetError) as e:
+        VLADataset.from_config(cfg(tmp_path))
+    assert str(e.value) == (f"{tmp_path}: no valid samples in 1 episodes "
+                            f"(3 frames outside their episode's robot_states time range)")
+
+
 def test_sensor_windows_in_samples_and_channels(tmp_path):
     ts = np.round(np.arange(301) * 0.01, 6)  # 100 Hz over [0, 3]
     data = np.stack([np.arange(301), -np.arange(301)], 1).astype(np.float32)  # (N, 2): row i = [i, -i]
@@ -261,6 +313,39 @@ def test_files_read_once(tmp_path):
     assert len(ds) == 21
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_corrupt_compressed_sensor_is_a_dataset_error_in_loader(tmp_path, monkeypatch, num_workers):
+    """zlib.error from a damaged member, read in a worker, arrives as one DatasetError line."""
+    import gc
+
+    import torch.utils.data._utils as loader_utils
+
+    # torch waits this long per worker that raised before it gives up joining it (default 5 s)
+    monkeypatch.setattr(loader_utils, "MP_STATUS_CHECK_INTERVAL", 0.2)
+    ts = np.round(np.arange(3001) * 0.001, 6)
+    data = np.random.default_rng(0).normal(size=(3001, 8)).astype(np.float32)
+    ep = write_episode(tmp_path / "ep", sensor=(ts, data), compressed=True)
+    path = corrupt_compressed_member(ep / "sensor_data.npz", "data.npy")
+    ds = VLADataset.from_config(cfg(tmp_path))  # the index is intact: loads
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=num_workers, collate_fn=collate_numeric)
+    it = iter(loader)
+    with pytest.raises(DatasetError) as e:
+        next(it)
+    message = user_message(e.value)
+    del e, it  # shut the workers down now, while the short interval applies
+    gc.collect()
+    assert message.startswith(f"{path}: cannot read sensor file member 'data.npy' (")
+
+
+def test_corrupt_compressed_sensor_index_fails_at_load(tmp_path):
+    ts = np.round(np.arange(3001) * 0.001, 6)
+    ep = write_episode(tmp_path / "ep", sensor=(ts, np.ones((3001, 2), np.float32)), compressed=True)
+    path = corrupt_compressed_member(ep / "sensor_data.npz", "timestamps.npy", start_fraction=0.0)
+    with pytest.raises(DatasetError) as e:
+        VLADataset.from_config(cfg(tmp_path))
+    assert str(e.value).startswith(f"{path}: cannot read sensor file member 'timestamps.npy' (")
+
+
 def test_dataset_pickles_for_workers(tmp_path):
     ts = np.round(np.arange(301) * 0.01, 6)
     write_episode(tmp_path / "ep", sensor=(ts, np.arange(602, dtype=np.float32).reshape(301, 2)))
@@ -286,6 +371,15 @@ def test_uniform_weights_without_mixture(tmp_path):
     ds = VLADataset.from_config(cfg(tmp_path))
     assert len(ds) == 13 and [ep.source for ep in ds.episodes] == ["A", "A", "B", "C"]
     np.testing.assert_allclose(ds.sample_weights, np.full(13, 1 / 13))
+    # no mixture.yaml: source_weights is None (the trainer then samples a permutation, not
+    # with replacement from sample_weights), in the split halves too
+    assert ds.source_weights is None
+    train, val = split_train_val(ds, 0.25, seed=0)
+    assert train.source_weights is None and val.source_weights is None
+    assert "uniform" in ds.describe()
+    sampler = DistributedWeightedSampler(len(ds), seed=0, weights=None if ds.source_weights is None
+                                         else ds.sample_weights)
+    assert sorted(sampler) == list(range(len(ds)))  # every sample exactly once per epoch
 
 
 def test_mixture_selects_sources_and_weights(tmp_path):

@@ -28,6 +28,7 @@ def test_demo_is_fast_and_loads(demo):
     assert ds.sensor_channels == 16 and ds.num_views == 2 and len(ds.episodes) == 7
     n_front = sum(len(list((ep.path / "images" / "front").iterdir())) for ep in ds.episodes)
     assert len(ds) == n_front and 7 * 40 <= n_front <= 7 * 60 and not ds.invalid_samples
+    assert not ds.out_of_range_frames  # robot states cover every frame
     sensors = [ep.sensor for ep in ds.episodes if ep.sensor is not None]
     assert len(sensors) == 4
     assert any(s.is_windows for s in sensors) and any(not s.is_windows for s in sensors)

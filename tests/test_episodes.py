@@ -8,7 +8,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from data_helpers import write_csv, write_episode
+from data_helpers import corrupt_compressed_member, write_csv, write_episode
 from vla_ds.data.episodes import (
     SensorData,
     find_episode_dirs,
@@ -360,3 +360,119 @@ def test_sensor_maps_are_bounded(tmp_path, monkeypatch):
     assert sensors[0]._array is None and sensors[2]._array is not None  # the oldest map was closed
     np.testing.assert_array_equal(sensors[0].window(ts[9], 2), data[8:10])  # and reopens on use
     assert sensors[1]._array is None
+
+
+# ---------------------------------------------------------------- corrupt compressed files
+
+
+def _noisy(n=3000, c=8):
+    ts = 100.0 + np.arange(n) * 0.01  # (N,)
+    data = np.random.default_rng(0).normal(size=(n, c)).astype(np.float32)  # incompressible-ish
+    return ts, data
+
+
+def test_sensor_corrupt_compressed_member_at_open_names_file_and_member(tmp_path):
+    """Damaged deflate bytes raise zlib.error inside zipfile: a DatasetError, not a traceback."""
+    ts, data = _noisy()
+    path = tmp_path / "sensor_data.npz"
+    np.savez_compressed(path, timestamps=ts, data=data)
+    corrupt_compressed_member(path, "timestamps.npy", start_fraction=0.0)
+    with pytest.raises(DatasetError) as e:
+        SensorData(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: cannot read sensor file member 'timestamps.npy' (") and "\n" not in msg
+
+
+def test_sensor_corrupt_compressed_data_at_window_and_sample_rows(tmp_path):
+    ts, data = _noisy()
+    path = tmp_path / "sensor_data.npz"
+    np.savez_compressed(path, timestamps=ts, data=data)
+    corrupt_compressed_member(path, "data.npy", start_fraction=0.5)
+    s = SensorData(path)  # the index (timestamps, data header) is intact
+    for read in (lambda: s.window(ts[50], 4), lambda: s.sample_rows(np.random.default_rng(0), 100)):
+        with pytest.raises(DatasetError) as e:
+            read()
+        assert str(e.value).startswith(f"{path}: cannot read sensor file member 'data.npy' (")
+    assert s._array is None
+
+
+def test_sensor_crc_mismatch_is_reported_by_window_and_sample_rows(tmp_path):
+    """A member that inflates fine but fails its CRC check: streaming reads to the end to see it."""
+    ts, data = _noisy()  # large enough that reading the .npy header at open does not reach the end
+    path = tmp_path / "s.npz"
+    np.savez_compressed(path, timestamps=ts, data=data)
+    raw = bytearray(path.read_bytes())
+    eocd = raw.rindex(b"PK\x05\x06")
+    entry = int.from_bytes(raw[eocd + 16:eocd + 20], "little")  # start of the central directory
+    while raw[entry + 46:entry + 54] != b"data.npy":
+        name_len, extra_len, comment_len = (int.from_bytes(raw[entry + k:entry + k + 2], "little") for k in (28, 30, 32))
+        entry += 46 + name_len + extra_len + comment_len
+    raw[entry + 16] ^= 0xFF  # its CRC-32 (zipfile checks this one)
+    path.write_bytes(bytes(raw))
+    s = SensorData(path)
+    with pytest.raises(DatasetError, match=r"s\.npz: cannot read sensor file member 'data\.npy' \(Bad CRC"):
+        s.sample_rows(np.random.default_rng(0), 5)
+    with pytest.raises(DatasetError, match=r"member 'data\.npy' \(Bad CRC"):
+        s.window(ts[9], 2)
+
+
+# ---------------------------------------------------------------- memory held by sensor data
+
+
+def test_decompressed_arrays_share_the_bounded_lru(tmp_path, monkeypatch):
+    import vla_ds.data.episodes as episodes
+
+    monkeypatch.setattr(episodes, "MAX_OPEN_SENSOR_MAPS", 2)
+    ts, data = _stream()
+    sensors = []
+    for i in range(3):
+        np.savez_compressed(tmp_path / f"c{i}.npz", timestamps=ts, data=data + i)
+        sensors.append(SensorData(tmp_path / f"c{i}.npz"))
+        np.testing.assert_array_equal(sensors[-1].window(ts[9], 2), data[8:10] + i)
+    assert sensors[0]._array is None and sensors[1]._array is not None and sensors[2]._array is not None
+    np.testing.assert_array_equal(sensors[0].window(ts[9], 2), data[8:10])  # decompressed again on use
+    assert sensors[1]._array is None
+
+
+def test_decompressed_bytes_are_capped_maps_are_not(tmp_path, monkeypatch):
+    import vla_ds.data.episodes as episodes
+
+    ts, data = _stream()  # data: 120 bytes
+    monkeypatch.setattr(episodes, "MAX_DECOMPRESSED_SENSOR_BYTES", data.nbytes + 1)
+    np.savez(tmp_path / "m.npz", timestamps=ts, data=data)
+    mapped = SensorData(tmp_path / "m.npz")
+    mapped.window(ts[9], 2)
+    packed = []
+    for i in range(3):
+        np.savez_compressed(tmp_path / f"c{i}.npz", timestamps=ts, data=data + i)
+        packed.append(SensorData(tmp_path / f"c{i}.npz"))
+        packed[-1].window(ts[9], 2)
+    assert [s._array is not None for s in packed] == [False, False, True]  # only the newest fits
+    assert mapped._array is not None
+    monkeypatch.setattr(episodes, "MAX_DECOMPRESSED_SENSOR_BYTES", 0)
+    np.testing.assert_array_equal(packed[0].window(ts[9], 2), data[8:10])  # the one in use is kept
+    assert packed[0]._array is not None and packed[2]._array is None
+
+
+@pytest.mark.parametrize("layout", ["raw", "windows", "fortran"])
+def test_sample_rows_streams_compressed_without_keeping_it(tmp_path, monkeypatch, layout):
+    import vla_ds.data.episodes as episodes
+
+    monkeypatch.setattr(episodes, "STREAM_BLOCK_BYTES", 100)  # many blocks
+    ts, data = _stream(n=50, c=3)
+    if layout == "windows":
+        data = np.stack([data[i:i + 4] for i in range(47)])  # (47, 4, 3)
+        ts = ts[3:]
+    elif layout == "fortran":
+        data = np.asfortranarray(data)
+    np.savez(tmp_path / "m.npz", timestamps=ts, data=data)
+    np.savez_compressed(tmp_path / "c.npz", timestamps=ts, data=data)
+    before = episodes.open_sensor_arrays()
+    packed = SensorData(tmp_path / "c.npz")
+    got = packed.sample_rows(np.random.default_rng(3), 40)
+    assert packed._array is None and episodes.open_sensor_arrays() == before  # nothing kept
+    want = SensorData(tmp_path / "m.npz").sample_rows(np.random.default_rng(3), 40)  # same draw, mapped
+    assert got.dtype == np.float64 and got.shape == (40, 3)
+    np.testing.assert_array_equal(got, want)
+    packed.window(ts[-1], 2)  # once open for windows, sample_rows uses the open array
+    np.testing.assert_array_equal(packed.sample_rows(np.random.default_rng(3), 40), want)

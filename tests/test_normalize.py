@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from data_helpers import write_episode
+from data_helpers import corrupt_compressed_member, write_episode
 from vla_ds.data.dataset import DataConfig, VLADataset
 from vla_ds.data.normalize import NormStats, compute_norm_stats
-from vla_ds.errors import CheckpointError
+from vla_ds.errors import CheckpointError, DatasetError
 
 
 def _dataset(root, with_sensor=True):
@@ -82,3 +82,53 @@ def test_normalize_round_trip_numpy_and_torch():
     t = torch.ones(2, 8, 7, dtype=torch.bfloat16)
     assert stats.normalize_actions(t).dtype == torch.bfloat16
     torch.testing.assert_close(stats.normalize_sensor(torch.full((2, 5, 1), 9.0)), torch.full((2, 5, 1), 2.0))
+
+
+def test_sensor_stats_of_compressed_files_are_streamed_not_kept(tmp_path):
+    import vla_ds.data.episodes as episodes
+
+    ts = np.round(np.arange(301) * 0.01, 6)
+    data = np.random.default_rng(1).normal(size=(301, 3)).astype(np.float32)
+    write_episode(tmp_path / "packed" / "a", sensor=(ts, data), compressed=True)
+    write_episode(tmp_path / "plain" / "a", sensor=(ts, data))
+    packed_ds = VLADataset.from_config(DataConfig(dataset_dir=str(tmp_path / "packed"), sensor_window_size=4))
+    before = episodes.open_sensor_arrays()
+    packed = compute_norm_stats(packed_ds)
+    sensor = packed_ds.episodes[0].sensor
+    assert sensor.compressed and sensor._array is None and id(sensor) not in episodes._OPEN_ARRAYS
+    assert episodes.open_sensor_arrays() == before  # the stats kept no decompressed array
+    plain_ds = VLADataset.from_config(DataConfig(dataset_dir=str(tmp_path / "plain"), sensor_window_size=4))
+    plain = compute_norm_stats(plain_ds)
+    np.testing.assert_allclose(packed.sensor_mean, data.astype(np.float64).mean(0), rtol=1e-6)
+    np.testing.assert_array_equal(packed.sensor_mean, plain.sensor_mean)
+    np.testing.assert_array_equal(packed.sensor_std, plain.sensor_std)
+
+
+def test_corrupt_compressed_sensor_in_stats_is_dataset_error(tmp_path):
+    ts = np.round(np.arange(3001) * 0.001, 6)
+    data = np.random.default_rng(0).normal(size=(3001, 8)).astype(np.float32)
+    ep = write_episode(tmp_path / "ep", sensor=(ts, data), compressed=True)
+    path = corrupt_compressed_member(ep / "sensor_data.npz", "data.npy")
+    ds = VLADataset.from_config(DataConfig(dataset_dir=str(tmp_path), sensor_window_size=4))
+    with pytest.raises(DatasetError) as e:
+        compute_norm_stats(ds)
+    assert str(e.value).startswith(f"{path}: cannot read sensor file member 'data.npy' (")
+
+
+def test_running_moments_equal_one_pass_stats():
+    from vla_ds.data.normalize import _mean_std, _RunningMoments
+
+    rng = np.random.default_rng(0)
+    blocks = [1e4 + rng.normal(size=(n, 3)) * [1.0, 1e-3, 0.0] for n in (5, 0, 1, 200, 37)]  # large offset
+    moments = _RunningMoments(3)
+    for b in blocks:
+        moments.add(b)
+    mean, std = moments.mean_std()
+    want_mean, want_std = _mean_std(np.concatenate(blocks), 3)
+    assert moments.count == 243
+    np.testing.assert_allclose(mean, want_mean, rtol=1e-12)
+    np.testing.assert_allclose(std, want_std, rtol=1e-8)
+    assert std[2] == 1.0  # constant channel
+    empty = _RunningMoments(2).mean_std()
+    np.testing.assert_array_equal(empty[0], [0, 0])
+    np.testing.assert_array_equal(empty[1], [1, 1])

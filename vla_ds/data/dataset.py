@@ -23,7 +23,7 @@ import torch
 import yaml
 from PIL import Image
 
-from vla_ds.data.episodes import Episode, find_episode_dirs, load_episode
+from vla_ds.data.episodes import TIME_EPS, Episode, find_episode_dirs, load_episode
 from vla_ds.errors import ConfigError, DatasetError
 
 logger = logging.getLogger(__name__)
@@ -246,6 +246,12 @@ class VLADataset(torch.utils.data.Dataset):
     chunk, every episode has the same number of camera views, sensor channel counts
     agree, and each sample's views have a frame within ``view_tolerance_s``.
 
+    Frame times of the first view outside the episode's robot_states time range
+    ``[first timestamp, last timestamp]`` (1e-6 s slack; a frame exactly at either end
+    stays) are not samples: their actions cannot be interpolated. They are dropped at
+    indexing, counted per episode in ``out_of_range_frames``, reported by
+    :meth:`describe` and logged once by :meth:`from_config`; this is not an error.
+
     Args:
         config: the data config.
         episodes: loaded :class:`Episode` objects or episode directories (loaded here,
@@ -261,10 +267,16 @@ class VLADataset(torch.utils.data.Dataset):
         episodes: the episodes, in path order.
         sensor_channels: C.
         num_views: V, camera views per sample.
-        source_weights: as given (None: uniform).
+        source_weights: {source: weight} from mixture.yaml (or as given), or **None
+            without mixture.yaml**: then every sample is equally likely and the sampler
+            should get ``weights=None`` (a permutation per epoch, each sample once),
+            not ``sample_weights`` (which would draw with replacement).
         sample_weights: (N,) float64 sampling probability per sample (sums to 1): each
-            source's total is proportional to its weight.
+            source's total is proportional to its weight; uniform (1/N) when
+            ``source_weights`` is None. Always an array.
         invalid_samples: {episode dir: samples dropped} with on_bad_sample="skip".
+        out_of_range_frames: {episode dir: sample frame times dropped} for frames outside
+            that episode's robot_states time range (episodes with none are absent).
     """
 
     def __init__(self, config: DataConfig, episodes: Sequence[Episode | str | os.PathLike] | None = None,
@@ -298,9 +310,14 @@ class VLADataset(torch.utils.data.Dataset):
                                    f"expected {self.sensor_channels}")
         self._build_index()
         if len(self) == 0 and not allow_empty:
+            dropped = []
+            if self.invalid_samples:
+                dropped.append(f"{sum(self.invalid_samples.values())} skipped as invalid")
+            if self.out_of_range_frames:
+                dropped.append(f"{sum(self.out_of_range_frames.values())} frames outside their episode's "
+                               f"robot_states time range")
             raise DatasetError(f"{where}: no valid samples in {len(self.episodes)} episodes"
-                               + (f" ({sum(self.invalid_samples.values())} skipped as invalid)"
-                                  if self.invalid_samples else ""))
+                               + (f" ({'; '.join(dropped)})" if dropped else ""))
         self.sample_weights = self._compute_sample_weights()
 
     @classmethod
@@ -313,6 +330,10 @@ class VLADataset(torch.utils.data.Dataset):
         for path, n in ds.invalid_samples.items():
             logger.warning("%s: skipped %d samples with a camera view missing a frame within %.3g s",
                            path, n, config.view_tolerance_s)
+        n_out = sum(ds.out_of_range_frames.values())
+        if n_out:
+            logger.info("%d frames outside their episode's robot_states time range were not used "
+                        "(%d of %d episodes)", n_out, len(ds.out_of_range_frames), len(ds.episodes))
         return ds
 
     def with_episodes(self, episodes: Sequence[Episode], allow_empty: bool = True) -> VLADataset:
@@ -357,11 +378,19 @@ class VLADataset(torch.utils.data.Dataset):
         tol = cfg.view_tolerance_s + 1e-9
         ep_ids, times, frames = [], [], []
         self.invalid_samples: dict[str, int] = {}
+        self.out_of_range_frames: dict[str, int] = {}
         for e, ep in enumerate(self.episodes):
             if len(ep.frame_times[0]) == 0 and cfg.on_bad_sample == "error":
                 raise DatasetError(f"{ep.path / 'images' / ep.camera_views[0]}: no .jpg/.png frames "
                                    f"(the first camera view sets the sample times)")
             t, idx, dist = ep.match_frames(cfg.frame_stride, cfg.view_tolerance_s)  # (S,), (S, V), (S, V)
+            # Before the first state the pose would be held (zero deltas labelled valid), after
+            # the last every step is padding: such frames are not samples. Ends included.
+            state_t = ep.states.times
+            in_range = (t >= state_t[0] - TIME_EPS) & (t <= state_t[-1] + TIME_EPS)  # (S,)
+            if not in_range.all():
+                self.out_of_range_frames[str(ep.path)] = int((~in_range).sum())
+                t, idx, dist = t[in_range], idx[in_range], dist[in_range]
             ok = (dist <= tol).all(axis=1)  # (S,)
             if not ok.all():
                 s = int(np.flatnonzero(~ok)[0])
@@ -455,9 +484,13 @@ class VLADataset(torch.utils.data.Dataset):
         n_sensor = sum(ep.has_sensor for ep in self.episodes)
         views = ", ".join(self.episodes[0].camera_views) if self.episodes else "-"
         skipped = sum(self.invalid_samples.values())
+        out_of_range = sum(self.out_of_range_frames.values())
+        dropped = ([f"{skipped} invalid skipped"] if skipped else []) + (
+            [f"{out_of_range} frames outside their episode's robot_states time range not used "
+             f"({len(self.out_of_range_frames)} episodes)"] if out_of_range else [])
         lines = [
             f"{len(self.episodes)} episodes, {len(self)} samples"
-            + (f" ({skipped} invalid skipped)" if skipped else "")
+            + (f" ({'; '.join(dropped)})" if dropped else "")
             + f", {self.num_views} views ({views}), sensor channels {self.sensor_channels} "
             f"({n_sensor}/{len(self.episodes)} episodes with sensor data), "
             f"window {self.config.sensor_window_size}, horizon {self.config.action_horizon}"

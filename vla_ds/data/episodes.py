@@ -12,6 +12,8 @@ Everything cheap is read once, when the episode is loaded: metadata, the robot
 states (a few thousand rows), the image file names (a directory listing, no
 decoding) and the sensor file's index (timestamps plus the shape and byte offset
 of ``data``). Images are decoded and sensor rows read per sample, by the dataset.
+Sensor ``data`` held in memory (memory maps, decompressed arrays) is bounded per
+process by one LRU (:data:`MAX_OPEN_SENSOR_MAPS`, :data:`MAX_DECOMPRESSED_SENSOR_BYTES`).
 Every problem is a :class:`~vla_ds.errors.DatasetError` whose one-line message
 starts with the full path of the file at fault.
 """
@@ -24,6 +26,7 @@ import json
 import logging
 import math
 import os
+import threading
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -53,9 +56,16 @@ SUPPORTED_ACTION_TYPES = ("delta_pose",)
 # have a float64 resolution of ~2.4e-7 s, so "<= t" is evaluated as "<= t + TIME_EPS".
 TIME_EPS = 1e-6
 
-# At most this many sensor files are memory-mapped at once per process; each map holds
-# a file descriptor, and a large dataset has more episodes than the default fd limit.
+# At most this many sensor files have their ``data`` open at once per process: memory
+# maps (each holds a file descriptor, and a large dataset has more episodes than the
+# default fd limit) and decompressed arrays of compressed files share one LRU.
 MAX_OPEN_SENSOR_MAPS = 64
+# Decompressed arrays in that LRU are also evicted, oldest first, while together they
+# exceed this many bytes (the array in use is always kept). Maps do not count: their
+# pages are the OS page cache, reclaimable.
+MAX_DECOMPRESSED_SENSOR_BYTES = 2 << 30
+# sample_rows streams a compressed member in blocks of about this many bytes.
+STREAM_BLOCK_BYTES = 16 << 20
 
 
 # --------------------------------------------------------------------------- finding
@@ -317,7 +327,60 @@ def nearest_frames(frame_times: np.ndarray, query: np.ndarray) -> tuple[np.ndarr
 
 # --------------------------------------------------------------------------- sensor file
 
-_OPEN_MAPS: collections.OrderedDict[int, SensorData] = collections.OrderedDict()
+# id(sensor) -> sensor whose ``_array`` is set (a map or a decompressed array), least recently used first.
+_OPEN_ARRAYS: collections.OrderedDict[int, SensorData] = collections.OrderedDict()
+_OPEN_ARRAYS_LOCK = threading.Lock()
+
+
+def _reset_lock_after_fork() -> None:
+    global _OPEN_ARRAYS_LOCK
+    _OPEN_ARRAYS_LOCK = threading.Lock()  # a forked data-loader worker never inherits it held
+
+
+os.register_at_fork(after_in_child=_reset_lock_after_fork)
+
+
+def _touch(sensor: SensorData) -> None:
+    """Mark ``sensor``'s open array as most recently used."""
+    with _OPEN_ARRAYS_LOCK:
+        if id(sensor) in _OPEN_ARRAYS:
+            _OPEN_ARRAYS.move_to_end(id(sensor))
+
+
+def _remember(sensor: SensorData, array: np.ndarray) -> None:
+    """Keep ``array`` as ``sensor``'s open data and evict the least recently used others:
+    beyond MAX_OPEN_SENSOR_MAPS entries, or while decompressed arrays exceed
+    MAX_DECOMPRESSED_SENSOR_BYTES. An evicted array is freed (a map closed) once no view
+    of it is alive."""
+    with _OPEN_ARRAYS_LOCK:
+        sensor._array = array
+        _OPEN_ARRAYS[id(sensor)] = sensor
+        _OPEN_ARRAYS.move_to_end(id(sensor))
+        while len(_OPEN_ARRAYS) > max(1, MAX_OPEN_SENSOR_MAPS):
+            _, oldest = _OPEN_ARRAYS.popitem(last=False)
+            oldest._array = None
+        held = sum(s._array.nbytes for s in _OPEN_ARRAYS.values()
+                   if s.compressed and s._array is not None)
+        for key, s in list(_OPEN_ARRAYS.items()):
+            if held <= MAX_DECOMPRESSED_SENSOR_BYTES:
+                break
+            if s is sensor or not s.compressed:
+                continue
+            held -= s._array.nbytes if s._array is not None else 0
+            s._array = None
+            del _OPEN_ARRAYS[key]
+
+
+def open_sensor_arrays() -> int:
+    """How many sensor files have their data open (mapped or decompressed) in this process."""
+    return len(_OPEN_ARRAYS)
+
+
+def _read_error(path: Path, member: str | None, exc: BaseException) -> str:
+    """One-line message for an exception raised while reading ``path`` (``member`` inside it)."""
+    detail = " ".join(str(exc).split()) or type(exc).__name__
+    where = f"sensor file member '{member}'" if member else "sensor file"
+    return f"{path}: cannot read {where} ({detail})"
 
 
 def _read_npy_header(fp, where: str) -> tuple[tuple[int, ...], bool, np.dtype]:
@@ -336,7 +399,13 @@ class SensorData:
     stored uncompressed (``np.savez``): it is memory-mapped at the member's byte offset
     inside the zip file (``np.load(mmap_mode=...)`` ignores mmap for .npz), so a sample
     reads only its own rows. A compressed member (``np.savez_compressed``) cannot be
-    mapped; it is decompressed on first use and kept in memory for this episode.
+    mapped; it is decompressed on use, per process. Maps and decompressed arrays share
+    one per-process LRU (``MAX_OPEN_SENSOR_MAPS`` entries, decompressed arrays also
+    capped at ``MAX_DECOMPRESSED_SENSOR_BYTES``); an evicted one is reopened on next use.
+
+    Any failure to read or decode the file (bad zip, zlib/CRC errors, truncated member)
+    is a DatasetError naming the file and, where known, the member: at open, when
+    ``data`` is read for a window, and in :meth:`sample_rows`.
 
     Fields:
         path: the .npz file.
@@ -350,6 +419,7 @@ class SensorData:
     def __init__(self, path: Path):
         self.path = Path(path)
         self._array = None  # opened lazily, per process (see __getstate__)
+        member = None  # the zip member being read, for error messages
         try:
             with zipfile.ZipFile(self.path) as zf:
                 names = set(zf.namelist())
@@ -357,12 +427,15 @@ class SensorData:
                     if key + ".npy" not in names:
                         found = sorted(n[:-4] for n in names if n.endswith(".npy"))
                         raise DatasetError(f"{self.path}: missing key '{key}' (found: {found})")
-                with zf.open("timestamps.npy") as f:
+                member = "timestamps.npy"
+                with zf.open(member) as f:
                     ts = np.lib.format.read_array(f, allow_pickle=False)
-                info = zf.getinfo("data.npy")
+                member = "data.npy"
+                info = zf.getinfo(member)
                 with zf.open(info) as f:
-                    shape, fortran, dtype = _read_npy_header(f, str(self.path))
+                    shape, fortran, dtype = _read_npy_header(f, f"{self.path}: sensor file member '{member}'")
                     header_len = f.tell()
+                member = None
                 self.compressed = info.compress_type != zipfile.ZIP_STORED
                 data_start = 0
                 if not self.compressed:
@@ -376,10 +449,10 @@ class SensorData:
                     name_len = int.from_bytes(local[26:28], "little")
                     extra_len = int.from_bytes(local[28:30], "little")
                     data_start = info.header_offset + 30 + name_len + extra_len + header_len
-        except DatasetError:
+        except (DatasetError, MemoryError):
             raise
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as e:
-            raise DatasetError(f"{self.path}: cannot read sensor file ({e})") from None
+        except Exception as e:  # BadZipFile, zlib.error, OSError, ValueError, EOFError, ...: any decoding failure
+            raise DatasetError(_read_error(self.path, member, e)) from None
 
         if dtype.kind not in "biuf":
             raise DatasetError(f"{self.path}: 'data' must be a numeric array, got dtype {dtype}")
@@ -416,28 +489,82 @@ class SensorData:
 
     @property
     def data(self) -> np.ndarray:
-        """``data`` as an array: a read-only memmap (stored) or the decompressed array (compressed)."""
-        if self._array is not None:
-            if id(self) in _OPEN_MAPS:
-                _OPEN_MAPS.move_to_end(id(self))
-            return self._array
-        if self.compressed:
-            try:
-                with np.load(self.path, allow_pickle=False) as z:
-                    self._array = z["data"]
-            except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
-                raise DatasetError(f"{self.path}: cannot read 'data' ({e})") from None
-            return self._array
+        """``data`` as an array: a read-only memmap (stored) or the decompressed array (compressed).
+
+        Opened on first use and kept in the per-process LRU (see the class docstring).
+        Hold the result only briefly: an evicted array stays alive while a view of it does.
+        """
+        array = self._array
+        if array is not None:
+            _touch(self)
+            return array
         if int(np.prod(self.shape)) == 0:
             self._array = np.zeros(self.shape, dtype=self._dtype)
             return self._array
-        self._array = np.memmap(self.path, dtype=self._dtype, mode="r", offset=self._offset,
-                                shape=self.shape, order="F" if self._fortran else "C")
-        _OPEN_MAPS[id(self)] = self
-        while len(_OPEN_MAPS) > MAX_OPEN_SENSOR_MAPS:
-            _, oldest = _OPEN_MAPS.popitem(last=False)
-            oldest._array = None  # closes the map once no view of it is alive
-        return self._array
+        array = self._decompress() if self.compressed else self._map()
+        _remember(self, array)
+        return array
+
+    def _map(self) -> np.ndarray:
+        try:
+            return np.memmap(self.path, dtype=self._dtype, mode="r", offset=self._offset,
+                             shape=self.shape, order="F" if self._fortran else "C")
+        except MemoryError:
+            raise
+        except Exception as e:  # the file changed or vanished since it was indexed
+            raise DatasetError(_read_error(self.path, "data.npy", e)) from None
+
+    def _decompress(self) -> np.ndarray:
+        """Decompress the whole ``data`` member (not cached here)."""
+        try:
+            with zipfile.ZipFile(self.path) as zf, zf.open("data.npy") as f:
+                array = np.lib.format.read_array(f, allow_pickle=False)
+        except MemoryError:
+            raise
+        except Exception as e:  # zlib.error, BadZipFile (CRC), ValueError (truncated), OSError, ...
+            raise DatasetError(_read_error(self.path, "data.npy", e)) from None
+        self._check_unchanged(array.shape, array.dtype)
+        return array
+
+    def _check_unchanged(self, shape, dtype) -> None:
+        if tuple(shape) != self.shape or np.dtype(dtype) != self._dtype:
+            raise DatasetError(f"{self.path}: sensor file member 'data.npy' changed since the dataset was "
+                               f"indexed (now {tuple(shape)} {np.dtype(dtype)}, was {self.shape} {self._dtype})")
+
+    def _stream_rows(self, flat: np.ndarray, per: int) -> np.ndarray:
+        """Rows ``flat`` (sorted flat row indices, ``per`` rows per first-axis entry) of a
+        compressed C-order member, decompressed block by block: memory stays about
+        ``STREAM_BLOCK_BYTES`` whatever the file size. Reads the member to its end, so a
+        corrupt tail (zlib or CRC error) is reported here too. Returns (n, C) in file dtype."""
+        entry_bytes = int(np.prod(self.shape[1:])) * self._dtype.itemsize  # bytes per data[i]
+        block = max(1, STREAM_BLOCK_BYTES // max(1, entry_bytes))  # first-axis entries per read
+        first = flat // per  # (n,) first-axis index of each wanted row
+        out = np.empty((len(flat), self.channels), dtype=self._dtype)
+        try:
+            with zipfile.ZipFile(self.path) as zf, zf.open("data.npy") as f:
+                shape, _, dtype = _read_npy_header(f, f"{self.path}: sensor file member 'data.npy'")
+                self._check_unchanged(shape, dtype)
+                for start in range(0, self.shape[0], block):
+                    stop = min(start + block, self.shape[0])
+                    buf = f.read((stop - start) * entry_bytes)
+                    if len(buf) != (stop - start) * entry_bytes:
+                        raise ValueError(f"member ends after {start * entry_bytes + len(buf)} of "
+                                         f"{self.shape[0] * entry_bytes} data bytes")
+                    lo, hi = np.searchsorted(first, [start, stop])
+                    if hi > lo:
+                        part = np.frombuffer(buf, dtype=self._dtype).reshape((stop - start,) + self.shape[1:])
+                        if self.is_windows:
+                            out[lo:hi] = part[first[lo:hi] - start, flat[lo:hi] % per]
+                        else:
+                            out[lo:hi] = part[first[lo:hi] - start]
+                    del buf
+                while f.read(STREAM_BLOCK_BYTES):  # to the end: zipfile checks the CRC there
+                    pass
+        except (DatasetError, MemoryError):
+            raise
+        except Exception as e:
+            raise DatasetError(_read_error(self.path, "data.npy", e)) from None
+        return out
 
     def window(self, t: float, size: int) -> np.ndarray:
         """The sensor window ending at time ``t``: (size, C) float32, raw values.
@@ -462,17 +589,35 @@ class SensorData:
         return out
 
     def sample_rows(self, rng: np.random.Generator, max_rows: int) -> np.ndarray:
-        """Up to ``max_rows`` random rows of the stream (windows flattened): (n, C) float64."""
+        """Up to ``max_rows`` random rows of the stream (windows flattened): (n, C) float64.
+
+        For statistics, in the main process: a compressed member that is not already
+        open is streamed block by block (never decompressed whole, never kept), so
+        computing stats over many files holds at most one block at a time.
+        """
         n_windows = self.shape[0]
         per = self.shape[1] if self.is_windows else 1
         total = n_windows * per
         if total == 0:
             return np.zeros((0, self.channels))
         flat = np.sort(rng.choice(total, size=min(max_rows, total), replace=False))
+        data = self._array  # already open in this process: use it, else do not open it for good
+        if data is None and self.compressed:
+            if self._fortran:  # column-major: cannot stream by rows; decompress, use, drop
+                data = self._decompress()
+            else:
+                return self._checked_rows(self._stream_rows(flat, per))
+        if data is None:
+            data = self.data  # a memory map: cheap, bounded by the LRU
         if self.is_windows:
-            rows = np.asarray(self.data[flat // per, flat % per], dtype=np.float64)
+            rows = data[flat // per, flat % per]
         else:
-            rows = np.asarray(self.data[flat], dtype=np.float64)
+            rows = data[flat]
+        del data
+        return self._checked_rows(rows)
+
+    def _checked_rows(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.float64)
         if not np.isfinite(rows).all():
             raise DatasetError(f"{self.path}: 'data' contains NaN/inf values")
         return rows

@@ -104,7 +104,9 @@ def compute_norm_stats(dataset: VLADataset, max_samples: int = 2000, seed: int =
     Actions: the non-padded steps of up to ``max_samples`` samples (action chunks only:
     no image decoding or sensor reads).
     Sensor: up to ``MAX_SENSOR_ROWS`` rows drawn evenly from the episodes that have a
-    sensor file (pre-cut windows count each row; zero padding is never included).
+    sensor file (pre-cut windows count each row; zero padding is never included), merged
+    episode by episode: memory holds one episode's rows, and compressed files are read
+    block by block and not kept (see ``SensorData.sample_rows``).
     """
     rng = np.random.default_rng(seed)
     n = len(dataset)
@@ -119,10 +121,45 @@ def compute_norm_stats(dataset: VLADataset, max_samples: int = 2000, seed: int =
     action_rows = np.concatenate(steps) if steps else np.zeros((0, ACTION_DIM))
     action_mean, action_std = _mean_std(action_rows, ACTION_DIM)
 
+    # Sensor rows are merged one episode at a time (never all rows at once: 50k rows of
+    # 1026 channels are 410 MB in float64), and each file's rows are read without keeping
+    # its data open (SensorData.sample_rows).
     sensors = [ep.sensor for ep in dataset.episodes if ep.sensor is not None]
-    sensor_rows = [s.sample_rows(rng, max(1, MAX_SENSOR_ROWS // len(sensors))) for s in sensors]
-    sensor_rows = np.concatenate(sensor_rows) if sensor_rows else np.zeros((0, dataset.sensor_channels))
-    sensor_mean, sensor_std = _mean_std(sensor_rows, dataset.sensor_channels)
+    moments = _RunningMoments(dataset.sensor_channels)
+    for s in sensors:
+        moments.add(s.sample_rows(rng, max(1, MAX_SENSOR_ROWS // len(sensors))))  # (n, C)
+    sensor_mean, sensor_std = moments.mean_std()
     logger.info("norm stats from %d action steps (%d samples) and %d sensor rows (%d episodes)",
-                len(action_rows), len(indices), len(sensor_rows), len(sensors))
+                len(action_rows), len(indices), moments.count, len(sensors))
     return NormStats(action_mean, action_std, sensor_mean, sensor_std)
+
+
+class _RunningMoments:
+    """Float64 mean/std over row blocks added one at a time (Chan et al.'s pairwise merge);
+    the same result as ``_mean_std`` over all rows, holding one block at a time."""
+
+    def __init__(self, dim: int):
+        self.dim = dim
+        self.count = 0
+        self.mean = np.zeros(dim)
+        self.m2 = np.zeros(dim)  # sum of squared deviations from the mean
+
+    def add(self, rows: np.ndarray) -> None:
+        if len(rows) == 0:
+            return
+        rows = np.asarray(rows, dtype=np.float64)  # (n, dim)
+        n = len(rows)
+        mean = rows.mean(axis=0)
+        m2 = ((rows - mean) ** 2).sum(axis=0)
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + m2 + delta ** 2 * (self.count * n / total)
+        self.count = total
+
+    def mean_std(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.count == 0:
+            return np.zeros(self.dim), np.ones(self.dim)
+        std = np.sqrt(self.m2 / self.count)
+        std[std < MIN_STD] = 1.0
+        return self.mean.copy(), std

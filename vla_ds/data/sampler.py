@@ -35,8 +35,10 @@ class DistributedWeightedSampler(Sampler[int]):
         num_replicas: number of ranks R.
         rank: this rank, in [0, R).
         seed: base seed; the epoch's order depends only on (seed, epoch).
-        weights: (N,) non-negative sampling weights (e.g. ``VLADataset.sample_weights``):
-            indices are drawn with replacement, proportionally. None: a permutation.
+        weights: (N,) non-negative sampling weights (e.g. ``VLADataset.sample_weights`` when
+            the dataset has a mixture): indices are drawn with replacement, proportionally.
+            None: a permutation, every index once per epoch (use it when
+            ``VLADataset.source_weights`` is None, i.e. without mixture.yaml).
         shuffle: without weights, False gives 0..N-1 in order.
         drop_last: True truncates the global order to a multiple of R; False pads it by
             wrapping around to its start, so every rank gets ceil(N / R) indices.
