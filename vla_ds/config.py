@@ -26,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from vla_ds.cache import CacheConfig
 from vla_ds.data.dataset import DataConfig
 from vla_ds.errors import ConfigError
 from vla_ds.models.action_expert import ActionExpertConfig
@@ -142,7 +143,7 @@ class RunConfig:
             scratch) or ``stage2`` (heads loaded from Stage 1; the backbone trained as
             ``finetune`` says).
         model_preset: ``reference`` (SPEC sizes) or ``tiny`` (CPU-sized heads).
-        backbone, finetune, sensor_encoder, action_expert, data, train: component configs.
+        backbone, finetune, sensor_encoder, action_expert, data, cache, train: component configs.
         optimizer_groups: named parameter groups (``train/lr/<name>`` in the metrics).
         deepspeed: the DeepSpeed part of the JSON, "auto" values resolved.
         world_size: number of ranks the config was resolved for.
@@ -155,6 +156,7 @@ class RunConfig:
     sensor_encoder: SensorEncoderConfig = field(default_factory=SensorEncoderConfig)
     action_expert: ActionExpertConfig = field(default_factory=ActionExpertConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optimizer_groups: dict[str, ParamGroupConfig] = field(default_factory=_default_groups)
     deepspeed: dict[str, Any] = field(default_factory=dict)
@@ -276,6 +278,7 @@ _SECTIONS = {
     "sensor_encoder": SensorEncoderConfig,
     "action_expert": ActionExpertConfig,
     "data": DataConfig,
+    "cache": CacheConfig,
     "train": TrainConfig,
 }
 
@@ -329,10 +332,13 @@ def load_json(path: str | Path) -> dict[str, Any]:
 
 
 def _parse_scalar(text: str) -> Any:
-    """A --set value: JSON first (so 1e-4 is a float), then YAML (so bare words are strings)."""
+    """A --set value: JSON first (so 1e-4 is a float), then YAML (so bare words are strings
+    and [a, b] a list). YAML 1.1's on/off/yes/no stay words: fields typed bool accept them."""
     try:
         return json.loads(text)
     except json.JSONDecodeError:
+        if text.strip().lower() in ("on", "off", "yes", "no", "y", "n"):
+            return text.strip()
         return yaml.safe_load(text)
 
 
@@ -437,6 +443,9 @@ def _check_consistency(cfg: RunConfig, source: str) -> None:
     if cfg.stage == "stage1" and cfg.finetune.mode != "none":
         raise ConfigError(f"{source}: stage1 keeps the VL model frozen, but finetune.mode={cfg.finetune.mode!r} "
                           "(use --training-stage stage2 with --finetune-vl)")
+    if cfg.stage == "stage2" and cfg.cache.mode == "on":
+        raise ConfigError(f"{source}: the VL feature cache is for Stage 1 only: in Stage 2 the VL model "
+                          "trains, so its features change every step; drop cache.mode=on (or use --no-cache)")
     if cfg.stage == "stage2" and not (cfg.train.stage1_checkpoint or cfg.train.resume):
         raise ConfigError(f"{source}: stage2 needs the Stage 1 weights: pass --stage1-checkpoint PATH "
                           "(a Stage 1 output dir or its .pt)")
@@ -487,6 +496,11 @@ def _find_auto(node: Any, path: str = "") -> str | None:
             if found:
                 return found
     return None
+
+
+def cache_enabled(cfg: RunConfig) -> bool:
+    """The VL feature cache is on in Stage 1 unless turned off; never in Stage 2."""
+    return cfg.stage == "stage1" and cfg.cache.mode != "off"
 
 
 def validate_deepspeed(cfg: RunConfig, source: str = "config") -> None:

@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", "--output-dir")
     p.add_argument("--seed", type=int)
     p.add_argument("--max_steps", "--max-steps", type=int, help="stop after N optimizer steps (smoke tests)")
+    p.add_argument("--no-cache", "--no_cache", dest="no_cache", action="store_true", default=None,
+                   help="Stage 1: run the backbone every step instead of caching its features")
     p.add_argument("--resume", help="output dir (its 'latest') or a global_stepN dir to continue from")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set train.log_every=10 --set zero_optimization.stage=1")
@@ -107,6 +109,8 @@ def load_run_config(args: argparse.Namespace, world_size: int) -> config_lib.Run
         value = getattr(args, flag, None)
         if value is not None:
             config_lib.apply_override(raw, key, value)
+    if getattr(args, "no_cache", None):
+        config_lib.apply_override(raw, "vla_ds.cache.mode", "off")
     for item in args.overrides:
         if "=" not in item:
             raise config_lib.ConfigError(f"--set {item!r}: expected KEY=VALUE")
@@ -205,6 +209,8 @@ def run(args: argparse.Namespace) -> dict:
     engine, groups = engine_lib.initialize(policy, cfg)
 
     collate = trainer.PolicyCollator(input_builder)
+    if config_lib.cache_enabled(cfg):
+        train_ds, val_ds = build_feature_cache(cfg, engine, fingerprint, [train_ds, val_ds], collate, rank, world)
     loader_kwargs = dict(collate_fn=collate, num_workers=cfg.data.num_workers,
                          persistent_workers=cfg.data.num_workers > 0, pin_memory=torch.cuda.is_available())
     train_loader = DataLoader(train_ds, batch_size=cfg.micro_batch_size, sampler=sampler, drop_last=True,
@@ -229,6 +235,22 @@ def run(args: argparse.Namespace) -> dict:
         logger.info("done: %d steps, train/loss %.4f -> %.4f; checkpoints and metrics.jsonl in %s",
                     state.step, state.history[0], state.history[-1], output_dir)
     return {"state": state, "output_dir": output_dir, "engine": engine}
+
+
+def build_feature_cache(cfg, engine, fingerprint: str, datasets: list, collate, rank: int, world: int) -> list:
+    """Stage 1: compute missing VL features (all ranks, disjoint shares) and return the
+    datasets wrapped to serve them instead of images. Collective."""
+    from vla_ds import cache
+
+    key, parts = cache.model_key(fingerprint, cfg.backbone)
+    root = cache.cache_root(cfg.cache, cfg.data.dataset_dir, key, parts)
+    store = cache.FeatureStore(root)
+    keys = [cache.sample_keys(ds) for ds in datasets]
+    computed = cache.build(store, datasets, keys, engine.module.backbone, collate, cfg.cache, cfg.data.num_workers,
+                           rank, world, engine.device)
+    logger.info("VL feature cache %s: %d features (%d computed now on rank 0); images are not decoded in training",
+                root, len(store.index), computed)
+    return [cache.CachedFeatures(ds, k, store) for ds, k in zip(datasets, keys)]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from vla_ds.cache import VL_HIDDEN
 from vla_ds.checkpoint import save_checkpoint
 from vla_ds.config import RunConfig
 from vla_ds.data.dataset import collate_numeric
@@ -25,7 +26,9 @@ logger = logging.getLogger(__name__)
 
 class PolicyCollator:
     """DataLoader collate: numeric fields stacked, images + instruction turned into
-    backbone inputs (tokenised prompt, processed patches). Runs in the workers; picklable."""
+    backbone inputs (tokenised prompt, processed patches), or, for samples from the VL
+    feature cache, the cached features stacked (``vl_hidden`` (B, hidden)) and no prompt
+    built at all. Runs in the workers; picklable."""
 
     def __init__(self, input_builder):
         self.input_builder = input_builder
@@ -33,7 +36,10 @@ class PolicyCollator:
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = collate_numeric(samples)
         images, instructions = batch.pop("images"), batch.pop("instruction")
-        batch.update(self.input_builder(images, instructions))
+        if VL_HIDDEN in batch:
+            batch[VL_HIDDEN] = torch.from_numpy(np.stack(batch[VL_HIDDEN]))  # (B, hidden)
+        else:
+            batch.update(self.input_builder(images, instructions))
         return batch
 
 

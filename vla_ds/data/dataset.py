@@ -466,6 +466,14 @@ class VLADataset(torch.utils.data.Dataset):
             FRAME_TIME: t,
         }
 
+    def image_paths(self, i: int) -> list[Path]:
+        """The image file of each view that sample i uses (no decoding)."""
+        ep = self.episodes[self._sample_episode[i]]
+        return [ep.image_path(v, self._sample_frames[i, v]) for v in range(self.num_views)]
+
+    def instruction(self, i: int) -> str:
+        return self.episodes[self._sample_episode[i]].instruction
+
     def get_actions(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Only the action chunk of sample i: (actions (H, 7) float32, action_is_pad (H,) bool).
         Cheap (no image or sensor reads), for statistics."""

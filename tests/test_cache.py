@@ -1,0 +1,119 @@
+"""Stage 1 VL feature cache: keys, atomic shards, rebuild of changed entries only, and
+the same training losses with and without it."""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from vla_ds import cache
+from vla_ds.data import DataConfig, VLADataset
+from vla_ds.engine import init_distributed
+from vla_ds.metrics import read_metrics
+from vla_ds.models.backbone import BackboneConfig, VLBackbone, VLInputBuilder
+from vla_ds.trainer import PolicyCollator
+from vla_ds.train import main
+
+from test_stage2 import args  # noqa: E402  (the shared tiny-run argument list)
+
+
+@pytest.fixture()
+def setup(tiny_backbone_dir, demo_dataset_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(demo_dataset_dir, data)
+    bcfg = BackboneConfig(model_name_or_path=str(tiny_backbone_dir), dtype="float32")
+    backbone = VLBackbone(bcfg).eval()
+    collate = PolicyCollator(VLInputBuilder.from_pretrained(bcfg))
+    init_distributed(5)
+    return data, bcfg, backbone, collate, tmp_path / "cache"
+
+
+def build(data, bcfg, backbone, collate, cache_dir):
+    ds = VLADataset.from_config(DataConfig(dataset_dir=str(data), sensor_window_size=32))
+    key, parts = cache.model_key(backbone.fingerprint(), bcfg)
+    ccfg = cache.CacheConfig(dir=str(cache_dir), build_batch_size=16, shard_rows=64)
+    store = cache.FeatureStore(cache.cache_root(ccfg, str(data), key, parts))
+    keys = cache.sample_keys(ds)
+    computed = cache.build(store, [ds], [keys], backbone, collate, ccfg, 0, 0, 1, "cpu")
+    return ds, keys, store, computed
+
+
+def test_features_match_the_backbone_and_are_reused(setup):
+    data, bcfg, backbone, collate, cache_dir = setup
+    ds, keys, store, computed = build(data, bcfg, backbone, collate, cache_dir)
+    assert computed == len(set(keys)) == len(store.index)
+    assert len(list(store.root.glob("shard-*.npy"))) > 1  # a few large files, not one per sample
+    batch = collate([ds[i] for i in (0, 5, 300)])
+    with torch.no_grad():
+        live = backbone(*(batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")))
+    cached = np.stack([store.get(keys[i]) for i in (0, 5, 300)])
+    np.testing.assert_allclose(cached, live.numpy(), rtol=1e-4, atol=1e-5)
+    assert build(data, bcfg, backbone, collate, cache_dir)[3] == 0  # nothing to recompute
+
+
+def test_changed_inputs_rebuild_only_their_entries(setup):
+    data, bcfg, backbone, collate, cache_dir = setup
+    ds, keys, store, _ = build(data, bcfg, backbone, collate, cache_dir)
+    image = ds.image_paths(7)[1]
+    users = sum(1 for i in range(len(ds)) if image in ds.image_paths(i))
+    st = image.stat()
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # same bytes, new mtime
+    assert build(data, bcfg, backbone, collate, cache_dir)[3] == users
+    # A new instruction changes every sample of that episode.
+    episode = image.parent.parent.parent
+    n_episode = sum(1 for i in range(len(ds)) if ds.image_paths(i)[0].parent.parent.parent == episode)
+    meta = episode / "metadata.json"
+    meta.write_text(meta.read_text().replace('"instruction": "', '"instruction": "carefully '))
+    assert build(data, bcfg, backbone, collate, cache_dir)[3] == n_episode
+    # Another processor setting is another model key: a separate cache.
+    other = BackboneConfig(model_name_or_path=bcfg.model_name_or_path, dtype="float32", max_pixels=56 * 56 * 2)
+    assert cache.model_key(backbone.fingerprint(), other)[0] != cache.model_key(backbone.fingerprint(), bcfg)[0]
+
+
+def test_uncommitted_or_inconsistent_shards_are_never_read(setup):
+    data, bcfg, backbone, collate, cache_dir = setup
+    ds, keys, store, _ = build(data, bcfg, backbone, collate, cache_dir)
+    # A crash after writing features but before the commit mark: ignored.
+    np.save(store.root / "shard-crash.npy", np.full((3, 64), 7.0, np.float32))
+    # A shard whose keys do not match its rows: ignored, even for keys it names.
+    np.save(store.root / "shard-bad.npy", np.full((2, 64), 9.0, np.float32))
+    (store.root / "shard-bad.keys").write_text(f"{keys[0]}\n{keys[1]}\nextra\n")
+    fresh = cache.FeatureStore(store.root).refresh()
+    assert len(fresh.index) == len(store.index)
+    assert not np.allclose(fresh.get(keys[0]), 9.0)
+
+
+def test_cached_samples_never_decode_images(setup, monkeypatch):
+    data, bcfg, backbone, collate, cache_dir = setup
+    ds, keys, store, _ = build(data, bcfg, backbone, collate, cache_dir)
+    from vla_ds.data import dataset as dataset_module
+
+    def no_decoding(path):
+        raise AssertionError(f"decoded {path}")
+
+    monkeypatch.setattr(dataset_module, "decode_image", no_decoding)
+    batch = collate([cache.CachedFeatures(ds, keys, store)[i] for i in (1, 2)])
+    assert batch[cache.VL_HIDDEN].shape == (2, backbone.hidden_size) and "input_ids" not in batch
+
+
+def test_same_losses_with_and_without_the_cache(tiny_backbone_dir, demo_dataset_dir, tmp_path):
+    common = ["--epochs", "2", "--lr", "1e-3", "--max_steps", "30"]
+    with_cache, without = tmp_path / "cached", tmp_path / "live"
+    assert main(args("stage1.json", demo_dataset_dir, tiny_backbone_dir, with_cache, *common,
+                     "--set", f"cache.dir={tmp_path / 'cache'}")) == 0
+    assert main(args("stage1.json", demo_dataset_dir, tiny_backbone_dir, without, *common, "--no-cache")) == 0
+    assert any((tmp_path / "cache").rglob("shard-*.keys"))
+    a, b = read_metrics(with_cache), read_metrics(without)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for x, y in zip(a, b):
+        key = "train/loss" if "train/loss" in x else "val/loss"
+        assert x[key] == pytest.approx(y[key], rel=2e-2, abs=2e-3), x["step"]
+
+
+def test_stage2_refuses_the_cache(tiny_backbone_dir, demo_dataset_dir, tmp_path, capsys):
+    code = main(args("stage2.json", demo_dataset_dir, tiny_backbone_dir, tmp_path / "o",
+                     "--stage1-checkpoint", str(tmp_path), "--set", "cache.mode=on"))
+    err = capsys.readouterr().err
+    assert code == 2 and "Stage 1 only" in err and "Traceback" not in err

@@ -1,0 +1,264 @@
+"""Stage 1 VL feature cache: run the frozen backbone once per sample, reuse it every epoch.
+
+In Stage 1 the backbone is frozen, so a sample's pooled VL feature depends only on the
+backbone, the processor settings, the prompt template, its images and its instruction.
+Those make up the keys, so a stale feature cannot be read:
+
+* the *model key* (one directory per key) hashes the backbone fingerprint (config + base
+  weights), its load dtype, ``PROMPT_TEMPLATE_VERSION``, min/max pixels and the
+  instruction token budget;
+* the *sample key* hashes the instruction, the camera views and, for each view's image
+  file, its path, size and modification time.
+
+Layout (a few large files, read through memory mapping)::
+
+    <cache_dir>/<model_key>/
+      meta.json                     what the model key was made of (for people)
+      shard-<id>.npy                float32 (n, hidden) features
+      shard-<id>.keys               n sample keys, one per line: written last, the commit mark
+
+A shard is written to temporary names and renamed, ``.npy`` first and ``.keys`` last, so
+a crash mid-build leaves at most an unreferenced ``.npy`` (ignored) and never an entry
+that reads back wrong; a restarted build keeps every committed shard. Changing an input
+changes its sample key, so only the affected entries are computed again.
+
+The backbone, the data and the engine meet here, so this module sits above all three.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vla_ds.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT_VERSION = 1
+CACHE_MODES = ("auto", "on", "off")
+VL_HIDDEN = "vl_hidden"  # batch key of cached features (B, hidden) float32
+
+
+@dataclass
+class CacheConfig:
+    """VL feature cache (SPEC section 2: on in Stage 1, off in Stage 2).
+
+    Fields:
+        mode: ``auto`` (on in Stage 1, off in Stage 2), ``on`` (Stage 1 only) or ``off``
+            (``--no-cache``).
+        dir: cache root; empty means ``<dataset_dir>/.vla_ds_cache`` (hidden folders are
+            not scanned for episodes). Put it on a filesystem every node sees to share it.
+        build_batch_size: samples per backbone forward while building.
+        shard_rows: rows per shard file; a crash loses at most one unfinished shard per rank.
+    """
+
+    mode: str = "auto"
+    dir: str = ""
+    build_batch_size: int = 16
+    shard_rows: int = 4096
+
+    def __post_init__(self):
+        if self.mode not in CACHE_MODES:
+            raise ConfigError(f"cache.mode={self.mode!r}: expected one of {', '.join(CACHE_MODES)}")
+        if self.build_batch_size < 1 or self.shard_rows < 1:
+            raise ConfigError("cache.build_batch_size and cache.shard_rows must be >= 1")
+
+
+def model_key(fingerprint: str, backbone_config) -> tuple[str, dict[str, Any]]:
+    """(key, its parts) for a backbone and its input settings."""
+    from vla_ds.models.backbone import PROMPT_TEMPLATE_VERSION
+
+    parts = {
+        "format": CACHE_FORMAT_VERSION,
+        "backbone_fingerprint": fingerprint,
+        "dtype": backbone_config.dtype,
+        "prompt_template": PROMPT_TEMPLATE_VERSION,
+        "min_pixels": backbone_config.min_pixels,
+        "max_pixels": backbone_config.max_pixels,
+        "max_text_tokens": backbone_config.max_text_tokens,
+    }
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+    return digest, parts
+
+
+def sample_keys(dataset) -> list[str]:
+    """One key per sample: instruction, views, and each view image's path, size and mtime."""
+    stat_cache: dict[Path, tuple[int, int]] = {}
+
+    def identity(path: Path) -> tuple[str, int, int]:
+        if path not in stat_cache:
+            st = path.stat()
+            stat_cache[path] = (st.st_size, st.st_mtime_ns)
+        return (str(path), *stat_cache[path])
+
+    keys = []
+    for i in range(len(dataset)):
+        paths = dataset.image_paths(i)
+        ident = [dataset.instruction(i), [p.parent.name for p in paths], [identity(p) for p in paths]]
+        keys.append(hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:32])
+    return keys
+
+
+class FeatureStore:
+    """The committed shards of one model key: key -> feature row, memory-mapped.
+
+    Picklable for DataLoader workers: the memory maps are reopened lazily in each worker
+    (the OS shares their pages, nothing is copied per worker).
+    """
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.index: dict[str, tuple[int, int]] = {}
+        self.shards: list[str] = []
+        self._maps: dict[int, np.ndarray] = {}
+
+    def __getstate__(self):
+        return {**self.__dict__, "_maps": {}}
+
+    def refresh(self) -> "FeatureStore":
+        """Re-read the committed shards (after a build)."""
+        self.index, self.shards, self._maps = {}, [], {}
+        for keys_file in sorted(self.root.glob("shard-*.keys")):
+            npy = keys_file.with_suffix(".npy")
+            keys = keys_file.read_text().split()
+            if not npy.is_file():
+                logger.warning("%s: committed keys without features; ignored", keys_file)
+                continue
+            rows = np.load(npy, mmap_mode="r").shape[0]
+            if rows != len(keys):
+                logger.warning("%s: %d features for %d keys; ignored", npy, rows, len(keys))
+                continue
+            shard = len(self.shards)
+            self.shards.append(npy.name)
+            for row, key in enumerate(keys):
+                self.index[key] = (shard, row)
+        return self
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.index
+
+    def get(self, key: str) -> np.ndarray:
+        shard, row = self.index[key]
+        if shard not in self._maps:
+            self._maps[shard] = np.load(self.root / self.shards[shard], mmap_mode="r")
+        return np.asarray(self._maps[shard][row], dtype=np.float32)  # (hidden,) a copy of one row
+
+
+class ShardWriter:
+    """Buffers features and commits them as shards (atomic: see the module docstring)."""
+
+    def __init__(self, root: Path, shard_rows: int, rank: int):
+        self.root, self.shard_rows, self.rank = root, shard_rows, rank
+        self.keys: list[str] = []
+        self.rows: list[np.ndarray] = []
+        self.written = 0
+
+    def add(self, keys: list[str], features: np.ndarray) -> None:
+        self.keys.extend(keys)
+        self.rows.extend(features)
+        if len(self.keys) >= self.shard_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.keys:
+            return
+        name = f"shard-r{self.rank}-{uuid.uuid4().hex[:12]}"
+        npy, keys = self.root / f"{name}.npy", self.root / f"{name}.keys"
+        tmp_npy, tmp_keys = self.root / f".{name}.npy.tmp", self.root / f".{name}.keys.tmp"
+        with open(tmp_npy, "wb") as f:
+            np.save(f, np.stack(self.rows).astype(np.float32))
+            f.flush()
+            os.fsync(f.fileno())
+        with open(tmp_keys, "w") as f:
+            f.write("\n".join(self.keys) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_npy, npy)
+        os.replace(tmp_keys, keys)  # the commit: only now do readers see the shard
+        self.written += len(self.keys)
+        self.keys, self.rows = [], []
+
+
+def cache_root(cache_config: CacheConfig, dataset_dir: str, key: str, parts: dict[str, Any]) -> Path:
+    base = Path(cache_config.dir) if cache_config.dir else Path(dataset_dir) / ".vla_ds_cache"
+    root = base / key
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        meta = root / "meta.json"
+        if not meta.exists():
+            tmp = root / f".meta.{uuid.uuid4().hex[:8]}.tmp"
+            tmp.write_text(json.dumps(parts, indent=2) + "\n")
+            os.replace(tmp, meta)
+    except OSError as e:
+        raise ConfigError(f"{base}: cannot write the VL feature cache ({e.strerror}); "
+                          "point --set cache.dir=DIR at a writable place or pass --no-cache") from None
+    return root
+
+
+@torch.no_grad()
+def build(store: FeatureStore, datasets: list, keys: list[list[str]], backbone, collate, cache_config: CacheConfig,
+          num_workers: int, rank: int, world_size: int, device) -> int:
+    """Compute the features of every sample whose key is missing. Collective: each rank
+    takes a disjoint share, then all ranks wait and re-read the store. Returns the number
+    of features this rank computed."""
+    import deepspeed.comm as dist
+    from torch.utils.data import DataLoader, Subset
+
+    store.refresh()
+    missing: dict[str, tuple[int, int]] = {}  # key -> (dataset, index); one job per distinct key
+    for d, (ds, ds_keys) in enumerate(zip(datasets, keys)):
+        for i, k in enumerate(ds_keys):
+            if k not in store and k not in missing:
+                missing[k] = (d, i)
+    dist.barrier()  # every rank has read the same index before anyone writes: the same job split
+    jobs = list(missing.items())[rank::world_size]
+    writer = ShardWriter(store.root, cache_config.shard_rows, rank)
+    if jobs:
+        logger.info("VL feature cache: computing %d of %d missing features on this rank (%s)",
+                    len(jobs), len(missing), store.root)
+        was_training = backbone.training
+        backbone.eval()
+        for d, ds in enumerate(datasets):
+            mine = [(k, i) for k, (dd, i) in jobs if dd == d]
+            if not mine:
+                continue
+            loader = DataLoader(Subset(ds, [i for _, i in mine]), batch_size=cache_config.build_batch_size,
+                                collate_fn=collate, num_workers=num_workers)
+            done = 0
+            for batch in loader:
+                inputs = [batch[k].to(device) for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")]
+                features = backbone(*inputs).float().cpu().numpy()  # (B, hidden)
+                writer.add([k for k, _ in mine[done:done + len(features)]], features)
+                done += len(features)
+        writer.flush()
+        backbone.train(was_training)
+    dist.barrier()
+    store.refresh()
+    still = sum(1 for ds_keys in keys for k in ds_keys if k not in store)
+    if still:
+        raise RuntimeError(f"VL feature cache {store.root}: {still} features missing after the build")
+    return writer.written
+
+
+class CachedFeatures(torch.utils.data.Dataset):
+    """A dataset whose samples carry their cached VL feature instead of images."""
+
+    def __init__(self, dataset, keys: list[str], store: FeatureStore):
+        self.dataset, self.keys, self.store = dataset, keys, store
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        sample = self.dataset.get_item(i, with_images=False)  # never decodes images
+        sample[VL_HIDDEN] = self.store.get(self.keys[i])
+        return sample
