@@ -1,0 +1,153 @@
+"""Stage 1 with and without the VL feature cache: samples/s after the first epoch, the
+share of step time spent decoding images and running the backbone, and the FLOP
+estimate of both paths for the reference 3B backbone.
+
+    python benchmarks/bench_cache.py [--epochs 3] [--episodes 10] [--json out.json]
+
+One process, tiny backbone, demo dataset (made in a temp dir). Run by hand; prints a
+table and writes JSON. Not a test: timings on shared machines are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run(label: str, data: Path, backbone: Path, out: Path, epochs: int, extra: list[str]) -> dict:
+    from vla_ds.metrics import read_metrics
+    from vla_ds.train import main
+
+    argv = ["--ds_config", str(REPO / "ds_configs" / "stage1.json"), "--dataset_dir", str(data),
+            "--vl-model", str(backbone), "--model-preset", "tiny", "--sensor-window-size", "32",
+            "--num_workers", "0", "--batch_size", "8", "--epochs", str(epochs), "--lr", "1e-3",
+            "--output_dir", str(out), "--set", "train.progress_bar=false", *extra]
+    start = time.perf_counter()
+    assert main(argv) == 0, label
+    wall = time.perf_counter() - start
+    rows = [r for r in read_metrics(out) if "train/loss" in r and r["epoch"] >= 2]  # after the first epoch
+    return {"samples_per_s": statistics.median(r["samples_per_s"] for r in rows),
+            "data_share": statistics.median(r["data_share"] for r in rows), "wall_s": wall}
+
+
+def vl_share(data: Path, backbone_dir: Path, batches: int = 20) -> dict:
+    """Seconds per batch of 8 spent decoding images + building prompts, and in the backbone."""
+    from vla_ds.data import DataConfig, VLADataset
+    from vla_ds.models.backbone import BackboneConfig, VLBackbone, VLInputBuilder
+
+    ds = VLADataset.from_config(DataConfig(dataset_dir=str(data), sensor_window_size=32))
+    bcfg = BackboneConfig(model_name_or_path=str(backbone_dir))
+    builder, backbone = VLInputBuilder.from_pretrained(bcfg), VLBackbone(bcfg).eval()
+    decode = build = forward = 0.0
+    for b in range(batches):
+        idx = [(b * 8 + j) % len(ds) for j in range(8)]
+        t0 = time.perf_counter()
+        with_images = [ds.get_item(i) for i in idx]
+        t1 = time.perf_counter()
+        [ds.get_item(i, with_images=False) for i in idx]
+        t2 = time.perf_counter()
+        inputs = builder([s["images"] for s in with_images], [s["instruction"] for s in with_images])
+        t3 = time.perf_counter()
+        with torch.no_grad():
+            backbone(*(inputs[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")))
+        t4 = time.perf_counter()
+        decode += (t1 - t0) - (t2 - t1)
+        build += t3 - t2
+        forward += t4 - t3
+    return {"decode_s_per_batch": decode / batches, "prompt_s_per_batch": build / batches,
+            "backbone_s_per_batch": forward / batches}
+
+
+def reference_flops() -> dict:
+    """Training FLOPs per sample of the reference 3B setup (640x360, two views) with and
+    without the cache, from the architecture: 2 x params x tokens per forward of each
+    part (plus attention), backward = 2 x forward for the trained heads only."""
+    from vla_ds.memory import image_tokens
+    from vla_ds.models.backbone import reference_backbone_config
+
+    cfg = reference_backbone_config()
+    text, vision = cfg.text_config, cfg.vision_config
+    view = image_tokens(360, 640)
+    lm_per_view, patches_per_view = view.tokens, view.patches
+    views, prompt = 2, 40
+    lm_tokens = views * (lm_per_view + 2) + prompt
+    vis_tokens = views * patches_per_view
+    # Per-layer matmul parameters (weights touched once per token).
+    h, inter = text.hidden_size, text.intermediate_size
+    kv = h // text.num_attention_heads * text.num_key_value_heads
+    lm_layer = h * h * 2 + h * kv * 2 + 3 * h * inter
+    vh, vinter = vision.hidden_size, vision.intermediate_size
+    vis_layer = 4 * vh * vh + 3 * vh * vinter
+    lm = 2 * text.num_hidden_layers * (lm_layer * lm_tokens + 2 * lm_tokens * lm_tokens * h)
+    # The vision tower attends within windows of 112 px (64 patches) except 4 full layers.
+    vis = 2 * vision.depth * vis_layer * vis_tokens + 2 * 2 * vh * vis_tokens * (
+        (vision.depth - 4) * 64 + 4 * patches_per_view)
+    merger = 2 * vis_tokens * (vh * 4) * (vh * 4) // 4 * 2
+    backbone_fwd = lm + vis + merger
+    # Heads (reference sizes), trained: forward + backward = 3 x forward.
+    from vla_ds.models.action_expert import ActionExpert, ActionExpertConfig
+    from vla_ds.models.sensor_encoder import SensorEncoder, SensorEncoderConfig
+
+    with torch.device("meta"):
+        se, ae = SensorEncoder(SensorEncoderConfig(in_channels=1026)), ActionExpert(ActionExpertConfig())
+    se_tokens = SensorEncoderConfig().downsampled_length
+    heads_fwd = 2 * sum(p.numel() for p in se.parameters()) * se_tokens + 2 * sum(
+        p.numel() for p in ae.parameters()) * (8 + 3)
+    return {"lm_tokens": lm_tokens, "vision_patches": vis_tokens, "backbone_forward_gflop": backbone_fwd / 1e9,
+            "heads_train_gflop": 3 * heads_fwd / 1e9,
+            "flop_ratio_without_vs_with_cache": (backbone_fwd + 3 * heads_fwd) / (3 * heads_fwd)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--episodes", type=int, default=10, help="demo episodes per source")
+    p.add_argument("--json", type=Path)
+    a = p.parse_args(argv)
+    from vla_ds.data.demo import make_demo_dataset
+    from vla_ds.log import setup_logging
+    from vla_ds.tiny_backbone import make_tiny_backbone
+
+    setup_logging(level=30)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        backbone = make_tiny_backbone(tmp / "tiny")
+        data = make_demo_dataset(tmp / "data", episodes_per_source=(a.episodes, a.episodes))
+        live = run("no cache", data, backbone, tmp / "live", a.epochs, ["--no-cache"])
+        cached = run("cache", data, backbone, tmp / "cached", a.epochs, ["--set", f"cache.dir={tmp / 'cache'}"])
+        share = vl_share(data, backbone)
+    step_s = 8 / live["samples_per_s"]
+    vl_s = share["decode_s_per_batch"] + share["prompt_s_per_batch"] + share["backbone_s_per_batch"]
+    flops = reference_flops()
+    result = {
+        "tiny_cpu": {"no_cache": live, "cache": cached, "speedup": cached["samples_per_s"] / live["samples_per_s"],
+                     **share, "vl_share_of_step_without_cache": min(1.0, vl_s / step_s)},
+        "reference_3b_640x360_2views": flops,
+    }
+    print(f"{'path':<12}{'samples/s':>12}{'data_share':>12}")
+    print(f"{'no cache':<12}{live['samples_per_s']:>12.1f}{live['data_share']:>12.2f}")
+    print(f"{'cache':<12}{cached['samples_per_s']:>12.1f}{cached['data_share']:>12.2f}")
+    print(f"speedup with cache (tiny, 1 process, epochs >= 2): {result['tiny_cpu']['speedup']:.1f}x")
+    print(f"without cache, per batch of 8: decode {share['decode_s_per_batch'] * 1e3:.1f} ms, prompt "
+          f"{share['prompt_s_per_batch'] * 1e3:.1f} ms, backbone {share['backbone_s_per_batch'] * 1e3:.1f} ms "
+          f"= {result['tiny_cpu']['vl_share_of_step_without_cache']:.0%} of a {step_s * 1e3:.1f} ms step")
+    print(f"reference 3B, 640x360 x 2 views ({flops['lm_tokens']} LM tokens, {flops['vision_patches']} patches): "
+          f"backbone forward {flops['backbone_forward_gflop']:.0f} GFLOP/sample, heads training "
+          f"{flops['heads_train_gflop']:.0f} GFLOP/sample -> {flops['flop_ratio_without_vs_with_cache']:.0f}x "
+          f"fewer FLOPs per sample with the cache")
+    if a.json:
+        a.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {a.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
