@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from vla_ds.config import MODEL_PRESETS, ParamGroupConfig, RunConfig, resolve_config
+from vla_ds.config import MODEL_PRESETS, ParamGroupConfig
 from vla_ds.data import DataConfig, VLADataset, compute_norm_stats
 from vla_ds.errors import ConfigError
 from vla_ds.models.action_expert import ActionExpertConfig

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from vla_ds.config import MODEL_PRESETS
-from vla_ds.data import DataConfig, NormStats, VLADataset, compute_norm_stats
+from vla_ds.data import DataConfig, VLADataset, compute_norm_stats
 from vla_ds.models.action_expert import ActionExpertConfig
 from vla_ds.models.backbone import BackboneConfig, VLBackbone, VLInputBuilder
 from vla_ds.models.policy import VLAPolicy

@@ -215,7 +215,7 @@ def build(store: FeatureStore, datasets: list, keys: list[list[str]], backbone, 
 
     store.refresh()
     missing: dict[str, tuple[int, int]] = {}  # key -> (dataset, index); one job per distinct key
-    for d, (ds, ds_keys) in enumerate(zip(datasets, keys)):
+    for d, ds_keys in enumerate(keys):
         for i, k in enumerate(ds_keys):
             if k not in store and k not in missing:
                 missing[k] = (d, i)

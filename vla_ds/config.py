@@ -449,11 +449,7 @@ def _check_consistency(cfg: RunConfig, source: str) -> None:
     if cfg.stage == "stage2" and not (cfg.train.stage1_checkpoint or cfg.train.resume):
         raise ConfigError(f"{source}: stage2 needs the Stage 1 weights: pass --stage1-checkpoint PATH "
                           "(a Stage 1 output dir or its .pt)")
-    se, ae = cfg.sensor_encoder, cfg.action_expert
-    if se.d_model % se.num_heads:
-        raise ConfigError(f"sensor_encoder.d_model={se.d_model} is not divisible by num_heads={se.num_heads}")
-    if ae.d_model % ae.num_heads:
-        raise ConfigError(f"action_expert.d_model={ae.d_model} is not divisible by num_heads={ae.num_heads}")
+    ae = cfg.action_expert
     if ae.horizon != cfg.data.action_horizon:
         raise ConfigError(f"action_expert.horizon={ae.horizon} differs from data.action_horizon="
                           f"{cfg.data.action_horizon}; set both (the chunk the model predicts is the one the data makes)")

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vla_ds.errors import ConfigError
+from vla_ds.models._checks import check_transformer, require_positive_int
 
 BETA_SCHEDULES = ("cosine", "linear")
 PREDICTION_TYPES = ("epsilon",)
@@ -41,12 +42,6 @@ def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
     Works on the meta device, so reference sizes can be counted without allocating.
     """
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
-
-
-def _require_positive_int(owner: str, name: str, value: object) -> None:
-    # bool is an int subclass; `True` as a layer count is a config mistake, not 1.
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{owner}.{name} must be a positive integer, got {value!r}")
 
 
 @dataclass
@@ -96,15 +91,8 @@ class ActionExpertConfig:
         for name in ("action_dim", "horizon", "vl_hidden_size", "vl_feature_dim",
                      "sensor_feature_dim", "d_model", "num_layers", "num_heads",
                      "dim_feedforward", "num_train_timesteps", "num_inference_steps"):
-            _require_positive_int(owner, name, getattr(self, name))
-        if self.d_model % self.num_heads != 0:
-            raise ConfigError(
-                f"{owner}.num_heads must divide d_model, got num_heads={self.num_heads}, "
-                f"d_model={self.d_model}"
-            )
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
-                or not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"{owner}.dropout must be in [0, 1), got {self.dropout!r}")
+            require_positive_int(owner, name, getattr(self, name))
+        check_transformer(owner, self.d_model, self.num_heads, self.dropout)
         if self.beta_schedule not in BETA_SCHEDULES:
             raise ConfigError(
                 f"{owner}.beta_schedule must be one of {BETA_SCHEDULES}, got {self.beta_schedule!r}"

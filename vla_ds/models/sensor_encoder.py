@@ -26,12 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from vla_ds.errors import ConfigError
-
-
-def _require_positive_int(owner: str, name: str, value: object) -> None:
-    # bool is an int subclass; `True` as a layer count is a config mistake, not 1.
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{owner}.{name} must be a positive integer, got {value!r}")
+from vla_ds.models._checks import check_transformer, require_positive_int
 
 
 def conv_output_length(length: int, kernel_size: int, stride: int, num_convs: int) -> int:
@@ -89,18 +84,11 @@ class SensorEncoderConfig:
                 f"got {self.conv_channels!r}"
             )
         for i, channels in enumerate(self.conv_channels):
-            _require_positive_int(owner, f"conv_channels[{i}]", channels)
+            require_positive_int(owner, f"conv_channels[{i}]", channels)
         for name in ("in_channels", "window_size", "kernel_size", "stride", "d_model",
                      "num_layers", "num_heads", "dim_feedforward", "out_dim"):
-            _require_positive_int(owner, name, getattr(self, name))
-        if self.d_model % self.num_heads != 0:
-            raise ConfigError(
-                f"{owner}.num_heads must divide d_model, got num_heads={self.num_heads}, "
-                f"d_model={self.d_model}"
-            )
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
-                or not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"{owner}.dropout must be in [0, 1), got {self.dropout!r}")
+            require_positive_int(owner, name, getattr(self, name))
+        check_transformer(owner, self.d_model, self.num_heads, self.dropout)
 
     @property
     def downsampled_length(self) -> int:
