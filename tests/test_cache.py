@@ -117,3 +117,13 @@ def test_stage2_refuses_the_cache(tiny_backbone_dir, demo_dataset_dir, tmp_path,
                      "--stage1-checkpoint", str(tmp_path), "--set", "cache.mode=on"))
     err = capsys.readouterr().err
     assert code == 2 and "Stage 1 only" in err and "Traceback" not in err
+
+
+def test_build_cache_script_fills_the_cache_train_then_reuses(tiny_backbone_dir, demo_dataset_dir, tmp_path, capsys):
+    common = ["--set", f"cache.dir={tmp_path / 'cache'}"]
+    assert main(args("stage1.json", demo_dataset_dir, tiny_backbone_dir, tmp_path / "b", *common), cache_only=True) == 0
+    assert not (tmp_path / "b" / "metrics.jsonl").exists()  # built, did not train
+    capsys.readouterr()
+    assert main(args("stage1.json", demo_dataset_dir, tiny_backbone_dir, tmp_path / "t", *common, "--max_steps", "2")) == 0
+    log = capsys.readouterr().err
+    assert "computing" not in log and "(0 computed now on rank 0)" in log

@@ -119,7 +119,9 @@ def load_run_config(args: argparse.Namespace, world_size: int) -> config_lib.Run
     return config_lib.resolve_config(raw, world_size, source=str(args.ds_config))
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, cache_only: bool = False) -> dict:
+    """Build everything and train; with ``cache_only``, stop once the Stage 1 VL feature
+    cache is complete (``scripts/build_cache.py``)."""
     from vla_ds import checkpoint, engine as engine_lib, trainer
     from vla_ds.data import DistributedWeightedSampler, NormStats, VLADataset, compute_norm_stats, split_train_val
     from vla_ds.models.backbone import VLBackbone, VLInputBuilder
@@ -211,6 +213,11 @@ def run(args: argparse.Namespace) -> dict:
     collate = trainer.PolicyCollator(input_builder)
     if config_lib.cache_enabled(cfg):
         train_ds, val_ds = build_feature_cache(cfg, engine, fingerprint, [train_ds, val_ds], collate, rank, world)
+    elif cache_only:
+        raise config_lib.ConfigError(f"{args.ds_config}: the VL feature cache is off for this run "
+                                     f"(stage {cfg.stage}, cache.mode {cfg.cache.mode}); nothing to build")
+    if cache_only:
+        return {"output_dir": output_dir, "engine": engine}
     loader_kwargs = dict(collate_fn=collate, num_workers=cfg.data.num_workers,
                          persistent_workers=cfg.data.num_workers > 0, pin_memory=torch.cuda.is_available())
     train_loader = DataLoader(train_ds, batch_size=cfg.micro_batch_size, sampler=sampler, drop_last=True,
@@ -253,12 +260,12 @@ def build_feature_cache(cfg, engine, fingerprint: str, datasets: list, collate, 
     return [cache.CachedFeatures(ds, k, store) for ds, k in zip(datasets, keys)]
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, cache_only: bool = False) -> int:
     """Entry point; returns the exit code (0, or 2 for a user error with its message printed)."""
     args = build_parser().parse_args(argv)
     setup_logging()
     try:
-        run(args)
+        run(args, cache_only=cache_only)
     except VLAError as e:
         from vla_ds.engine import distributed_started
 
