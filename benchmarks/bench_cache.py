@@ -20,9 +20,11 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+PRECISION: list[str] = []  # --fp32 adds the overrides for an fp32 run (CPUs without fast bf16)
 
 
 def run(label: str, data: Path, backbone: Path, out: Path, epochs: int, extra: list[str]) -> dict:
+    extra = [*extra, *PRECISION]
     from vla_ds.metrics import read_metrics
     from vla_ds.train import main
 
@@ -111,7 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--episodes", type=int, default=10, help="demo episodes per source")
     p.add_argument("--json", type=Path)
+    p.add_argument("--fp32", action="store_true", help="run both paths in fp32 (bf16 is emulated on many CPUs)")
     a = p.parse_args(argv)
+    if a.fp32:
+        PRECISION[:] = ["--set", "bf16.enabled=false", "--set", "backbone.dtype=float32"]
     from vla_ds.data.demo import make_demo_dataset
     from vla_ds.log import setup_logging
     from vla_ds.tiny_backbone import make_tiny_backbone

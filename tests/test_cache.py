@@ -32,10 +32,10 @@ def setup(tiny_backbone_dir, demo_dataset_dir, tmp_path):
 
 def build(data, bcfg, backbone, collate, cache_dir):
     ds = VLADataset.from_config(DataConfig(dataset_dir=str(data), sensor_window_size=32))
-    key, parts = cache.model_key(backbone.fingerprint(), bcfg)
+    key, parts = cache.model_key(backbone.fingerprint(), bcfg, torch.float32)
     ccfg = cache.CacheConfig(dir=str(cache_dir), build_batch_size=16, shard_rows=64)
     store = cache.FeatureStore(cache.cache_root(ccfg, str(data), key, parts))
-    keys = cache.sample_keys(ds)
+    keys = cache.sample_keys(ds, str(data))
     computed = cache.build(store, [ds], [keys], backbone, collate, ccfg, 0, 0, 1, "cpu")
     return ds, keys, store, computed
 
@@ -69,7 +69,9 @@ def test_changed_inputs_rebuild_only_their_entries(setup):
     assert build(data, bcfg, backbone, collate, cache_dir)[3] == n_episode
     # Another processor setting is another model key: a separate cache.
     other = BackboneConfig(model_name_or_path=bcfg.model_name_or_path, dtype="float32", max_pixels=56 * 56 * 2)
-    assert cache.model_key(backbone.fingerprint(), other)[0] != cache.model_key(backbone.fingerprint(), bcfg)[0]
+    key = cache.model_key(backbone.fingerprint(), bcfg, torch.float32)[0]
+    assert cache.model_key(backbone.fingerprint(), other, torch.float32)[0] != key
+    assert cache.model_key(backbone.fingerprint(), bcfg, torch.bfloat16)[0] != key  # the dtype it runs in
 
 
 def test_uncommitted_or_inconsistent_shards_are_never_read(setup):
@@ -126,4 +128,4 @@ def test_build_cache_script_fills_the_cache_train_then_reuses(tiny_backbone_dir,
     capsys.readouterr()
     assert main(args("stage1.json", demo_dataset_dir, tiny_backbone_dir, tmp_path / "t", *common, "--max_steps", "2")) == 0
     log = capsys.readouterr().err
-    assert "computing" not in log and "(0 computed now on rank 0)" in log
+    assert "computing" not in log and "(0 computed now by this rank)" in log

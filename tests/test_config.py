@@ -93,3 +93,16 @@ def test_schedule_auto_values_and_round_trip(tmp_path):
     again = config_lib.RunConfig.from_dict(json.loads((tmp_path / "config.json").read_text()))
     assert again.to_dict() == cfg.to_dict()
     assert "vla_ds" not in again.deepspeed and "description" not in again.deepspeed
+
+
+def test_deepspeed_key_typos_are_named_before_any_process_group():
+    for override, expect in [("zero_optimisation.stage=3", "did you mean 'zero_optimization'"),
+                             ("optimizer.params.betaz=[0.9,0.95]", "did you mean 'betas'"),
+                             ("zero_optimization.stagee=2", "stagee")]:
+        cfg = resolve(["--dataset_dir", "/d", "--set", override])
+        config_lib.resolve_schedule(cfg, steps_per_epoch=10)
+        with pytest.raises(ConfigError, match=expect):
+            config_lib.validate_deepspeed(cfg)
+    cfg = resolve(["--dataset_dir", "/d"])
+    config_lib.resolve_schedule(cfg, steps_per_epoch=10)
+    config_lib.validate_deepspeed(cfg)  # the shipped config passes

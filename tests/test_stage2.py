@@ -156,3 +156,20 @@ def test_offload_configs_train(config, stage1, tiny_backbone_dir, demo_dataset_d
     rows = train_rows(out)
     assert len(rows) == 4 and all(math.isfinite(r["train/loss"]) for r in rows)
     assert (out / "latest").read_text().strip() == "global_step4"
+    # ...and resumes (ZeRO-3 names its rank files differently).
+    assert main(args(config, demo_dataset_dir, tiny_backbone_dir, out, "--stage1-checkpoint", str(stage1),
+                     "--grad_accum", "2", "--max_steps", "6", "--lora-r", "4", "--set", "train.warmup_ratio=0",
+                     "--resume", str(out))) == 0
+    assert [r["step"] for r in train_rows(out)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_after_a_stop_at_an_epoch_end_does_not_redo_it(stage1, tiny_backbone_dir, demo_dataset_dir, tmp_path):
+    per_epoch = len(train_rows(stage1)) // 2
+    out = tmp_path / "run"
+    common = ["--epochs", "2", "--lr", "1e-3"]
+    assert main(args("stage1.json", demo_dataset_dir, tiny_backbone_dir, out, *common, "--max_steps", str(per_epoch))) == 0
+    saved = (out / f"global_step{per_epoch}" / "mp_rank_00_model_states.pt").stat().st_mtime_ns
+    assert main(args("stage1.json", demo_dataset_dir, tiny_backbone_dir, out, *common, "--resume", str(out))) == 0
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows if "val/loss" in r] == [per_epoch, 2 * per_epoch]
+    assert (out / f"global_step{per_epoch}" / "mp_rank_00_model_states.pt").stat().st_mtime_ns == saved

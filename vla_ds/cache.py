@@ -73,14 +73,16 @@ class CacheConfig:
             raise ConfigError("cache.build_batch_size and cache.shard_rows must be >= 1")
 
 
-def model_key(fingerprint: str, backbone_config) -> tuple[str, dict[str, Any]]:
-    """(key, its parts) for a backbone and its input settings."""
+def model_key(fingerprint: str, backbone_config, run_dtype: torch.dtype) -> tuple[str, dict[str, Any]]:
+    """(key, its parts) for a backbone, the dtype it runs in (the engine may cast it) and
+    its input settings."""
     from vla_ds.models.backbone import PROMPT_TEMPLATE_VERSION
 
     parts = {
         "format": CACHE_FORMAT_VERSION,
         "backbone_fingerprint": fingerprint,
-        "dtype": backbone_config.dtype,
+        "dtype": str(run_dtype).removeprefix("torch."),
+        "attn_implementation": backbone_config.attn_implementation,
         "prompt_template": PROMPT_TEMPLATE_VERSION,
         "min_pixels": backbone_config.min_pixels,
         "max_pixels": backbone_config.max_pixels,
@@ -90,15 +92,19 @@ def model_key(fingerprint: str, backbone_config) -> tuple[str, dict[str, Any]]:
     return digest, parts
 
 
-def sample_keys(dataset) -> list[str]:
-    """One key per sample: instruction, views, and each view image's path, size and mtime."""
+def sample_keys(dataset, dataset_dir: str) -> list[str]:
+    """One key per sample: instruction, views, and each view image's path (relative to the
+    dataset dir, so nodes that mount it elsewhere agree), size and mtime."""
+    root = Path(dataset_dir).resolve()
     stat_cache: dict[Path, tuple[int, int]] = {}
 
     def identity(path: Path) -> tuple[str, int, int]:
         if path not in stat_cache:
             st = path.stat()
             stat_cache[path] = (st.st_size, st.st_mtime_ns)
-        return (str(path), *stat_cache[path])
+        resolved = path.resolve()
+        rel = resolved.relative_to(root) if resolved.is_relative_to(root) else resolved
+        return (str(rel), *stat_cache[path])
 
     keys = []
     for i in range(len(dataset)):
@@ -245,7 +251,9 @@ def build(store: FeatureStore, datasets: list, keys: list[list[str]], backbone, 
     store.refresh()
     still = sum(1 for ds_keys in keys for k in ds_keys if k not in store)
     if still:
-        raise RuntimeError(f"VL feature cache {store.root}: {still} features missing after the build")
+        raise ConfigError(f"{store.root}: {still} VL features are missing after every rank built its share; "
+                          "with several nodes the cache must be on a filesystem they all see "
+                          "(--set cache.dir=DIR), or pass --no-cache")
     return writer.written
 
 

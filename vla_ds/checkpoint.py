@@ -34,7 +34,8 @@ from vla_ds.errors import CheckpointError
 logger = logging.getLogger(__name__)
 
 LATEST_FILE = "latest"
-MODEL_STATES_FILE = "mp_rank_00_model_states.pt"
+# Rank 0's module + client state: ZeRO-1/2 write the first name, ZeRO-3 the second.
+MODEL_STATES_FILES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
 CLIENT_KEYS = ("step", "epoch", "micro_step_in_epoch", "norm_stats", "config")
 # Module prefixes Stage 2 takes from Stage 1 (the heads and the normalisation statistics).
 STAGE1_PARTS = ("sensor_encoder", "action_expert")
@@ -98,16 +99,23 @@ def resolve_checkpoint_dir(path: str | Path) -> tuple[Path, str]:
         if not (path / tag).is_dir():
             raise CheckpointError(f"{path / LATEST_FILE}: names '{tag}', which does not exist in {path}")
         return path, tag
-    if path.is_dir() and (path / MODEL_STATES_FILE).is_file():
+    if path.is_dir() and any((path / name).is_file() for name in MODEL_STATES_FILES):
         return path.parent, path.name
-    raise CheckpointError(f"{path}: not a checkpoint (no '{LATEST_FILE}' file and no {MODEL_STATES_FILE} inside)")
+    raise CheckpointError(f"{path}: not a checkpoint (no '{LATEST_FILE}' file and no {MODEL_STATES_FILES[0]} inside)")
+
+
+def model_states_file(tag_dir: Path) -> Path:
+    for name in MODEL_STATES_FILES:
+        if (tag_dir / name).is_file():
+            return tag_dir / name
+    raise CheckpointError(f"{tag_dir}: incomplete checkpoint (no {MODEL_STATES_FILES[0]})")
 
 
 def read_model_states(path: str | Path) -> tuple[Path, dict[str, Any]]:
     """The rank-0 model-states file of a checkpoint dir (module weights + client state),
     read on the CPU without DeepSpeed; for checks before any process group starts."""
     load_dir, tag = resolve_checkpoint_dir(path)
-    file = load_dir / tag / MODEL_STATES_FILE
+    file = model_states_file(load_dir / tag)
     try:
         states = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated / not a torch file / not from vla_ds
@@ -118,19 +126,20 @@ def read_model_states(path: str | Path) -> tuple[Path, dict[str, Any]]:
     return file, states
 
 
-def check_resume_compatible(states: dict[str, Any], file: Path, world_size: int, micro_batch_size: int,
-                            fingerprint: str) -> None:
+def check_resume_compatible(states: dict[str, Any], file: Path, fingerprint: str, layout: dict[str, int]) -> None:
     """Refuse a resume that could not continue exactly: another base backbone, or a
-    mid-epoch position under a different batch layout."""
+    mid-epoch position under another batch layout or training split (``layout``: the
+    ``world_size``, ``micro_batch_size``, ``grad_accum``, ``train_samples`` and ``seed`` of
+    the run about to start)."""
     saved = states.get("backbone_fingerprint")
     if saved and saved != fingerprint:
         raise CheckpointError(f"{file}: saved with another VL backbone (fingerprint {saved}, the --vl-model "
                               f"given now has {fingerprint}); pass the --vl-model the run was started with")
-    if states["micro_step_in_epoch"] and (states.get("world_size"), states.get("micro_batch_size")) != (
-            world_size, micro_batch_size):
-        raise CheckpointError(
-            f"{file}: saved mid-epoch with {states.get('world_size')} ranks x micro batch "
-            f"{states.get('micro_batch_size')}; resume with the same layout (now {world_size} x {micro_batch_size})")
+    if states["micro_step_in_epoch"]:
+        changed = [f"{k} {states.get(k)} -> {v}" for k, v in layout.items() if states.get(k) != v]
+        if changed:
+            raise CheckpointError(f"{file}: saved mid-epoch; resuming there needs the same batch layout and "
+                                  f"training split, but {', '.join(changed)}")
 
 
 def load_checkpoint(engine, path: str | Path) -> dict[str, Any]:
@@ -174,6 +183,11 @@ def read_stage1(path: str | Path) -> tuple[Path, dict[str, dict[str, torch.Tenso
     if stage not in (None, "stage1"):
         logger.warning("%s was saved by a %s run; taking its sensor encoder and action expert", source, stage)
     module = states["module"]
+    if source.name != MODEL_STATES_FILES[0]:  # ZeRO-3: the weights are partitioned across rank files
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        module = get_fp32_state_dict_from_zero_checkpoint(str(source.parent.parent), tag=source.parent.name,
+                                                          exclude_frozen_parameters=True)
     parts = {name: {k[len(name) + 1:]: v for k, v in module.items() if k.startswith(name + ".")}
              for name in (*STAGE1_PARTS, *STAGE1_BUFFERS)}
     return source, parts, states["norm_stats"]

@@ -446,6 +446,9 @@ def _check_consistency(cfg: RunConfig, source: str) -> None:
     if cfg.stage == "stage2" and cfg.cache.mode == "on":
         raise ConfigError(f"{source}: the VL feature cache is for Stage 1 only: in Stage 2 the VL model "
                           "trains, so its features change every step; drop cache.mode=on (or use --no-cache)")
+    if cfg.stage == "stage1" and cfg.cache.mode != "off" and _zero_stage(cfg) == 3:
+        raise ConfigError(f"{source}: the Stage 1 VL feature cache is built with ZeRO-1/2 (under ZeRO-3 every "
+                          "forward is collective and ranks build different shares); use stage1.json, or --no-cache")
     if cfg.stage == "stage2" and not (cfg.train.stage1_checkpoint or cfg.train.resume):
         raise ConfigError(f"{source}: stage2 needs the Stage 1 weights: pass --stage1-checkpoint PATH "
                           "(a Stage 1 output dir or its .pt)")
@@ -494,9 +497,56 @@ def _find_auto(node: Any, path: str = "") -> str | None:
     return None
 
 
+# Top-level sections DeepSpeed reads that are not in deepspeed.runtime.constants.
+_DEEPSPEED_SECTIONS = {
+    "zero_optimization", "tensorboard", "csv_monitor", "wandb", "comet", "flops_profiler",
+    "activation_checkpointing", "aio", "autotuning", "compression_training", "data_efficiency",
+    "elasticity", "nebula", "amp", "weight_quantization", "hybrid_engine", "compile", "timers",
+    "pipeline", "sparse_attention", "curriculum_learning", "eigenvalue", "progressive_layer_drop",
+    "sequence_parallel_size", "zenflow", "checkpoint", "tensor_parallel", "expert_parallel",
+}
+
+
+def _check_deepspeed_keys(ds: dict[str, Any], source: str) -> None:
+    """DeepSpeed ignores unknown top-level keys and passes optimizer params straight to the
+    optimizer's constructor: catch typos here. A key close to a known one is an error
+    (naming the likely intent); an unrecognised one without a close match only warns, so a
+    newer DeepSpeed key is not refused."""
+    import inspect
+    import logging
+
+    import deepspeed.runtime.constants as constants
+    import torch
+
+    known = {v for k, v in vars(constants).items() if k.isupper() and isinstance(v, str)} | _DEEPSPEED_SECTIONS
+    for key in ds:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.8)
+            if close:
+                raise ConfigError(f"{source}: unknown DeepSpeed key '{key}' (did you mean '{close[0]}'?)")
+            logging.getLogger(__name__).warning("%s: DeepSpeed key '%s' is not one vla_ds knows; passed on as is",
+                                                source, key)
+    opt = ds.get("optimizer", {})
+    if str(opt.get("type", "")).lower() in ("adam", "adamw"):
+        from deepspeed.ops.adam import FusedAdam
+
+        allowed = (set(inspect.signature(torch.optim.AdamW).parameters)
+                   | set(inspect.signature(FusedAdam.__init__).parameters)
+                   | {"torch_adam", "adam_w_mode", "fp32_optimizer_states"}) - {"self", "params"}
+        for key in opt.get("params", {}):
+            if key not in allowed:
+                close = difflib.get_close_matches(key, sorted(allowed), n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise ConfigError(f"{source}: unknown optimizer parameter 'optimizer.params.{key}'{hint}")
+
+
 def cache_enabled(cfg: RunConfig) -> bool:
     """The VL feature cache is on in Stage 1 unless turned off; never in Stage 2."""
     return cfg.stage == "stage1" and cfg.cache.mode != "off"
+
+
+def _zero_stage(cfg: RunConfig) -> int:
+    return int(cfg.deepspeed.get("zero_optimization", {}).get("stage", 0))
 
 
 def validate_deepspeed(cfg: RunConfig, source: str = "config") -> None:
@@ -505,6 +555,7 @@ def validate_deepspeed(cfg: RunConfig, source: str = "config") -> None:
     on every rank. Call after :func:`resolve_schedule`."""
     from deepspeed.runtime.config import DeepSpeedConfig
 
+    _check_deepspeed_keys(cfg.deepspeed, source)
     left = _find_auto(cfg.deepspeed)
     if left:
         raise ConfigError(f"{source}: {left}=\"auto\" cannot be resolved by vla_ds; set a value")

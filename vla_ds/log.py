@@ -26,5 +26,11 @@ def setup_logging(rank: int | None = None, level: int = logging.INFO) -> None:
     root.propagate = False
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:  # transformers' per-load "Loading weights" bars, once per rank, say nothing useful here
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
     # torch.utils.checkpoint and friends warn once per process about defaults we set on purpose.
     warnings.filterwarnings("ignore", message=".*torch.utils._pytree.*")

@@ -177,7 +177,9 @@ def run(args: argparse.Namespace, cache_only: bool = False) -> dict:
     fingerprint = backbone.fingerprint()  # of the base weights, before adapters or ZeRO-3 partitioning
     backbone.freeze()
     if resume_states is not None:
-        checkpoint.check_resume_compatible(resume_states, resume_file, world, cfg.micro_batch_size, fingerprint)
+        checkpoint.check_resume_compatible(resume_states, resume_file, fingerprint, {
+            "world_size": world, "micro_batch_size": cfg.micro_batch_size, "grad_accum": cfg.grad_accum,
+            "train_samples": len(train_ds), "seed": cfg.train.seed})
     input_builder = VLInputBuilder.from_pretrained(cfg.backbone)
     trainer.seed_everything(cfg.train.seed)
     policy = VLAPolicy(backbone, cfg.sensor_encoder, cfg.action_expert, norm_stats,
@@ -249,13 +251,14 @@ def build_feature_cache(cfg, engine, fingerprint: str, datasets: list, collate, 
     datasets wrapped to serve them instead of images. Collective."""
     from vla_ds import cache
 
-    key, parts = cache.model_key(fingerprint, cfg.backbone)
+    backbone = engine.module.backbone
+    key, parts = cache.model_key(fingerprint, cfg.backbone, next(backbone.parameters()).dtype)
     root = cache.cache_root(cfg.cache, cfg.data.dataset_dir, key, parts)
     store = cache.FeatureStore(root)
-    keys = [cache.sample_keys(ds) for ds in datasets]
-    computed = cache.build(store, datasets, keys, engine.module.backbone, collate, cfg.cache, cfg.data.num_workers,
+    keys = [cache.sample_keys(ds, cfg.data.dataset_dir) for ds in datasets]
+    computed = cache.build(store, datasets, keys, backbone, collate, cfg.cache, cfg.data.num_workers,
                            rank, world, engine.device)
-    logger.info("VL feature cache %s: %d features (%d computed now on rank 0); images are not decoded in training",
+    logger.info("VL feature cache %s: %d features (%d computed now by this rank); images are not decoded in training",
                 root, len(store.index), computed)
     return [cache.CachedFeatures(ds, k, store) for ds, k in zip(datasets, keys)]
 

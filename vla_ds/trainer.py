@@ -151,6 +151,7 @@ def train(
     def checkpoint() -> None:
         client = {"step": state.step, "epoch": state.epoch, "micro_step_in_epoch": state.micro_step_in_epoch,
                   "micro_batch_size": cfg.micro_batch_size, "world_size": dist.get_world_size(),
+                  "grad_accum": accum, "train_samples": len(train_loader.dataset),
                   "seed": cfg.train.seed, **client_extra}
         save_checkpoint(engine, cfg.train.output_dir, state.step, client)
 
@@ -210,7 +211,8 @@ def train(
             if cfg.train.max_steps and state.step >= cfg.train.max_steps:
                 done = True
                 break
-        if not done:
+        epoch_finished = state.micro_step_in_epoch >= steps_per_epoch * accum
+        if epoch_finished:  # also when max_steps lands exactly on the last step of an epoch
             state.epoch += 1
             state.micro_step_in_epoch = 0
         if done or state.epoch % cfg.train.validate_every_epochs == 0 or state.epoch == cfg.train.epochs:

@@ -551,40 +551,32 @@ class VLBackbone(nn.Module):
 
         self.model = apply_finetune(self.model, config)
 
-    def _fingerprint_tensors(self) -> list[tuple[str, torch.Tensor]]:
-        inner = self.vl_model
-        text_layers = inner.language_model.layers
-        vision = inner.visual
-        modules = {
-            "language_model.layers.0.self_attn.q_proj": text_layers[0].self_attn.q_proj,
-            f"language_model.layers.{len(text_layers) - 1}.self_attn.o_proj": text_layers[-1].self_attn.o_proj,
-            "visual.patch_embed.proj": vision.patch_embed.proj,
-            f"visual.blocks.{len(vision.blocks) - 1}.attn.proj": vision.blocks[-1].attn.proj,
-        }
-        # A LoRA-wrapped layer keeps the base weight in .base_layer.
-        return [(name, getattr(m, "base_layer", m).weight) for name, m in modules.items()]
-
     def fingerprint(self) -> str:
-        """Short stable identity of the base model: architecture config + a few base weights.
+        """Short stable identity of the base model: architecture config + every base weight.
 
-        Hashes the model config (without paths, versions, dtype and runtime switches) and the
-        float32 values of the first/last text and vision layers' weights, so the same checkpoint
-        gives the same fingerprint wherever it lives and whatever dtype it is loaded in (a bf16
-        checkpoint upcasts exactly). LoRA adapters do not change it (the base weight is hashed).
-        A feature cache must add the load dtype, ``PROMPT_TEMPLATE_VERSION`` and the image/text
+        Hashes the model config (without paths, versions, dtype and runtime switches) and,
+        for every base parameter, its name, shape and an evenly strided sample of up to 1024
+        of its values in float32: cheap for 3B parameters, yet a change to any tensor (a
+        merged adapter in one layer, a different final norm) is very likely to show. The same
+        checkpoint gives the same fingerprint wherever it lives and whatever dtype it is
+        loaded in (bf16 upcasts exactly). Adapters are skipped (the base weights are hashed).
+        A feature cache adds the run dtype, ``PROMPT_TEMPLATE_VERSION`` and the image/text
         budgets to its key itself. Call it before ZeRO-3 partitions the weights.
         """
         digest = hashlib.sha256()
         config_dict = _stable_config_dict(self.model.config.to_dict())
         digest.update(json.dumps(config_dict, sort_keys=True, default=str).encode())
-        for name, weight in self._fingerprint_tensors():
+        for name, weight in sorted(self.vl_model.named_parameters()):
+            if "lora_" in name:
+                continue
             if weight.is_meta or weight.numel() == 0:
                 raise RuntimeError(
                     f"cannot fingerprint the backbone: weight {name} is not materialised "
                     "(meta device or partitioned by ZeRO-3); compute the fingerprint before partitioning"
                 )
-            data = weight.detach().to(device="cpu", dtype=torch.float32).contiguous()
-            digest.update(name.encode())
-            digest.update(str(tuple(data.shape)).encode())
-            digest.update(data.numpy().tobytes())
+            flat = weight.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 1024)][:1024].to(device="cpu", dtype=torch.float32)
+            digest.update(name.replace("base_layer.", "").encode())
+            digest.update(str(tuple(weight.shape)).encode())
+            digest.update(sample.contiguous().numpy().tobytes())
         return digest.hexdigest()[:16]
