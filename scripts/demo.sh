@@ -3,7 +3,8 @@
 #   1. a tiny random-weight Qwen2.5-VL (same from_pretrained path as the real 3B model),
 #   2. the generated demo dataset (two sources, two camera views, a sensor stream),
 #   3. Stage 1 training through the DeepSpeed launcher with 2 ranks,
-#   4. the training loss at the start and at the end.
+#   4. the training loss at the start and at the end,
+#   5. the checkpoint exported as a policy and evaluated open-loop on the validation episodes.
 # usage: bash scripts/demo.sh [OUT_DIR]   (default: demo/)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,3 +26,7 @@ deepspeed --num_gpus 2 --master_port "$PORT" scripts/train.py \
     --num_workers 0 \
     --output_dir "$OUT/stage1"
 python -m vla_ds.metrics "$OUT/stage1"
+rm -rf "$OUT/policy" "$OUT/eval"
+python scripts/convert_checkpoint.py "$OUT/stage1" "$OUT/policy" --to policy
+python scripts/evaluate.py --policy "$OUT/policy" --dataset_dir "$OUT/dataset" --output "$OUT/eval" --no-progress
+echo "report: $OUT/eval/report.json   plots: $OUT/eval/plots/"

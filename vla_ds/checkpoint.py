@@ -18,6 +18,11 @@ Client state (plain Python values and tensors: the file loads with
 ``norm_stats``, ``config`` (resolved run config), ``backbone_fingerprint``,
 ``vla_ds_version``. Random state needs no saving: the trainer reseeds every micro step from
 (seed, rank, step), which is what makes ``--resume`` continue exactly.
+
+ZeRO optimizer shards load only on the number of ranks that wrote them. A universal
+checkpoint (``scripts/convert_checkpoint.py DIR OUT --to universal``: DeepSpeed's layout,
+``<tag>/zero/<param>/*.pt`` next to the same model-states file) loads on any number; the
+run sets DeepSpeed's ``checkpoint.load_universal`` for it (:func:`is_universal`).
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ LATEST_FILE = "latest"
 # Rank 0's module + client state: ZeRO-1/2 write the first name, ZeRO-3 the second.
 MODEL_STATES_FILES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
 CLIENT_KEYS = ("step", "epoch", "micro_step_in_epoch", "norm_stats", "config")
+# What ds_to_universal adds to a tag dir: per-parameter fp32 weights and optimizer states.
+UNIVERSAL_STATE_FILE = Path("zero") / "optimizer_state.pt"
 # Module prefixes Stage 2 takes from Stage 1 (the heads and the normalisation statistics).
 STAGE1_PARTS = ("sensor_encoder", "action_expert")
 STAGE1_BUFFERS = ("action_norm", "sensor_norm")
@@ -104,6 +111,11 @@ def resolve_checkpoint_dir(path: str | Path) -> tuple[Path, str]:
     raise CheckpointError(f"{path}: not a checkpoint (no '{LATEST_FILE}' file and no {MODEL_STATES_FILES[0]} inside)")
 
 
+def is_universal(tag_dir: str | Path) -> bool:
+    """Whether ``tag_dir`` (one ``global_stepN``) is a DeepSpeed universal checkpoint."""
+    return (Path(tag_dir) / UNIVERSAL_STATE_FILE).is_file()
+
+
 def model_states_file(tag_dir: Path) -> Path:
     for name in MODEL_STATES_FILES:
         if (tag_dir / name).is_file():
@@ -135,6 +147,12 @@ def check_resume_compatible(states: dict[str, Any], file: Path, fingerprint: str
     if saved and saved != fingerprint:
         raise CheckpointError(f"{file}: saved with another VL backbone (fingerprint {saved}, the --vl-model "
                               f"given now has {fingerprint}); pass the --vl-model the run was started with")
+    saved_ranks = states.get("dp_world_size")
+    if (saved_ranks and saved_ranks != layout["world_size"] and not is_universal(file.parent)
+            and any(file.parent.glob("*optim_states.pt"))):
+        raise CheckpointError(f"{file.parent}: saved by {saved_ranks} ranks and ZeRO's optimizer shards only load on "
+                              f"as many ({layout['world_size']} now); convert it with scripts/convert_checkpoint.py "
+                              f"{file.parent.parent} OUT --tag {file.parent.name} --to universal, then --resume OUT")
     if states["micro_step_in_epoch"]:
         changed = [f"{k} {states.get(k)} -> {v}" for k, v in layout.items() if states.get(k) != v]
         if changed:
@@ -145,12 +163,26 @@ def check_resume_compatible(states: dict[str, Any], file: Path, fingerprint: str
 def load_checkpoint(engine, path: str | Path) -> dict[str, Any]:
     """Restore module, optimizer and scheduler state from ``path``; returns the client state. Collective."""
     load_dir, tag = resolve_checkpoint_dir(path)
+    if is_universal(load_dir / tag) and not engine.zero_optimization_partition_weights():
+        # DeepSpeed restores a universal checkpoint from zero/ and skips custom_load_fn: check
+        # (and load: buffers) the saved module here, so a mismatch is a message, not an assertion.
+        _, states = read_model_states(load_dir / tag)
+        try:
+            strict_trainable_load(states["module"], engine.module)
+        except CheckpointError as e:
+            raise CheckpointError(f"{load_dir / tag}: {e}") from None
     try:
         load_path, client_state = engine.load_checkpoint(str(load_dir), tag=tag, custom_load_fn=strict_trainable_load)
     except CheckpointError as e:
         raise CheckpointError(f"{load_dir / tag}: {e}") from None
     if load_path is None:
         raise CheckpointError(f"{load_dir / tag}: DeepSpeed could not load this checkpoint")
+    scheduler = engine.lr_scheduler
+    if scheduler is not None and hasattr(scheduler, "last_batch_iteration"):
+        # The loaded optimizer param groups carry the lr the saving run set last (a universal
+        # checkpoint always, by DeepSpeed's design); re-apply this run's schedule at the saved
+        # position so the next update uses it (they differ when --epochs changed the length).
+        scheduler.step(scheduler.last_batch_iteration)
     logger.info("resumed from %s (step %s, %s completed epochs)", load_dir / tag,
                 client_state.get("step"), client_state.get("epoch"))
     return client_state

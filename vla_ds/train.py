@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_steps", "--max-steps", type=int, help="stop after N optimizer steps (smoke tests)")
     p.add_argument("--no-cache", "--no_cache", dest="no_cache", action="store_true", default=None,
                    help="Stage 1: run the backbone every step instead of caching its features")
-    p.add_argument("--resume", help="output dir (its 'latest') or a global_stepN dir to continue from")
+    p.add_argument("--resume", help="output dir (its 'latest'), a global_stepN dir, or a universal checkpoint "
+                                    "(convert_checkpoint.py --to universal: any number of ranks) to continue from")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set train.log_every=10 --set zero_optimization.stage=1")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)  # from the launcher
@@ -160,6 +161,8 @@ def run(args: argparse.Namespace, cache_only: bool = False) -> dict:
     resume_states = stage1 = None
     if cfg.train.resume:
         resume_file, resume_states = checkpoint.read_model_states(cfg.train.resume)
+        if checkpoint.is_universal(resume_file.parent):  # from convert_checkpoint.py --to universal
+            cfg.deepspeed.setdefault("checkpoint", {})["load_universal"] = True
         norm_stats = NormStats.from_dict(resume_states["norm_stats"])
     elif cfg.stage == "stage2":
         stage1 = checkpoint.read_stage1(cfg.train.stage1_checkpoint)

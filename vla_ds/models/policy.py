@@ -3,7 +3,8 @@
 ``policy(batch)`` is the training path (returns ``{"loss", ...}``); ``predict_actions``
 is the inference path (returns de-normalised action chunks). Normalisation lives here,
 as fp32 buffers, so the statistics travel with every checkpoint and inference needs
-nothing but the policy.
+nothing but the policy. :meth:`VLAPolicy.from_pretrained` loads an exported policy
+directory (docs/policy_format.md).
 
 Batch keys read by :meth:`VLAPolicy.forward` (produced by ``vla_ds.data.collate`` and
 ``VLInputBuilder``)::
@@ -24,17 +25,38 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from vla_ds.errors import CheckpointError, VLAError
 from vla_ds.models.action_expert import ActionExpert, ActionExpertConfig
-from vla_ds.models.backbone import VLBackbone, VLInputBuilder
+from vla_ds.models.backbone import BackboneConfig, VLBackbone, VLInputBuilder
+from vla_ds.models.finetune import FinetuneConfig
 from vla_ds.models.sensor_encoder import SensorEncoder, SensorEncoderConfig
 
+logger = logging.getLogger(__name__)
+
 VL_INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
+
+# Exported policy directory (docs/policy_format.md).
+POLICY_FORMAT = "vla_ds-policy"
+POLICY_FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+NORM_STATS_FILE = "norm_stats.json"
+ADAPTER_DIR = "adapter"
+MERGED_BACKBONE_DIR = "merged_backbone"
+REQUIRED_FILES = (CONFIG_FILE, NORM_STATS_FILE, WEIGHTS_FILE)
+# Prefixes of the trained non-backbone parts: every tensor under them must be in model.safetensors.
+HEAD_PREFIXES = ("sensor_encoder.", "action_expert.", "action_norm.", "sensor_norm.")
+_NORM_KEYS = ("action_mean", "action_std", "sensor_mean", "sensor_std")
 
 
 class Normalizer(nn.Module):
@@ -100,6 +122,8 @@ class VLAPolicy(nn.Module):
         self.sensor_norm = Normalizer(norm_stats.sensor_mean, norm_stats.sensor_std)
         self.sensor_loss_weight = sensor_loss_weight
         self.input_builder: VLInputBuilder | None = None  # set for inference (predict_actions)
+        self.policy_config: dict[str, Any] | None = None  # config.json, when loaded by from_pretrained
+        self.policy_dir: Path | None = None
         self.register_state_dict_post_hook(_drop_tied_aliases)
 
     # -- features ---------------------------------------------------------------------
@@ -155,12 +179,21 @@ class VLAPolicy(nn.Module):
         num_inference_steps: int | None = None,
         method: str = "ddim",
         generator: torch.Generator | None = None,
+        has_sensor: bool | list[bool] | np.ndarray | None = None,
     ) -> np.ndarray:
         """De-normalised action chunks.
 
         Single form: ``images`` is one uint8 (h, w, 3) array per view, ``instruction`` a
-        string, ``sensor_window`` (W, C) or None -> returns (H, 7). Batched form: lists of
-        those (sensor (B, W, C) or None) -> (B, H, 7).
+        string, ``sensor_window`` (W, C) raw values or None -> returns (H, 7). Batched form:
+        lists of those (sensor (B, W, C) or None) -> (B, H, 7).
+
+        ``num_inference_steps`` sets the DDIM steps (default the action expert's
+        ``num_inference_steps``); ``method`` "ddpm" runs all T ancestral steps instead.
+        ``generator`` (on the policy's device) fixes the initial noise: the same generator
+        state gives the same chunks. ``has_sensor`` marks which samples have sensor data
+        (a bool, or one per sample in the batched form); by default every sample has it
+        when ``sensor_window`` is given and none does without it. Samples without it use
+        the learned no-sensor embedding, as in training.
         """
         if self.input_builder is None:
             raise RuntimeError("predict_actions needs policy.input_builder (VLInputBuilder) to be set")
@@ -168,20 +201,341 @@ class VLAPolicy(nn.Module):
         if single:
             images, instruction = [images], [instruction]
             if sensor_window is not None:
-                sensor_window = np.asarray(sensor_window)[None]
+                sensor_window = torch.as_tensor(sensor_window)[None]
+            if has_sensor is not None:
+                has_sensor = [bool(has_sensor)]
         device = next(self.action_expert.parameters()).device
         batch = {k: v.to(device) for k, v in self.input_builder(images, instruction).items()}
         bsz = len(instruction)
         w, c = self.sensor_encoder.config.window_size, self.sensor_encoder.config.in_channels
         if sensor_window is None:
-            sensor = torch.zeros(bsz, w, c, device=device)
-            has_sensor = torch.zeros(bsz, dtype=torch.bool, device=device)
+            sensor = torch.zeros(bsz, w, c, device=device)  # (B, W, C)
         else:
-            sensor = torch.as_tensor(np.asarray(sensor_window), dtype=torch.float32, device=device)
-            has_sensor = torch.ones(bsz, dtype=torch.bool, device=device)
+            sensor = torch.as_tensor(sensor_window, dtype=torch.float32).to(device)  # (B, W, C)
+            if tuple(sensor.shape) != (bsz, w, c):
+                raise ValueError(f"sensor_window has shape {tuple(sensor.shape)}, expected ({bsz}, {w}, {c}) "
+                                 f"(batch, sensor window size, sensor channels of this policy)")
+        if has_sensor is None:
+            has_sensor = torch.full((bsz,), sensor_window is not None, dtype=torch.bool, device=device)
+        else:
+            has_sensor = torch.as_tensor(np.asarray(has_sensor, dtype=bool), device=device).reshape(-1)  # (B,)
+            if has_sensor.numel() != bsz:
+                raise ValueError(f"has_sensor has {has_sensor.numel()} values for {bsz} samples")
+            if sensor_window is None and bool(has_sensor.any()):
+                raise ValueError("has_sensor is True for a sample but no sensor_window was given")
         vl_hidden = self.vl_features(batch)
         sensor_features = self.sensor_features(sensor, has_sensor)
         actions = self.action_expert.sample(vl_hidden, sensor_features, num_inference_steps=num_inference_steps,
                                             method=method, generator=generator)  # (B, H, 7) normalised
         out = self.action_norm.denormalize(actions).cpu().numpy()
         return out[0] if single else out
+
+    # -- loading an exported policy directory ---------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        policy_dir: str | os.PathLike,
+        vl_model: str | os.PathLike | None = None,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype | None = None,
+    ) -> VLAPolicy:
+        """Load a policy directory written by ``convert_checkpoint.py --to policy``.
+
+        The layout is docs/policy_format.md. Steps, each refusing with a
+        :class:`~vla_ds.errors.CheckpointError` (or ``BackboneError``) that names the file:
+
+        1. ``config.json``, ``norm_stats.json`` and ``model.safetensors`` must exist.
+        2. The backbone comes from ``vl_model`` if given, else ``merged_backbone/`` if the
+           directory has one, else ``backbone.model_name_or_path`` of config.json. Unless it
+           is the merged one, its :meth:`VLBackbone.fingerprint` must equal the stored
+           ``backbone.fingerprint`` (the weights the policy was trained on).
+        3. ``adapter/`` (LoRA) is applied with ``peft.PeftModel.from_pretrained`` on the
+           generation model, unless the merged backbone (which contains it) is used.
+        4. Sensor encoder and action expert are built from the stored configs and
+           ``model.safetensors`` is loaded strictly: every head tensor present, no unknown
+           tensor, every shape equal, finite values.
+
+        Args:
+            policy_dir: the exported directory.
+            vl_model: a local Qwen2.5-VL directory or hub id to use as the base backbone
+                (when the training path no longer exists, e.g. on another machine).
+            device: where the policy runs (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...).
+            dtype: backbone weight dtype (``"bfloat16"``/``"float32"`` or the torch dtype);
+                default the stored ``backbone.dtype``. The heads stay float32.
+
+        Returns the policy in eval mode, every parameter frozen, with ``input_builder``
+        set (ready for :meth:`predict_actions`) and ``policy_config`` holding config.json.
+        """
+        policy_dir = Path(policy_dir)
+        config = read_policy_config(policy_dir)
+        config_file = policy_dir / CONFIG_FILE
+        finetune = _dataclass_from_section(FinetuneConfig, config.get("finetune") or {}, "finetune", config_file)
+        backbone_section = dict(config["backbone"])
+        fingerprint = backbone_section.pop("fingerprint", None)
+        backbone_config = _dataclass_from_section(BackboneConfig, backbone_section, "backbone", config_file)
+        sensor_config = _dataclass_from_section(SensorEncoderConfig, config["sensor_encoder"], "sensor_encoder",
+                                                config_file)
+        expert_config = _dataclass_from_section(ActionExpertConfig, config["action_expert"], "action_expert",
+                                                config_file)
+        norm_stats = read_norm_stats(policy_dir / NORM_STATS_FILE, expert_config.action_dim, sensor_config.in_channels)
+
+        merged_dir, adapter_dir = policy_dir / MERGED_BACKBONE_DIR, policy_dir / ADAPTER_DIR
+        use_merged = vl_model is None and merged_dir.is_dir()
+        has_adapter = adapter_dir.is_dir()
+        if has_adapter and finetune.mode != "lora":
+            raise CheckpointError(f"{policy_dir}: has {ADAPTER_DIR}/ but {CONFIG_FILE} says finetune.mode "
+                                  f"is {finetune.mode!r}, not 'lora'")
+        if finetune.mode == "lora" and not has_adapter and not use_merged:
+            raise CheckpointError(f"{policy_dir}: {CONFIG_FILE} says finetune.mode is 'lora' but there is no "
+                                  f"{ADAPTER_DIR}/ (the LoRA weights)"
+                                  + (f" and {MERGED_BACKBONE_DIR}/ is not used because vl_model was given"
+                                     if merged_dir.is_dir() else f" and no {MERGED_BACKBONE_DIR}/"))
+        if use_merged:
+            source = str(merged_dir)
+        elif vl_model is not None:
+            source = os.fspath(vl_model)
+        else:
+            source = backbone_config.model_name_or_path
+        overrides: dict[str, Any] = {"model_name_or_path": source}
+        if dtype is not None:
+            overrides["dtype"] = _dtype_name(dtype)
+        backbone_config = dataclasses.replace(backbone_config, **overrides)
+
+        logger.info("loading policy %s (%s, finetune %s) with VL backbone %s%s", policy_dir,
+                    config.get("stage", "?"), finetune.mode, source, " (LoRA merged)" if use_merged else "")
+        backbone = VLBackbone(backbone_config)
+        if use_merged:
+            logger.info("using %s: the LoRA merged into the base; the base fingerprint check does not apply",
+                        merged_dir)
+        elif not fingerprint:
+            logger.warning("%s has no backbone.fingerprint: cannot check that %s is the backbone the policy "
+                           "was trained on", config_file, source)
+        else:
+            actual = backbone.fingerprint()
+            if actual != fingerprint:
+                raise CheckpointError(
+                    f"VL backbone {source} has fingerprint {actual}, but the policy in {policy_dir} was trained on "
+                    f"a backbone with fingerprint {fingerprint} (backbone.fingerprint in {config_file}); pass the "
+                    "base model it was trained with (vl_model / --vl-model)")
+        backbone.freeze()
+        if has_adapter and not use_merged:
+            backbone.model = load_lora_adapter(backbone.model, adapter_dir)
+
+        # Initialising the heads draws random numbers that the weights then replace; keep the
+        # caller's RNG state as it was so loading a policy never changes what a seed means.
+        with torch.random.fork_rng(devices=[]):
+            policy = cls(backbone, sensor_config, expert_config, norm_stats,
+                         sensor_channels=sensor_config.in_channels, sensor_window_size=sensor_config.window_size,
+                         sensor_loss_weight=float(config.get("sensor_loss_weight", 1.0)))
+        required = set(_unfrozen_layer_prefixes(policy, finetune)) if finetune.mode == "full" else set()
+        load_policy_weights(policy, policy_dir / WEIGHTS_FILE, required_backbone_prefixes=required)
+        _check_norm_buffers(policy, norm_stats, policy_dir)
+
+        policy.input_builder = VLInputBuilder.from_pretrained(backbone_config)
+        policy.policy_config = config
+        policy.policy_dir = policy_dir
+        policy.requires_grad_(False)
+        return policy.to(device).eval()
+
+
+# ----------------------------------------------------------------------------------------
+# Exported policy directory helpers (docs/policy_format.md)
+
+
+@dataclasses.dataclass
+class PolicyNormStats:
+    """The arrays of norm_stats.json (the fields of ``vla_ds.data.NormStats``, which this
+    model file does not import): (A,) action and (C,) sensor mean/std, float64."""
+
+    action_mean: np.ndarray
+    action_std: np.ndarray
+    sensor_mean: np.ndarray
+    sensor_std: np.ndarray
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc})") from None
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: invalid JSON ({exc})") from None
+
+
+def read_policy_config(policy_dir: str | os.PathLike) -> dict[str, Any]:
+    """config.json of a policy directory, after checking the directory is complete.
+
+    Refuses a missing directory, a missing ``config.json`` / ``norm_stats.json`` /
+    ``model.safetensors``, another format or a newer format version, and missing
+    ``backbone`` / ``sensor_encoder`` / ``action_expert`` sections.
+    """
+    policy_dir = Path(policy_dir)
+    if not policy_dir.is_dir():
+        raise CheckpointError(f"{policy_dir}: policy directory does not exist")
+    for name in REQUIRED_FILES:
+        if not (policy_dir / name).is_file():
+            raise CheckpointError(f"{policy_dir}: not a complete policy directory: {name} is missing "
+                                  f"(write one with scripts/convert_checkpoint.py CKPT_DIR OUT --to policy)")
+    path = policy_dir / CONFIG_FILE
+    config = _read_json(path)
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    if config.get("format") != POLICY_FORMAT:
+        raise CheckpointError(f"{path}: 'format' is {config.get('format')!r}, expected {POLICY_FORMAT!r}")
+    version = config.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= POLICY_FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {version!r} is not supported by this vla_ds "
+                              f"(it reads version {POLICY_FORMAT_VERSION})")
+    for section in ("backbone", "sensor_encoder", "action_expert"):
+        if not isinstance(config.get(section), dict):
+            raise CheckpointError(f"{path}: missing the '{section}' section")
+    if "finetune" in config and not isinstance(config["finetune"], (dict, type(None))):
+        raise CheckpointError(f"{path}: 'finetune' must be an object")
+    return config
+
+
+def _dataclass_from_section(cls: type, section: dict[str, Any], name: str, path: Path) -> Any:
+    """Build a config dataclass from a config.json section; unknown keys are logged and ignored
+    (the weights are checked strictly anyway), invalid values are a CheckpointError."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(section) - fields)
+    if unknown:
+        logger.warning("%s: ignoring unknown %s keys %s", path, name, ", ".join(unknown))
+    try:
+        return cls(**{k: v for k, v in section.items() if k in fields})
+    except VLAError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: invalid '{name}' section ({exc})") from None
+
+
+def read_norm_stats(path: str | os.PathLike, action_dim: int, sensor_channels: int) -> PolicyNormStats:
+    """norm_stats.json (``NormStats.to_dict()``) with shapes (action_dim,) and (sensor_channels,),
+    finite values and positive standard deviations."""
+    path = Path(path)
+    raw = _read_json(path)
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    arrays = {}
+    for key, size in zip(_NORM_KEYS, (action_dim, action_dim, sensor_channels, sensor_channels)):
+        if key not in raw:
+            raise CheckpointError(f"{path}: missing '{key}'")
+        try:
+            value = np.asarray(raw[key], dtype=np.float64)
+        except (TypeError, ValueError):
+            raise CheckpointError(f"{path}: '{key}' is not a list of numbers") from None
+        if value.shape != (size,):
+            raise CheckpointError(f"{path}: '{key}' has shape {value.shape}, expected ({size},)")
+        if not np.isfinite(value).all():
+            raise CheckpointError(f"{path}: '{key}' has NaN or inf values")
+        if key.endswith("_std") and (value <= 0).any():
+            raise CheckpointError(f"{path}: '{key}' has values <= 0")
+        arrays[key] = value
+    return PolicyNormStats(**arrays)
+
+
+def _dtype_name(dtype: str | torch.dtype) -> str:
+    names = {torch.bfloat16: "bfloat16", torch.float32: "float32"}
+    if isinstance(dtype, torch.dtype):
+        if dtype not in names:
+            raise ValueError(f"dtype must be torch.bfloat16 or torch.float32, got {dtype}")
+        return names[dtype]
+    return str(dtype)
+
+
+def load_lora_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
+    """``peft.PeftModel.from_pretrained(model, adapter_dir)`` for inference, refusing an
+    adapter whose weights do not cover every LoRA module it configures (peft itself only
+    warns). Returns the ``PeftModel``."""
+    from peft import PeftModel
+    from safetensors import safe_open
+
+    adapter_dir = Path(adapter_dir)
+    weights = adapter_dir / "adapter_model.safetensors"
+    for path in (adapter_dir / "adapter_config.json", weights):
+        if not path.is_file():
+            raise CheckpointError(f"{adapter_dir}: incomplete PEFT adapter, {path.name} is missing")
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+        with safe_open(str(weights), framework="pt") as f:
+            saved = set(f.keys())
+    except Exception as exc:  # peft / safetensors raise many types for a bad adapter
+        raise CheckpointError(f"{adapter_dir}: cannot load the LoRA adapter: {str(exc).strip().splitlines()[0]}") \
+            from exc
+    name = peft_model.active_adapter
+    expected = {k.replace(f".{name}.", ".") for k in peft_model.state_dict() if "lora_" in k}
+    missing = sorted(expected - saved)
+    if not expected or missing:
+        raise CheckpointError(f"{weights}: the adapter does not match the backbone: {len(missing)} of "
+                              f"{len(expected)} LoRA tensors missing (e.g. {', '.join(missing[:3])})")
+    logger.info("applied LoRA adapter %s (%d tensors)", adapter_dir, len(expected))
+    return peft_model
+
+
+def _unfrozen_layer_prefixes(policy: VLAPolicy, finetune: FinetuneConfig) -> list[str]:
+    """State-dict prefixes of the decoder layers ``--finetune-vl full`` trained (exported too)."""
+    inner = policy.backbone.vl_model
+    n = len(inner.language_model.layers)
+    prefix = "backbone.model.model.language_model.layers"
+    return [f"{prefix}.{i}." for i in range(max(0, n - finetune.unfreeze_last_n), n)]
+
+
+def state_dict_problems(saved: dict[str, torch.Tensor], own: dict[str, torch.Tensor],
+                        required_prefixes: tuple[str, ...] | set[str] | list[str]) -> list[str]:
+    """What keeps ``saved`` from loading strictly into a model whose state dict is ``own``.
+
+    Every ``own`` tensor under ``required_prefixes`` must be in ``saved``; every ``saved``
+    tensor must exist in ``own`` with the same shape and hold finite values. Returns
+    one line per kind of problem, naming up to three tensors (empty: loadable).
+    """
+    required_prefixes = tuple(required_prefixes)
+    unexpected = [k for k in saved if k not in own]
+    mismatched = [f"{k} is {tuple(saved[k].shape)} in the file but {tuple(own[k].shape)} in the model"
+                  for k in saved if k in own and saved[k].shape != own[k].shape]
+    missing = [k for k in own if k.startswith(required_prefixes) and k not in saved]
+    non_finite = [k for k, v in saved.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} tensors missing ({', '.join(missing[:3])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unknown tensors ({', '.join(unexpected[:3])})")
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatches ({'; '.join(mismatched[:3])})")
+    if non_finite:
+        problems.append(f"{len(non_finite)} tensors with NaN/inf ({', '.join(non_finite[:3])})")
+    return problems
+
+
+def load_policy_weights(policy: VLAPolicy, path: str | os.PathLike, required_backbone_prefixes=()) -> None:
+    """Load ``model.safetensors`` into ``policy`` strictly (see :func:`state_dict_problems`):
+    the heads and norm buffers (``HEAD_PREFIXES``) plus ``required_backbone_prefixes``
+    must all be there; backbone tensors not in the file keep the loaded base weights."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        saved = load_file(str(path), device="cpu")
+    except Exception as exc:  # safetensors raises its own error types for truncated/corrupt files
+        raise CheckpointError(f"{path}: cannot read ({str(exc).strip().splitlines()[0]})") from exc
+    own = policy.state_dict()
+    problems = state_dict_problems(saved, own, HEAD_PREFIXES + tuple(sorted(required_backbone_prefixes)))
+    if problems:
+        raise CheckpointError(f"{path} does not match the policy built from its config.json: " + "; ".join(problems))
+    result = policy.load_state_dict(saved, strict=False)
+    if result.unexpected_keys:  # cannot happen after the check above; never load silently
+        raise CheckpointError(f"{path}: unknown tensors {result.unexpected_keys[:3]}")
+    n_backbone = sum(k.startswith("backbone.") for k in saved)
+    logger.info("loaded %d tensors from %s%s", len(saved), path,
+                f" ({n_backbone} of them backbone layers)" if n_backbone else "")
+
+
+def _check_norm_buffers(policy: VLAPolicy, stats: PolicyNormStats, policy_dir: Path) -> None:
+    """norm_stats.json and the normaliser buffers in model.safetensors must agree."""
+    pairs = (("action_norm", policy.action_norm, stats.action_mean, stats.action_std),
+             ("sensor_norm", policy.sensor_norm, stats.sensor_mean, stats.sensor_std))
+    for name, norm, mean, std in pairs:
+        for field, buffer, value in (("mean", norm.mean, mean), ("std", norm.std, std)):
+            if not np.allclose(buffer.detach().cpu().double().numpy(), value, rtol=1e-5, atol=1e-6):
+                raise CheckpointError(f"{policy_dir}: {NORM_STATS_FILE} and {WEIGHTS_FILE} ({name}.{field}) "
+                                      "disagree; the directory mixes files of different runs")

@@ -1,0 +1,494 @@
+"""Checkpoint conversion: a ZeRO engine checkpoint -> weights other tools load.
+
+``scripts/convert_checkpoint.py CKPT_DIR OUT --to FORMAT`` calls :func:`convert`. The
+source is a training output dir (its ``latest``, or ``--tag global_stepN``) or one
+``global_stepN`` dir. What each format writes::
+
+    fp32, bf16  OUT/model.safetensors   consolidated trainable weights + normalisation buffers,
+                                        keys as in VLAPolicy.state_dict(); with include_base also
+                                        the frozen base model under its VLAPolicy names
+    stage1      OUT (a .pt path, or a dir -> OUT/diffusion_step<N>.pt): the guide's
+                {"sensor_encoder": sd, "action_expert": sd, "training_stage": "stage1", "norm_stats": dict}
+    stage2      same naming: {"model_state_dict": sd, "training_stage": "stage2", "norm_stats": dict},
+                sd = the trainable state (LoRA + heads + normalisation buffers; + the base with include_base)
+    policy      OUT/ as docs/policy_format.md: config.json, model.safetensors, norm_stats.json,
+                adapter/ (LoRA runs), merged_backbone/ (merge_lora)
+    universal   OUT/global_step<N>/       DeepSpeed universal checkpoint (ds_to_universal): the rank-0
+                                          model-states file with our client state, zero/<param>/
+                                          {fp32,exp_avg,exp_avg_sq}.pt, zero/optimizer_state.pt
+                OUT/latest, OUT/latest_universal   both name global_step<N>; ``--resume OUT`` works
+                                          on any number of ranks
+
+The ``.pt`` files hold tensors and plain dicts only (``torch.load(weights_only=True)``).
+Consolidation is DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint`` (fp32 master
+weights, exact) and the universal format its ``ds_to_universal``. The first half of this
+module is pure functions over state dicts; the second half reads checkpoints and builds models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import io
+import json
+import logging
+import re
+import shutil
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import vla_ds
+from vla_ds import checkpoint as ckpt_lib
+from vla_ds.config import PROJECT_KEY, RunConfig
+from vla_ds.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("fp32", "bf16", "stage1", "stage2", "policy", "universal")
+POLICY_FORMAT = "vla_ds-policy"
+POLICY_FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+POLICY_CONFIG_FILE = "config.json"
+NORM_STATS_FILE = "norm_stats.json"
+ADAPTER_DIR = "adapter"
+MERGED_DIR = "merged_backbone"
+
+# VLAPolicy.state_dict() prefixes: the backbone's Qwen model, and that model once peft wraps it.
+BACKBONE_PREFIX = "backbone.model."
+PEFT_PREFIX = BACKBONE_PREFIX + "base_model.model."
+HEAD_PARTS = (*ckpt_lib.STAGE1_PARTS, *ckpt_lib.STAGE1_BUFFERS)
+PEFT_ADAPTER_NAME = "default"  # the adapter name peft gives the one adapter apply_finetune adds
+# A LoRA tensor in a peft module's state: <module>.lora_A.<adapter>.weight (lora_B, lora_embedding_*, ...).
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_[A-Za-z_]+)\.(?P<adapter>[^.]+)(?P<leaf>(?:\.[^.]+)?)$")
+# Tokenizer, image-processor and chat-template files a merged backbone directory needs next to its weights.
+PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.json", "chat_template.jinja", "preprocessor_config.json",
+                   "video_preprocessor_config.json", "processor_config.json")
+
+
+# ---------------------------------------------------------------------------------------
+# Pure functions over state dicts
+
+
+def is_lora_key(key: str) -> bool:
+    return ".lora_" in key
+
+
+def split_policy_state(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Split VLAPolicy state into ``heads`` (sensor encoder, action expert, normalisation
+    buffers), ``lora`` (adapter tensors) and ``backbone`` (other backbone tensors: unfrozen
+    layers of ``--finetune-vl full``, or the base model). Keys are kept as they are."""
+    parts: dict[str, dict[str, torch.Tensor]] = {"heads": {}, "lora": {}, "backbone": {}}
+    for key, value in state.items():
+        if key.startswith("backbone."):
+            parts["lora" if is_lora_key(key) else "backbone"][key] = value
+        elif key.split(".", 1)[0] in HEAD_PARTS:
+            parts["heads"][key] = value
+        else:
+            raise CheckpointError(f"tensor '{key}' belongs to no part of the policy (expected backbone.*, "
+                                  f"{', '.join(p + '.*' for p in HEAD_PARTS)})")
+    return parts
+
+
+def stage1_checkpoint(state: dict[str, torch.Tensor], norm_stats: dict[str, Any]) -> dict[str, Any]:
+    """The guide's Stage 1 ``.pt`` dict from VLAPolicy state (heads only; the rest is ignored)."""
+    out: dict[str, Any] = {}
+    for part in ckpt_lib.STAGE1_PARTS:
+        sub = {k[len(part) + 1:]: v for k, v in state.items() if k.startswith(part + ".")}
+        if not sub:
+            raise CheckpointError(f"the checkpoint has no {part} tensors")
+        out[part] = sub
+    return {**out, "training_stage": "stage1", "norm_stats": norm_stats}
+
+
+def stage2_checkpoint(state: dict[str, torch.Tensor], norm_stats: dict[str, Any]) -> dict[str, Any]:
+    """The guide's Stage 2 ``.pt`` dict: ``model_state_dict`` in VLAPolicy.state_dict() names."""
+    return {"model_state_dict": dict(state), "training_stage": "stage2", "norm_stats": norm_stats}
+
+
+def policy_to_peft_key(key: str, adapter_name: str = PEFT_ADAPTER_NAME) -> str:
+    """``backbone.model.base_model.model.<m>.lora_A.default.weight`` -> ``base_model.model.<m>.lora_A.weight``
+    (the names in a peft ``adapter_model.safetensors``)."""
+    match = _LORA_KEY.match(key)
+    if not key.startswith(PEFT_PREFIX) or match is None or match["adapter"] != adapter_name:
+        raise CheckpointError(f"'{key}' is not a LoRA tensor of adapter '{adapter_name}' in VLAPolicy naming "
+                              f"({PEFT_PREFIX}<module>.lora_A.{adapter_name}.weight)")
+    return f"{match['module']}.{match['kind']}{match['leaf']}"[len(BACKBONE_PREFIX):]
+
+
+def peft_to_policy_key(key: str, adapter_name: str = PEFT_ADAPTER_NAME) -> str:
+    """Inverse of :func:`policy_to_peft_key`."""
+    match = re.match(r"^(?P<module>base_model\.model\..+)\.(?P<kind>lora_[A-Za-z_]+)(?P<leaf>(?:\.[^.]+)?)$", key)
+    if match is None:
+        raise CheckpointError(f"'{key}' is not a peft adapter tensor name (base_model.model.<module>.lora_A.weight)")
+    return f"{BACKBONE_PREFIX}{match['module']}.{match['kind']}.{adapter_name}{match['leaf']}"
+
+
+def lora_to_peft(state: dict[str, torch.Tensor], adapter_name: str = PEFT_ADAPTER_NAME) -> dict[str, torch.Tensor]:
+    """The LoRA tensors of VLAPolicy state under peft adapter-file names (other keys are skipped)."""
+    return {policy_to_peft_key(k, adapter_name): v for k, v in state.items() if is_lora_key(k)}
+
+
+def peft_to_lora(state: dict[str, torch.Tensor], adapter_name: str = PEFT_ADAPTER_NAME) -> dict[str, torch.Tensor]:
+    """Adapter-file tensors -> VLAPolicy names."""
+    return {peft_to_policy_key(k, adapter_name): v for k, v in state.items()}
+
+
+def cast_floating(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Floating tensors cast to ``dtype``, others kept; every tensor a contiguous copy of
+    its own (safetensors refuses tensors that share memory, and DeepSpeed's consolidated
+    weights are views into one flat buffer)."""
+    return {k: v.detach().to(dtype=dtype if v.is_floating_point() else v.dtype, copy=True).contiguous()
+            for k, v in state.items()}
+
+
+def policy_config(run_config: dict[str, Any], norm_stats: dict[str, Any], state: dict[str, torch.Tensor], *,
+                  fingerprint: str, model_name_or_path: str, source: str, step: int) -> dict[str, Any]:
+    """``config.json`` of a policy directory (docs/policy_format.md) from a checkpoint's
+    resolved run config, norm stats and (heads) state; the sizes the policy fills at build
+    time are filled here the same way."""
+    cfg = RunConfig.from_dict(run_config)
+    vl_proj = state.get("action_expert.vl_proj.weight")
+    if vl_proj is None:
+        raise CheckpointError("the checkpoint has no action_expert.vl_proj.weight (not a vla_ds policy?)")
+    sensor = dataclasses.replace(cfg.sensor_encoder, in_channels=len(norm_stats["sensor_mean"]),
+                                 window_size=cfg.data.sensor_window_size)
+    action = dataclasses.replace(cfg.action_expert, vl_hidden_size=int(vl_proj.shape[1]),
+                                 sensor_feature_dim=sensor.out_dim)
+    backbone = {**dataclasses.asdict(cfg.backbone), "model_name_or_path": model_name_or_path,
+                "fingerprint": fingerprint}
+    return {
+        "format": POLICY_FORMAT,
+        "format_version": POLICY_FORMAT_VERSION,
+        "vla_ds_version": vla_ds.__version__,
+        "stage": cfg.stage,
+        "finetune": dataclasses.asdict(cfg.finetune),  # mode "none" in Stage 1 (the config checks)
+        "backbone": backbone,
+        "sensor_encoder": {**dataclasses.asdict(sensor), "conv_channels": list(sensor.conv_channels)},
+        "action_expert": dataclasses.asdict(action),
+        "sensor_loss_weight": cfg.train.sensor_loss_weight,
+        # The data settings and seed of the run, so evaluate.py rebuilds the same episode split.
+        "data": dataclasses.asdict(cfg.data),
+        "seed": cfg.train.seed,
+        "source_checkpoint": source,
+        "step": step,
+    }
+
+
+def pt_output_path(out: str | Path, step: int) -> Path:
+    """Where a guide ``.pt`` goes: ``out`` itself when it ends in ``.pt``, else ``out/diffusion_step<step>.pt``."""
+    out = Path(out)
+    return out if out.suffix == ".pt" else out / f"diffusion_step{step}.pt"
+
+
+# ---------------------------------------------------------------------------------------
+# Reading checkpoints
+
+
+@dataclass
+class SourceCheckpoint:
+    """One engine checkpoint: where it is and its rank-0 model states (module + client state)."""
+
+    load_dir: Path
+    tag: str
+    states: dict[str, Any] = field(repr=False)
+
+    @property
+    def tag_dir(self) -> Path:
+        return self.load_dir / self.tag
+
+    @property
+    def step(self) -> int:
+        return int(self.states["step"])
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.states["config"]
+
+    @property
+    def project(self) -> dict[str, Any]:
+        return self.config.get(PROJECT_KEY, {})
+
+    @property
+    def stage(self) -> str:
+        return self.project.get("stage", "stage1")
+
+    @property
+    def finetune_mode(self) -> str:
+        return self.project.get("finetune", {}).get("mode", "none")
+
+    @property
+    def backbone_path(self) -> str:
+        return self.project.get("backbone", {}).get("model_name_or_path", "")
+
+    @property
+    def norm_stats(self) -> dict[str, Any]:
+        return self.states["norm_stats"]
+
+
+def _tags(path: Path) -> list[str]:
+    tags = [p.name for p in path.glob("global_step*") if p.is_dir()]
+    return sorted(tags, key=lambda t: int(t[len("global_step"):]) if t[len("global_step"):].isdigit() else -1)
+
+
+def open_checkpoint(path: str | Path, tag: str | None = None) -> SourceCheckpoint:
+    """Resolve ``path`` (an output dir, or one ``global_stepN`` dir) and ``tag`` to a
+    checkpoint and read its model states; every problem is a :class:`CheckpointError` naming the path."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: checkpoint directory does not exist")
+    if tag:
+        if path.name == tag and not (path / tag).is_dir():
+            target = path
+        elif (path / tag).is_dir():
+            target = path / tag
+        else:
+            tags = _tags(path)
+            raise CheckpointError(f"{path}: no checkpoint tag '{tag}' (available: {', '.join(tags) or 'none'})")
+    else:
+        target = path
+        has_model_states = any((path / name).is_file() for name in ckpt_lib.MODEL_STATES_FILES)
+        if not (path / ckpt_lib.LATEST_FILE).is_file() and not has_model_states:
+            tags = _tags(path)
+            if tags:
+                raise CheckpointError(f"{path}: no '{ckpt_lib.LATEST_FILE}' file; pick a checkpoint with --tag "
+                                      f"(available: {', '.join(tags)})")
+    file, states = ckpt_lib.read_model_states(target)
+    if ckpt_lib.is_universal(file.parent):
+        raise CheckpointError(f"{file.parent}: already a universal checkpoint; convert the original engine "
+                              "checkpoint it was made from")
+    return SourceCheckpoint(file.parent.parent, file.parent.name, states)
+
+
+@contextlib.contextmanager
+def _deepspeed_output_to_log(what: str):
+    """DeepSpeed's conversion tools print (and draw tqdm bars); send that to the debug log
+    so the CLI prints only results, and turn their assertions into one-line errors."""
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
+            yield
+    except (AssertionError, ValueError, RuntimeError, FileNotFoundError, KeyError) as e:
+        logger.debug("%s output:\n%s", what, buffer.getvalue())
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise CheckpointError(f"{what} failed: {first}") from None
+    logger.debug("%s output:\n%s", what, buffer.getvalue())
+
+
+def consolidated_state(ckpt: SourceCheckpoint) -> dict[str, torch.Tensor]:
+    """The trainable weights (fp32 master copies, gathered from every rank's ZeRO shard)
+    plus the module's buffers, keys as in VLAPolicy.state_dict(); the frozen base is not in
+    the checkpoint. DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint``."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with _deepspeed_output_to_log(f"consolidating {ckpt.tag_dir}"):
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.load_dir), tag=ckpt.tag,
+                                                         exclude_frozen_parameters=True)
+    return cast_floating(state, torch.float32)
+
+
+def load_base_backbone(ckpt: SourceCheckpoint, vl_model: str | None):
+    """The frozen base the run trained on (``vl_model`` or the run config's path), with the
+    run's fine-tuning applied (peft-wrapped for LoRA, adapters at their init), checked
+    against the checkpoint's backbone fingerprint."""
+    from vla_ds.models.backbone import VLBackbone
+
+    cfg = RunConfig.from_dict(ckpt.config)
+    backbone_cfg = dataclasses.replace(cfg.backbone, model_name_or_path=vl_model) if vl_model else cfg.backbone
+    logger.info("loading VL backbone %s", backbone_cfg.model_name_or_path)
+    backbone = VLBackbone(backbone_cfg)
+    saved, found = ckpt.states.get("backbone_fingerprint"), backbone.fingerprint()
+    if saved and saved != found:
+        raise CheckpointError(f"{backbone_cfg.model_name_or_path}: not the VL backbone {ckpt.tag_dir} was trained on "
+                              f"(fingerprint {found}, the checkpoint has {saved}); pass that one with --vl-model")
+    backbone.eval()
+    if ckpt.finetune_mode != "none":
+        with warnings.catch_warnings():  # peft reads a transformers property deprecated in v5
+            warnings.simplefilter("ignore", FutureWarning)
+            backbone.setup_finetune(dataclasses.replace(cfg.finetune, gradient_checkpointing=False))
+    return backbone
+
+
+def _module_state(module: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    """``module.state_dict()`` with ``prefix``, each tied weight listed once (as VLAPolicy does)."""
+    first = {n for n, _ in module.named_parameters()}
+    aliases = {n for n, _ in module.named_parameters(remove_duplicate=False)} - first
+    return {prefix + k: v for k, v in module.state_dict().items() if k not in aliases}
+
+
+def load_lora_into(backbone, lora: dict[str, torch.Tensor], source: Path) -> None:
+    """Load VLAPolicy-named LoRA tensors into a peft-wrapped backbone, strictly."""
+    own = {k: v for k, v in _module_state(backbone, "backbone.").items() if is_lora_key(k)}
+    problems = ckpt_lib._mismatch_report(lora, own, set())
+    if problems:
+        raise CheckpointError(f"{source}: the LoRA adapters do not match the run's finetune config: "
+                              + "; ".join(problems))
+    with torch.no_grad():
+        for key, value in lora.items():
+            own[key].copy_(value)
+
+
+# ---------------------------------------------------------------------------------------
+# Conversions
+
+
+@dataclass
+class ConversionResult:
+    source: Path
+    stage: str
+    step: int
+    to: str
+    written: list[Path]
+
+
+def check_request(ckpt: SourceCheckpoint, to: str, merge_lora: bool, include_base: bool) -> None:
+    """Refuse combinations that cannot be served, before any heavy work."""
+    if to == "stage2" and ckpt.stage != "stage2":
+        raise CheckpointError(f"{ckpt.tag_dir}: --to stage2 needs a Stage 2 checkpoint, this one is from {ckpt.stage} "
+                              "(--to stage1 writes its heads)")
+    if include_base and to not in ("fp32", "bf16", "stage2"):
+        raise CheckpointError(f"--include-base: only for --to fp32, bf16 or stage2, not {to}")
+    if merge_lora:
+        if to != "policy":
+            raise CheckpointError(f"--merge-lora: only for --to policy, not {to}")
+        if ckpt.finetune_mode != "lora":
+            raise CheckpointError(f"{ckpt.tag_dir}: --merge-lora needs a LoRA checkpoint, but this {ckpt.stage} run "
+                                  f"has no adapter (finetune mode {ckpt.finetune_mode})")
+
+
+def _out_dir(out: Path, must_be_new: bool) -> Path:
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out}: exists and is not a directory")
+    if must_be_new and out.is_dir() and any(out.iterdir()):
+        raise CheckpointError(f"{out}: exists and is not empty; write to a new directory")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _safetensors_metadata(ckpt: SourceCheckpoint) -> dict[str, str]:
+    return {"format": "pt", "source_checkpoint": str(ckpt.tag_dir), "stage": ckpt.stage, "step": str(ckpt.step)}
+
+
+def write_safetensors(state: dict[str, torch.Tensor], path: Path, dtype: torch.dtype, metadata: dict[str, str]) -> Path:
+    from safetensors.torch import save_file
+
+    save_file(cast_floating(state, dtype), str(path), metadata=metadata)
+    return path
+
+
+def _with_base(ckpt: SourceCheckpoint, state: dict[str, torch.Tensor], vl_model: str | None) -> dict[str, torch.Tensor]:
+    """``state`` plus the frozen base under VLAPolicy names (trained tensors win)."""
+    backbone = load_base_backbone(ckpt, vl_model)
+    base = {k: v for k, v in _module_state(backbone, "backbone.").items() if not is_lora_key(k)}
+    return {**base, **state}
+
+
+def to_safetensors(ckpt, out: Path, dtype: torch.dtype, include_base: bool, vl_model: str | None) -> list[Path]:
+    state = consolidated_state(ckpt)
+    if include_base:
+        state = _with_base(ckpt, state, vl_model)
+    path = write_safetensors(state, _out_dir(out, False) / WEIGHTS_FILE, dtype, _safetensors_metadata(ckpt))
+    return [path]
+
+
+def to_guide_pt(ckpt, out: Path, stage: str, include_base: bool, vl_model: str | None) -> list[Path]:
+    state = consolidated_state(ckpt)
+    if include_base:
+        state = _with_base(ckpt, state, vl_model)
+    build = stage1_checkpoint if stage == "stage1" else stage2_checkpoint
+    payload = build(cast_floating(state, torch.float32), ckpt.norm_stats)
+    path = pt_output_path(out, ckpt.step)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(payload, path)
+    return [path]
+
+
+def _copy_processor_files(model_name_or_path: str, out: Path) -> None:
+    """Tokenizer, image processor and chat template next to a merged backbone's weights."""
+    from vla_ds.models.backbone import is_local_backbone
+
+    if is_local_backbone(model_name_or_path):
+        src = Path(model_name_or_path).expanduser()
+        for name in PROCESSOR_FILES:
+            if (src / name).is_file():
+                shutil.copy2(src / name, out / name)
+        return
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    AutoTokenizer.from_pretrained(model_name_or_path).save_pretrained(out)
+    AutoImageProcessor.from_pretrained(model_name_or_path, backend="pil").save_pretrained(out)
+
+
+def to_policy(ckpt, out: Path, merge_lora: bool, vl_model: str | None) -> list[Path]:
+    out = _out_dir(out, must_be_new=True)
+    state = consolidated_state(ckpt)
+    parts = split_policy_state(state)
+    model_name = vl_model or ckpt.backbone_path
+    written = []
+    fingerprint = ckpt.states.get("backbone_fingerprint", "")
+    config = policy_config(ckpt.config, ckpt.norm_stats, parts["heads"], fingerprint=fingerprint,
+                           model_name_or_path=model_name, source=str(ckpt.tag_dir), step=ckpt.step)
+    (out / POLICY_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    written.append(out / POLICY_CONFIG_FILE)
+    weights = {**parts["heads"], **parts["backbone"]}  # the base is never here; full-mode layers are
+    written.append(write_safetensors(weights, out / WEIGHTS_FILE, torch.float32, _safetensors_metadata(ckpt)))
+    (out / NORM_STATS_FILE).write_text(json.dumps(ckpt.norm_stats, indent=2) + "\n")
+    written.append(out / NORM_STATS_FILE)
+    if ckpt.finetune_mode == "lora":
+        if not parts["lora"]:
+            raise CheckpointError(f"{ckpt.tag_dir}: a LoRA run, but the checkpoint holds no LoRA tensors")
+        backbone = load_base_backbone(ckpt, vl_model)
+        load_lora_into(backbone, parts["lora"], ckpt.tag_dir)
+        backbone.model.save_pretrained(str(out / ADAPTER_DIR))
+        written.append(out / ADAPTER_DIR)
+        if merge_lora:
+            merged = backbone.model.merge_and_unload()
+            merged.save_pretrained(str(out / MERGED_DIR))
+            _copy_processor_files(model_name, out / MERGED_DIR)
+            written.append(out / MERGED_DIR)
+    return written
+
+
+def to_universal(ckpt, out: Path) -> list[Path]:
+    """DeepSpeed's ``ds_to_universal`` into ``out/<tag>``, plus ``out/latest``.
+
+    Our checkpoints carry no ``universal_checkpoint_info`` (no tensor/pipeline-parallel
+    layout to describe), so it runs with ``inject_missing_state``; workers run in this
+    process (no process pool). It copies the model-states file as is, so the client state
+    (step, epoch, norm stats, config, fingerprint) travels along.
+    """
+    from deepspeed.checkpoint import ds_to_universal
+
+    out = _out_dir(out, must_be_new=True)
+    args = argparse.Namespace(input_folder=str(ckpt.tag_dir), output_folder=str(out / ckpt.tag),
+                              num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                              strict=True, inject_missing_state=True)
+    with _deepspeed_output_to_log(f"ds_to_universal {ckpt.tag_dir}"):
+        ds_to_universal.main(args)
+    (out / ckpt_lib.LATEST_FILE).write_text(ckpt.tag)  # ds_to_universal wrote latest_universal
+    return [out / ckpt.tag]
+
+
+def convert(path: str | Path, out: str | Path, to: str, tag: str | None = None, merge_lora: bool = False,
+            include_base: bool = False, vl_model: str | None = None) -> ConversionResult:
+    """Convert the checkpoint at ``path`` (``tag``, or its ``latest``) to format ``to`` at ``out``."""
+    if to not in FORMATS:
+        raise CheckpointError(f"--to {to}: unknown format (expected one of {', '.join(FORMATS)})")
+    ckpt = open_checkpoint(path, tag)
+    check_request(ckpt, to, merge_lora, include_base)
+    out = Path(out)
+    logger.info("converting %s (%s, step %d) to %s", ckpt.tag_dir, ckpt.stage, ckpt.step, to)
+    if to in ("fp32", "bf16"):
+        written = to_safetensors(ckpt, out, torch.float32 if to == "fp32" else torch.bfloat16, include_base, vl_model)
+    elif to in ("stage1", "stage2"):
+        written = to_guide_pt(ckpt, out, to, include_base, vl_model)
+    elif to == "policy":
+        written = to_policy(ckpt, out, merge_lora, vl_model)
+    else:
+        written = to_universal(ckpt, out)
+    return ConversionResult(ckpt.tag_dir, ckpt.stage, ckpt.step, to, written)
