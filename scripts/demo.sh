@@ -22,7 +22,7 @@ deepspeed --num_gpus 2 --master_port "$PORT" scripts/train.py \
     --vl-model "$OUT/tiny_backbone" \
     --model-preset tiny \
     --sensor-window-size 32 \
-    --batch_size 8 --grad_accum 1 --lr 1e-3 --epochs 10 \
+    --batch_size 8 --grad_accum 1 --lr 1e-3 --epochs 30 \
     --num_workers 0 \
     --output_dir "$OUT/stage1"
 python -m vla_ds.metrics "$OUT/stage1"

@@ -202,14 +202,13 @@ def test_clip_sample_clamps_predicted_x0():
     assert (s.predict_x0(torch.zeros(2, 3), 10, x_t) > 5.0).all()  # 0 disables
 
 
-def test_ddim_timesteps_are_evenly_spaced_and_start_at_t_max():
+def test_ddim_timesteps_are_evenly_spaced_and_end_at_zero():
     s = NoiseSchedule(100)
-    assert s.ddim_timesteps(10) == [99, 89, 79, 69, 59, 49, 39, 29, 19, 9]
+    assert s.ddim_timesteps(10) == [90, 80, 70, 60, 50, 40, 30, 20, 10, 0]
     assert s.ddim_timesteps(100) == list(range(99, -1, -1))
-    assert s.ddim_timesteps(1) == [99]
     for n in (3, 7, 33):
         ts = s.ddim_timesteps(n)
-        assert len(set(ts)) == n and ts == sorted(ts, reverse=True) and ts[0] == 99
+        assert len(set(ts)) == n and ts == sorted(ts, reverse=True) and ts[-1] == 0
     with pytest.raises(ValueError, match="num_inference_steps"):
         s.ddim_timesteps(101)
 

@@ -304,11 +304,14 @@ class NoiseSchedule(nn.Module):
         return mean + var.sqrt() * noise.to(dtype)
 
     def ddim_timesteps(self, num_inference_steps: int) -> list[int]:
-        """Evenly spaced DDIM timesteps, descending, starting at T - 1.
+        """Evenly spaced DDIM timesteps, descending, ending at 0 ("leading" spacing, the
+        diffusers default that Diffusion Policy samples with). For T = 100 and 10 steps:
+        90, 80, ..., 0.
 
-        "Trailing" spacing (Lin et al. 2024): the first step starts from the noisiest
-        training timestep, where x_T really is ~pure noise. For T = 100 and 10 steps:
-        99, 89, ..., 9.
+        Not "trailing" (99, 89, ..., 9): the clipped cosine schedule leaves
+        alphas_cumprod[T-1] ~ 2e-7, so an epsilon prediction at T - 1 turns into an x0
+        estimate with its error amplified ~2000x; measured on the demo policy, trailing
+        spacing sampled actions with 4x the error of leading spacing.
         """
         T = self.num_train_timesteps
         if not 1 <= num_inference_steps <= T:
@@ -316,8 +319,8 @@ class NoiseSchedule(nn.Module):
                 f"num_inference_steps must be in [1, {T}] (num_train_timesteps), "
                 f"got {num_inference_steps}"
             )
-        stride = T / num_inference_steps
-        return [round(T - i * stride) - 1 for i in range(num_inference_steps)]
+        stride = T // num_inference_steps
+        return [i * stride for i in range(num_inference_steps)][::-1]
 
 
 # --------------------------------------------------------------------------- sampling
