@@ -25,7 +25,7 @@ deepspeed --num_gpus 2 --master_port "$PORT" scripts/train.py \
     --batch_size 8 --grad_accum 1 --lr 1e-3 --epochs 30 \
     --num_workers 0 \
     --output_dir "$OUT/stage1"
-python -m vla_ds.metrics "$OUT/stage1"
+python scripts/summarize_run.py "$OUT/stage1"
 rm -rf "$OUT/policy" "$OUT/eval"
 python scripts/convert_checkpoint.py "$OUT/stage1" "$OUT/policy" --to policy
 python scripts/evaluate.py --policy "$OUT/policy" --dataset_dir "$OUT/dataset" --output "$OUT/eval" --no-progress

@@ -89,24 +89,3 @@ def summarize(rows: list[dict[str, Any]]) -> str:
     if sps:
         lines.append(f"samples/s (median): {sps[len(sps) // 2]:.1f}")
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m vla_ds.metrics OUTPUT_DIR``: print the run summary."""
-    import sys
-
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m vla_ds.metrics OUTPUT_DIR_OR_METRICS_JSONL", file=sys.stderr)
-        return 2
-    path = Path(args[0])
-    target = path / METRICS_FILE if path.is_dir() else path
-    if not target.is_file():
-        print(f"error: {target}: no metrics file", file=sys.stderr)
-        return 2
-    print(summarize(read_metrics(target)))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
