@@ -28,7 +28,6 @@ setup(
     entry_points={
         "console_scripts": [
             "vla-train=vla_ds.train:main",
-            "vla-make-tiny-backbone=vla_ds.tiny_backbone:main",
             "vla-make-demo-dataset=vla_ds.data.demo:main",
         ]
     },
