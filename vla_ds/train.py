@@ -125,6 +125,7 @@ def run(args: argparse.Namespace, cache_only: bool = False) -> dict:
     cache is complete (``scripts/build_cache.py``)."""
     from vla_ds import checkpoint, engine as engine_lib, trainer
     from vla_ds.data import DistributedWeightedSampler, NormStats, VLADataset, compute_norm_stats, split_train_val
+    from vla_ds.models.action_expert import count_parameters
     from vla_ds.models.backbone import VLBackbone, VLInputBuilder
     from vla_ds.models.policy import VLAPolicy
 
@@ -196,12 +197,12 @@ def run(args: argparse.Namespace, cache_only: bool = False) -> dict:
                         cfg.finetune.lora_r, cfg.finetune.lora_alpha, cfg.finetune.lora_dropout,
                         ",".join(cfg.finetune.lora_target_modules), " + vision attention" if cfg.finetune.lora_vision else "")
         policy.backbone.setup_finetune(cfg.finetune)
-        n_vl = sum(p.numel() for p in policy.backbone.parameters() if p.requires_grad)
+        n_vl = count_parameters(policy.backbone)
         logger.info("   %s trainable parameters: %s", "LoRA" if cfg.finetune.mode == "lora" else "VL", f"{n_vl:,}")
-    n_backbone = sum(p.numel() for p in policy.backbone.parameters() if not p.requires_grad)
+    n_backbone = count_parameters(policy.backbone, trainable_only=False) - count_parameters(policy.backbone)
     logger.info("   Backbone: %s frozen parameters", f"{n_backbone:,}")
-    logger.info("   Sensor encoder: %s parameters", f"{sum(p.numel() for p in policy.sensor_encoder.parameters()):,}")
-    logger.info("   Action expert: %s parameters", f"{sum(p.numel() for p in policy.action_expert.parameters()):,}")
+    logger.info("   Sensor encoder: %s parameters", f"{count_parameters(policy.sensor_encoder, trainable_only=False):,}")
+    logger.info("   Action expert: %s parameters", f"{count_parameters(policy.action_expert, trainable_only=False):,}")
 
     output_dir = Path(cfg.train.output_dir)
     try:

@@ -44,7 +44,6 @@ IMAGES_DIR = "images"
 SENSOR_FILE = "sensor_data.npz"
 
 POSE_COLUMNS = ("pose_x", "pose_y", "pose_z", "pose_a", "pose_b", "pose_r")
-ANGLE_COLUMNS = ("pose_a", "pose_b", "pose_r")  # degrees; unwrapped on load
 GRIPPER_COLUMN = "gripper"
 TIMESTAMP_COLUMN = "timestamp"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -265,7 +264,7 @@ def read_robot_states(path: Path) -> RobotStates:
         table = _parse_csv_slow(path, header, columns)  # raises with the exact line, or parses quoted files
 
     poses = table[:, 1:7].copy()
-    poses[:, 3:6] = np.unwrap(poses[:, 3:6], period=360.0, axis=0)
+    poses[:, 3:6] = np.unwrap(poses[:, 3:6], period=360.0, axis=0)  # pose_a/b/r, degrees
     gripper = table[:, 7].copy() if len(columns) == 8 else None
     return RobotStates(times=table[:, 0].copy(), poses=poses, gripper=gripper)
 
