@@ -8,6 +8,19 @@ import sys
 import warnings
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted, not when the handler
+    was made: in-process callers (tests, notebooks) may swap stderr between runs."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def setup_logging(rank: int | None = None, level: int = logging.INFO) -> None:
     """Configure the ``vla_ds`` logger (idempotent).
 
@@ -18,7 +31,7 @@ def setup_logging(rank: int | None = None, level: int = logging.INFO) -> None:
     if rank is None:
         rank = int(os.environ.get("RANK", "0"))
     prefix = "" if rank == 0 else f"[rank {rank}] "
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(message)s", datefmt="%H:%M:%S"))
     root = logging.getLogger("vla_ds")
     root.handlers[:] = [handler]
