@@ -17,8 +17,9 @@ Layout written by :func:`make_demo_dataset`::
 The actions are learnable: each episode moves along one random 6-D direction with a
 smoothly varying speed. Sensor channels 0-5 carry the current velocity (plus noise),
 channel 6 the gripper, 7-15 distractor tones. The front image draws a blob at
-(pose_x, pose_y) coloured by the translation direction, the wrist image one at
-(pose_z, pose_r) coloured by the rotation direction; blob size follows the gripper.
+(pose_x, pose_y) coloured by the translation direction on a background tinted by it, the
+wrist image one at (pose_z, pose_r) coloured and tinted by the rotation direction; blob
+size follows the gripper.
 Every episode's pose_r crosses +-180 degrees. Deterministic from ``seed``.
 """
 
@@ -90,10 +91,14 @@ class _Motion:
 
 
 def _draw(pos_xy: np.ndarray, colour_dir: np.ndarray, gripper: float, grid) -> np.ndarray:
-    """One (H, W, 3) uint8 frame: a grey gradient and a blob."""
+    """One (H, W, 3) uint8 frame: a gradient tinted by ``colour_dir`` and a blob.
+
+    The tint carries the episode's direction across the whole frame, so it survives the
+    backbone's pooling even for a random-weight tiny backbone; the blob carries the pose.
+    """
     yy, xx = grid
-    img = np.empty((IMAGE_H, IMAGE_W, 3), dtype=np.uint8)
-    img[...] = (60 + 40 * yy / IMAGE_H)[..., None].astype(np.uint8)
+    tint = 40 * colour_dir  # (3,)
+    img = np.clip((60 + 40 * yy / IMAGE_H)[..., None] + tint, 0, 255).astype(np.uint8)
     cx = np.clip(IMAGE_W / 2 + pos_xy[0], 4, IMAGE_W - 5)
     cy = np.clip(IMAGE_H / 2 + pos_xy[1], 4, IMAGE_H - 5)
     r = 3 + 3 * gripper
