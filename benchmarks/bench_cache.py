@@ -23,14 +23,14 @@ REPO = Path(__file__).resolve().parent.parent
 PRECISION: list[str] = []  # --fp32 adds the overrides for an fp32 run (CPUs without fast bf16)
 
 
-def run(label: str, data: Path, backbone: Path, out: Path, epochs: int, extra: list[str]) -> dict:
+def run(label: str, data: Path, backbone: Path, out: Path, epochs: int, batch_size: int, extra: list[str]) -> dict:
     extra = [*extra, *PRECISION]
     from vla_ds.metrics import read_metrics
     from vla_ds.train import main
 
     argv = ["--ds_config", str(REPO / "ds_configs" / "stage1.json"), "--dataset_dir", str(data),
             "--vl-model", str(backbone), "--model-preset", "tiny", "--sensor-window-size", "32",
-            "--num_workers", "0", "--batch_size", "8", "--epochs", str(epochs), "--lr", "1e-3",
+            "--num_workers", "0", "--batch_size", str(batch_size), "--epochs", str(epochs), "--lr", "1e-3",
             "--output_dir", str(out), "--set", "train.progress_bar=false", *extra]
     start = time.perf_counter()
     assert main(argv) == 0, label
@@ -40,8 +40,8 @@ def run(label: str, data: Path, backbone: Path, out: Path, epochs: int, extra: l
             "data_share": statistics.median(r["data_share"] for r in rows), "wall_s": wall}
 
 
-def vl_share(data: Path, backbone_dir: Path, batches: int = 20) -> dict:
-    """Seconds per batch of 8 spent decoding images + building prompts, and in the backbone."""
+def vl_share(data: Path, backbone_dir: Path, batch_size: int, batches: int = 20) -> dict:
+    """Seconds per batch spent decoding images + building prompts, and in the backbone."""
     from vla_ds.data import DataConfig, VLADataset
     from vla_ds.models.backbone import BackboneConfig, VLBackbone, VLInputBuilder
 
@@ -50,7 +50,7 @@ def vl_share(data: Path, backbone_dir: Path, batches: int = 20) -> dict:
     builder, backbone = VLInputBuilder.from_pretrained(bcfg), VLBackbone(bcfg).eval()
     decode = build = forward = 0.0
     for b in range(batches):
-        idx = [(b * 8 + j) % len(ds) for j in range(8)]
+        idx = [(b * batch_size + j) % len(ds) for j in range(batch_size)]
         t0 = time.perf_counter()
         with_images = [ds.get_item(i) for i in idx]
         t1 = time.perf_counter()
@@ -112,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--episodes", type=int, default=10, help="demo episodes per source")
+    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=8,
+                   help="micro batch of both runs (default 8, the demo's)")
     p.add_argument("--json", type=Path)
     p.add_argument("--fp32", action="store_true", help="run both paths in fp32 (bf16 is emulated on many CPUs)")
     a = p.parse_args(argv)
@@ -126,14 +128,14 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp)
         backbone = make_tiny_backbone(tmp / "tiny")
         data = make_demo_dataset(tmp / "data", episodes_per_source=(a.episodes, a.episodes))
-        live = run("no cache", data, backbone, tmp / "live", a.epochs, ["--no-cache"])
-        cached = run("cache", data, backbone, tmp / "cached", a.epochs, ["--set", f"cache.dir={tmp / 'cache'}"])
-        share = vl_share(data, backbone)
-    step_s = 8 / live["samples_per_s"]
+        live = run("no cache", data, backbone, tmp / "live", a.epochs, a.batch_size, ["--no-cache"])
+        cached = run("cache", data, backbone, tmp / "cached", a.epochs, a.batch_size, ["--set", f"cache.dir={tmp / 'cache'}"])
+        share = vl_share(data, backbone, a.batch_size)
+    step_s = a.batch_size / live["samples_per_s"]
     vl_s = share["decode_s_per_batch"] + share["prompt_s_per_batch"] + share["backbone_s_per_batch"]
     flops = reference_flops()
     result = {
-        "tiny_cpu": {"no_cache": live, "cache": cached, "speedup": cached["samples_per_s"] / live["samples_per_s"],
+        "tiny_cpu": {"batch_size": a.batch_size, "no_cache": live, "cache": cached, "speedup": cached["samples_per_s"] / live["samples_per_s"],
                      **share, "vl_share_of_step_without_cache": min(1.0, vl_s / step_s)},
         "reference_3b_640x360_2views": flops,
     }
@@ -141,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'no cache':<12}{live['samples_per_s']:>12.1f}{live['data_share']:>12.2f}")
     print(f"{'cache':<12}{cached['samples_per_s']:>12.1f}{cached['data_share']:>12.2f}")
     print(f"speedup with cache (tiny, 1 process, epochs >= 2): {result['tiny_cpu']['speedup']:.1f}x")
-    print(f"without cache, per batch of 8: decode {share['decode_s_per_batch'] * 1e3:.1f} ms, prompt "
+    print(f"without cache, per batch of {a.batch_size}: decode {share['decode_s_per_batch'] * 1e3:.1f} ms, prompt "
           f"{share['prompt_s_per_batch'] * 1e3:.1f} ms, backbone {share['backbone_s_per_batch'] * 1e3:.1f} ms "
           f"= {result['tiny_cpu']['vl_share_of_step_without_cache']:.0%} of a {step_s * 1e3:.1f} ms step")
     print(f"reference 3B, 640x360 x 2 views ({flops['lm_tokens']} LM tokens, {flops['vision_patches']} patches): "
