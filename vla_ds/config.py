@@ -118,7 +118,7 @@ class TrainConfig:
     max_steps: int = 0
     validate_every_epochs: int = 1
     val_batch_size: int = 0
-    dist_timeout_minutes: float = 10.0
+    dist_timeout_minutes: float = 5.0
     progress_bar: bool = True
 
     def __post_init__(self):

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 from torch import nn
 
@@ -24,12 +26,48 @@ logger = logging.getLogger(__name__)
 _GROUP_TITLES = {"vl": "VL params", "other": "Other params"}
 
 
+# Where launchers that do not set torch's variables announce a rank: (rank, world size,
+# local rank, local size). The DeepSpeed launcher and torchrun set RANK etc. themselves;
+# `deepspeed --launcher openmpi` (mpirun) and `--launcher slurm` (srun) start the script
+# directly, with only their own variables.
+LAUNCHER_ENV = {
+    "openmpi": ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
+                "OMPI_COMM_WORLD_LOCAL_SIZE"),
+    "slurm": ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE"),
+}
+
+
+class DistributedError(RuntimeError):
+    """The process group failed at run time (a rank died, a node went away, a timeout)."""
+
+
+def adopt_launcher_env(environ=None) -> str | None:
+    """Fill torch's RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_SIZE from an MPI or SLURM
+    launch that did not set them, so every launcher reaches the same ``env://`` start.
+    Returns the launcher's name, or None when nothing was needed (or found).
+    MASTER_ADDR and MASTER_PORT must come from the job (``.deepspeed_env`` or the batch
+    script); without them the start fails with a message saying so."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env:
+        return None
+    for name, (rank, world, local_rank, local_size) in LAUNCHER_ENV.items():
+        if rank in env and world in env:
+            env["RANK"], env["WORLD_SIZE"] = env[rank], env[world]
+            env["LOCAL_RANK"] = env.get(local_rank, "0")
+            # SLURM_NTASKS_PER_NODE may read "4(x2)"; the leading count is the per-node size
+            env["LOCAL_SIZE"] = env.get(local_size, "1").split("(")[0]
+            return name
+    return None
+
+
 def env_world_size() -> int:
     """World size the launcher announced (1 when run as a plain ``python scripts/train.py``)."""
+    adopt_launcher_env()
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def env_rank() -> int:
+    adopt_launcher_env()
     return int(os.environ.get("RANK", "0"))
 
 
@@ -57,14 +95,61 @@ def init_distributed(timeout_minutes: float) -> None:
     ``deepspeed --num_gpus N``. Idempotent.
     """
     import deepspeed
+    import torch.distributed as tdist
 
     if deepspeed.comm.is_initialized():
         return
+    adopt_launcher_env()
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    deepspeed.init_distributed(timeout=timedelta(minutes=timeout_minutes), verbose=False)
+    world = int(os.environ["WORLD_SIZE"])
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise ConfigError(f"rank {os.environ['RANK']} of {world}: {' and '.join(missing)} not set; launch with "
+                          "the DeepSpeed launcher, or export MASTER_ADDR (the first node) and MASTER_PORT on "
+                          "every node (.deepspeed_env or the batch script)")
+    try:
+        deepspeed.init_distributed(timeout=timedelta(minutes=timeout_minutes), verbose=False)
+    except tdist.DistError as e:
+        where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        raise DistributedError(
+            f"the {world} ranks did not all join at {where} within {timeout_minutes:g} min ({_first_line(e)}); "
+            "start every node's launcher with the same hostfile, --master_addr and --master_port, and check "
+            "that the port is open between nodes") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    """The gist of a backend error: first line, without gloo's source-location prefix and
+    its generic advice."""
+    lines = str(exc).strip().splitlines()
+    if not lines:
+        return type(exc).__name__
+    line = re.sub(r"^\[[^\]]*\]\s*", "", lines[0])
+    return line.split(". This is typically")[0]
+
+
+def describe_distributed_failure(exc: BaseException, output_dir: str | None) -> str | None:
+    """One line for a collective that failed mid-run (a peer died, a timeout), or None
+    when ``exc`` is not such a failure. Names the last complete checkpoint to resume."""
+    import torch.distributed as tdist
+
+    text = str(exc)
+    signs = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "timed out", "Timed out",
+             "NCCL", "ProcessGroup", "gloo")
+    if not isinstance(exc, (tdist.DistError, DistributedError)) and not any(s in text for s in signs):
+        return None
+    if isinstance(exc, DistributedError):
+        return str(exc)
+    line = f"lost contact with another rank ({_first_line(exc)[:160]}): a rank died or its node went away"
+    latest = Path(output_dir) / "latest" if output_dir else None
+    if latest is not None and latest.is_file():
+        line += (f"; the last complete checkpoint is {latest.parent / latest.read_text().strip()} "
+                 f"(continue with --resume {output_dir}); the other ranks' logs say why they stopped")
+    else:
+        line += "; no checkpoint was completed yet; the other ranks' logs say why they stopped"
+    return line
 
 
 @dataclass

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 import vla_ds
 from vla_ds import config as config_lib
+from vla_ds.engine import DistributedError
 from vla_ds.errors import VLAError, user_message
 from vla_ds.log import setup_logging
 
@@ -214,6 +215,23 @@ def run(args: argparse.Namespace, cache_only: bool = False) -> dict:
 
     # --- DeepSpeed
     engine_lib.init_distributed(cfg.train.dist_timeout_minutes)
+    try:
+        return _run_distributed(args, cfg, policy, input_builder, fingerprint, train_ds, val_ds, sampler, norm_stats,
+                                total_steps, output_dir, rank, world, cache_only)
+    except RuntimeError as e:  # a collective failed: translate a dead peer or a timeout into one line
+        line = engine_lib.describe_distributed_failure(e, str(output_dir)) if world > 1 else None
+        if line is None:
+            raise
+        raise engine_lib.DistributedError(line) from None
+
+
+def _run_distributed(args, cfg, policy, input_builder, fingerprint, train_ds, val_ds, sampler, norm_stats,
+                     total_steps, output_dir, rank, world, cache_only) -> dict:
+    """Everything after the process group starts: checks across ranks, engine, cache, training."""
+    from vla_ds import checkpoint, engine as engine_lib, preflight, trainer
+
+    preflight.check_ranks(cfg, {"dataset": f"{len(train_ds)} train + {len(val_ds)} val samples",
+                                "backbone fingerprint": fingerprint})
     engine, groups = engine_lib.initialize(policy, cfg)
 
     collate = trainer.PolicyCollator(input_builder)
@@ -273,6 +291,9 @@ def main(argv: list[str] | None = None, cache_only: bool = False) -> int:
     setup_logging()
     try:
         run(args, cache_only=cache_only)
+    except DistributedError as e:  # a dead peer or a timeout: every surviving rank says so, once
+        print(f"[rank {os.environ.get('RANK', '0')}] error: {e}", file=sys.stderr)
+        return 1
     except VLAError as e:
         from vla_ds.engine import distributed_started
 
