@@ -114,10 +114,31 @@ def init_distributed(timeout_minutes: float) -> None:
         deepspeed.init_distributed(timeout=timedelta(minutes=timeout_minutes), verbose=False)
     except tdist.DistError as e:
         where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        if "EADDRINUSE" in str(e) or "address already in use" in str(e):
+            raise DistributedError(f"cannot listen on {where}: the port is in use (another job?); pick a free "
+                                   "one with --master_port") from None
         raise DistributedError(
             f"the {world} ranks did not all join at {where} within {timeout_minutes:g} min ({_first_line(e)}); "
             "start every node's launcher with the same hostfile, --master_addr and --master_port, and check "
             "that the port is open between nodes") from None
+    _unlink_shm_allreduce_buffer()
+
+
+def _unlink_shm_allreduce_buffer() -> None:
+    """DeepSpeed's CPU shared-memory allreduce gives every rank a ~70 MB /dev/shm segment
+    and never removes it, so each CPU run (and every killed one) leaks it until reboot.
+    Once every rank has mapped every other rank's segment (done inside the process-group
+    start, then this barrier), the names are no longer needed: remove this rank's. The
+    mappings stay valid and the memory is freed when the last rank exits, however it exits."""
+    import deepspeed.comm as dist
+
+    dist.barrier()
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
+            f"{os.environ.get('MASTER_PORT')}_{dist.get_rank()}")
+    try:
+        os.unlink(Path("/dev/shm") / name)
+    except OSError:  # not on this machine (GPU runs, other backends) or already gone
+        pass
 
 
 def _first_line(exc: BaseException) -> str:
