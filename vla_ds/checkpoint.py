@@ -10,6 +10,13 @@ Layout written by :func:`save_checkpoint` (DeepSpeed's own, plus our client stat
         mp_rank_00_model_states.pt     trainable weights + buffers (the frozen backbone is
                                        excluded) and the client state below
         *_optim_states.pt              ZeRO optimizer shards, one per rank
+        .vla_ds_incomplete             only while the save runs (or after it was killed)
+
+Saves are atomic: rank 0 marks the tag dir incomplete before any rank writes, every rank
+writes (DeepSpeed, ending in a barrier), then rank 0 syncs the files to disk, removes the
+mark, and only then points ``latest`` at the tag (write to a temporary file + rename). A
+process killed at any moment leaves ``latest`` on the previous complete checkpoint, and a
+half-written tag dir keeps its mark, so loading it is refused with a message.
 
 Client state (plain Python values and tensors: the file loads with
 ``torch.load(weights_only=True)``): ``step``, ``epoch`` (completed epochs),
@@ -28,6 +35,9 @@ run sets DeepSpeed's ``checkpoint.load_universal`` for it (:func:`is_universal`)
 from __future__ import annotations
 
 import logging
+import os
+import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +49,8 @@ from vla_ds.errors import CheckpointError
 logger = logging.getLogger(__name__)
 
 LATEST_FILE = "latest"
+INCOMPLETE_MARK = ".vla_ds_incomplete"
+TAG_PATTERN = re.compile(r"global_step(\d+)")
 # Rank 0's module + client state: ZeRO-1/2 write the first name, ZeRO-3 the second.
 MODEL_STATES_FILES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
 CLIENT_KEYS = ("step", "epoch", "micro_step_in_epoch", "norm_stats", "config")
@@ -53,16 +65,87 @@ def tag_for_step(step: int) -> str:
     return f"global_step{step}"
 
 
-def save_checkpoint(engine, output_dir: str | Path, step: int, client_state: dict[str, Any]) -> Path:
-    """Save an engine checkpoint as ``<output_dir>/global_step<step>``. Collective: call on every rank.
+def save_checkpoint(engine, output_dir: str | Path, step: int, client_state: dict[str, Any],
+                    keep_last: int = 0) -> Path:
+    """Save an engine checkpoint as ``<output_dir>/global_step<step>``, atomically (see the
+    module docstring). Collective: call on every rank.
 
     The frozen base model is excluded (``exclude_frozen_parameters``): a checkpoint holds
-    what training changed, not another copy of the 3B backbone.
+    what training changed, not another copy of the 3B backbone. With ``keep_last`` K > 0,
+    older checkpoints beyond the newest K are deleted, only once this one is complete.
     """
-    tag = tag_for_step(step)
-    engine.save_checkpoint(str(output_dir), tag=tag, client_state=client_state, exclude_frozen_parameters=True)
-    logger.info("saved checkpoint %s", Path(output_dir) / tag)
-    return Path(output_dir) / tag
+    import deepspeed.comm as dist
+
+    out, tag = Path(output_dir), tag_for_step(step)
+    tag_dir = out / tag
+    is_main = dist.get_rank() == 0
+    if is_main:
+        tag_dir.mkdir(parents=True, exist_ok=True)
+        _write_durably(tag_dir / INCOMPLETE_MARK, "a save of this checkpoint started and has not finished\n")
+    dist.barrier()  # nobody writes into the tag dir before it is marked
+    engine.save_checkpoint(str(out), tag=tag, client_state=client_state, save_latest=False,
+                           exclude_frozen_parameters=True)  # ends with a barrier: every rank's files are written
+    if is_main:
+        for file in sorted(p for p in tag_dir.rglob("*") if p.is_file()):
+            _fsync(file)
+        (tag_dir / INCOMPLETE_MARK).unlink()
+        _fsync(tag_dir)
+        _write_durably(out / LATEST_FILE, tag)
+        if keep_last > 0:
+            prune_checkpoints(out, keep_last)
+    dist.barrier()
+    logger.info("saved checkpoint %s", tag_dir)
+    return tag_dir
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durably(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` atomically: a reader sees the old or the new content."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+def checkpoint_tags(output_dir: str | Path) -> list[tuple[int, Path, bool]]:
+    """``(step, tag dir, complete)`` of every ``global_stepN`` in ``output_dir``, by step."""
+    out = []
+    for p in Path(output_dir).glob("global_step*"):
+        m = TAG_PATTERN.fullmatch(p.name)
+        if m and p.is_dir():
+            out.append((int(m[1]), p, not (p / INCOMPLETE_MARK).exists()))
+    return sorted(out)
+
+
+def prune_checkpoints(output_dir: str | Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` complete checkpoints, and half-written ones
+    older than the newest complete one. The one ``latest`` names is always kept."""
+    output_dir = Path(output_dir)
+    latest = (output_dir / LATEST_FILE).read_text().strip() if (output_dir / LATEST_FILE).is_file() else None
+    tags = checkpoint_tags(output_dir)
+    complete = [(step, p) for step, p, ok in tags if ok]
+    keep = {p for _, p in complete[-keep_last:]}
+    newest = complete[-1][0] if complete else None
+    removed = []
+    for step, p, ok in tags:
+        if p in keep or p.name == latest or (not ok and (newest is None or step > newest)):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    if removed:
+        logger.info("removed %d older checkpoint(s) (save_total_limit %d): %s", len(removed), keep_last,
+                    ", ".join(p.name for p in removed))
+    return removed
 
 
 def _mismatch_report(src: dict[str, torch.Tensor], own: dict[str, torch.Tensor], optional: set[str]) -> list[str]:
@@ -105,10 +188,23 @@ def resolve_checkpoint_dir(path: str | Path) -> tuple[Path, str]:
         tag = (path / LATEST_FILE).read_text().strip()
         if not (path / tag).is_dir():
             raise CheckpointError(f"{path / LATEST_FILE}: names '{tag}', which does not exist in {path}")
+        _refuse_incomplete(path / tag)
         return path, tag
+    if (path / INCOMPLETE_MARK).exists():
+        _refuse_incomplete(path)
     if path.is_dir() and any((path / name).is_file() for name in MODEL_STATES_FILES):
         return path.parent, path.name
     raise CheckpointError(f"{path}: not a checkpoint (no '{LATEST_FILE}' file and no {MODEL_STATES_FILES[0]} inside)")
+
+
+def _refuse_incomplete(tag_dir: Path) -> None:
+    if not (tag_dir / INCOMPLETE_MARK).exists():
+        return
+    complete = [p for _, p, ok in checkpoint_tags(tag_dir.parent) if ok]
+    hint = (f"resume from {tag_dir.parent} (its '{LATEST_FILE}' names the last complete one) or {complete[-1]}"
+            if complete else "no complete checkpoint is next to it")
+    raise CheckpointError(f"{tag_dir}: half-written checkpoint (its save was interrupted; {INCOMPLETE_MARK} is "
+                          f"still there), not loaded; {hint}")
 
 
 def is_universal(tag_dir: str | Path) -> bool:

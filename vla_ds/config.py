@@ -104,6 +104,13 @@ class TrainConfig:
         validate_every_epochs: run validation every N epochs (and after the last one).
         val_batch_size: micro batch size of validation (0 = the training micro batch).
         dist_timeout_minutes: process-group timeout; a dead rank ends the job after this.
+        save_steps: also checkpoint every N optimizer steps (0 = only at epoch ends and at
+            ``max_steps``).
+        save_total_limit: keep only the newest K checkpoints (0 = keep all); older ones are
+            deleted only after a newer one is complete.
+        max_consecutive_skips: stop the run (with a checkpoint of the last good weights)
+            after this many consecutive optimizer steps skipped for a non-finite loss or
+            gradient norm.
         progress_bar: show a tqdm bar on rank 0.
     """
 
@@ -119,6 +126,9 @@ class TrainConfig:
     validate_every_epochs: int = 1
     val_batch_size: int = 0
     dist_timeout_minutes: float = 5.0
+    save_steps: int = 0
+    save_total_limit: int = 0
+    max_consecutive_skips: int = 10
     progress_bar: bool = True
 
     def __post_init__(self):
@@ -131,6 +141,10 @@ class TrainConfig:
         _check(self.val_batch_size >= 0, "train.val_batch_size", self.val_batch_size, "must be >= 0")
         _check(self.dist_timeout_minutes > 0, "train.dist_timeout_minutes", self.dist_timeout_minutes, "must be > 0")
         _check(bool(self.output_dir), "train.output_dir", self.output_dir, "must not be empty")
+        _check(self.save_steps >= 0, "train.save_steps", self.save_steps, "must be >= 0")
+        _check(self.save_total_limit >= 0, "train.save_total_limit", self.save_total_limit, "must be >= 0")
+        _check(self.max_consecutive_skips >= 1, "train.max_consecutive_skips", self.max_consecutive_skips,
+               "must be >= 1")
 
 
 @dataclass
