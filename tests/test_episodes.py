@@ -299,8 +299,14 @@ def test_sensor_nan_in_window_is_error(tmp_path):
     np.savez(tmp_path / "s.npz", timestamps=ts, data=data)
     s = SensorData(tmp_path / "s.npz")
     np.testing.assert_array_equal(s.window(ts[9], 4), data[6:10])  # NaN row not in this window
-    with pytest.raises(DatasetError, match="NaN/inf in the sensor window"):
+    with pytest.raises(DatasetError) as e:
         s.window(ts[4], 4)
+    assert str(e.value).startswith(f"{tmp_path / 's.npz'}: 'data' row 3, channel 1 is not finite (NaN/inf)")
+    windows = np.stack([data[i:i + 4] for i in range(len(data) - 3)])  # (N, 4, C): window k ends at row k + 3
+    np.savez(tmp_path / "w.npz", timestamps=ts[3:], data=windows)
+    w = SensorData(tmp_path / "w.npz")
+    with pytest.raises(DatasetError, match=r"'data' window 2 row 1, channel 1 is not finite"):
+        w.window(ts[5], 4)  # window 2 covers rows 2..5: the NaN row 3 is its row 1
 
 
 def test_sensor_pickles_without_data(tmp_path):

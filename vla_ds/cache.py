@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vla_ds.errors import ConfigError
+from vla_ds.errors import ConfigError, DatasetError
 
 logger = logging.getLogger(__name__)
 
@@ -212,12 +212,15 @@ def cache_root(cache_config: CacheConfig, dataset_dir: str, key: str, parts: dic
 
 @torch.no_grad()
 def build(store: FeatureStore, datasets: list, keys: list[list[str]], backbone, collate, cache_config: CacheConfig,
-          num_workers: int, rank: int, world_size: int, device) -> int:
+          num_workers: int, rank: int, world_size: int, device, on_bad_sample: str = "error") -> int:
     """Compute the features of every sample whose key is missing. Collective: each rank
     takes a disjoint share, then all ranks wait and re-read the store. Returns the number
-    of features this rank computed."""
+    of features this rank computed. With ``on_bad_sample="skip"`` a sample that cannot be
+    loaded gets no feature (training then skips it and counts it)."""
     import deepspeed.comm as dist
     from torch.utils.data import DataLoader, Subset
+
+    from vla_ds.data.loading import SAMPLE_INDEX, LoaderDataset
 
     store.refresh()
     missing: dict[str, tuple[int, int]] = {}  # key -> (dataset, index); one job per distinct key
@@ -237,20 +240,24 @@ def build(store: FeatureStore, datasets: list, keys: list[list[str]], backbone, 
             mine = [(k, i) for k, (dd, i) in jobs if dd == d]
             if not mine:
                 continue
-            loader = DataLoader(Subset(ds, [i for _, i in mine]), batch_size=cache_config.build_batch_size,
-                                collate_fn=collate, num_workers=num_workers)
-            done = 0
+            key_of = dict((i, k) for k, i in mine)
+            loader = DataLoader(Subset(LoaderDataset(ds, on_bad_sample), [i for _, i in mine]),
+                                batch_size=cache_config.build_batch_size, collate_fn=collate, num_workers=num_workers)
             for batch in loader:
+                if SAMPLE_INDEX not in batch:  # only bad samples (on_bad_sample="skip")
+                    continue
                 inputs = [batch[k].to(device) for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")]
                 features = backbone(*inputs).float().cpu().numpy()  # (B, hidden)
-                writer.add([k for k, _ in mine[done:done + len(features)]], features)
-                done += len(features)
+                writer.add([key_of[i] for i in batch[SAMPLE_INDEX]], features)  # bad samples were dropped
         writer.flush()
         backbone.train(was_training)
     dist.barrier()
     store.refresh()
     still = sum(1 for ds_keys in keys for k in ds_keys if k not in store)
-    if still:
+    if still and on_bad_sample == "skip":
+        logger.warning("VL feature cache: %d sample(s) have no feature (bad samples, skipped and counted in "
+                       "training)", still)
+    elif still:
         raise ConfigError(f"{store.root}: {still} VL features are missing after every rank built its share; "
                           "with several nodes the cache must be on a filesystem they all see "
                           "(--set cache.dir=DIR), or pass --no-cache")
@@ -267,6 +274,16 @@ class CachedFeatures(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, i: int) -> dict:
+        key = self.keys[i]
+        if key not in self.store:
+            # Only a sample the build could not load (on_bad_sample="skip") lacks a feature:
+            # loading it again raises its DatasetError, which the loader counts as bad.
+            self.dataset.get_item(i)
+            raise DatasetError(f"{self.store.root}: no cached VL feature for {self.dataset.describe_sample(i)}; "
+                               "rebuild the cache (scripts/build_cache.py) or pass --no-cache")
         sample = self.dataset.get_item(i, with_images=False)  # never decodes images
-        sample[VL_HIDDEN] = self.store.get(self.keys[i])
+        sample[VL_HIDDEN] = self.store.get(key)
         return sample
+
+    def describe_sample(self, i: int) -> str:
+        return self.dataset.describe_sample(i)

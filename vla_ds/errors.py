@@ -23,6 +23,10 @@ class CheckpointError(VLAError):
     """A checkpoint is missing, incomplete or does not match the model."""
 
 
+class TrainingError(VLAError):
+    """Training cannot go on (e.g. the loss stays non-finite); the message says what was kept."""
+
+
 class BackboneError(VLAError):
     """The VL backbone directory or hub id cannot be loaded as a Qwen2.5-VL model."""
 

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 import vla_ds
 from vla_ds import config as config_lib
 from vla_ds.engine import DistributedError
-from vla_ds.errors import VLAError, user_message
+from vla_ds.errors import DatasetError, VLAError, user_message
 from vla_ds.log import setup_logging
 
 logger = logging.getLogger("vla_ds.train")
@@ -53,6 +53,9 @@ FLAG_TO_KEY = {
     "lora_alpha": "vla_ds.finetune.lora_alpha",
     "lora_dropout": "vla_ds.finetune.lora_dropout",
     "unfreeze_last_n": "vla_ds.finetune.unfreeze_last_n",
+    "save_steps": "vla_ds.train.save_steps",
+    "save_total_limit": "vla_ds.train.save_total_limit",
+    "on_bad_sample": "vla_ds.data.on_bad_sample",
 }
 # Flags that set one parameter group's lr: the group must exist in the JSON.
 GROUP_FLAGS = {"lr": "other", "vl_lr": "vl"}
@@ -89,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", "--output-dir")
     p.add_argument("--seed", type=int)
     p.add_argument("--max_steps", "--max-steps", type=int, help="stop after N optimizer steps (smoke tests)")
+    p.add_argument("--save_steps", "--save-steps", type=int,
+                   help="also checkpoint every N optimizer steps (default: at the end of every epoch only)")
+    p.add_argument("--save_total_limit", "--save-total-limit", type=int,
+                   help="keep only the newest K checkpoints (older ones go once a newer one is complete)")
+    p.add_argument("--on-bad-sample", "--on_bad_sample", dest="on_bad_sample", choices=["error", "skip"],
+                   help="error (default): stop at a bad sample, naming its file; skip: drop it, count it per "
+                        "file and list the files at the end of every epoch")
     p.add_argument("--no-cache", "--no_cache", dest="no_cache", action="store_true", default=None,
                    help="Stage 1: run the backbone every step instead of caching its features")
     p.add_argument("--resume", help="output dir (its 'latest'), a global_stepN dir, or a universal checkpoint "
@@ -229,6 +239,7 @@ def _run_distributed(args, cfg, policy, input_builder, fingerprint, train_ds, va
                      total_steps, output_dir, rank, world, cache_only) -> dict:
     """Everything after the process group starts: checks across ranks, engine, cache, training."""
     from vla_ds import checkpoint, engine as engine_lib, preflight, trainer
+    from vla_ds.data.loading import LoaderDataset
 
     preflight.check_ranks(cfg, {"dataset": f"{len(train_ds)} train + {len(val_ds)} val samples",
                                 "backbone fingerprint": fingerprint})
@@ -240,6 +251,9 @@ def _run_distributed(args, cfg, policy, input_builder, fingerprint, train_ds, va
     elif cache_only:
         raise config_lib.ConfigError(f"{args.ds_config}: the VL feature cache is off for this run "
                                      f"(stage {cfg.stage}, cache.mode {cfg.cache.mode}); nothing to build")
+    # Bad samples skipped on request; each worker's current sample known if the worker dies.
+    train_ds, val_ds = (LoaderDataset(ds, cfg.data.on_bad_sample, track_workers=cfg.data.num_workers > 0)
+                        for ds in (train_ds, val_ds))
     if cache_only:
         return {"output_dir": output_dir, "engine": engine}
     loader_kwargs = dict(collate_fn=collate, num_workers=cfg.data.num_workers,
@@ -260,8 +274,13 @@ def _run_distributed(args, cfg, policy, input_builder, fingerprint, train_ds, va
 
     client_extra = {"norm_stats": norm_stats.to_dict(), "config": cfg.to_dict(),
                     "backbone_fingerprint": fingerprint, "vla_ds_version": vla_ds.__version__}
-    state = trainer.train(cfg, engine, train_loader, val_loader, sampler, [g.name for g in groups], state,
-                          client_extra, total_steps)
+    try:
+        state = trainer.train(cfg, engine, train_loader, val_loader, sampler, [g.name for g in groups], state,
+                              client_extra, total_steps)
+    except RuntimeError as e:  # torch's SIGCHLD handler raises a dead worker wherever the main process is
+        if "DataLoader worker" not in str(e):
+            raise
+        raise DatasetError(trainer.describe_worker_death(str(e), [train_ds, val_ds])) from None
     if state.history:
         logger.info("done: %d steps, train/loss %.4f -> %.4f; checkpoints and metrics.jsonl in %s",
                     state.step, state.history[0], state.history[-1], output_dir)
@@ -279,7 +298,7 @@ def build_feature_cache(cfg, engine, fingerprint: str, datasets: list, collate, 
     store = cache.FeatureStore(root)
     keys = [cache.sample_keys(ds, cfg.data.dataset_dir) for ds in datasets]
     computed = cache.build(store, datasets, keys, backbone, collate, cfg.cache, cfg.data.num_workers,
-                           rank, world, engine.device)
+                           rank, world, engine.device, on_bad_sample=cfg.data.on_bad_sample)
     logger.info("VL feature cache %s: %d features (%d computed now by this rank); images are not decoded in training",
                 root, len(store.index), computed)
     return [cache.CachedFeatures(ds, k, store) for ds, k in zip(datasets, keys)]

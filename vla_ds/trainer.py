@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,8 @@ from vla_ds.cache import VL_HIDDEN
 from vla_ds.checkpoint import save_checkpoint
 from vla_ds.config import RunConfig
 from vla_ds.data.dataset import collate_numeric
+from vla_ds.data.loading import BAD_SAMPLE
+from vla_ds.errors import DatasetError, TrainingError
 from vla_ds.metrics import MetricsLogger
 
 logger = logging.getLogger(__name__)
@@ -34,12 +37,19 @@ class PolicyCollator:
         self.input_builder = input_builder
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        # With on_bad_sample="skip" the dataset hands back {BAD_SAMPLE: message} for a sample
+        # it could not load: drop it, and carry the message to the trainer's per-file count.
+        bad = [s[BAD_SAMPLE] for s in samples if BAD_SAMPLE in s]
+        samples = [s for s in samples if BAD_SAMPLE not in s]
+        if not samples:  # nothing to stack; the caller decides (the cache build skips it)
+            return {BAD_SAMPLE: bad}
         batch = collate_numeric(samples)
         images, instructions = batch.pop("images"), batch.pop("instruction")
         if VL_HIDDEN in batch:
             batch[VL_HIDDEN] = torch.from_numpy(np.stack(batch[VL_HIDDEN]))  # (B, hidden)
         else:
             batch.update(self.input_builder(images, instructions))
+        batch[BAD_SAMPLE] = bad
         return batch
 
 
@@ -78,7 +88,9 @@ def validate(engine, loader: DataLoader, num_real: int, cfg: RunConfig) -> float
     ae = cfg.action_expert
     total = torch.zeros(2, dtype=torch.float64, device=engine.device)  # (sum of losses, count)
     seen = 0
-    for batch in loader:
+    it = iter(loader)
+    while (batch := next_batch(it, loader, None)) is not None:
+        batch.pop(BAD_SAMPLE, None)
         noise, steps = validation_noise(batch, cfg.train.seed, ae.horizon, ae.action_dim, ae.num_train_timesteps)
         batch = to_device(batch, engine.device)
         batch["noise"], batch["timesteps"] = noise.to(engine.device), steps.to(engine.device)
@@ -111,6 +123,36 @@ class TrainState:
     history: list[float] = field(default_factory=list)  # train/loss per logged step (rank 0)
 
 
+def micro_step(engine, batch: dict[str, Any], seed: int, rank: int, step: int, k: int, accum: int):
+    """One micro batch on the engine: reseed (see :func:`micro_step_seed`), forward,
+    backward, ``engine.step()`` (an update at the accumulation boundary). Returns
+    ``(outputs, lrs)``: ``lrs`` are the rates the update used at a boundary, else None."""
+    torch.manual_seed(micro_step_seed(seed, rank, step * accum + k))
+    out = engine(to_device(batch, engine.device))
+    engine.backward(out["loss"])
+    lrs = engine.get_lr() if engine.is_gradient_accumulation_boundary() else None
+    engine.step()
+    return out, lrs
+
+
+def log_step(metrics: MetricsLogger, engine, step: int, epoch: int, loss: torch.Tensor, lrs, group_names: list[str],
+             steps_since_log: int, elapsed: float, data_wait: float, skipped: int) -> float:
+    """One metrics row after an optimizer step: the loss averaged over ranks (the one host
+    sync of the step), learning rates, gradient norm, skipped steps, throughput.
+    Collective. Returns the averaged loss."""
+    loss = _all_reduce_mean(loss)
+    row = {"step": step, "epoch": epoch, "train/loss": loss}
+    row.update({f"train/lr/{n}": float(lr) for n, lr in zip(group_names, lrs)})
+    grad_norm = engine.get_global_grad_norm()
+    if grad_norm is not None:
+        row["train/grad_norm"] = float(grad_norm)
+    row["train/skipped_steps"] = skipped
+    row["samples_per_s"] = engine.train_batch_size() * steps_since_log / max(elapsed, 1e-9)
+    row["data_share"] = data_wait / max(elapsed, 1e-9)
+    metrics.log(row)
+    return loss
+
+
 def _all_reduce_mean(value: torch.Tensor) -> float:
     import deepspeed.comm as dist
 
@@ -140,7 +182,6 @@ def train(
     is_main = rank == 0
     accum = cfg.grad_accum
     steps_per_epoch = len(sampler) // cfg.micro_batch_size // accum
-    global_batch = cfg.deepspeed["train_batch_size"]
     metrics = MetricsLogger(cfg.train.output_dir, engine.monitor, is_main, resume_step=state.step if state.step else None)
     bar = None
     if is_main and cfg.train.progress_bar:
@@ -148,12 +189,12 @@ def train(
 
         bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True)
 
-    def checkpoint() -> None:
+    def checkpoint() -> Path:
         client = {"step": state.step, "epoch": state.epoch, "micro_step_in_epoch": state.micro_step_in_epoch,
                   "micro_batch_size": cfg.micro_batch_size, "world_size": dist.get_world_size(),
                   "grad_accum": accum, "train_samples": len(train_loader.dataset),
                   "seed": cfg.train.seed, **client_extra}
-        save_checkpoint(engine, cfg.train.output_dir, state.step, client)
+        return save_checkpoint(engine, cfg.train.output_dir, state.step, client, keep_last=cfg.train.save_total_limit)
 
     def run_validation() -> None:
         if val_loader is None:
@@ -168,39 +209,43 @@ def train(
         run_validation()
     engine.train()
     done = False
+    # DeepSpeed skips an update whose gradients are not finite (bf16/fp32 ZeRO: the
+    # "check_grad_overflow" of the bf16 section, on by default) and counts it.
+    skips_at_start, consecutive_skips, first_skip = engine.skipped_steps, 0, 0
     while state.epoch < cfg.train.epochs and not done:
         sampler.set_epoch(state.epoch, start_index=state.micro_step_in_epoch * cfg.micro_batch_size)
         loss_sum = torch.zeros((), device=engine.device)
         data_wait, step_start, steps_since_log = 0.0, time.perf_counter(), 0
+        bad_samples: dict[str, list] = {}  # file -> [count, first message] (on_bad_sample="skip")
         it = iter(train_loader)
         while state.micro_step_in_epoch < steps_per_epoch * accum:
-            torch.manual_seed(micro_step_seed(cfg.train.seed, rank, state.step * accum + state.micro_step_in_epoch % accum))
             t0 = time.perf_counter()
-            batch = next(it)
+            batch = next_batch(it, train_loader)
             data_wait += time.perf_counter() - t0
-            out = engine(to_device(batch, engine.device))
-            engine.backward(out["loss"])
-            boundary = engine.is_gradient_accumulation_boundary()
-            lrs = engine.get_lr() if boundary else None  # the rates this update uses
-            engine.step()
+            for message in batch.pop(BAD_SAMPLE, ()):
+                count = bad_samples.setdefault(message.split(": ", 1)[0], [0, message])
+                count[0] += 1
+            skipped_before = engine.skipped_steps
+            out, lrs = micro_step(engine, batch, cfg.train.seed, rank, state.step, state.micro_step_in_epoch % accum,
+                                  accum)
             loss_sum += out["loss"].detach()
             state.micro_step_in_epoch += 1
-            if not boundary:
+            if lrs is None:  # not an accumulation boundary
                 continue
             # One optimizer step done: one host sync (the loss average), not one per micro step.
             state.step += 1
             steps_since_log += 1
-            if state.step % cfg.train.log_every == 0 or state.step == total_steps:
-                loss = _all_reduce_mean(loss_sum / accum)
-                elapsed = time.perf_counter() - step_start
-                row = {"step": state.step, "epoch": state.epoch + 1, "train/loss": loss}
-                row.update({f"train/lr/{n}": float(lr) for n, lr in zip(group_names, lrs)})
-                grad_norm = engine.get_global_grad_norm()
-                if grad_norm is not None:
-                    row["train/grad_norm"] = float(grad_norm)
-                row["samples_per_s"] = global_batch * steps_since_log / max(elapsed, 1e-9)
-                row["data_share"] = data_wait / max(elapsed, 1e-9)
-                metrics.log(row)
+            if engine.skipped_steps > skipped_before:  # agreed by all ranks inside DeepSpeed's step
+                consecutive_skips += 1
+                first_skip = first_skip or state.step
+                logger.warning("step %d: non-finite loss or gradient norm; update skipped (weights unchanged)",
+                               state.step)
+            else:
+                consecutive_skips, first_skip = 0, 0
+            if state.step % cfg.train.log_every == 0 or state.step == total_steps or consecutive_skips:
+                loss = log_step(metrics, engine, state.step, state.epoch + 1, loss_sum / accum, lrs, group_names,
+                                steps_since_log, time.perf_counter() - step_start, data_wait,
+                                engine.skipped_steps - skips_at_start)
                 state.history.append(loss)
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
@@ -208,9 +253,20 @@ def train(
             loss_sum.zero_()
             if bar is not None:
                 bar.update(1)
+            if consecutive_skips >= cfg.train.max_consecutive_skips:
+                saved = checkpoint()  # the skipped updates left the weights of the last good step
+                raise TrainingError(
+                    f"{consecutive_skips} consecutive optimizer steps ({first_skip}..{state.step}) had a non-finite "
+                    f"loss or gradient norm (train.max_consecutive_skips {cfg.train.max_consecutive_skips}); stopped. "
+                    f"{saved} holds the weights of step {first_skip - 1} (unchanged since); check the data "
+                    f"(--on-bad-sample) and lower the learning rate before resuming from it")
             if cfg.train.max_steps and state.step >= cfg.train.max_steps:
                 done = True
                 break
+            if (cfg.train.save_steps and state.step % cfg.train.save_steps == 0
+                    and state.micro_step_in_epoch < steps_per_epoch * accum):  # an epoch end saves anyway
+                checkpoint()
+        report_bad_samples(bad_samples, metrics, state)
         epoch_finished = state.micro_step_in_epoch >= steps_per_epoch * accum
         if epoch_finished:  # also when max_steps lands exactly on the last step of an epoch
             state.epoch += 1
@@ -222,6 +278,66 @@ def train(
         bar.close()
     metrics.close()
     return state
+
+
+def report_bad_samples(bad_samples: dict[str, list], metrics: MetricsLogger, state: TrainState) -> None:
+    """End of an epoch with on_bad_sample="skip": every rank's dropped samples, per file,
+    in the log and metrics.jsonl (``data/bad_samples``, ``data/bad_sample_files``). Collective."""
+    import deepspeed.comm as dist
+
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, bad_samples)
+    merged: dict[str, list] = {}
+    for part in gathered:
+        for file, (count, message) in part.items():
+            merged.setdefault(file, [0, message])[0] += count
+    if not merged or dist.get_rank() != 0:
+        return
+    total = sum(c for c, _ in merged.values())
+    lines = "\n".join(f"  {count:5d}  {message}" for count, message in
+                      sorted(merged.values(), key=lambda cm: (-cm[0], cm[1])))
+    logger.warning("epoch %d: skipped %d bad sample(s) in %d file(s) (on_bad_sample=skip):\n%s",
+                   state.epoch + 1, total, len(merged), lines)
+    metrics.log({"step": state.step, "epoch": state.epoch + 1, "data/bad_samples": total,
+                 "data/bad_sample_files": {file: count for file, (count, _) in sorted(merged.items())}})
+
+
+_NO_DEFAULT = object()
+
+
+def next_batch(it, loader: DataLoader, default: Any = _NO_DEFAULT) -> dict[str, Any]:
+    """``next(it)`` (or ``default`` at the end, when given), with a DataLoader worker that
+    died (killed by the out-of-memory killer, a segfault in a decoder) turned into one
+    message naming the sample it was loading."""
+    try:
+        batch = next(it) if default is _NO_DEFAULT else next(it, default)
+    except RuntimeError as e:
+        if "DataLoader worker" not in str(e):
+            raise
+        raise DatasetError(describe_worker_death(str(e), [loader.dataset])) from None
+    if batch is not None and len(batch) == 1 and BAD_SAMPLE in batch:
+        # Every rank must take the same steps, so a micro batch of only bad samples cannot
+        # simply be left out; with a micro batch of several samples this is very unlikely.
+        raise DatasetError(f"every sample of a micro batch was bad (lower the share of bad files or raise the "
+                           f"batch size); the first: {batch[BAD_SAMPLE][0]}")
+    return batch
+
+
+def describe_worker_death(message: str, datasets: list) -> str:
+    """One line for torch's "DataLoader worker (pid(s) N) exited unexpectedly" / "is killed
+    by signal" (raised at ``next()`` or, from torch's SIGCHLD handler, anywhere in the main
+    process), naming the sample that worker was loading when one of ``datasets`` tracks it."""
+    import re
+
+    line = message.strip().splitlines()[0]
+    pids = [int(p) for p in re.findall(r"\d+", line.split("pid", 1)[1].split(")", 1)[0])] if "pid" in line else []
+    loading = []
+    for pid in pids:
+        found = [d.describe_worker(pid) for d in datasets if hasattr(d, "describe_worker")]
+        loading += [f for f in found if f][:1]
+    what = f" while loading {'; '.join(loading)}" if loading else ""
+    return (f"a DataLoader worker died{what} ({line.rstrip('. ')}); out of memory is the usual cause: lower "
+            "--num_workers or the batch size, or find what that sample makes the worker do")
 
 
 def seed_everything(seed: int) -> None:

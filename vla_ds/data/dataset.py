@@ -466,6 +466,14 @@ class VLADataset(torch.utils.data.Dataset):
             FRAME_TIME: t,
         }
 
+    def describe_sample(self, i: int) -> str:
+        """Sample i in words, for error messages: episode, time and the files it reads."""
+        ep = self.episodes[self._sample_episode[i]]
+        files = [str(p) for p in self.image_paths(i)]
+        if ep.sensor is not None:
+            files.append(str(ep.sensor.path))
+        return f"sample {i} ({ep.path} at t={float(self._sample_time[i]):.3f}: {', '.join(files)})"
+
     def image_paths(self, i: int) -> list[Path]:
         """The image file of each view that sample i uses (no decoding)."""
         ep = self.episodes[self._sample_episode[i]]

@@ -584,7 +584,12 @@ class SensorData:
         if len(rows):
             out[size - len(rows):] = rows
         if not np.isfinite(out).all():
-            raise DatasetError(f"{self.path}: NaN/inf in the sensor window ending at t={t:.6f}")
+            bad = int(np.flatnonzero(~np.isfinite(out).all(axis=1))[0]) - (size - len(rows))  # into ``rows``
+            channel = int(np.flatnonzero(~np.isfinite(out[size - len(rows) + bad]))[0])
+            where = (f"window {end - 1} row {self.data.shape[1] - len(rows) + bad}" if self.is_windows
+                     else f"row {max(0, end - size) + bad}")
+            raise DatasetError(f"{self.path}: 'data' {where}, channel {channel} is not finite (NaN/inf), in the "
+                               f"sensor window ending at t={t:.6f}")
         return out
 
     def sample_rows(self, rng: np.random.Generator, max_rows: int) -> np.ndarray:

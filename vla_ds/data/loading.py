@@ -1,0 +1,84 @@
+"""What the DataLoader sees: bad samples skipped on request, and the sample each worker is
+loading, so a worker that dies (out-of-memory kill, a crashing decoder) is reported with
+the sample that killed it instead of a bare "worker exited unexpectedly".
+
+:class:`LoaderDataset` wraps the training / validation dataset (a ``VLADataset`` or the
+cache's ``CachedFeatures``). With ``on_bad_sample="skip"`` a sample whose loading raises
+:class:`~vla_ds.errors.DatasetError` comes back as ``{BAD_SAMPLE: message}``; the collator
+drops it and the trainer counts it per file. Each item also carries its ``SAMPLE_INDEX``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import weakref
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vla_ds.errors import DatasetError
+
+BAD_SAMPLE = "bad_sample"      # str: "<file>: <problem>" for a sample that could not be loaded
+SAMPLE_INDEX = "sample_index"  # int: the sample's index in the wrapped dataset -> list of B ints
+
+
+def _remove_if_owner(path: str, owner_pid: int) -> None:
+    if os.getpid() == owner_pid:  # never from a forked worker's copy
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class WorkerTracker:
+    """One small file per worker process, named by its pid, holding the index of the sample
+    it is loading: written before each load (a page-cache write, no fsync), read by the main
+    process only after the worker died. Removed when the tracker is garbage collected."""
+
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="vla_ds_workers_")
+        weakref.finalize(self, _remove_if_owner, self.dir, os.getpid())
+
+    def mark(self, index: int) -> None:
+        if torch.utils.data.get_worker_info() is None:
+            return  # the main process: its own traceback would say it
+        with open(os.path.join(self.dir, str(os.getpid())), "w") as f:
+            f.write(str(index))
+
+    def loading(self, pid: int) -> int | None:
+        try:
+            return int(Path(self.dir, str(pid)).read_text())
+        except (OSError, ValueError):
+            return None
+
+
+class LoaderDataset(torch.utils.data.Dataset):
+    """``dataset`` as the DataLoader should see it (see the module docstring)."""
+
+    def __init__(self, dataset, on_bad_sample: str = "error", track_workers: bool = True):
+        self.dataset = dataset
+        self.on_bad_sample = on_bad_sample
+        self.tracker = WorkerTracker() if track_workers else None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if self.tracker is not None:
+            self.tracker.mark(i)
+        try:
+            sample = self.dataset[i]
+        except DatasetError as e:
+            if self.on_bad_sample != "skip":
+                raise
+            return {BAD_SAMPLE: str(e), SAMPLE_INDEX: int(i)}
+        sample[SAMPLE_INDEX] = int(i)
+        return sample
+
+    def describe_worker(self, pid: int) -> str | None:
+        """What the worker ``pid`` was loading, if it got that far."""
+        index = self.tracker.loading(pid) if self.tracker is not None else None
+        if index is None:
+            return None
+        describe = getattr(self.dataset, "describe_sample", None)
+        return describe(index) if describe is not None else f"sample {index}"
