@@ -1,0 +1,121 @@
+"""Reliability: the scenarios of scripts/fault_drill.py as tests (kills during and after a
+save, non-finite steps, bad input, skipped samples, a dead DataLoader worker), plus the
+checkpoint atomicity and retention rules on their own. The dead-rank scenario is in
+tests/test_multinode.py."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from vla_ds import checkpoint
+from vla_ds.errors import CheckpointError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def load_drill():
+    spec = importlib.util.spec_from_file_location("fault_drill", REPO / "scripts" / "fault_drill.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+drill = load_drill()
+
+
+@pytest.fixture
+def ctx(tmp_path, tiny_backbone_dir, demo_dataset_dir):
+    return drill.Context(tmp_path, backbone=tiny_backbone_dir, data=demo_dataset_dir)
+
+
+@pytest.mark.parametrize("scenario", ["kill_in_save", "kill_and_resume", "nan_forever",
+                                      "skip_bad_samples", "worker_killed"])
+def test_fault_scenario_loses_nothing(scenario, ctx):
+    ok, what, lost = drill.SCENARIOS[scenario](ctx)
+    assert ok, what
+    assert lost.startswith("none") or scenario == "skip_bad_samples"
+
+
+def test_skipped_steps_are_counted_and_leave_the_weights(ctx):
+    """NaN loss at steps 5-6: those two updates are skipped (counted in metrics.jsonl), the
+    run goes on, and the weights after step 6 equal those after step 4."""
+    from vla_ds.metrics import read_metrics
+
+    out = ctx.root / "nan"
+    args = drill.train_args(ctx.data, ctx.backbone, out, "--epochs", "1", "--save_steps", "2", *ctx.common)
+    proc = drill.run_child(["--nan-steps", "5-6"], args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {r["step"]: r for r in read_metrics(out) if "train/loss" in r}
+    assert [rows[s]["train/skipped_steps"] for s in (4, 5, 6, 7)] == [0, 1, 2, 2]
+    assert rows[5]["train/loss"] is None and rows[7]["train/loss"] is not None  # NaN written as null
+    for line in (out / "metrics.jsonl").read_text().splitlines():  # strict JSON: no NaN tokens
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c} in metrics.jsonl"))
+    assert drill.states_equal(drill.final_state(out, "global_step4"), drill.final_state(out, "global_step6"))
+    assert not drill.states_equal(drill.final_state(out, "global_step6"), drill.final_state(out, "global_step8"))
+
+
+@pytest.mark.parametrize("case", list(drill.bad_input_cases()))
+def test_bad_input_is_one_message_naming_the_file(case, ctx, capsys):
+    import shutil
+
+    from vla_ds.train import main
+
+    mutate, expect = drill.bad_input_cases()[case]
+    data = ctx.root / "data"
+    shutil.copytree(ctx.data, data)
+    target = mutate(data)
+    code = main(drill.train_args(data, ctx.backbone, ctx.root / "out", "--max_steps", "1", *ctx.common))
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2
+    assert len(errors) == 1 and str(target) in errors[0] and expect in errors[0], err[-2000:]
+    assert "Traceback" not in err
+
+
+def test_resume_refuses_a_missing_dir(ctx, capsys):
+    from vla_ds.train import main
+
+    missing = ctx.root / "nothing_here"
+    assert main(drill.train_args(ctx.data, ctx.backbone, ctx.root / "out", "--resume", str(missing),
+                                 *ctx.common)) == 2
+    err = capsys.readouterr().err
+    assert f"error: {missing}: checkpoint directory does not exist" in err and "Traceback" not in err
+
+
+# --------------------------------------------------------------------------- checkpoint rules
+
+
+def fake_tag(out: Path, step: int, complete: bool = True) -> Path:
+    tag = out / f"global_step{step}"
+    tag.mkdir(parents=True)
+    (tag / checkpoint.MODEL_STATES_FILES[0]).write_bytes(b"x")
+    if not complete:
+        (tag / checkpoint.INCOMPLETE_MARK).write_text("")
+    return tag
+
+
+def test_half_written_checkpoint_is_refused_with_the_way_out(tmp_path):
+    fake_tag(tmp_path, 10)
+    half = fake_tag(tmp_path, 20, complete=False)
+    (tmp_path / "latest").write_text("global_step10")
+    assert checkpoint.resolve_checkpoint_dir(tmp_path) == (tmp_path, "global_step10")
+    with pytest.raises(CheckpointError) as e:
+        checkpoint.resolve_checkpoint_dir(half)
+    assert str(e.value).startswith(f"{half}: half-written checkpoint (its save was interrupted")
+    assert str(tmp_path / "global_step10") in str(e.value)
+    (tmp_path / "latest").write_text("global_step20")  # e.g. written by another tool
+    with pytest.raises(CheckpointError, match="half-written"):
+        checkpoint.resolve_checkpoint_dir(tmp_path)
+
+
+def test_prune_keeps_the_newest_complete_and_latest(tmp_path):
+    for step in (10, 20, 30, 40):
+        fake_tag(tmp_path, step)
+    fake_tag(tmp_path, 35, complete=False)  # an interrupted save older than the newest complete one
+    fake_tag(tmp_path, 50, complete=False)  # a save in progress
+    (tmp_path / "latest").write_text("global_step40")
+    removed = checkpoint.prune_checkpoints(tmp_path, keep_last=2)
+    assert sorted(p.name for p in removed) == ["global_step10", "global_step20", "global_step35"]
+    assert sorted(p.name for p in tmp_path.glob("global_step*")) == ["global_step30", "global_step40", "global_step50"]
