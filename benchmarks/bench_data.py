@@ -1,0 +1,141 @@
+"""Input pipeline: samples/s of the dataset + DataLoader, and its share of training step time.
+
+    python benchmarks/bench_data.py [--workers 0 2 4] [--batches 40] [--json out.json]
+
+On the demo dataset (10 episodes per source) and on a larger generated one (50 per
+source, 100 episodes), for each worker count: samples/s of a DataLoader over the training
+split with the training collator, in the two shapes training uses:
+
+- ``images``: Stage 2 / no cache: decode every view, build the prompt and the image patches;
+- ``cached``: Stage 1 with the VL feature cache: sensor window + action chunk only.
+
+Then ``data_share`` (time the training loop waited for the next batch / step time, the
+median over steps after the first epoch, as logged in metrics.jsonl) of short real Stage 1
+runs, with and without the cache. Prints a table, writes JSON with ``--json``. Run by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def loader_rate(dataset, collate, workers: int, batch_size: int, batches: int) -> float:
+    """Samples/s over ``batches`` batches after 3 warm-up batches (workers started)."""
+    from torch.utils.data import DataLoader, RandomSampler
+
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=workers,
+                        sampler=RandomSampler(dataset, replacement=True, num_samples=batch_size * (batches + 3)),
+                        persistent_workers=False, drop_last=True)
+    it = iter(loader)
+    for _ in range(3):
+        next(it)
+    start = time.perf_counter()
+    n = 0
+    for batch in it:
+        n += len(batch["actions"])
+    return n / (time.perf_counter() - start)
+
+
+def training_share(data: Path, backbone: Path, out: Path, workers: int, extra: list[str]) -> dict:
+    from vla_ds.metrics import read_metrics
+    from vla_ds.train import main
+
+    argv = ["--ds_config", str(REPO / "ds_configs" / "stage1.json"), "--dataset_dir", str(data),
+            "--vl-model", str(backbone), "--model-preset", "tiny", "--sensor-window-size", "32",
+            "--num_workers", str(workers), "--batch_size", "8", "--epochs", "3", "--lr", "1e-3",
+            "--output_dir", str(out), "--set", "train.progress_bar=false", *extra]
+    assert main(argv) == 0
+    rows = [r for r in read_metrics(out) if "train/loss" in r and r["epoch"] >= 2]
+    return {"data_share": statistics.median(r["data_share"] for r in rows),
+            "samples_per_s": statistics.median(r["samples_per_s"] for r in rows)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 2, 4])
+    p.add_argument("--batches", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--json", type=Path)
+    a = p.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+
+    from vla_ds.cache import VL_HIDDEN
+    from vla_ds.data import DataConfig, VLADataset, split_train_val
+    from vla_ds.data.demo import make_demo_dataset
+    from vla_ds.log import setup_logging
+    from vla_ds.models.backbone import BackboneConfig, VLInputBuilder
+    from vla_ds.tiny_backbone import make_tiny_backbone
+    from vla_ds.trainer import PolicyCollator
+
+    setup_logging(level=30)
+    results = {"loader": [], "training": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        backbone = make_tiny_backbone(tmp / "tiny")
+        builder = VLInputBuilder.from_pretrained(BackboneConfig(model_name_or_path=str(backbone)))
+        collate = PolicyCollator(builder)
+        datasets = {"demo (20 episodes)": make_demo_dataset(tmp / "demo", (10, 10)),
+                    "large (100 episodes)": make_demo_dataset(tmp / "large", (50, 50), seed=1)}
+        for name, path in datasets.items():
+            ds = VLADataset.from_config(DataConfig(dataset_dir=str(path), sensor_window_size=32))
+            train, _ = split_train_val(ds, 0.1, 42)
+            cached = _NoImages(train)
+            for workers in a.workers:
+                row = {"dataset": name, "samples": len(train), "workers": workers,
+                       "images_samples_per_s": loader_rate(train, collate, workers, a.batch_size, a.batches),
+                       "cached_samples_per_s": loader_rate(cached, collate, workers, a.batch_size, a.batches)}
+                results["loader"].append(row)
+                print(f"{name:<22} workers {workers}: {row['images_samples_per_s']:8.1f} samples/s with images, "
+                      f"{row['cached_samples_per_s']:8.1f} cached", flush=True)
+        for workers in (0, 2):
+            for label, extra in (("no cache", ["--no-cache"]), ("cache", ["--set", f"cache.dir={tmp / 'cache'}"])):
+                share = training_share(datasets["demo (20 episodes)"], backbone, tmp / f"run_{workers}_{label}",
+                                       workers, extra)
+                results["training"].append({"path": label, "workers": workers, **share})
+    print()
+    print(f"{'dataset':<22}{'workers':>8}{'images samples/s':>18}{'cached samples/s':>18}")
+    for r in results["loader"]:
+        print(f"{r['dataset']:<22}{r['workers']:>8}{r['images_samples_per_s']:>18.1f}{r['cached_samples_per_s']:>18.1f}")
+    print()
+    print(f"{'training (Stage 1, 1 process)':<32}{'workers':>8}{'data_share':>12}{'samples/s':>12}")
+    for r in results["training"]:
+        print(f"{r['path']:<32}{r['workers']:>8}{r['data_share']:>12.3f}{r['samples_per_s']:>12.1f}")
+    if a.json:
+        a.json.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {a.json}")
+    return 0
+
+
+class _NoImages:
+    """The training split as the cache serves it: no image decoding, a stand-in feature."""
+
+    def __init__(self, dataset):
+        import numpy as np
+
+        self.dataset = dataset
+        self.feature = np.zeros(64, dtype=np.float32)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        from vla_ds.cache import VL_HIDDEN
+
+        sample = self.dataset.get_item(i, with_images=False)
+        sample[VL_HIDDEN] = self.feature
+        return sample
+
+
+if __name__ == "__main__":
+    sys.exit(main())
