@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 
 def loader_rate(dataset, collate, workers: int, batch_size: int, batches: int) -> float:
@@ -70,7 +69,6 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 
-    from vla_ds.cache import VL_HIDDEN
     from vla_ds.data import DataConfig, VLADataset, split_train_val
     from vla_ds.data.demo import make_demo_dataset
     from vla_ds.log import setup_logging

@@ -40,7 +40,6 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 SIZES = {
     # sensor channels, window, overrides on top of the tiny preset
