@@ -210,8 +210,9 @@ def train(
     engine.train()
     done = False
     # DeepSpeed skips an update whose gradients are not finite (bf16/fp32 ZeRO: the
-    # "check_grad_overflow" of the bf16 section, on by default) and counts it.
-    skips_at_start, consecutive_skips, first_skip = engine.skipped_steps, 0, 0
+    # "check_grad_overflow" of the bf16 section, on by default) and counts it in
+    # engine.skipped_steps, which its checkpoints carry across resumes.
+    consecutive_skips, first_skip = 0, 0
     while state.epoch < cfg.train.epochs and not done:
         sampler.set_epoch(state.epoch, start_index=state.micro_step_in_epoch * cfg.micro_batch_size)
         loss_sum = torch.zeros((), device=engine.device)
@@ -244,8 +245,7 @@ def train(
                 consecutive_skips, first_skip = 0, 0
             if state.step % cfg.train.log_every == 0 or state.step == total_steps or consecutive_skips:
                 loss = log_step(metrics, engine, state.step, state.epoch + 1, loss_sum / accum, lrs, group_names,
-                                steps_since_log, time.perf_counter() - step_start, data_wait,
-                                engine.skipped_steps - skips_at_start)
+                                steps_since_log, time.perf_counter() - step_start, data_wait, engine.skipped_steps)
                 state.history.append(loss)
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
