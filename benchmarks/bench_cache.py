@@ -70,40 +70,23 @@ def vl_share(data: Path, backbone_dir: Path, batch_size: int, batches: int = 20)
 
 def reference_flops() -> dict:
     """Training FLOPs per sample of the reference 3B setup (640x360, two views) with and
-    without the cache, from the architecture: 2 x params x tokens per forward of each
-    part (plus attention), backward = 2 x forward for the trained heads only."""
-    from vla_ds.memory import image_tokens
-    from vla_ds.models.backbone import reference_backbone_config
-
-    cfg = reference_backbone_config()
-    text, vision = cfg.text_config, cfg.vision_config
-    view = image_tokens(360, 640)
-    lm_per_view, patches_per_view = view.tokens, view.patches
-    views, prompt = 2, 40
-    lm_tokens = views * (lm_per_view + 2) + prompt
-    vis_tokens = views * patches_per_view
-    # Per-layer matmul parameters (weights touched once per token).
-    h, inter = text.hidden_size, text.intermediate_size
-    kv = h // text.num_attention_heads * text.num_key_value_heads
-    lm_layer = h * h * 2 + h * kv * 2 + 3 * h * inter
-    vh, vinter = vision.hidden_size, vision.intermediate_size
-    vis_layer = 4 * vh * vh + 3 * vh * vinter
-    lm = 2 * text.num_hidden_layers * (lm_layer * lm_tokens + 2 * lm_tokens * lm_tokens * h)
-    # The vision tower attends within windows of 112 px (64 patches) except 4 full layers.
-    vis = 2 * vision.depth * vis_layer * vis_tokens + 2 * 2 * vh * vis_tokens * (
-        (vision.depth - 4) * 64 + 4 * patches_per_view)
-    merger = 2 * vis_tokens * (vh * 4) * (vh * 4) // 4 * 2
-    backbone_fwd = lm + vis + merger
-    # Heads (reference sizes), trained: forward + backward = 3 x forward.
+    without the cache, from the architecture (``vla_ds.memory.backbone_forward_flops``):
+    the frozen backbone's forward, plus forward + backward (= 3 x forward) of the heads."""
+    from vla_ds.memory import backbone_forward_flops, heads_forward_flops, image_tokens
     from vla_ds.models.action_expert import ActionExpert, ActionExpertConfig
+    from vla_ds.models.backbone import reference_backbone_config
     from vla_ds.models.sensor_encoder import SensorEncoder, SensorEncoderConfig
 
+    cfg = reference_backbone_config()
+    view = image_tokens(360, 640)
+    views, prompt = 2, 40
+    lm_tokens = views * (view.tokens + 2) + prompt
+    parts = backbone_forward_flops(cfg, lm_tokens, view.patches, views)
+    backbone_fwd = sum(parts.values())
     with torch.device("meta"):
         se, ae = SensorEncoder(SensorEncoderConfig(in_channels=1026)), ActionExpert(ActionExpertConfig())
-    se_tokens = SensorEncoderConfig().downsampled_length
-    heads_fwd = 2 * sum(p.numel() for p in se.parameters()) * se_tokens + 2 * sum(
-        p.numel() for p in ae.parameters()) * (8 + 3)
-    return {"lm_tokens": lm_tokens, "vision_patches": vis_tokens, "backbone_forward_gflop": backbone_fwd / 1e9,
+    heads_fwd = heads_forward_flops(se, ae, ActionExpertConfig().horizon)
+    return {"lm_tokens": lm_tokens, "vision_patches": views * view.patches, "backbone_forward_gflop": backbone_fwd / 1e9,
             "heads_train_gflop": 3 * heads_fwd / 1e9,
             "flop_ratio_without_vs_with_cache": (backbone_fwd + 3 * heads_fwd) / (3 * heads_fwd)}
 

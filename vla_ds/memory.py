@@ -634,3 +634,35 @@ def format_comparison(rows: list[tuple[str, MemoryEstimate, str]], gpu_memory: i
         lines.append(f"  {name:<22}{setup:<38}{gb(est.total):>9}{gb(est.cpu_total):>8}  "
                      f"{'yes' if est.fits(gpu_memory) else 'no'}")
     return "\n".join(lines)
+
+
+def backbone_forward_flops(hf_config, lm_tokens: int, patches_per_view: int, views: int) -> dict[str, int]:
+    """Forward FLOPs of one sample through a Qwen2.5-VL, from its architecture: 2 x weights
+    touched per token for every matmul plus attention scores and values; the vision tower
+    attends within 112-px windows (64 patches) except in its full-attention layers. The LM
+    head is not counted (the policy never runs it). Returns ``{"lm", "vision", "merger"}``."""
+    text, vision = hf_config.text_config, hf_config.vision_config
+    h, inter = text.hidden_size, text.intermediate_size
+    kv = h // text.num_attention_heads * text.num_key_value_heads
+    lm_layer = h * h * 2 + h * kv * 2 + 3 * h * inter
+    lm = 2 * text.num_hidden_layers * (lm_layer * lm_tokens + 2 * lm_tokens * lm_tokens * h)
+    vh, vinter = vision.hidden_size, vision.intermediate_size
+    vis_layer = 4 * vh * vh + 3 * vh * vinter
+    patches = views * patches_per_view
+    full = len(getattr(vision, "fullatt_block_indexes", []) or [])
+    window = (vision.window_size // vision.patch_size) ** 2
+    vis = 2 * vision.depth * vis_layer * patches + 2 * 2 * vh * patches * (
+        (vision.depth - full) * window + full * patches_per_view)
+    merge = vh * vision.spatial_merge_size ** 2
+    merger = 2 * (patches // vision.spatial_merge_size ** 2) * (merge * merge + merge * vision.out_hidden_size)
+    return {"lm": lm, "vision": vis, "merger": merger}
+
+
+def heads_forward_flops(sensor_encoder, action_expert, horizon: int) -> int:
+    """Forward FLOPs of one sample through the sensor encoder and action expert modules:
+    2 x parameters x the tokens each sees (the sensor encoder's downsampled sequence; the
+    action expert's horizon + its conditioning tokens)."""
+    se_tokens = sensor_encoder.config.downsampled_length
+    se = 2 * sum(p.numel() for p in sensor_encoder.parameters()) * se_tokens
+    ae = 2 * sum(p.numel() for p in action_expert.parameters()) * (horizon + 3)
+    return se + ae

@@ -244,3 +244,47 @@ def make_tiny_backbone(out_dir: str | Path, seed: int = 0) -> Path:
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("tiny Qwen2.5-VL written to %s (%d parameters, seed %d)", out, n_params, seed)
     return out
+
+
+def make_reference_backbone(out_dir: str | Path, seed: int = 0, device: str | None = None) -> Path:
+    """Write the real Qwen2.5-VL-3B architecture with random bf16 weights (about 7.5 GB) and
+    the offline tokenizer, for benchmarks on machines that cannot download the checkpoint.
+
+    The config is :func:`vla_ds.models.backbone.reference_backbone_config` with the special
+    token ids of this module's tokenizer (so image tokens line up) and the real processor's
+    pixel bounds; the weights are initialised on ``device`` (default: CUDA when available).
+    """
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from vla_ds.memory import REFERENCE_MAX_PIXELS, REFERENCE_MIN_PIXELS
+    from vla_ds.models.backbone import reference_backbone_config
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = _build_tokenizer(out)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+    config = reference_backbone_config()
+    config.image_token_id, config.video_token_id = ids["<|image_pad|>"], ids["<|video_pad|>"]
+    config.vision_start_token_id, config.vision_end_token_id = ids["<|vision_start|>"], ids["<|vision_end|>"]
+    for cfg in (config, config.text_config):
+        cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = (ids["<|endoftext|>"], ids["<|im_end|>"],
+                                                                ids["<|endoftext|>"])
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    default_dtype = torch.get_default_dtype()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            with torch.device(device):
+                model = Qwen2_5_VLForConditionalGeneration(config)
+        finally:
+            torch.set_default_dtype(default_dtype)
+    model.eval()
+    model.save_pretrained(str(out))
+    del model
+    processor = {**_preprocessor_config(), "min_pixels": REFERENCE_MIN_PIXELS, "max_pixels": REFERENCE_MAX_PIXELS}
+    with open(out / "preprocessor_config.json", "w") as f:
+        json.dump(processor, f, indent=2, sort_keys=True)
+        f.write("\n")
+    logger.info("reference-size Qwen2.5-VL with random weights written to %s", out)
+    return out
