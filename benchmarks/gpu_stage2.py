@@ -109,9 +109,10 @@ def stage2_flops(engine, cfg, lm_tokens: int, patches_per_view: int, views: int)
     hf_config = policy.backbone.vl_model.config
     parts = backbone_forward_flops(hf_config, lm_tokens, patches_per_view, views)
     heads = heads_forward_flops(policy.sensor_encoder, policy.action_expert, cfg.action_expert.horizon)
-    vision = parts["vision"] + parts["merger"]
-    model = vision + 2 * parts["lm"] + 3 * heads
-    recompute = parts["lm"] if cfg.finetune.gradient_checkpointing else 0
+    vision = parts["vision"] + parts["vision_attention"] + parts["merger"]
+    lm = parts["lm"] + parts["lm_attention"]
+    model = vision + 2 * lm + 3 * heads
+    recompute = lm if cfg.finetune.gradient_checkpointing else 0
     return float(model), float(model + recompute)
 
 

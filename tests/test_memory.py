@@ -228,3 +228,26 @@ def test_script_reads_the_vl_model_config(tiny_backbone_dir, tmp_path, capsys):
     assert data["micro_batch"] == 2 and data["num_gpus"] == 2
     assert 0 < data["parameters"]["trainable_vl"] < 1_000_000  # LoRA on the tiny model, not the 3B
     assert data["parameters"]["total"] < 1e9
+
+
+def test_backbone_flop_formula_matches_torch_flop_counter(tiny_backbone_dir):
+    """The architecture FLOP count (used by the benchmarks' MFU) against torch's FlopCounterMode
+    on a real forward of the tiny backbone: its matmuls exactly. (The counter does not see
+    the CPU SDPA kernel, so the attention terms are compared by their own formula only.)"""
+    import numpy as np
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vla_ds.models.backbone import BackboneConfig, VLBackbone, VLInputBuilder
+
+    cfg = BackboneConfig(model_name_or_path=str(tiny_backbone_dir), dtype="float32")
+    builder, backbone = VLInputBuilder.from_pretrained(cfg), VLBackbone(cfg)
+    inputs = builder([[np.zeros((112, 112, 3), np.uint8)] * 2], ["insert the needle"])
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        backbone(*(inputs[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")))
+    counted = {name: sum(c.values()) for name, c in counter.get_flop_counts().items()}
+    tokens = int(inputs["attention_mask"].sum())
+    patches_per_view = int(inputs["image_grid_thw"].prod(dim=1)[0])
+    est = memory.backbone_forward_flops(backbone.vl_model.config, tokens, patches_per_view, 2)
+    assert est["lm"] == counted["VLBackbone.model.model.language_model"]
+    assert est["vision"] + est["merger"] == counted["VLBackbone.model.model.visual"]
+    assert est["lm_attention"] > 0 and est["vision_attention"] > 0
