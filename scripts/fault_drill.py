@@ -127,16 +127,18 @@ def child_env() -> dict[str, str]:
     return dict(env, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1")
 
 
+def child_cmd(faults: list[str], args: list[str]) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), "child", *faults, "--", *args]
+
+
 def run_child(faults: list[str], args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
-    env = child_env()
-    return subprocess.run([sys.executable, str(Path(__file__).resolve()), "child", *faults, "--", *args],
-                          env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(child_cmd(faults, args), env=child_env(), cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def start_child(faults: list[str], args: list[str]) -> subprocess.Popen:
-    env = child_env()
-    return subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "child", *faults, "--", *args],
-                            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(child_cmd(faults, args), env=child_env(), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
 
 
 def wait_for_latest(out: Path, tag: str | None, proc: subprocess.Popen, timeout: float = 300) -> None:

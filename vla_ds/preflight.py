@@ -80,14 +80,14 @@ def active_hosts(pool: dict[str, int], num_nodes: int = -1, num_gpus: int = -1) 
     return {host: len(slots) for host, slots in active.items()}
 
 
-def check_hostfile(path, num_nodes: int, num_gpus: int) -> tuple[Check, int | None]:
+def check_hostfile(path, num_nodes: int, num_gpus: int) -> tuple[Check, dict[str, int]]:
+    """The check and the hosts in use (``{host: ranks}``, empty when the hostfile is bad)."""
     try:
         hosts = active_hosts(read_hostfile(path), num_nodes, num_gpus)
     except ConfigError as e:
-        return Check("hostfile", FAIL, str(e)), None
-    world = sum(hosts.values())
+        return Check("hostfile", FAIL, str(e)), {}
     listing = ", ".join(f"{h} ({n})" for h, n in hosts.items())
-    return Check("hostfile", OK, f"{path}: {len(hosts)} node(s), {world} rank(s): {listing}"), world
+    return Check("hostfile", OK, f"{path}: {len(hosts)} node(s), {sum(hosts.values())} rank(s): {listing}"), hosts
 
 
 def check_batch(raw_args: argparse.Namespace, world: int) -> tuple[Check, Any]:
@@ -229,14 +229,13 @@ def check_ranks(cfg, facts: dict[str, Any] | None = None) -> None:
 
 def run_checks(args: argparse.Namespace) -> list[Check]:
     checks = []
-    hostfile_check, world = check_hostfile(args.hostfile, args.num_nodes, args.num_gpus)
+    hostfile_check, hosts = check_hostfile(args.hostfile, args.num_nodes, args.num_gpus)
     checks.append(hostfile_check)
     cfg = None
-    if world is not None:
-        batch_check, cfg = check_batch(args, world)
+    if hosts:
+        batch_check, cfg = check_batch(args, sum(hosts.values()))
         checks.append(batch_check)
-        first_host = next(iter(active_hosts(read_hostfile(args.hostfile), args.num_nodes, args.num_gpus)))
-        checks.append(check_master(args.master_addr or first_host, args.master_port))
+        checks.append(check_master(args.master_addr or next(iter(hosts)), args.master_port))
     dataset_dir = args.dataset_dir or (cfg.data.dataset_dir if cfg is not None else None)
     if dataset_dir:
         checks.append(check_dataset(dataset_dir))

@@ -88,9 +88,8 @@ def validate(engine, loader: DataLoader, num_real: int, cfg: RunConfig) -> float
     ae = cfg.action_expert
     total = torch.zeros(2, dtype=torch.float64, device=engine.device)  # (sum of losses, count)
     seen = 0
-    it = iter(loader)
-    while (batch := next_batch(it, loader, None)) is not None:
-        batch.pop(BAD_SAMPLE, None)
+    for batch in loader:
+        pop_bad_samples(batch)
         noise, steps = validation_noise(batch, cfg.train.seed, ae.horizon, ae.action_dim, ae.num_train_timesteps)
         batch = to_device(batch, engine.device)
         batch["noise"], batch["timesteps"] = noise.to(engine.device), steps.to(engine.device)
@@ -221,9 +220,9 @@ def train(
         it = iter(train_loader)
         while state.micro_step_in_epoch < steps_per_epoch * accum:
             t0 = time.perf_counter()
-            batch = next_batch(it, train_loader)
+            batch = next(it)
             data_wait += time.perf_counter() - t0
-            for message in batch.pop(BAD_SAMPLE, ()):
+            for message in pop_bad_samples(batch):
                 count = bad_samples.setdefault(message.split(": ", 1)[0], [0, message])
                 count[0] += 1
             skipped_before = engine.skipped_steps
@@ -302,31 +301,23 @@ def report_bad_samples(bad_samples: dict[str, list], metrics: MetricsLogger, sta
                  "data/bad_sample_files": {file: count for file, (count, _) in sorted(merged.items())}})
 
 
-_NO_DEFAULT = object()
-
-
-def next_batch(it, loader: DataLoader, default: Any = _NO_DEFAULT) -> dict[str, Any]:
-    """``next(it)`` (or ``default`` at the end, when given), with a DataLoader worker that
-    died (killed by the out-of-memory killer, a segfault in a decoder) turned into one
-    message naming the sample it was loading."""
-    try:
-        batch = next(it) if default is _NO_DEFAULT else next(it, default)
-    except RuntimeError as e:
-        if "DataLoader worker" not in str(e):
-            raise
-        raise DatasetError(describe_worker_death(str(e), [loader.dataset])) from None
-    if batch is not None and len(batch) == 1 and BAD_SAMPLE in batch:
-        # Every rank must take the same steps, so a micro batch of only bad samples cannot
-        # simply be left out; with a micro batch of several samples this is very unlikely.
+def pop_bad_samples(batch: dict[str, Any]) -> list[str]:
+    """Remove and return the messages of the samples the collator dropped
+    (on_bad_sample="skip"). A micro batch of only bad samples is an error: every rank must
+    take the same steps, so it cannot simply be left out (with a micro batch of several
+    samples this is very unlikely)."""
+    bad = batch.pop(BAD_SAMPLE, [])
+    if not batch:
         raise DatasetError(f"every sample of a micro batch was bad (lower the share of bad files or raise the "
-                           f"batch size); the first: {batch[BAD_SAMPLE][0]}")
-    return batch
+                           f"batch size); the first: {bad[0]}")
+    return bad
 
 
 def describe_worker_death(message: str, datasets: list) -> str:
     """One line for torch's "DataLoader worker (pid(s) N) exited unexpectedly" / "is killed
     by signal" (raised at ``next()`` or, from torch's SIGCHLD handler, anywhere in the main
-    process), naming the sample that worker was loading when one of ``datasets`` tracks it."""
+    process: ``train.py`` catches it around the whole loop), naming the sample that worker
+    was loading when one of ``datasets`` tracks it."""
     import re
 
     line = message.strip().splitlines()[0]
