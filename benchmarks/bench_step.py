@@ -8,9 +8,9 @@ One process (default): for each size, the Stage 1 model on cached VL features (t
 heads train; the frozen backbone is not run), one fixed batch, and
 
 - ``vla_ds``: the engine ``vla_ds.engine.initialize`` builds from ds_configs/stage1.json
-  (ZeRO-2, bf16 with fp32 masters, parameter groups, clipping 1.0, gradient accumulation,
-  fused AdamW) driven exactly as ``vla_ds.trainer.train`` drives it: ``trainer.micro_step``
-  per micro batch plus the per-step metrics row (``--log-every``, default 1 as in the
+  (ZeRO-2, bf16 with fp32 masters, parameter groups, clipping 1.0, gradient accumulation
+  with one gradient reduction per optimizer step, fused AdamW) driven exactly as
+  ``vla_ds.trainer.train`` drives it: ``trainer.MicroSteps`` per micro batch plus the per-step metrics row (``--log-every``, default 1 as in the
   shipped configs);
 - ``hand``: the same policy in fp32 under ``torch.autocast(bfloat16)``, ``torch.optim.AdamW``,
   ``clip_grad_norm_(1.0)``, the same accumulation.
@@ -19,7 +19,8 @@ After warm-up the two alternate (A/B, B/A, ...) for ``--repeats`` rounds of ``--
 optimizer steps; the median per-step time of each gives ``overhead_ratio`` = vla_ds / hand.
 
 ``--distributed`` (under the DeepSpeed launcher, 2 ranks): the same comparison between
-2-rank ZeRO-2 (vla_ds) and 2-rank plain DDP (hand loop wrapped in DistributedDataParallel).
+2-rank ZeRO-2 (vla_ds) and 2-rank plain DDP (hand loop wrapped in DistributedDataParallel,
+``no_sync()`` on all but the last micro batch so it too reduces once per step).
 
 Prints a table and writes JSON with ``--json``. Run by hand, never as a timed test.
 """
@@ -27,6 +28,7 @@ Prints a table and writes JSON with ``--json``. Run by hand, never as a timed te
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -101,6 +103,10 @@ class VlaDsStep:
         self.batches, self.cfg, self.log_every = batches, cfg, log_every
         self.metrics = MetricsLogger(out_dir, None, is_main=torch.distributed.get_rank() == 0)
         self.step_count = 0
+        from vla_ds import trainer
+
+        self.micro_step = trainer.MicroSteps(self.engine, cfg.train.seed, torch.distributed.get_rank(), len(batches),
+                                             cfg.train.coalesce_grad_reduction)
 
     def __call__(self) -> None:
         from vla_ds import trainer
@@ -108,7 +114,7 @@ class VlaDsStep:
         engine = self.engine
         loss_sum = torch.zeros(())
         for k, batch in enumerate(self.batches):
-            out, lrs = trainer.micro_step(engine, batch, self.cfg.train.seed, 0, self.step_count, k, len(self.batches))
+            out, lrs = self.micro_step(batch, self.step_count, k)
             loss_sum += out["loss"].detach()
         self.step_count += 1
         if self.step_count % self.log_every == 0:
@@ -130,14 +136,17 @@ class HandStep:
         self.batches = batches
         self.clip = cfg.deepspeed.get("gradient_clipping", 1.0)
         self.forward = policy
+        self.ddp = ddp
         if ddp:
             self.forward = torch.nn.parallel.DistributedDataParallel(policy)
 
     def __call__(self) -> None:
-        for batch in self.batches:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = self.forward(batch)["loss"] / len(self.batches)
-            loss.backward()
+        for k, batch in enumerate(self.batches):
+            last = k == len(self.batches) - 1
+            with (self.forward.no_sync() if self.ddp and not last else contextlib.nullcontext()):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    loss = self.forward(batch)["loss"] / len(self.batches)
+                loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, self.clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -90,11 +90,12 @@ def timed_steps(engine, batch_fn, warmup: int, steps: int, device) -> list[float
     from vla_ds import trainer
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    micro_step = trainer.MicroSteps(engine, seed=0, rank=0, accum=1, coalesce=False)
     times = []
     for i in range(warmup + steps):
         sync()
         start = time.perf_counter()
-        trainer.micro_step(engine, batch_fn(), 0, 0, i, 0, 1)
+        micro_step(batch_fn(), i, 0)
         sync()
         if i >= warmup:
             times.append(time.perf_counter() - start)

@@ -1,5 +1,6 @@
 """vla_ds.memory: exact meta-device counts, ZeRO byte accounting, the estimate_memory script."""
 
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -16,6 +17,7 @@ from vla_ds.models.finetune import FinetuneConfig
 from vla_ds.models.sensor_encoder import SensorEncoder, SensorEncoderConfig
 
 REPO = Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "ds_configs"
 SHIPPED = ("stage1.json", "stage2.json", "stage2_offload.json", "stage3_offload.json")
 REFERENCE_VL_PARAMS = 3_754_622_976  # vision 668,684,288 + text 3,085,938,688 (tied embeddings once)
 REFERENCE_LORA_R16_QKVO = 7_372_800
@@ -113,6 +115,22 @@ def test_zero2_gradients_fp32_partition_plus_buckets():
     assert memory.gradient_bytes(COUNTS, bf16, 4) < memory.gradient_bytes(COUNTS, ZERO2, 4)
     frozen = ParamCounts(trainable_vl=0, trainable_other=0, frozen=10)
     assert memory.gradient_bytes(frozen, ZERO2, 4) == 0
+
+
+def test_one_reduction_per_step_keeps_whole_fp32_gradients():
+    """train.coalesce_grad_reduction with accumulation: ZeRO-2 holds every trainable fp32
+    gradient until the step; read from the JSON, off without accumulation or under ZeRO-3."""
+    raw = json.loads((CONFIGS / "stage2.json").read_text())
+    assert raw["gradient_accumulation_steps"] > 1
+    zero = ZeroSettings.from_ds_config(raw)
+    assert zero.coalesce
+    uncoalesced = dataclasses.replace(zero, coalesce=False)
+    extra = memory.gradient_bytes(COUNTS, zero, 4) - memory.gradient_bytes(COUNTS, uncoalesced, 4)
+    assert extra == 4 * COUNTS.trainable
+    off = {**raw, "vla_ds": {**raw["vla_ds"], "train": {**raw["vla_ds"]["train"], "coalesce_grad_reduction": False}}}
+    assert not ZeroSettings.from_ds_config(off).coalesce
+    assert not ZeroSettings.from_ds_config({**raw, "gradient_accumulation_steps": 1}).coalesce
+    assert not ZeroSettings.from_ds_config(json.loads((CONFIGS / "stage3_offload.json").read_text())).coalesce
 
 
 def test_activations_checkpointing_and_linear_in_batch():

@@ -130,8 +130,9 @@ def test_resume_continues_exactly(stage, stage1, stage2, tiny_backbone_dir, demo
         assert a["train/lr/other"] == pytest.approx(b["train/lr/other"], rel=1e-6)
     got, want = final_module(out), final_module(full)
     assert got.keys() == want.keys()
-    for name in want:
-        assert torch.allclose(got[name].float(), want[name].float(), atol=1e-3, rtol=1e-2), name
+    for name in want:  # bf16 weights: compare norms, not single elements one rounding step apart
+        diff = (got[name].float() - want[name].float()).norm()
+        assert diff <= 1e-2 * want[name].float().norm() + 1e-6, name
 
 
 def test_resume_refuses_another_backbone(stage1, demo_dataset_dir, tmp_path, capsys):
@@ -151,8 +152,11 @@ def test_offload_configs_train(config, stage1, tiny_backbone_dir, demo_dataset_d
         assert shipped[key] == reference[key]  # the same effective global batch
     assert "description" in shipped and shipped["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     out = tmp_path / "run"
+    linear = torch.nn.functional.linear
     assert main(args(config, demo_dataset_dir, tiny_backbone_dir, out, "--stage1-checkpoint", str(stage1),
                      "--grad_accum", "2", "--max_steps", "4", "--lora-r", "4", "--set", "train.warmup_ratio=0")) == 0
+    # ZeRO-3 swaps torch's linear process-wide; the run puts it back for whatever runs next.
+    assert torch.nn.functional.linear is linear
     rows = train_rows(out)
     assert len(rows) == 4 and all(math.isfinite(r["train/loss"]) for r in rows)
     assert (out / "latest").read_text().strip() == "global_step4"
@@ -173,3 +177,37 @@ def test_resume_after_a_stop_at_an_epoch_end_does_not_redo_it(stage1, tiny_backb
     rows = read_metrics(out)
     assert [r["step"] for r in rows if "val/loss" in r] == [per_epoch, 2 * per_epoch]
     assert (out / f"global_step{per_epoch}" / "mp_rank_00_model_states.pt").stat().st_mtime_ns == saved
+
+
+@pytest.mark.parametrize("config", ["stage2.json", "stage2_offload.json", "stage3_offload.json"])
+def test_one_gradient_reduction_per_step_trains_the_same(config, stage1, tiny_backbone_dir, demo_dataset_dir,
+                                                         tmp_path):
+    """train.coalesce_grad_reduction (on by default) reduces the accumulated gradients once per
+    optimizer step instead of once per micro batch under ZeRO-1/2: the same losses and
+    gradient norms as ZeRO's per-micro-batch reduction. ZeRO-3 keeps its own (the flag is a
+    no-op there: identical runs)."""
+    runs = {}
+    for coalesce in (True, False):
+        out = tmp_path / f"coalesce_{coalesce}"
+        assert main(args(config, demo_dataset_dir, tiny_backbone_dir, out, "--stage1-checkpoint", str(stage1),
+                         "--grad_accum", "3", "--max_steps", "4", "--lora-r", "4", "--lr", "1e-3",
+                         "--set", "train.warmup_ratio=0", "--set", f"train.coalesce_grad_reduction={coalesce}")) == 0
+        runs[coalesce] = read_metrics(out)
+    on, off = ([r for r in rows if "train/loss" in r] for rows in (runs[True], runs[False]))
+    assert [r["step"] for r in on] == [r["step"] for r in off] == [1, 2, 3, 4]
+    if config == "stage3_offload.json":
+        assert [(r["train/loss"], r["train/grad_norm"]) for r in on] == \
+            [(r["train/loss"], r["train/grad_norm"]) for r in off]
+        return
+    # Step 1: the same weights and batches, so the same loss; the gradient differs only by
+    # the order of fp32 sums.
+    assert on[0]["train/loss"] == off[0]["train/loss"]
+    assert on[0]["train/grad_norm"] == pytest.approx(off[0]["train/grad_norm"], rel=1e-4)
+    # Later steps: that rounding grows through bf16 forwards (and Adam turns the rounding noise
+    # of exactly-zero gradients, such as attention key biases, into full-size updates), but a
+    # gradient summed twice or left over from the previous step would be off by far more.
+    for a, b in zip(on[1:], off[1:]):
+        assert a["train/loss"] == pytest.approx(b["train/loss"], rel=2e-2)
+        assert a["train/grad_norm"] == pytest.approx(b["train/grad_norm"], rel=2e-2)
+    val_on, val_off = ([r["val/loss"] for r in rows if "val/loss" in r] for rows in (runs[True], runs[False]))
+    assert val_on[-1] == pytest.approx(val_off[-1], rel=2e-2)

@@ -111,6 +111,11 @@ class TrainConfig:
         max_consecutive_skips: stop the run (with a checkpoint of the last good weights)
             after this many consecutive optimizer steps skipped for a non-finite loss or
             gradient norm.
+        coalesce_grad_reduction: with gradient accumulation under ZeRO-1/2, reduce the
+            gradients once per optimizer step (after the last micro batch) instead of once per
+            micro batch. Holds the trainable parameters' fp32 gradients until then, as ZeRO-1
+            does; set false to keep ZeRO-2's per-micro-batch gradient partitioning when they
+            do not fit. ZeRO-3 always reduces per micro batch.
         progress_bar: show a tqdm bar on rank 0.
     """
 
@@ -129,6 +134,7 @@ class TrainConfig:
     save_steps: int = 0
     save_total_limit: int = 0
     max_consecutive_skips: int = 10
+    coalesce_grad_reduction: bool = True
     progress_bar: bool = True
 
     def __post_init__(self):

@@ -7,6 +7,7 @@ re-declares those settings in Python.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from vla_ds.config import ParamGroupConfig, RunConfig
@@ -225,6 +227,19 @@ def log_param_groups(summary: list[GroupSummary]) -> None:
         logger.info("   %s: %d tensors, %s parameters (lr=%g, weight_decay=%g)",
                     title, s.num_tensors, f"{s.num_params:,}", s.lr, s.weight_decay)
     logger.info("   Total trainable: %s parameters", f"{sum(s.num_params for s in summary):,}")
+
+
+@contextlib.contextmanager
+def process_patches_undone():
+    """Undo, on exit, what DeepSpeed patches process-wide and never restores: ZeRO-3 swaps
+    ``torch.nn.functional.linear`` for its memory-efficient version ("This will persist unless
+    manually reset"), so a later run in the same process (a notebook, a test session) would
+    compute every linear layer through it."""
+    linear = torch.nn.functional.linear
+    try:
+        yield
+    finally:
+        torch.nn.functional.linear = linear
 
 
 def initialize(policy: nn.Module, cfg: RunConfig):

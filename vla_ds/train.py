@@ -226,8 +226,9 @@ def run(args: argparse.Namespace, cache_only: bool = False) -> dict:
     # --- DeepSpeed
     engine_lib.init_distributed(cfg.train.dist_timeout_minutes)
     try:
-        return _run_distributed(args, cfg, policy, input_builder, fingerprint, train_ds, val_ds, sampler, norm_stats,
-                                total_steps, output_dir, rank, world, cache_only)
+        with engine_lib.process_patches_undone():
+            return _run_distributed(args, cfg, policy, input_builder, fingerprint, train_ds, val_ds, sampler, norm_stats,
+                                    total_steps, output_dir, rank, world, cache_only)
     except RuntimeError as e:  # a collective failed: translate a dead peer or a timeout into one line
         line = engine_lib.describe_distributed_failure(e, str(output_dir)) if world > 1 else None
         if line is None:

@@ -122,16 +122,56 @@ class TrainState:
     history: list[float] = field(default_factory=list)  # train/loss per logged step (rank 0)
 
 
-def micro_step(engine, batch: dict[str, Any], seed: int, rank: int, step: int, k: int, accum: int):
-    """One micro batch on the engine: reseed (see :func:`micro_step_seed`), forward,
-    backward, ``engine.step()`` (an update at the accumulation boundary). Returns
-    ``(outputs, lrs)``: ``lrs`` are the rates the update used at a boundary, else None."""
-    torch.manual_seed(micro_step_seed(seed, rank, step * accum + k))
-    out = engine(to_device(batch, engine.device))
-    engine.backward(out["loss"])
-    lrs = engine.get_lr() if engine.is_gradient_accumulation_boundary() else None
-    engine.step()
-    return out, lrs
+class MicroSteps:
+    """Drives the micro batches of each optimizer step on the engine: reseed (see
+    :func:`micro_step_seed`), forward, backward, ``engine.step()`` (an update at the
+    accumulation boundary).
+
+    With ``coalesce`` and gradient accumulation, gradients stay on their parameters through
+    the accumulation cycle and are reduced once, after its last backward (DeepSpeed's
+    ``engine.coalesce_grad_reduction``), instead of once per micro batch: ZeRO-2 otherwise
+    reduce-scatters every micro batch's gradients, which costs accumulation-1 extra
+    reductions (and their per-parameter hooks) per step for a memory saving that is small
+    when only the heads, LoRA or a few modules train. The cycle's ``engine.step()`` calls run
+    after that reduction (all but the last only advance DeepSpeed's micro-step count), so
+    the engine's counters, schedule and checkpoints are those of the uncoalesced run.
+    """
+
+    def __init__(self, engine, seed: int, rank: int, accum: int, coalesce: bool):
+        self.engine, self.seed, self.rank, self.accum = engine, seed, rank, accum
+        # ZeRO 1 and 2 only: there the cycle's gradients add up in the fp32 ``grad_accum``
+        # DeepSpeed keeps per parameter. ZeRO-3 would hold whole (unpartitioned) gradients on
+        # its partitioned parameters and add them up in bf16; stage 0 reduces in its own way.
+        self.coalesce = (coalesce and accum > 1 and engine.zero_optimization_stage() in (1, 2)
+                         and engine.managed_gradient_accumulation()
+                         and hasattr(engine.optimizer, "_coalesce_grad_reduction"))
+        self._cycle = None  # the open coalesce_grad_reduction context, between micro batches 0 and accum-1
+
+    def __call__(self, batch: dict[str, Any], step: int, k: int):
+        """Micro batch ``k`` (0-based) of optimizer step ``step``. Returns ``(outputs, lrs)``:
+        ``lrs`` are the rates the update used at a boundary, else None."""
+        engine = self.engine
+        torch.manual_seed(micro_step_seed(self.seed, self.rank, step * self.accum + k))
+        if not self.coalesce:
+            out = engine(to_device(batch, engine.device))
+            engine.backward(out["loss"])
+            lrs = engine.get_lr() if engine.is_gradient_accumulation_boundary() else None
+            engine.step()
+            return out, lrs
+        if k == 0:
+            self._cycle = engine.coalesce_grad_reduction()
+            self._cycle.__enter__()
+        out = engine(to_device(batch, engine.device))
+        engine.backward(out["loss"])
+        if k < self.accum - 1:
+            return out, None
+        cycle, self._cycle = self._cycle, None
+        cycle.__exit__(None, None, None)  # the cycle's one gradient reduction
+        for _ in range(self.accum - 1):
+            engine.step()  # not a boundary: advances the micro-step count only
+        lrs = engine.get_lr()
+        engine.step()
+        return out, lrs
 
 
 def log_step(metrics: MetricsLogger, engine, step: int, epoch: int, loss: torch.Tensor, lrs, group_names: list[str],
@@ -181,6 +221,7 @@ def train(
     is_main = rank == 0
     accum = cfg.grad_accum
     steps_per_epoch = len(sampler) // cfg.micro_batch_size // accum
+    micro_step = MicroSteps(engine, cfg.train.seed, rank, accum, cfg.train.coalesce_grad_reduction)
     metrics = MetricsLogger(cfg.train.output_dir, engine.monitor, is_main, resume_step=state.step if state.step else None)
     bar = None
     if is_main and cfg.train.progress_bar:
@@ -226,8 +267,7 @@ def train(
                 count = bad_samples.setdefault(message.split(": ", 1)[0], [0, message])
                 count[0] += 1
             skipped_before = engine.skipped_steps
-            out, lrs = micro_step(engine, batch, cfg.train.seed, rank, state.step, state.micro_step_in_epoch % accum,
-                                  accum)
+            out, lrs = micro_step(batch, state.step, state.micro_step_in_epoch % accum)
             loss_sum += out["loss"].detach()
             state.micro_step_in_epoch += 1
             if lrs is None:  # not an accumulation boundary
