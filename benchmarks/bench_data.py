@@ -1,6 +1,6 @@
 """Input pipeline: samples/s of the dataset + DataLoader, and its share of training step time.
 
-    python benchmarks/bench_data.py [--workers 0 2 4] [--batches 40] [--json out.json]
+    python benchmarks/bench_data.py [--workers 0 2 4] [--train-workers 0 1 2 4] [--batches 40] [--json out.json]
 
 On the demo dataset (10 episodes per source) and on a larger generated one (50 per
 source, 100 episodes), for each worker count: samples/s of a DataLoader over the training
@@ -61,7 +61,9 @@ def training_share(data: Path, backbone: Path, out: Path, workers: int, extra: l
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workers", type=int, nargs="+", default=[0, 2, 4])
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 2, 4], help="DataLoader workers of the loader rates")
+    p.add_argument("--train-workers", type=int, nargs="+", default=[0, 1, 2, 4],
+                   help="--num_workers of the training runs that measure data_share")
     p.add_argument("--batches", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--json", type=Path)
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                 results["loader"].append(row)
                 print(f"{name:<22} workers {workers}: {row['images_samples_per_s']:8.1f} samples/s with images, "
                       f"{row['cached_samples_per_s']:8.1f} cached", flush=True)
-        for workers in (0, 2):
+        for workers in a.train_workers:
             for label, extra in (("no cache", ["--no-cache"]), ("cache", ["--set", f"cache.dir={tmp / 'cache'}"])):
                 share = training_share(datasets["demo (20 episodes)"], backbone, tmp / f"run_{workers}_{label}",
                                        workers, extra)
