@@ -11,7 +11,13 @@ split with the training collator, in the two shapes training uses:
 
 Then ``data_share`` (time the training loop waited for the next batch / step time, the
 median over steps after the first epoch, as logged in metrics.jsonl) of short real Stage 1
-runs, with and without the cache. Prints a table, writes JSON with ``--json``. Run by hand.
+runs, with and without the cache.
+
+Last, the reference sensor shape: the demo's sensor streams rewritten as 1026 channels at
+1 kHz (stored, memory-mapped) and read as 650-sample windows, 2.7 MB per sample, through the
+cached (Stage 1) path at the reference micro batch of 4: how many samples/s the input
+pipeline itself can move on this machine. Prints a table, writes JSON with ``--json``. Run
+by hand.
 """
 
 from __future__ import annotations
@@ -98,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
                 results["loader"].append(row)
                 print(f"{name:<22} workers {workers}: {row['images_samples_per_s']:8.1f} samples/s with images, "
                       f"{row['cached_samples_per_s']:8.1f} cached", flush=True)
+        results["reference_sensor"] = reference_sensor_rates(datasets["demo (20 episodes)"], tmp / "wide", collate,
+                                                             a.workers, a.batches)
         for workers in a.train_workers:
             for label, extra in (("no cache", ["--no-cache"]), ("cache", ["--set", f"cache.dir={tmp / 'cache'}"])):
                 share = training_share(datasets["demo (20 episodes)"], backbone, tmp / f"run_{workers}_{label}",
@@ -111,20 +119,53 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'training (Stage 1, 1 process)':<32}{'workers':>8}{'data_share':>12}{'samples/s':>12}")
     for r in results["training"]:
         print(f"{r['path']:<32}{r['workers']:>8}{r['data_share']:>12.3f}{r['samples_per_s']:>12.1f}")
+    print()
+    print(f"{'reference sensor (650 x 1026 float32), cached path':<52}{'workers':>8}{'samples/s':>12}{'MB/s':>10}")
+    for r in results["reference_sensor"]:
+        print(f"{'batch ' + str(r['batch_size']):<52}{r['workers']:>8}{r['samples_per_s']:>12.1f}{r['mb_per_s']:>10.0f}")
     if a.json:
         a.json.write_text(json.dumps(results, indent=2) + "\n")
         print(f"wrote {a.json}")
     return 0
 
 
+def reference_sensor_rates(demo: Path, out: Path, collate, workers: list[int], batches: int,
+                           channels: int = 1026, window: int = 650, hz: float = 1000.0, batch_size: int = 4) -> list:
+    """Cached-path loader rate with the reference sensor shape: ``demo`` copied to ``out`` with
+    every sensor stream replaced by ``channels`` channels at ``hz`` (stored, so memory-mapped)."""
+    import shutil
+
+    import numpy as np
+
+    from vla_ds.data import DataConfig, VLADataset, split_train_val
+
+    shutil.copytree(demo, out)
+    rng = np.random.default_rng(0)
+    for npz in sorted(out.rglob("sensor_data.npz")):
+        with np.load(npz) as old:
+            start, end = float(old["timestamps"][0]), float(old["timestamps"][-1])
+        times = start + np.arange(int((end - start) * hz) + 1) / hz
+        np.savez(npz, timestamps=times, data=rng.standard_normal((len(times), channels), dtype=np.float32))
+    ds = VLADataset.from_config(DataConfig(dataset_dir=str(out), sensor_window_size=window))
+    train, _ = split_train_val(ds, 0.1, 42)
+    cached = _NoImages(train, hidden=2048)
+    rows = []
+    for w in workers:
+        rate = loader_rate(cached, collate, w, batch_size, batches)
+        rows.append({"batch_size": batch_size, "workers": w, "window": window, "channels": channels,
+                     "samples_per_s": rate, "mb_per_s": rate * window * channels * 4 / 1e6})
+        print(f"reference sensor {window}x{channels}, batch {batch_size}, workers {w}: {rate:8.1f} samples/s", flush=True)
+    return rows
+
+
 class _NoImages:
     """The training split as the cache serves it: no image decoding, a stand-in feature."""
 
-    def __init__(self, dataset):
+    def __init__(self, dataset, hidden: int = 64):
         import numpy as np
 
         self.dataset = dataset
-        self.feature = np.zeros(64, dtype=np.float32)
+        self.feature = np.zeros(hidden, dtype=np.float32)
 
     def __len__(self):
         return len(self.dataset)
