@@ -14,7 +14,7 @@ with one fault injected (the drill and the tests start it as a subprocess):
 
 - ``--kill-in-save TAG``: while saving checkpoint TAG, the first file written is cut in half
   and the process SIGKILLs itself (a kill in the middle of a save);
-- ``--nan-steps A-B``: the loss of optimizer steps A..B (1-based, gradient accumulation 1)
+- ``--nan-steps A-B``: the loss of training forward calls A..B (1-based; optimizer steps with accumulation 1)
   is NaN (a numerical blow-up);
 - ``--kill-worker-at I``: the DataLoader worker that loads sample I SIGKILLs itself (the
   out-of-memory killer).

@@ -38,14 +38,18 @@ def test_fault_scenario_loses_nothing(scenario, ctx):
     assert lost.startswith("none") or scenario == "skip_bad_samples"
 
 
-def test_skipped_steps_are_counted_and_leave_the_weights(ctx):
+@pytest.mark.parametrize("accum", [1, 2])
+def test_skipped_steps_are_counted_and_leave_the_weights(accum, ctx):
     """NaN loss at steps 5-6: those two updates are skipped (counted in metrics.jsonl), the
-    run goes on, and the weights after step 6 equal those after step 4."""
+    run goes on, and the weights after step 6 equal those after step 4. With accumulation 2
+    (one gradient reduction per step) the NaN is in step 5's last micro batch and step 6's
+    first."""
     from vla_ds.metrics import read_metrics
 
     out = ctx.root / "nan"
-    args = drill.train_args(ctx.data, ctx.backbone, out, "--epochs", "1", "--save_steps", "2", *ctx.common)
-    proc = drill.run_child(["--nan-steps", "5-6"], args)
+    args = drill.train_args(ctx.data, ctx.backbone, out, "--epochs", "1", "--save_steps", "2",
+                            "--grad_accum", str(accum), *ctx.common)
+    proc = drill.run_child(["--nan-steps", "5-6" if accum == 1 else "10-11"], args)  # forward calls
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = {r["step"]: r for r in read_metrics(out) if "train/loss" in r}
     assert [rows[s]["train/skipped_steps"] for s in (4, 5, 6, 7)] == [0, 1, 2, 2]
