@@ -229,6 +229,21 @@ def log_param_groups(summary: list[GroupSummary]) -> None:
     logger.info("   Total trainable: %s parameters", f"{sum(s.num_params for s in summary):,}")
 
 
+def discard_skipped_gradients(engine) -> None:
+    """After DeepSpeed skipped an update for non-finite gradients: make sure they are gone.
+
+    DeepSpeed 0.19's ZeRO-1/2 optimizer clears its fp32 gradient partition
+    (``averaged_gradients``) on a skipped step only without ``offload_optimizer``; with it
+    (``stage2_offload.json``) the NaN/inf stays in the partition, the next steps add to it,
+    and every later update is skipped as well. Clear it as the branch without offload does.
+    """
+    optimizer = engine.optimizer
+    grads = getattr(optimizer, "averaged_gradients", None)
+    if getattr(optimizer, "cpu_offload", False) and isinstance(grads, dict):
+        for key in grads:
+            grads[key] = None
+
+
 @contextlib.contextmanager
 def process_patches_undone():
     """Undo, on exit, what DeepSpeed patches process-wide and never restores: ZeRO-3 swaps

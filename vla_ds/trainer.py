@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from vla_ds import engine as engine_lib
 from vla_ds.cache import VL_HIDDEN
 from vla_ds.checkpoint import save_checkpoint
 from vla_ds.config import RunConfig
@@ -127,25 +128,39 @@ class MicroSteps:
     :func:`micro_step_seed`), forward, backward, ``engine.step()`` (an update at the
     accumulation boundary).
 
-    With ``coalesce`` and gradient accumulation, gradients stay on their parameters through
-    the accumulation cycle and are reduced once, after its last backward (DeepSpeed's
-    ``engine.coalesce_grad_reduction``), instead of once per micro batch: ZeRO-2 otherwise
-    reduce-scatters every micro batch's gradients, which costs accumulation-1 extra
-    reductions (and their per-parameter hooks) per step for a memory saving that is small
-    when only the heads, LoRA or a few modules train. The cycle's ``engine.step()`` calls run
-    after that reduction (all but the last only advance DeepSpeed's micro-step count), so
-    the engine's counters, schedule and checkpoints are those of the uncoalesced run.
+    With ``coalesce`` and gradient accumulation under ZeRO-1/2, the cycle's gradients are
+    reduced once, after its last backward (DeepSpeed's ``engine.coalesce_grad_reduction``),
+    instead of once per micro batch: ZeRO-2 otherwise reduce-scatters every micro batch's
+    gradients, accumulation-1 extra reductions (and their per-parameter hooks) per step,
+    for a memory saving that is small when only the heads, LoRA or a few modules train.
+
+    Inside that context DeepSpeed leaves each backward's gradient on its parameter, where
+    autograd would add the next one in the parameters' dtype (bf16). When the config asks
+    for a wider accumulation dtype (``data_types.grad_accum_dtype``: fp32 in every shipped
+    config), the sums are kept here instead: each micro batch's gradient is added into an
+    fp32 sum per parameter, and after the last one the sum goes back onto the parameter for
+    the reduction, rounded once to the parameter dtype, as each micro batch's gradient is
+    for a per-micro-batch reduction. The cycle's ``engine.step()`` calls run after the
+    reduction (all but the last only advance DeepSpeed's micro-step count), so the engine's
+    counters, schedule and checkpoints are those of the uncoalesced run.
     """
 
     def __init__(self, engine, seed: int, rank: int, accum: int, coalesce: bool):
         self.engine, self.seed, self.rank, self.accum = engine, seed, rank, accum
-        # ZeRO 1 and 2 only: there the cycle's gradients add up in the fp32 ``grad_accum``
-        # DeepSpeed keeps per parameter. ZeRO-3 would hold whole (unpartitioned) gradients on
-        # its partitioned parameters and add them up in bf16; stage 0 reduces in its own way.
+        # ZeRO-1/2's optimizer only (BF16_Optimizer, which ZeRO-1 + bf16 uses, reduces once
+        # per step anyway). ZeRO-3 would hold whole gradients on partitioned parameters.
         self.coalesce = (coalesce and accum > 1 and engine.zero_optimization_stage() in (1, 2)
                          and engine.managed_gradient_accumulation()
                          and hasattr(engine.optimizer, "_coalesce_grad_reduction"))
         self._cycle = None  # the open coalesce_grad_reduction context, between micro batches 0 and accum-1
+        self._params: list[torch.Tensor] = []
+        self._sums: list[torch.Tensor | None] = []
+        if self.coalesce:
+            accum_dtype = engine.get_data_types()[1]
+            self._params = [p for p in engine.module.parameters()
+                            if p.requires_grad and p.dtype.itemsize < accum_dtype.itemsize]
+            self._sums = [None] * len(self._params)
+            self._accum_dtype = accum_dtype
 
     def __call__(self, batch: dict[str, Any], step: int, k: int):
         """Micro batch ``k`` (0-based) of optimizer step ``step``. Returns ``(outputs, lrs)``:
@@ -163,7 +178,9 @@ class MicroSteps:
             self._cycle.__enter__()
         out = engine(to_device(batch, engine.device))
         engine.backward(out["loss"])
-        if k < self.accum - 1:
+        last = k == self.accum - 1
+        self._add_gradients(last)
+        if not last:
             return out, None
         cycle, self._cycle = self._cycle, None
         cycle.__exit__(None, None, None)  # the cycle's one gradient reduction
@@ -172,6 +189,20 @@ class MicroSteps:
         lrs = engine.get_lr()
         engine.step()
         return out, lrs
+
+    def _add_gradients(self, last: bool) -> None:
+        """Move this micro batch's gradients into the wide sums; after the last micro batch,
+        put the sums back on the parameters (for the reduction) and clear them."""
+        for i, p in enumerate(self._params):
+            total = self._sums[i]
+            if p.grad is not None:
+                if total is None:
+                    total = self._sums[i] = torch.zeros_like(p, dtype=self._accum_dtype)
+                total.add_(p.grad)
+                p.grad = None
+            if last and total is not None:
+                p.grad = total.to(p.dtype)
+                self._sums[i] = None
 
 
 def log_step(metrics: MetricsLogger, engine, step: int, epoch: int, loss: torch.Tensor, lrs, group_names: list[str],
@@ -276,6 +307,7 @@ def train(
             state.step += 1
             steps_since_log += 1
             if engine.skipped_steps > skipped_before:  # agreed by all ranks inside DeepSpeed's step
+                engine_lib.discard_skipped_gradients(engine)
                 consecutive_skips += 1
                 first_skip = first_skip or state.step
                 logger.warning("step %d: non-finite loss or gradient norm; update skipped (weights unchanged)",

@@ -1,0 +1,76 @@
+"""trainer.MicroSteps on a real DeepSpeed engine (one rank, in-process): one gradient
+reduction per optimizer step that adds the micro batches up in fp32."""
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from vla_ds import engine as engine_lib
+from vla_ds.trainer import MicroSteps
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def load_bench_step():
+    spec = importlib.util.spec_from_file_location("bench_step", REPO / "benchmarks" / "bench_step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_one_reduction_per_step_reduces_the_fp32_sum_of_the_micro_batches(tiny_backbone_dir):
+    """ZeRO-2, bf16 weights, grad_accum_dtype fp32 (ds_configs/stage1.json), 8 micro batches:
+    what the step's one reduction receives is each parameter's micro-batch gradients added
+    in fp32 and rounded to bf16 once (a bf16 running sum, what autograd alone would keep,
+    is measurably off), and the update happens at the 8th micro batch only."""
+    accum = 8
+    full_lr = ["scheduler.params.warmup_min_ratio=1"]  # the first update is not warmup's lr 0
+    cfg, policy, batches = load_bench_step().build("tiny", tiny_backbone_dir, 1, 4, accum, full_lr)
+    engine_lib.init_distributed(5)
+    engine, _ = engine_lib.initialize(policy, cfg)
+    assert engine.get_data_types() == (torch.bfloat16, torch.float32)
+    steps = MicroSteps(engine, seed=0, rank=0, accum=accum, coalesce=True)
+    assert steps.coalesce and steps._params
+
+    micro_grads: dict[int, list[torch.Tensor]] = {}  # param -> its gradient from each micro batch
+    add = steps._add_gradients
+
+    def record(last):
+        for p in steps._params:
+            if p.grad is not None:
+                micro_grads.setdefault(id(p), []).append(p.grad.detach().clone())
+        add(last)
+
+    steps._add_gradients = record
+    reduced: dict[int, torch.Tensor] = {}
+    optimizer = engine.optimizer
+    reduce = optimizer.reduce_ready_partitions_and_remove_grads
+
+    def capture(param, i):
+        if param.grad is not None:
+            reduced[id(param)] = param.grad.detach().clone()
+        return reduce(param, i)
+
+    optimizer.reduce_ready_partitions_and_remove_grads = capture
+    before = [p.detach().clone() for p in steps._params]
+    for k, batch in enumerate(batches):
+        out, lrs = steps(batch, step=0, k=k)
+        assert (lrs is None) == (k < accum - 1)
+        if k < accum - 1:  # no update before the cycle's end
+            assert all(torch.equal(a, p) for a, p in zip(before, steps._params))
+    assert engine.global_steps == 1 and not all(torch.equal(a, p) for a, p in zip(before, steps._params))
+
+    assert reduced.keys() == micro_grads.keys() and len(reduced) == len(steps._params)
+    assert all(len(g) == accum for g in micro_grads.values())
+    one_rounding = bf16_running_sum_off = 0
+    for key, grads in micro_grads.items():
+        exact = torch.stack([g.double() for g in grads]).sum(0)
+        bound = 2.0 ** -8 * exact.abs() + 1e-30  # one bf16 rounding of the exact sum
+        one_rounding += int(((reduced[key].double() - exact).abs() > bound).sum())
+        running = torch.zeros_like(grads[0])
+        for g in grads:
+            running += g  # in bf16
+        bf16_running_sum_off += int(((running.double() - exact).abs() > bound).sum())
+    assert one_rounding == 0
+    assert bf16_running_sum_off > 0  # the bound tells the two apart
