@@ -66,3 +66,20 @@ def test_worker_batches_equal_in_process_batches(tiny_backbone_dir, demo_dataset
                 assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
             else:
                 assert a[key] == b[key], key
+
+
+def test_copies_never_pack_and_the_main_process_gets_plain_dicts(tiny_backbone_dir, demo_dataset_dir):
+    """pin_memory copies each batch with copy.copy: that must stay a shallow copy, not a trip
+    through the packing; and with 0 workers the collator's batch is a plain dict."""
+    import copy
+
+    batch = WorkerBatch(mixed_batch(128))  # large: packing would allocate shared memory
+    shallow = copy.copy(batch)
+    assert shallow["sensor_window"] is batch["sensor_window"]
+    deep = copy.deepcopy(batch)
+    assert deep["sensor_window"] is not batch["sensor_window"]
+    assert not deep["sensor_window"].untyped_storage().is_shared()
+    assert torch.equal(deep["sensor_window"], batch["sensor_window"])
+    ds = VLADataset.from_config(DataConfig(dataset_dir=str(demo_dataset_dir), sensor_window_size=32))
+    collate = PolicyCollator(VLInputBuilder.from_pretrained(BackboneConfig(model_name_or_path=str(tiny_backbone_dir))))
+    assert type(collate([ds[0], ds[1]])) is dict

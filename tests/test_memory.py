@@ -118,18 +118,23 @@ def test_zero2_gradients_fp32_partition_plus_buckets():
 
 
 def test_one_reduction_per_step_keeps_whole_fp32_gradients():
-    """train.coalesce_grad_reduction with accumulation: ZeRO-2 holds every trainable fp32
-    gradient until the step; read from the JSON, off without accumulation or under ZeRO-3."""
+    """train.coalesce_grad_reduction with accumulation: ZeRO-2 holds every trainable gradient
+    whole until the step (bf16, plus the fp32 sum); read from the JSON, off without
+    accumulation or under ZeRO-3."""
     raw = json.loads((CONFIGS / "stage2.json").read_text())
     assert raw["gradient_accumulation_steps"] > 1
     zero = ZeroSettings.from_ds_config(raw)
     assert zero.coalesce
     uncoalesced = dataclasses.replace(zero, coalesce=False)
     extra = memory.gradient_bytes(COUNTS, zero, 4) - memory.gradient_bytes(COUNTS, uncoalesced, 4)
-    assert extra == 4 * COUNTS.trainable
+    assert extra == (2 + 4) * COUNTS.trainable
+    bf16_sums = dataclasses.replace(zero, grad_accum_fp32=False)
+    assert memory.gradient_bytes(COUNTS, bf16_sums, 4) - memory.gradient_bytes(
+        COUNTS, dataclasses.replace(bf16_sums, coalesce=False), 4) == 2 * COUNTS.trainable
     off = {**raw, "vla_ds": {**raw["vla_ds"], "train": {**raw["vla_ds"]["train"], "coalesce_grad_reduction": False}}}
     assert not ZeroSettings.from_ds_config(off).coalesce
     assert not ZeroSettings.from_ds_config({**raw, "gradient_accumulation_steps": 1}).coalesce
+    assert ZeroSettings.from_ds_config({**raw, "gradient_accumulation_steps": "auto"}).coalesce
     assert not ZeroSettings.from_ds_config(json.loads((CONFIGS / "stage3_offload.json").read_text())).coalesce
 
 

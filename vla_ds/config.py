@@ -111,11 +111,12 @@ class TrainConfig:
         max_consecutive_skips: stop the run (with a checkpoint of the last good weights)
             after this many consecutive optimizer steps skipped for a non-finite loss or
             gradient norm.
-        coalesce_grad_reduction: with gradient accumulation under ZeRO-1/2, reduce the
-            gradients once per optimizer step (after the last micro batch) instead of once per
-            micro batch. Holds the trainable parameters' fp32 gradients until then, as ZeRO-1
-            does; set false to keep ZeRO-2's per-micro-batch gradient partitioning when they
-            do not fit. ZeRO-3 always reduces per micro batch.
+        coalesce_grad_reduction: with gradient accumulation under ZeRO-2, reduce the gradients
+            once per optimizer step (after the last micro batch) instead of once per micro batch,
+            adding the micro batches up in ``data_types.grad_accum_dtype`` meanwhile. Holds every
+            trainable gradient whole until then (the micro batch's bf16 one and the fp32 sum);
+            set false to keep ZeRO-2's per-micro-batch gradient partitioning when they do not
+            fit. ZeRO-1 with bf16 reduces once per step anyway; ZeRO-3 always per micro batch.
         progress_bar: show a tqdm bar on rank 0.
     """
 

@@ -38,9 +38,9 @@ shipped config):
 - Every stage: one in-flight bf16 gradient (the largest trainable tensor) before it is
   copied into a bucket.
 - vla_ds's ``train.coalesce_grad_reduction`` (on by default) with gradient accumulation
-  under ZeRO-1/2: the cycle's gradients add up in each parameter's fp32 ``grad_accum``
-  until one reduction after the last micro batch, so a ZeRO-2 rank also holds an fp32
-  gradient for every trainable parameter (ZeRO-1 holds it anyway).
+  under ZeRO-2: the gradients are reduced once per step, so until then a rank holds every
+  trainable parameter's gradient whole: the current micro batch's (bf16) and vla_ds's
+  running sum (fp32 when ``grad_accum_dtype`` is fp32).
 
 Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
 Transformer Models", eq. 1): a transformer layer keeps s*b*h*(34 + 5*a*s/h) bytes in 16-bit
@@ -151,8 +151,9 @@ class ZeroSettings:
         prefetch_bucket_size: ZeRO-3 parameter elements fetched ahead of use.
         param_persistence_threshold: ZeRO-3 keeps tensors smaller than this unpartitioned.
         sub_group_size: ZeRO-3 optimizer sub-group size (elements).
-        coalesce: ZeRO-1/2 with gradient accumulation and ``vla_ds.train.coalesce_grad_reduction``
-            (the default): gradients are reduced once per step, so kept whole until then.
+        coalesce: ZeRO-2 with gradient accumulation (or ``"auto"`` steps, counted as accumulating)
+            and ``vla_ds.train.coalesce_grad_reduction`` (the default): gradients are reduced
+            once per step, so kept whole until then.
     """
 
     stage: int = 2
@@ -199,7 +200,7 @@ class ZeroSettings:
                 "stage3_param_persistence_threshold",
                 zero.get("param_persistence_threshold", _DS_PARAM_PERSISTENCE_THRESHOLD)))),
             sub_group_size=int(float(zero.get("sub_group_size", _DS_SUB_GROUP_SIZE))),
-            coalesce=bool(coalesce) and stage in (1, 2) and isinstance(steps, int) and steps > 1,
+            coalesce=bool(coalesce) and stage == 2 and (not isinstance(steps, int) or steps > 1),
         )
 
     def describe(self) -> str:
@@ -424,7 +425,8 @@ def gradient_bytes(counts: ParamCounts, zero: ZeroSettings, num_gpus: int) -> in
         # The compact fp32 partition is on the GPU with or without offload; with a bf16
         # accumulation dtype the bf16 partition is, too.
         staging = counts.largest_trainable * BF16_BYTES if zero.offload_optimizer else 0
-        held = trainable * accum_bytes if zero.coalesce else 0  # whole gradients until the step
+        # Coalesced: each micro batch's bf16 gradients, plus the running sum in the accumulation dtype.
+        held = trainable * (BF16_BYTES + (FP32_BYTES if zero.grad_accum_fp32 else 0)) if zero.coalesce else 0
         return buckets + partition * accum_bytes + staging + in_flight + held
     # ZeRO-3
     buckets = zero.reduce_bucket_size * BF16_BYTES

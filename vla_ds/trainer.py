@@ -21,7 +21,7 @@ from vla_ds.cache import VL_HIDDEN
 from vla_ds.checkpoint import save_checkpoint
 from vla_ds.config import RunConfig
 from vla_ds.data.dataset import collate_numeric
-from vla_ds.data.loading import BAD_SAMPLE, WorkerBatch
+from vla_ds.data.loading import BAD_SAMPLE, for_transfer
 from vla_ds.errors import DatasetError, TrainingError
 from vla_ds.metrics import MetricsLogger
 
@@ -43,7 +43,7 @@ class PolicyCollator:
         bad = [s[BAD_SAMPLE] for s in samples if BAD_SAMPLE in s]
         samples = [s for s in samples if BAD_SAMPLE not in s]
         if not samples:  # nothing to stack; the caller decides (the cache build skips it)
-            return WorkerBatch({BAD_SAMPLE: bad})
+            return for_transfer({BAD_SAMPLE: bad})
         batch = collate_numeric(samples)
         images, instructions = batch.pop("images"), batch.pop("instruction")
         if VL_HIDDEN in batch:
@@ -51,7 +51,7 @@ class PolicyCollator:
         else:
             batch.update(self.input_builder(images, instructions))
         batch[BAD_SAMPLE] = bad
-        return WorkerBatch(batch)  # leaves a worker in one piece
+        return for_transfer(batch)  # leaves a worker in one piece
 
 
 def to_device(batch: dict[str, Any], device) -> dict[str, torch.Tensor]:

@@ -98,11 +98,20 @@ class WorkerBatch(dict):
     torch hands every tensor of a batch to the main process through its own shared-memory
     segment: a file descriptor passed over a fresh socket connection per tensor, about
     0.3 ms of the *main* process's time each, so ~3 ms per batch of 10 tensors, paid on
-    the training loop's critical path. Pickled (only a worker's batch ever is), this dict
-    puts all its tensors into one buffer: bytes through the pipe when small, one
-    shared-memory segment when large. The main process unpickles a plain ``dict`` whose
-    tensors are views of that buffer; other values pass as they are.
+    the training loop's critical path. Pickled, this dict puts all its tensors into one
+    buffer: bytes through the pipe when small, one shared-memory segment when large. The
+    main process unpickles a plain ``dict`` whose tensors are views of that buffer; other
+    values pass as they are. Use :func:`for_transfer` (only a worker's batch needs it);
+    copies (``copy.copy``, which pin-memory uses) stay plain copies and never pack.
     """
+
+    def __copy__(self) -> "WorkerBatch":
+        return WorkerBatch(self)
+
+    def __deepcopy__(self, memo) -> "WorkerBatch":
+        import copy
+
+        return WorkerBatch(copy.deepcopy(dict(self), memo))
 
     def __reduce__(self):
         tensors = [(k, v) for k, v in self.items() if isinstance(v, torch.Tensor)]
@@ -120,6 +129,12 @@ class WorkerBatch(dict):
             flat[offset:offset + nbytes].view(dtype).view(shape).copy_(t)
         rest = {k: v for k, v in self.items() if not isinstance(v, torch.Tensor)}
         return _unpack_batch, (buffer, layout, rest)
+
+
+def for_transfer(batch: dict) -> dict:
+    """``batch`` as a :class:`WorkerBatch` when this is a DataLoader worker (its batch is
+    pickled to the main process), else unchanged."""
+    return WorkerBatch(batch) if torch.utils.data.get_worker_info() is not None else batch
 
 
 def _unpack_batch(buffer, layout, rest: dict) -> dict:
