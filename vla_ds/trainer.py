@@ -192,17 +192,23 @@ class MicroSteps:
 
     def _add_gradients(self, last: bool) -> None:
         """Move this micro batch's gradients into the wide sums; after the last micro batch,
-        put the sums back on the parameters (for the reduction) and clear them."""
+        put the sums back on the parameters (for the reduction) and drop them."""
         for i, p in enumerate(self._params):
-            total = self._sums[i]
-            if p.grad is not None:
+            total, grad = self._sums[i], p.grad
+            if grad is not None:
                 if total is None:
-                    total = self._sums[i] = torch.zeros_like(p, dtype=self._accum_dtype)
-                total.add_(p.grad)
+                    total = grad.to(self._accum_dtype)  # a new tensor: the dtypes differ
+                else:
+                    total.add_(grad)
+            if not last:
+                self._sums[i] = total
                 p.grad = None
-            if last and total is not None:
-                p.grad = total.to(p.dtype)
+            elif total is not None:
                 self._sums[i] = None
+                if grad is not None:
+                    grad.copy_(total)  # rounded once, into this micro batch's gradient buffer
+                else:
+                    p.grad = total.to(p.dtype)
 
 
 def log_step(metrics: MetricsLogger, engine, step: int, epoch: int, loss: torch.Tensor, lrs, group_names: list[str],
