@@ -581,20 +581,16 @@ def split_train_val(dataset_or_episodes: VLADataset | Sequence[Episode], val_spl
 # --------------------------------------------------------------------------- batching
 
 
-def _stack_float32(arrays: list[np.ndarray]) -> np.ndarray:
-    """One copy: straight into a float32 batch (sensor windows can be MBs per sample)."""
-    return np.stack(arrays, dtype=np.float32)
-
-
 def collate_numeric(samples: list[dict]) -> dict:
     """Stack samples into a batch: numeric keys become tensors (shapes at the top of this
     module); ``images`` and ``instruction`` (and any other key) pass through as lists."""
     if not samples:
         raise ValueError("collate_numeric needs at least one sample")
     batch = {
-        SENSOR_WINDOW: torch.from_numpy(_stack_float32([s[SENSOR_WINDOW] for s in samples])),  # (B, W, C)
+        # Stacked straight into float32: one copy (sensor windows can be MBs per sample).
+        SENSOR_WINDOW: torch.from_numpy(np.stack([s[SENSOR_WINDOW] for s in samples], dtype=np.float32)),  # (B, W, C)
         HAS_SENSOR: torch.tensor([bool(s[HAS_SENSOR]) for s in samples], dtype=torch.bool),  # (B,)
-        ACTIONS: torch.from_numpy(_stack_float32([s[ACTIONS] for s in samples])),  # (B, H, 7)
+        ACTIONS: torch.from_numpy(np.stack([s[ACTIONS] for s in samples], dtype=np.float32)),  # (B, H, 7)
         ACTION_IS_PAD: torch.from_numpy(np.stack([s[ACTION_IS_PAD] for s in samples]).astype(np.bool_)),  # (B, H)
         CONFIDENCE: torch.tensor([float(s[CONFIDENCE]) for s in samples], dtype=torch.float32),  # (B,)
         EPISODE_INDEX: torch.tensor([int(s[EPISODE_INDEX]) for s in samples], dtype=torch.long),  # (B,)
