@@ -125,3 +125,19 @@ def test_prune_keeps_the_newest_complete_and_latest(tmp_path):
     removed = checkpoint.prune_checkpoints(tmp_path, keep_last=2)
     assert sorted(p.name for p in removed) == ["global_step10", "global_step20", "global_step35"]
     assert sorted(p.name for p in tmp_path.glob("global_step*")) == ["global_step30", "global_step40", "global_step50"]
+
+
+@pytest.mark.parametrize("message", [
+    "DataLoader worker (pid 4242) is killed by signal: Killed. ",  # from torch's SIGCHLD handler
+    "DataLoader worker (pid(s) 4242) exited unexpectedly",  # from the loader's queue timeout check
+    "DataLoader worker (pid(s) 17, 4242) exited unexpectedly",
+])
+def test_dead_worker_is_named_in_either_of_torchs_messages(message):
+    from vla_ds.trainer import describe_worker_death
+
+    class Tracked:
+        def describe_worker(self, pid):
+            return "sample 7 (episode_003 at t=1.2)" if pid == 4242 else None
+
+    line = describe_worker_death(message, [Tracked()])
+    assert line.startswith("a DataLoader worker died while loading sample 7 (episode_003 at t=1.2)"), line

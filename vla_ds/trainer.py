@@ -399,7 +399,9 @@ def describe_worker_death(message: str, datasets: list) -> str:
     import re
 
     line = message.strip().splitlines()[0]
-    pids = [int(p) for p in re.findall(r"\d+", line.split("pid", 1)[1].split(")", 1)[0])] if "pid" in line else []
+    # "(pid 1234) is killed by signal: ..." or "(pid(s) 1234, 1235) exited unexpectedly"
+    found = re.search(r"pid(?:\(s\))?\s+([\d,\s]+)", line)
+    pids = [int(p) for p in re.findall(r"\d+", found.group(1))] if found else []
     loading = []
     for pid in pids:
         found = [d.describe_worker(pid) for d in datasets if hasattr(d, "describe_worker")]
