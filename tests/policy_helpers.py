@@ -30,7 +30,6 @@ from vla_ds.models.policy import HEAD_PREFIXES, VLAPolicy
 from vla_ds.models.sensor_encoder import SensorEncoderConfig
 
 WINDOW = 32  # the demo dataset's sensor window
-REPO_SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 # Base-model files that are not the tokenizer or the image processor.
 _MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json")
 

@@ -1,7 +1,6 @@
 """Checkpoint conversion: the pure state-dict functions on toy dicts, then every format
 from a real 2-rank run (Stage 1, then Stage 2 LoRA) made through the DeepSpeed launcher."""
 
-import importlib.util
 import json
 import math
 import os
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from script_helpers import load_script
 
 from vla_ds import convert
 from vla_ds.errors import CheckpointError
@@ -21,13 +21,6 @@ from vla_ds.errors import CheckpointError
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "ds_configs"
 LORA_KEY = "backbone.model.base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.default.weight"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("convert_checkpoint", REPO / "scripts" / "convert_checkpoint.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # ---------------------------------------------------------------------------------------
@@ -189,7 +182,7 @@ def fp32_masters_from_shards(out: Path) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def convert_cli(*argv):
-    return load_script().main([str(a) for a in argv])
+    return load_script("scripts/convert_checkpoint.py").main([str(a) for a in argv])
 
 
 def safetensors_state(path):

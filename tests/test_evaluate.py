@@ -1,11 +1,11 @@
 """vla_ds.evaluate (masked error maths, sample selection, split settings) and scripts/evaluate.py."""
 
-import importlib.util
 import json
 
 import numpy as np
 import pytest
-from policy_helpers import REPO_SCRIPTS, build_policy, write_policy_dir
+from policy_helpers import build_policy, write_policy_dir
+from script_helpers import load_script
 
 from vla_ds.data import DataConfig, VLADataset, compute_norm_stats, split_train_val
 from vla_ds.errors import ConfigError, DatasetError
@@ -88,13 +88,6 @@ def test_split_settings_come_from_config_or_flags():
 # --------------------------------------------------------------------------- scripts/evaluate.py
 
 
-def load_evaluate_script():
-    spec = importlib.util.spec_from_file_location("script_evaluate", REPO_SCRIPTS / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def setup(tiny_backbone_dir, demo_dataset_dir, tmp_path_factory):
     dataset = VLADataset.from_config(DataConfig(dataset_dir=str(demo_dataset_dir), sensor_window_size=32))
@@ -110,7 +103,7 @@ def setup(tiny_backbone_dir, demo_dataset_dir, tmp_path_factory):
 
 def test_evaluate_writes_the_report_and_plots(setup, demo_dataset_dir, capsys):
     out = setup["root"] / "eval"
-    code = load_evaluate_script().main(["--policy", str(setup["policy"]), "--dataset_dir", str(demo_dataset_dir),
+    code = load_script("scripts/evaluate.py").main(["--policy", str(setup["policy"]), "--dataset_dir", str(demo_dataset_dir),
                                         "--output", str(out), "--max-samples", "6", "--steps", "2",
                                         "--seed", "1", "--batch-size", "4", "--device", "cpu", "--no-progress"])
     assert code == 0
@@ -142,7 +135,7 @@ def test_evaluate_writes_the_report_and_plots(setup, demo_dataset_dir, capsys):
 
 
 def test_evaluate_asks_for_split_settings_a_config_lacks(setup, demo_dataset_dir, capsys):
-    script = load_evaluate_script()
+    script = load_script("scripts/evaluate.py")
     base = ["--policy", str(setup["policy_no_data"]), "--dataset_dir", str(demo_dataset_dir),
             "--max-samples", "2", "--steps", "1", "--device", "cpu", "--no-progress", "--plots", "0"]
     assert script.main(base + ["--output", str(setup["root"] / "no_data")]) == 2

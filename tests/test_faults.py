@@ -3,26 +3,17 @@ save, non-finite steps, bad input, skipped samples, a dead DataLoader worker), p
 checkpoint atomicity and retention rules on their own. The dead-rank scenario is in
 tests/test_multinode.py."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from script_helpers import load_script
 
 from vla_ds import checkpoint
 from vla_ds.errors import CheckpointError
 
-REPO = Path(__file__).resolve().parent.parent
 
-
-def load_drill():
-    spec = importlib.util.spec_from_file_location("fault_drill", REPO / "scripts" / "fault_drill.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-drill = load_drill()
+drill = load_script("scripts/fault_drill.py")
 
 
 @pytest.fixture

@@ -4,14 +4,14 @@ Policy directories are written by tests/policy_helpers.py from in-memory policie
 loaded policy can be compared with the one it was written from.
 """
 
-import importlib.util
 import json
 
 import numpy as np
 import pytest
 import torch
-from policy_helpers import REPO_SCRIPTS, build_policy, write_policy_dir
+from policy_helpers import build_policy, write_policy_dir
 from safetensors.torch import load_file, save_file
+from script_helpers import load_script
 
 from vla_ds.data import DataConfig, VLADataset, compute_norm_stats
 from vla_ds.errors import CheckpointError
@@ -185,15 +185,8 @@ def test_refuses_lora_config_without_adapter(lora_dir, tmp_path, parts):
 # --------------------------------------------------------------------------- scripts/predict.py
 
 
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(f"script_{name}", REPO_SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_predict_script_prints_the_chunk_and_the_recording(lora_dir, demo_dataset_dir, capsys):
-    predict_script = load_script("predict")
+    predict_script = load_script("scripts/predict.py")
     episode = demo_dataset_dir / "Needle_insertion_eye_trocar" / "episode_000"
     assert predict_script.main(["--policy", str(lora_dir), "--episode", str(episode), "--frame", "2",
                                 "--steps", "2", "--seed", "3", "--device", "cpu"]) == 0
@@ -208,7 +201,7 @@ def test_predict_script_prints_the_chunk_and_the_recording(lora_dir, demo_datase
 
 
 def test_predict_script_reports_a_bad_frame_in_one_line(lora_dir, demo_dataset_dir, capsys):
-    predict_script = load_script("predict")
+    predict_script = load_script("scripts/predict.py")
     episode = demo_dataset_dir / "Needle_insertion_eye_trocar" / "episode_000"
     assert predict_script.main(["--policy", str(lora_dir), "--episode", str(episode), "--frame", "100000",
                                 "--device", "cpu"]) == 2

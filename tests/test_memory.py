@@ -1,12 +1,12 @@
 """vla_ds.memory: exact meta-device counts, ZeRO byte accounting, the estimate_memory script."""
 
 import dataclasses
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from script_helpers import load_script
 
 from vla_ds import memory
 from vla_ds.errors import ConfigError
@@ -21,13 +21,6 @@ CONFIGS = REPO / "ds_configs"
 SHIPPED = ("stage1.json", "stage2.json", "stage2_offload.json", "stage3_offload.json")
 REFERENCE_VL_PARAMS = 3_754_622_976  # vision 668,684,288 + text 3,085,938,688 (tied embeddings once)
 REFERENCE_LORA_R16_QKVO = 7_372_800
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("estimate_memory", REPO / "scripts" / "estimate_memory.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # ---------------------------------------------------------------- meta-device counts (reference sizes)
@@ -218,7 +211,7 @@ def test_parse_memory_size_and_recommendation():
 
 @pytest.mark.parametrize("config", SHIPPED)
 def test_script_table_for_each_shipped_config(config, capsys, tmp_path):
-    script = _load_script()
+    script = load_script("scripts/estimate_memory.py")
     out_json = tmp_path / "estimate.json"
     code = script.main(["--ds_config", str(REPO / "ds_configs" / config), "--num_gpus", "4",
                         "--gpu-memory", "24GB", "--json", str(out_json)])
@@ -235,14 +228,14 @@ def test_script_table_for_each_shipped_config(config, capsys, tmp_path):
 
 
 def test_script_rejects_bad_flags(capsys):
-    script = _load_script()
+    script = load_script("scripts/estimate_memory.py")
     code = script.main(["--ds_config", str(REPO / "ds_configs" / "stage2.json"), "--image-size", "640"])
     assert code == 2
     assert "--image-size" in capsys.readouterr().err
 
 
 def test_script_reads_the_vl_model_config(tiny_backbone_dir, tmp_path, capsys):
-    script = _load_script()
+    script = load_script("scripts/estimate_memory.py")
     out_json = tmp_path / "estimate.json"
     code = script.main(["--ds_config", str(REPO / "ds_configs" / "stage2.json"), "--vl-model", str(tiny_backbone_dir),
                         "--num_gpus", "2", "--gpu-memory", "8GB", "--micro-batch", "2", "--json", str(out_json)])

@@ -3,7 +3,6 @@ launchers share a two-host hostfile (one rank each), exactly as two nodes would;
 rank ends the whole job within the process-group timeout; checkpoints of a two-node run
 resume on one node through the universal format. Plus the preflight checks."""
 
-import importlib.util
 import json
 import math
 import os
@@ -16,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from script_helpers import load_script
 
 from vla_ds import preflight
 from vla_ds.engine import DistributedError, adopt_launcher_env, describe_distributed_failure
@@ -64,10 +64,7 @@ def losses(out: Path) -> list[float]:
 
 
 def convert_to_universal(src: Path, dst: Path) -> None:
-    spec = importlib.util.spec_from_file_location("convert_checkpoint", REPO / "scripts" / "convert_checkpoint.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert module.main([str(src), str(dst), "--to", "universal"]) == 0
+    assert load_script("scripts/convert_checkpoint.py").main([str(src), str(dst), "--to", "universal"]) == 0
 
 
 def resume_on_one_rank(universal: Path, dataset, backbone, out: Path, cache: Path, steps: int) -> list[dict]:

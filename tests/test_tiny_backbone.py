@@ -1,17 +1,14 @@
 """The offline tiny Qwen2.5-VL maker (vla_ds.tiny_backbone, scripts/make_tiny_backbone.py)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from script_helpers import load_script
 
 from vla_ds.models.backbone import BackboneConfig, VLBackbone, VLInputBuilder
 from vla_ds.tiny_backbone import QWEN_SPECIAL_TOKENS, TINY_MAX_PIXELS, TINY_MIN_PIXELS, make_tiny_backbone
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -82,9 +79,7 @@ def test_loads_through_backbone_and_builder(tiny_dir):
 
 
 def test_cli_main(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("make_tiny_backbone_cli", REPO_ROOT / "scripts" / "make_tiny_backbone.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_script("scripts/make_tiny_backbone.py")
     assert cli.main([str(tmp_path / "out"), "--seed", "3"]) == 0
     printed = capsys.readouterr().out
     assert "model.safetensors" in printed and str(tmp_path / "out") in printed

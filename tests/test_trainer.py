@@ -1,22 +1,12 @@
 """trainer.MicroSteps on a real DeepSpeed engine (one rank, in-process): one gradient
 reduction per optimizer step that adds the micro batches up in fp32."""
 
-import importlib.util
-from pathlib import Path
 
 import torch
+from script_helpers import load_script
 
 from vla_ds import engine as engine_lib
 from vla_ds.trainer import MicroSteps
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def load_bench_step():
-    spec = importlib.util.spec_from_file_location("bench_step", REPO / "benchmarks" / "bench_step.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_one_reduction_per_step_reduces_the_fp32_sum_of_the_micro_batches(tiny_backbone_dir):
@@ -26,7 +16,7 @@ def test_one_reduction_per_step_reduces_the_fp32_sum_of_the_micro_batches(tiny_b
     is measurably off), and the update happens at the 8th micro batch only."""
     accum = 8
     full_lr = ["scheduler.params.warmup_min_ratio=1"]  # the first update is not warmup's lr 0
-    cfg, policy, batches = load_bench_step().build("tiny", tiny_backbone_dir, 1, 4, accum, full_lr)
+    cfg, policy, batches = load_script("benchmarks/bench_step.py").build("tiny", tiny_backbone_dir, 1, 4, accum, full_lr)
     engine_lib.init_distributed(5)
     engine, _ = engine_lib.initialize(policy, cfg)
     assert engine.get_data_types() == (torch.bfloat16, torch.float32)
