@@ -95,7 +95,7 @@ class VlaDsStep:
     """The trainer's hot path on the engine vla_ds builds."""
 
     def __init__(self, cfg, policy, batches, log_every: int, out_dir: Path):
-        from vla_ds import engine as engine_lib
+        from vla_ds import engine as engine_lib, trainer
         from vla_ds.metrics import MetricsLogger
 
         self.engine, groups = engine_lib.initialize(policy, cfg)
@@ -103,8 +103,6 @@ class VlaDsStep:
         self.batches, self.cfg, self.log_every = batches, cfg, log_every
         self.metrics = MetricsLogger(out_dir, None, is_main=torch.distributed.get_rank() == 0)
         self.step_count = 0
-        from vla_ds import trainer
-
         self.micro_step = trainer.MicroSteps(self.engine, cfg.train.seed, torch.distributed.get_rank(), len(batches),
                                              cfg.train.coalesce_grad_reduction)
 

@@ -404,8 +404,8 @@ def describe_worker_death(message: str, datasets: list) -> str:
     pids = [int(p) for p in re.findall(r"\d+", found.group(1))] if found else []
     loading = []
     for pid in pids:
-        found = [d.describe_worker(pid) for d in datasets if hasattr(d, "describe_worker")]
-        loading += [f for f in found if f][:1]
+        described = [d.describe_worker(pid) for d in datasets if hasattr(d, "describe_worker")]
+        loading += [what for what in described if what][:1]
     what = f" while loading {'; '.join(loading)}" if loading else ""
     return (f"a DataLoader worker died{what} ({line.rstrip('. ')}); out of memory is the usual cause: lower "
             "--num_workers or the batch size, or find what that sample makes the worker do")

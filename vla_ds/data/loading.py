@@ -122,7 +122,7 @@ class WorkerBatch(dict):
             total += -(-nbytes // _ALIGN) * _ALIGN  # every view aligned for its dtype
         if total <= PIPE_BYTES:
             buffer = bytearray(total)
-            flat = torch.frombuffer(buffer, dtype=torch.uint8) if total else torch.empty(0, dtype=torch.uint8)
+            flat = _as_bytes_tensor(buffer)
         else:
             buffer = flat = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(total))
         for (key, t), (_, dtype, shape, offset, nbytes) in zip(tensors, layout):
@@ -137,9 +137,13 @@ def for_transfer(batch: dict) -> dict:
     return WorkerBatch(batch) if torch.utils.data.get_worker_info() is not None else batch
 
 
+def _as_bytes_tensor(buffer: bytearray) -> torch.Tensor:
+    """A uint8 tensor over ``buffer``, no copy (torch.frombuffer refuses an empty buffer)."""
+    return torch.frombuffer(buffer, dtype=torch.uint8) if len(buffer) else torch.empty(0, dtype=torch.uint8)
+
+
 def _unpack_batch(buffer, layout, rest: dict) -> dict:
-    flat = buffer if isinstance(buffer, torch.Tensor) else (
-        torch.frombuffer(buffer, dtype=torch.uint8) if len(buffer) else torch.empty(0, dtype=torch.uint8))
+    flat = buffer if isinstance(buffer, torch.Tensor) else _as_bytes_tensor(buffer)
     batch = {key: flat[offset:offset + nbytes].view(dtype).view(shape)
              for key, dtype, shape, offset, nbytes in layout}
     batch.update(rest)
