@@ -8,10 +8,12 @@ One process (default): for each size, the Stage 1 model on cached VL features (t
 heads train; the frozen backbone is not run), one fixed batch, and
 
 - ``vla_ds``: the engine ``vla_ds.engine.initialize`` builds from ds_configs/stage1.json
-  (ZeRO-2, bf16 with fp32 masters, parameter groups, clipping 1.0, gradient accumulation
-  with one gradient reduction per optimizer step, fused AdamW) driven exactly as
-  ``vla_ds.trainer.train`` drives it: ``trainer.MicroSteps`` per micro batch plus the per-step metrics row (``--log-every``, default 1 as in the
-  shipped configs);
+  (ZeRO-1 with DeepSpeed's BF16_Optimizer: bf16 weights, fp32 masters and fp32 gradient
+  accumulation, parameter groups, clipping 1.0, one gradient reduction per optimizer step,
+  fused AdamW) driven exactly as ``vla_ds.trainer.train`` drives it: ``trainer.MicroSteps``
+  per micro batch plus the per-step metrics row (``--log-every``, default 1 as in the
+  shipped configs). ``--set zero_optimization.stage=2`` measures ZeRO-2 (stage2.json's
+  optimizer, with vla_ds's one reduction per step) instead;
 - ``hand``: the same policy in fp32 under ``torch.autocast(bfloat16)``, ``torch.optim.AdamW``,
   ``clip_grad_norm_(1.0)``, the same accumulation.
 
@@ -19,7 +21,8 @@ After warm-up the two alternate (A/B, B/A, ...) for ``--repeats`` rounds of ``--
 optimizer steps; the median per-step time of each gives ``overhead_ratio`` = vla_ds / hand.
 
 ``--distributed`` (under the DeepSpeed launcher, 2 ranks): the same comparison between
-2-rank ZeRO-2 (vla_ds) and 2-rank plain DDP (hand loop wrapped in DistributedDataParallel,
+2-rank ZeRO-2 (vla_ds; stage1.json at ``zero_optimization.stage=2``, unless ``--set``
+names another stage) and 2-rank plain DDP (hand loop wrapped in DistributedDataParallel,
 ``no_sync()`` on all but the last micro batch so it too reduces once per step).
 
 Prints a table and writes JSON with ``--json``. Run by hand, never as a timed test.
@@ -184,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1" if a.distributed else str(os.cpu_count()))
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
+    if a.distributed and not any(o.startswith("zero_optimization.stage=") for o in a.overrides):
+        a.overrides.insert(0, "zero_optimization.stage=2")
     from vla_ds import engine as engine_lib
     from vla_ds.log import setup_logging
     from vla_ds.tiny_backbone import make_tiny_backbone
@@ -209,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
             t_vla, t_hand = time_ab(vla, hand, a.warmup, a.repeats, a.steps, sync=torch.distributed.barrier)
             n_params = sum(p.numel() for p in hand_policy.parameters() if p.requires_grad)
             results[size] = {"trainable_params": n_params, "micro_batch": a.micro_batch, "accum": a.accum,
-                             "ranks": world, "vla_ds_ms": statistics.median(t_vla) * 1e3,
+                             "ranks": world, "zero_stage": int(vla.engine.zero_optimization_stage()),
+                             "optimizer": type(vla.engine.optimizer).__name__, "vla_ds_ms": statistics.median(t_vla) * 1e3,
                              "hand_ms": statistics.median(t_hand) * 1e3,
                              "vla_ds_all_ms": [t * 1e3 for t in t_vla], "hand_all_ms": [t * 1e3 for t in t_hand]}
             results[size]["overhead_ratio"] = results[size]["vla_ds_ms"] / results[size]["hand_ms"]
@@ -219,7 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     import shutil
 
     shutil.rmtree(shared[0], ignore_errors=True)
-    label = "ZeRO-2 vs DDP, 2 ranks" if a.distributed else "vla_ds vs hand loop, 1 process"
+    first = next(iter(results.values()))
+    engine_label = f"ZeRO-{first['zero_stage']} ({first['optimizer']})"
+    label = f"{engine_label} vs DDP, 2 ranks" if a.distributed else f"vla_ds {engine_label} vs hand loop, 1 process"
     print(f"{label}: median ms per optimizer step (micro batch {a.micro_batch} x accumulation {a.accum}, "
           f"log every {a.log_every})")
     print(f"{'size':<6}{'params':>12}{'vla_ds ms':>12}{'hand ms':>12}{'overhead_ratio':>16}")

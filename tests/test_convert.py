@@ -4,15 +4,14 @@ from a real 2-rank run (Stage 1, then Stage 2 LoRA) made through the DeepSpeed l
 import json
 import math
 import os
-import re
 import shutil
 import subprocess
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
 import torch
+from checkpoint_helpers import fp32_masters_from_shards, latest_tag_dir, model_states
 from script_helpers import load_script
 
 from vla_ds import convert
@@ -147,38 +146,6 @@ def runs(tiny_backbone_dir, demo_dataset_dir, tmp_path_factory):
     proc = subprocess.run(cmd, check=False, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return {"s1": root / "s1", "s2": root / "s2", "root": root}
-
-
-def latest_tag_dir(out: Path) -> Path:
-    return out / (out / "latest").read_text().strip()
-
-
-def model_states(out: Path) -> dict:
-    return torch.load(latest_tag_dir(out) / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
-
-
-def fp32_masters_from_shards(out: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """fp32 weights and Adam moments of every trainable parameter, put together by hand from
-    each rank's ZeRO-2 optimizer shard (param_slice_mappings), independently of DeepSpeed's tools."""
-    tag_dir = latest_tag_dir(out)
-    shapes = {}
-    for group in model_states(out)["param_shapes"]:
-        shapes.update(group)
-    pieces = defaultdict(lambda: defaultdict(list))
-    files = sorted(tag_dir.glob("*zero_pp_rank_*_optim_states.pt"),
-                   key=lambda p: int(re.search(r"zero_pp_rank_(\d+)_", p.name)[1]))
-    assert len(files) == 2
-    for file in files:
-        osd = torch.load(file, map_location="cpu", weights_only=False)["optimizer_state_dict"]
-        for g, mapping in enumerate(osd["param_slice_mappings"]):
-            flats = {"fp32": osd["single_partition_of_fp32_groups"][g],
-                     "exp_avg": osd["base_optimizer_state"]["state"][g]["exp_avg"],
-                     "exp_avg_sq": osd["base_optimizer_state"]["state"][g]["exp_avg_sq"]}
-            for name, frag in mapping.items():
-                for key, flat in flats.items():
-                    pieces[key][name].append(flat.narrow(0, frag.start, frag.numel))
-    return {key: {name: torch.cat(p).view(shapes[name]) for name, p in by_name.items()}
-            for key, by_name in pieces.items()}
 
 
 def convert_cli(*argv):

@@ -29,19 +29,23 @@ def test_fault_scenario_loses_nothing(scenario, ctx):
     assert lost.startswith("none") or scenario == "skip_bad_samples"
 
 
-@pytest.mark.parametrize("accum,offload", [(1, False), (2, False), (1, True)])
-def test_skipped_steps_are_counted_and_leave_the_weights(accum, offload, ctx):
+ZERO = {"zero1": [],  # stage1.json: ZeRO-1 + bf16, DeepSpeed's BF16_Optimizer
+        "zero2": ["--set", "zero_optimization.stage=2"],  # DeepSpeedZeroOptimizer, as stage2.json
+        "zero2_offload": ["--set", "zero_optimization.stage=2", "--set", "zero_optimization.offload_optimizer.device=cpu"]}
+
+
+@pytest.mark.parametrize("zero,accum", [("zero1", 1), ("zero1", 2), ("zero2", 2), ("zero2_offload", 1)])
+def test_skipped_steps_are_counted_and_leave_the_weights(zero, accum, ctx):
     """NaN loss at steps 5-6: those two updates are skipped (counted in metrics.jsonl), the
     run goes on, and the weights after step 6 equal those after step 4. With accumulation 2
-    (one gradient reduction per step) the NaN is in step 5's last micro batch and step 6's
-    first. With the optimizer offloaded (stage2_offload.json's ZeRO-2), DeepSpeed alone
-    would keep the NaN gradient and skip every later step."""
+    the NaN is in step 5's last micro batch and step 6's first (under ZeRO-2, with one
+    gradient reduction per step). With the optimizer offloaded (stage2_offload.json's
+    ZeRO-2), DeepSpeed alone would keep the NaN gradient and skip every later step."""
     from vla_ds.metrics import read_metrics
 
     out = ctx.root / "nan"
-    offload_args = ["--set", "zero_optimization.offload_optimizer.device=cpu"] if offload else []
     args = drill.train_args(ctx.data, ctx.backbone, out, "--epochs", "1", "--save_steps", "2",
-                            "--grad_accum", str(accum), *offload_args, *ctx.common)
+                            "--grad_accum", str(accum), *ZERO[zero], *ctx.common)
     proc = drill.run_child(["--nan-steps", "5-6" if accum == 1 else "10-11"], args)  # forward calls
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = {r["step"]: r for r in read_metrics(out) if "train/loss" in r}

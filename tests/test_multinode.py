@@ -15,6 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from checkpoint_helpers import fp32_masters_from_shards, model_states
+from safetensors.torch import load_file
 from script_helpers import load_script
 
 from vla_ds import preflight
@@ -99,6 +102,18 @@ def test_two_node_launch_equals_one_node_and_resumes_on_one_rank(hostfile, tiny_
     assert len(a) == len(b) > 5
     assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
     assert a[0] != a[-1]
+
+    # stage1.json is ZeRO-1 with bf16 (DeepSpeed's BF16_Optimizer): its 2-rank checkpoint
+    # consolidates to the fp32 master weights, which DeepSpeed's zero_to_fp32 refuses to read.
+    assert load_script("scripts/convert_checkpoint.py").main([str(one_node), str(tmp_path / "fp32"), "--to", "fp32"]) == 0
+    fp32 = load_file(str(tmp_path / "fp32" / "model.safetensors"))
+    masters = fp32_masters_from_shards(one_node)["fp32"]
+    module = model_states(one_node)["module"]
+    assert masters.keys() == {k for k in module if not k.endswith(("_norm.mean", "_norm.std"))}
+    assert fp32.keys() == module.keys()
+    for name, value in fp32.items():
+        expected = masters[name] if name in masters else module[name]  # trained weights, buffers
+        assert value.dtype == torch.float32 and torch.equal(value, expected), name
 
     # Resume the two-node run on one node (1 rank) through the universal checkpoint.
     saved_step = int((two_nodes / "latest").read_text().strip().removeprefix("global_step"))

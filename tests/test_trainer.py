@@ -10,13 +10,15 @@ from vla_ds.trainer import MicroSteps
 
 
 def test_one_reduction_per_step_reduces_the_fp32_sum_of_the_micro_batches(tiny_backbone_dir):
-    """ZeRO-2, bf16 weights, grad_accum_dtype fp32 (ds_configs/stage1.json), 8 micro batches:
+    """ZeRO-2, bf16 weights, grad_accum_dtype fp32 (ds_configs/stage1.json at stage 2), 8 micro batches:
     what the step's one reduction receives is each parameter's micro-batch gradients added
     in fp32 and rounded to bf16 once (a bf16 running sum, what autograd alone would keep,
     is measurably off), and the update happens at the 8th micro batch only."""
     accum = 8
-    full_lr = ["scheduler.params.warmup_min_ratio=1"]  # the first update is not warmup's lr 0
-    cfg, policy, batches = load_script("benchmarks/bench_step.py").build("tiny", tiny_backbone_dir, 1, 4, accum, full_lr)
+    # ZeRO-2 (stage1.json ships ZeRO-1, whose BF16_Optimizer reduces once per step anyway);
+    # the first update is not warmup's lr 0.
+    overrides = ["zero_optimization.stage=2", "scheduler.params.warmup_min_ratio=1"]
+    cfg, policy, batches = load_script("benchmarks/bench_step.py").build("tiny", tiny_backbone_dir, 1, 4, accum, overrides)
     engine_lib.init_distributed(5)
     engine, _ = engine_lib.initialize(policy, cfg)
     assert engine.get_data_types() == (torch.bfloat16, torch.float32)

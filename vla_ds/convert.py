@@ -21,7 +21,8 @@ source is a training output dir (its ``latest``, or ``--tag global_stepN``) or o
 
 The ``.pt`` files hold tensors and plain dicts only (``torch.load(weights_only=True)``).
 Consolidation is DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint`` (fp32 master
-weights, exact) and the universal format its ``ds_to_universal``. The first half of this
+weights, exact; for ZeRO-1 + bf16 checkpoints, which it does not read, the same weights
+from the shards' own slice maps) and the universal format its ``ds_to_universal``. The first half of this
 module is pure functions over state dicts; the second half reads checkpoints and builds models.
 """
 
@@ -57,6 +58,7 @@ POLICY_CONFIG_FILE = "config.json"
 NORM_STATS_FILE = "norm_stats.json"
 ADAPTER_DIR = "adapter"
 MERGED_DIR = "merged_backbone"
+BF16_ZERO_SHARDS = "bf16_zero_pp_rank_*_mp_rank_00_optim_states.pt"  # one per rank when bf16 is on
 
 # VLAPolicy.state_dict() prefixes: the backbone's Qwen model, and that model once peft wraps it.
 BACKBONE_PREFIX = "backbone.model."
@@ -283,13 +285,61 @@ def _deepspeed_output_to_log(what: str):
 def consolidated_state(ckpt: SourceCheckpoint) -> dict[str, torch.Tensor]:
     """The trainable weights (fp32 master copies, gathered from every rank's ZeRO shard)
     plus the module's buffers, keys as in VLAPolicy.state_dict(); the frozen base is not in
-    the checkpoint. DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint``."""
+    the checkpoint. DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint``, or for ZeRO-1
+    with bf16, which it refuses, :func:`_bf16_zero_state`."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    if _uses_bf16_optimizer(ckpt.states.get("ds_config") or {}):
+        shards = sorted(ckpt.tag_dir.glob(BF16_ZERO_SHARDS), key=lambda f: int(re.findall(r"\d+", f.name)[1]))
+        return cast_floating(_bf16_zero_state(ckpt, shards), torch.float32)
     with _deepspeed_output_to_log(f"consolidating {ckpt.tag_dir}"):
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.load_dir), tag=ckpt.tag,
                                                          exclude_frozen_parameters=True)
     return cast_floating(state, torch.float32)
+
+
+def _uses_bf16_optimizer(ds_config: dict[str, Any]) -> bool:
+    """Whether DeepSpeed trained with ``BF16_Optimizer`` (its rule: ZeRO-1, bf16 weights, fp32
+    gradient accumulation, no optimizer offload) rather than its ZeRO optimizers."""
+    zero = ds_config.get("zero_optimization") or {}
+    offload = str((zero.get("offload_optimizer") or {}).get("device", "none")).lower()
+    accum = str((ds_config.get("data_types") or {}).get("grad_accum_dtype") or "").lower()
+    return (int(zero.get("stage", 0)) == 1 and bool((ds_config.get("bf16") or {}).get("enabled"))
+            and accum in ("fp32", "float32", "float") and offload in ("none", ""))
+
+
+def _bf16_zero_state(ckpt: SourceCheckpoint, shards: list[Path]) -> dict[str, torch.Tensor]:
+    """:func:`consolidated_state` of a ZeRO-1 + bf16 checkpoint (DeepSpeed's ``BF16_Optimizer``,
+    ``bf16_zero_pp_rank_<r>_mp_rank_00_optim_states.pt``), whose layout
+    ``get_fp32_state_dict_from_zero_checkpoint`` does not read ("is not a zero checkpoint").
+
+    Rank r's file holds its partition of each parameter group's flat fp32 master weights and
+    ``param_slice_mappings``: for every parameter with elements in that partition, where
+    they lie in it. Taken in rank order, a parameter's pieces are the whole parameter."""
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    pieces: dict[str, list[torch.Tensor]] = {}
+    for shard in shards:
+        try:
+            with torch.serialization.safe_globals([fragment_address]):
+                optim = torch.load(shard, map_location="cpu", weights_only=True, mmap=True)["optimizer_state_dict"]
+            groups = zip(optim["single_partition_of_fp32_groups"], optim["param_slice_mappings"], strict=True)
+        except Exception as e:  # truncated, or not DeepSpeed's BF16_Optimizer layout
+            raise CheckpointError(f"{shard}: cannot read optimizer shard ({str(e).splitlines()[0][:200]})") from None
+        for flat, slices in groups:
+            for name, where in slices.items():
+                pieces.setdefault(name, []).append(flat.narrow(0, where.start, where.numel))
+    state = {}
+    for group in ckpt.states["param_shapes"]:
+        for name, shape in group.items():
+            whole = torch.cat(pieces.get(name, [torch.empty(0)]))
+            if whole.numel() != shape.numel():
+                raise CheckpointError(f"{ckpt.tag_dir}: parameter {name} has {whole.numel()} of its {shape.numel()} "
+                                      f"elements in the {len(shards)} optimizer shard(s); is a rank's file missing?")
+            state[name] = whole.view(shape).clone()  # owns its memory: the shards are memory-mapped
+    module = ckpt.states["module"]
+    state.update({name: module[name] for name in ckpt.states.get("buffer_names") or [] if name in module})
+    return state
 
 
 def load_base_backbone(ckpt: SourceCheckpoint, vl_model: str | None):

@@ -8,6 +8,7 @@ re-declares those settings in Python.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import re
@@ -267,7 +268,11 @@ def initialize(policy: nn.Module, cfg: RunConfig):
 
     param_groups, summary = build_param_groups(policy, cfg.optimizer_groups)
     log_param_groups(summary)
-    engine, _, _, _ = deepspeed.initialize(model=policy, model_parameters=param_groups, config=cfg.deepspeed)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):  # BF16_Optimizer print()s memory reports (ZeRO-1 + bf16)
+        engine, _, _, _ = deepspeed.initialize(model=policy, model_parameters=param_groups, config=cfg.deepspeed)
+    if printed.getvalue().strip():
+        logger.debug("deepspeed.initialize printed:\n%s", printed.getvalue().rstrip())
     if engine.lr_scheduler is not None and getattr(engine.lr_scheduler, "last_batch_iteration", 0) == -1:
         # DeepSpeed's warmup schedulers start at iteration -1 (lr 0) and the engine steps them
         # after each update, so the first *two* updates would run at lr 0. Start at iteration
