@@ -40,3 +40,35 @@ def test_parameters_without_a_group_or_unknown_modules_are_refused():
         build_param_groups(Toy(), {"heads": ParamGroupConfig(modules=["action_expert"])})
     with pytest.raises(ConfigError, match="unknown module 'acton_expert'"):
         build_param_groups(Toy(), {"heads": ParamGroupConfig(modules=["acton_expert"])})
+
+
+def test_engine_start_is_quiet(tiny_backbone_dir, capfd):
+    """Building stage1.json's engine prints nothing DeepSpeed says by design: BF16_Optimizer's
+    memory reports (ZeRO-1 + bf16, print()ed), WarmupCosineLR's warning about its own
+    iteration -1 (logged)."""
+    import logging
+
+    from script_helpers import load_script
+
+    from vla_ds import engine as engine_lib
+    from vla_ds.log import setup_logging
+
+    class Records(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    messages: list[str] = []
+    setup_logging()
+    seen = Records()
+    ds_logger = logging.getLogger("DeepSpeed")
+    ds_logger.addHandler(seen)
+    try:
+        cfg, policy, _ = load_script("benchmarks/bench_step.py").build("tiny", tiny_backbone_dir, 1, 2, 1)
+        engine_lib.init_distributed(5)
+        engine, _ = engine_lib.initialize(policy, cfg)
+    finally:
+        ds_logger.removeHandler(seen)
+    assert type(engine.optimizer).__name__ == "BF16_Optimizer" and engine.lr_scheduler is not None
+    assert not [m for m in messages if "learning rate from scheduler" in m], messages
+    printed = "".join(capfd.readouterr())
+    assert "CPU Virtual Memory" not in printed, printed

@@ -32,12 +32,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_in_process_run_writes_metrics_config_and_checkpoints(tiny_backbone_dir, demo_dataset_dir, tmp_path, capsys):
+def test_in_process_run_writes_metrics_config_and_checkpoints(tiny_backbone_dir, demo_dataset_dir, tmp_path):
     out = tmp_path / "run"
     assert main(tiny_args(demo_dataset_dir, tiny_backbone_dir, out, "--batch_size", "8", "--grad_accum", "2",
                           "--epochs", "2", "--lr", "1e-3", "--set", "csv_monitor.enabled=true")) == 0
-    # DeepSpeed's BF16_Optimizer (stage1.json: ZeRO-1 + bf16) print()s memory reports at start-up.
-    assert "CPU Virtual Memory" not in capsys.readouterr().out
     rows = read_metrics(out)
     train = [r for r in rows if "train/loss" in r]
     val = [r for r in rows if "val/loss" in r]

@@ -21,6 +21,17 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+class _DropDesignedWarnings(logging.Filter):
+    """DeepSpeed warnings about what it does by design. ``WarmupCosineLR``'s constructor
+    asks itself for the rate at iteration -1 and warns about it on every run start
+    (``engine.initialize`` then starts the schedule at 0)."""
+
+    MESSAGES = ("Attempting to get learning rate from scheduler before it has started",)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(m in record.getMessage() for m in self.MESSAGES)
+
+
 def setup_logging(rank: int | None = None, level: int = logging.INFO) -> None:
     """Configure the ``vla_ds`` logger (idempotent).
 
@@ -37,7 +48,10 @@ def setup_logging(rank: int | None = None, level: int = logging.INFO) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level if rank == 0 else logging.WARNING)
     root.propagate = False
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    ds_logger = logging.getLogger("DeepSpeed")
+    ds_logger.setLevel(logging.WARNING)
+    if not any(isinstance(f, _DropDesignedWarnings) for f in ds_logger.filters):
+        ds_logger.addFilter(_DropDesignedWarnings())
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:  # transformers' per-load "Loading weights" bars, once per rank, say nothing useful here
         from transformers.utils import logging as hf_logging
