@@ -81,7 +81,7 @@ def resume_on_one_rank(universal: Path, dataset, backbone, out: Path, cache: Pat
 
 
 def test_two_node_launch_equals_one_node_and_resumes_on_one_rank(hostfile, tiny_backbone_dir, demo_dataset_dir,
-                                                                 tmp_path):
+                                                                 tmp_path, capsys):
     cache = tmp_path / "cache"
     common = ["--epochs", "1", "--set", f"cache.dir={cache}"]
     two_nodes = tmp_path / "two_nodes"
@@ -114,6 +114,14 @@ def test_two_node_launch_equals_one_node_and_resumes_on_one_rank(hostfile, tiny_
     for name, value in fp32.items():
         expected = masters[name] if name in masters else module[name]  # trained weights, buffers
         assert value.dtype == torch.float32 and torch.equal(value, expected), name
+    # Without rank 1's shard: one line naming the checkpoint, not a half-filled file.
+    tag_dir = one_node / (one_node / "latest").read_text().strip()
+    next(tag_dir.glob("bf16_zero_pp_rank_1_*_optim_states.pt")).unlink()
+    capsys.readouterr()
+    assert load_script("scripts/convert_checkpoint.py").main([str(one_node), str(tmp_path / "half"), "--to", "fp32"]) == 2
+    err = capsys.readouterr().err
+    assert str(tag_dir) in err and "missing" in err and "Traceback" not in err, err
+    assert not (tmp_path / "half" / "model.safetensors").exists()
 
     # Resume the two-node run on one node (1 rank) through the universal checkpoint.
     saved_step = int((two_nodes / "latest").read_text().strip().removeprefix("global_step"))

@@ -22,8 +22,9 @@ source is a training output dir (its ``latest``, or ``--tag global_stepN``) or o
 The ``.pt`` files hold tensors and plain dicts only (``torch.load(weights_only=True)``).
 Consolidation is DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint`` (fp32 master
 weights, exact; for ZeRO-1 + bf16 checkpoints, which it does not read, the same weights
-from the shards' own slice maps) and the universal format its ``ds_to_universal``. The first half of this
-module is pure functions over state dicts; the second half reads checkpoints and builds models.
+from the shards' own slice maps) and the universal format its ``ds_to_universal``. The
+first half of this module is pure functions over state dicts; the second half reads
+checkpoints and builds models.
 """
 
 from __future__ import annotations
@@ -290,7 +291,7 @@ def consolidated_state(ckpt: SourceCheckpoint) -> dict[str, torch.Tensor]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     if _uses_bf16_optimizer(ckpt.states.get("ds_config") or {}):
-        shards = sorted(ckpt.tag_dir.glob(BF16_ZERO_SHARDS), key=lambda f: int(re.findall(r"\d+", f.name)[1]))
+        shards = sorted(ckpt.tag_dir.glob(BF16_ZERO_SHARDS), key=lambda f: int(re.search(r"_pp_rank_(\d+)_", f.name)[1]))
         return cast_floating(_bf16_zero_state(ckpt, shards), torch.float32)
     with _deepspeed_output_to_log(f"consolidating {ckpt.tag_dir}"):
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.load_dir), tag=ckpt.tag,
