@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import math
 import re
-import warnings
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -571,9 +570,7 @@ def count_policy_parameters(hf_config, finetune: FinetuneConfig, sensor_config, 
     with torch.device("meta"):
         vl = Qwen2_5_VLForConditionalGeneration(hf_config)
         heads = torch.nn.ModuleList([SensorEncoder(sensor_config), ActionExpert(action_config)])
-    with torch.device("meta"), warnings.catch_warnings():  # peft's LoRA tensors on meta too
-        # peft probes the deprecated ``is_gradient_checkpointing``; nothing to act on here.
-        warnings.simplefilter("ignore", FutureWarning)
+    with torch.device("meta"):  # peft's LoRA tensors on meta too
         vl = apply_finetune(vl, finetune)
 
     vl_params = list(vl.parameters())  # deduplicated: the tied lm_head counts once

@@ -8,6 +8,7 @@ cannot disagree about what is trainable.
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -94,7 +95,9 @@ def apply_finetune(model: nn.Module, config: FinetuneConfig) -> nn.Module:
             target_modules=lora_target_regex(config),
             bias="none",
         )
-        model = get_peft_model(model, lora)
+        with warnings.catch_warnings():  # peft probes transformers 5's deprecated is_gradient_checkpointing
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = get_peft_model(model, lora)
         if not any(p.requires_grad for p in model.parameters()):
             raise ConfigError(f"finetune.lora_target_modules={config.lora_target_modules}: matched no module")
     elif config.mode == "full":
