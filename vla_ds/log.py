@@ -61,3 +61,5 @@ def setup_logging(rank: int | None = None, level: int = logging.INFO) -> None:
         pass
     # torch.utils.checkpoint and friends warn once per process about defaults we set on purpose.
     warnings.filterwarnings("ignore", message=".*torch.utils._pytree.*")
+    # torch deprecates the collective DeepSpeed's optimizers gather parameters with; not ours to change.
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
