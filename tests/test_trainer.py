@@ -66,3 +66,18 @@ def test_one_reduction_per_step_reduces_the_fp32_sum_of_the_micro_batches(tiny_b
         bf16_running_sum_off += int(((running.double() - exact).abs() > bound).sum())
     assert one_rounding == 0
     assert bf16_running_sum_off > 0  # the bound tells the two apart
+
+
+def test_seed_generators_draws_what_torch_manual_seed_draws():
+    """The per-micro-batch reseed (CPU generator and the engine device's only) gives the
+    same random stream as torch.manual_seed, so resumed runs draw what they drew before."""
+    from vla_ds.trainer import seed_generators
+
+    torch.manual_seed(1234)
+    expected = torch.rand(5), torch.randn(3)
+    torch.manual_seed(99)
+    seed_generators(1234, torch.device("cpu"))
+    got = torch.rand(5), torch.randn(3)
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    seed_generators(1235, torch.device("cpu"))
+    assert not torch.equal(torch.rand(5), expected[0])
