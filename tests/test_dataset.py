@@ -108,6 +108,36 @@ def test_action_chunk_other_rate():
 # ---------------------------------------------------------------- samples
 
 
+def test_dataset_action_chunks_equal_per_sample_computation(tmp_path):
+    """The dataset interpolates every sample's chunk once, per episode: each one must equal
+    compute_action_chunk at that sample's time exactly (angles across the wrap, a gripper,
+    another action rate, steps past the episode end)."""
+    rng = np.random.default_rng(0)
+    t = np.round(np.arange(0, 26) * 0.1, 6)  # states end at 2.5 s: the last frames' chunks are padded
+    poses = np.cumsum(rng.normal(0, 3, (len(t), 6)), axis=0)
+    poses[:, 5] += 175.0 + 4 * np.arange(len(t))  # pose_r runs past 180 degrees
+    write_episode(tmp_path / "A" / "ep0", state_times=t, poses=poses, gripper=rng.uniform(0, 1, len(t)))
+    write_episode(tmp_path / "B" / "ep1", metadata={"action": {"type": "delta_pose", "hz": 4}})
+    ds = VLADataset.from_config(cfg(tmp_path))
+    assert len(ds) > 30 and {ep.action_hz for ep in ds.episodes} == {4, 10}
+    padded = 0
+    for i in range(len(ds)):
+        ep = ds.episodes[ds[i]["episode_index"]]
+        expected = compute_action_chunk(ep.states.times, ep.states.poses, ep.states.gripper, ds[i]["frame_time"],
+                                        ds.config.action_horizon, ep.action_hz)
+        actions, is_pad = ds.get_actions(i)
+        np.testing.assert_array_equal(actions, expected[0])
+        np.testing.assert_array_equal(is_pad, expected[1])
+        np.testing.assert_array_equal(ds[i]["actions"], expected[0])
+        padded += int(is_pad.any())
+    assert padded > 0
+    actions, _ = ds.get_actions(0)
+    actions[:] = 1e9  # a caller's copy: the dataset's table is not changed through it
+    assert np.abs(ds.get_actions(0)[0]).max() < 1e9
+
+
+
+
 def test_sample_contents(tmp_path):
     t = np.round(np.arange(26) * 0.1, 6)  # states end at 2.5 s
     poses = np.stack([t, 2 * t, 3 * t] + [np.zeros_like(t)] * 3, 1)
