@@ -2,15 +2,21 @@
 share of step time spent decoding images and running the backbone, and the FLOP
 estimate of both paths for the reference 3B backbone.
 
-    python benchmarks/bench_cache.py [--batch-sizes 8 64] [--epochs 3] [--episodes 10] [--fp32] [--json out.json]
+    python benchmarks/bench_cache.py [--batch-sizes 8 64] [--repeats 3] [--epochs 3] [--episodes 10] [--fp32] [--json out.json]
 
 One process, tiny backbone, demo dataset (made in a temp dir), ds_configs/stage1.json, 0
-DataLoader workers, both paths at each micro batch. Run by hand; prints a table and writes
-JSON. Not a test: timings on shared machines are noisy.
+DataLoader workers, both paths at each micro batch. The two paths alternate (A/B, B/A, ...)
+for ``--repeats`` pairs of runs; each pair gives a speedup, and the table shows the median
+pair with the lowest and highest speedup, so a slow spell of a shared machine shows as a
+wide range instead of a wrong ratio. Run by hand; prints a table and writes JSON. Not a
+test: timings on shared machines are noisy.
 
-With the cache a step is the heads' forward, backward and update alone, so at small
-batches the heads' own per-operation costs bound the speedup: at batch 8 their forward
-and backward are about a quarter of the uncached step here.
+With the cache a step is the heads' forward, backward and update alone. To show how much
+of that is the heads' own work, each micro batch also times a minimal hand-written PyTorch
+step of the same heads on one fixed batch (``bench_step.HandStep``: autocast, AdamW,
+clipping; no DeepSpeed, no data loading): ``ceiling`` = uncached step time / that step
+is the speedup a cache could give if loading and the engine cost nothing. At small batches
+the tiny heads' per-operation costs keep the ceiling low.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -73,6 +80,25 @@ def vl_share(data: Path, backbone_dir: Path, batch_size: int, batches: int = 20)
             "backbone_s_per_batch": forward / batches}
 
 
+def heads_step_s(backbone_dir: Path, batch_size: int, steps: int = 30) -> float:
+    """Median seconds of a hand-written training step of the tiny heads on one fixed batch of
+    cached features (the demo's 16 sensor channels, window 32): the floor of a cached step."""
+    import copy
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_step import HandStep, build
+
+    cfg, policy, batches = build("tiny", backbone_dir, 1, batch_size, 1, PRECISION[1::2])
+    step = HandStep(cfg, copy.deepcopy(policy), batches, autocast=not PRECISION)
+    times = []
+    for i in range(steps + 5):
+        start = time.perf_counter()
+        step()
+        if i >= 5:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def reference_flops() -> dict:
     """Training FLOPs per sample of the reference 3B setup (640x360, two views) with and
     without the cache, from the architecture (``vla_ds.memory.backbone_forward_flops``):
@@ -103,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-sizes", "--batch-size", "--batch_size", dest="batch_sizes", type=int, nargs="+",
                    default=[8, 64], help="micro batches to measure, each with and without the cache "
                                          "(default 8, the demo's, and 64)")
+    p.add_argument("--repeats", type=int, default=3, help="pairs of runs (no cache, cache) per micro batch")
     p.add_argument("--json", type=Path)
     p.add_argument("--fp32", action="store_true", help="run both paths in fp32 (bf16 is emulated on many CPUs)")
     a = p.parse_args(argv)
@@ -119,24 +146,42 @@ def main(argv: list[str] | None = None) -> int:
         backbone = make_tiny_backbone(tmp / "tiny")
         data = make_demo_dataset(tmp / "data", episodes_per_source=(a.episodes, a.episodes))
         for b in a.batch_sizes:
-            live = run("no cache", data, backbone, tmp / f"live{b}", a.epochs, b, ["--no-cache"])
-            cached = run("cache", data, backbone, tmp / f"cached{b}", a.epochs, b, ["--set", f"cache.dir={tmp / 'cache'}"])
+            pairs = []
+            for r in range(a.repeats):
+                order = [("no_cache", ["--no-cache"]), ("cache", ["--set", f"cache.dir={tmp / 'cache'}"])]
+                runs = {}
+                for name, extra in (order if r % 2 == 0 else order[::-1]):
+                    runs[name] = run(name, data, backbone, tmp / f"{name}{b}_{r}", a.epochs, b, extra)
+                runs["speedup"] = runs["cache"]["samples_per_s"] / runs["no_cache"]["samples_per_s"]
+                pairs.append(runs)
+            median = sorted(pairs, key=lambda pair: pair["speedup"])[len(pairs) // 2]
+            live, cached = median["no_cache"], median["cache"]
             share = vl_share(data, backbone, b)
             step_s = b / live["samples_per_s"]
             vl_s = share["decode_s_per_batch"] + share["prompt_s_per_batch"] + share["backbone_s_per_batch"]
-            tiny[str(b)] = {"batch_size": b, "no_cache": live, "cache": cached,
-                            "speedup": cached["samples_per_s"] / live["samples_per_s"], **share,
-                            "vl_share_of_step_without_cache": min(1.0, vl_s / step_s)}
+            speedups = [pair["speedup"] for pair in pairs]
+            heads_s = heads_step_s(backbone, b)
+            tiny[str(b)] = {"batch_size": b, "no_cache": live, "cache": cached, "speedup": median["speedup"],
+                            "speedup_min": min(speedups), "speedup_max": max(speedups), "pairs": pairs, **share,
+                            "vl_share_of_step_without_cache": min(1.0, vl_s / step_s),
+                            "cached_step_s": b / cached["samples_per_s"], "hand_heads_step_s": heads_s,
+                            "speedup_ceiling": step_s / heads_s}
     flops = reference_flops()
     result = {"precision": "fp32" if a.fp32 else "bf16", "tiny_cpu": tiny, "reference_3b_640x360_2views": flops}
-    print(f"Stage 1, tiny backbone, 1 process, {result['precision']}, samples/s in epochs >= 2")
-    print(f"{'batch':>6}{'no cache':>11}{'cache':>10}{'speedup':>9}{'decode ms':>11}{'prompt ms':>11}"
-          f"{'backbone ms':>13}{'VL share':>10}")
+    print(f"Stage 1, tiny backbone, 1 process, {result['precision']}, samples/s in epochs >= 2, "
+          f"median of {a.repeats} pairs of runs")
+    print(f"{'batch':>6}{'no cache':>11}{'cache':>10}{'speedup':>9}{'range':>12}{'ceiling':>9}{'cached ms':>11}"
+          f"{'heads ms':>10}{'decode ms':>11}{'prompt ms':>11}{'backbone ms':>13}{'VL share':>10}")
     for r in tiny.values():
+        span = f"{r['speedup_min']:.1f}-{r['speedup_max']:.1f}x"
         print(f"{r['batch_size']:>6}{r['no_cache']['samples_per_s']:>11.1f}{r['cache']['samples_per_s']:>10.1f}"
-              f"{r['speedup']:>8.1f}x{r['decode_s_per_batch'] * 1e3:>11.1f}{r['prompt_s_per_batch'] * 1e3:>11.1f}"
-              f"{r['backbone_s_per_batch'] * 1e3:>13.1f}{r['vl_share_of_step_without_cache']:>10.0%}")
-    print("(decode + prompt + backbone: per batch without the cache; VL share: of the step without the cache)")
+              f"{r['speedup']:>8.1f}x{span:>12}{r['speedup_ceiling']:>8.1f}x{r['cached_step_s'] * 1e3:>11.1f}"
+              f"{r['hand_heads_step_s'] * 1e3:>10.1f}{r['decode_s_per_batch'] * 1e3:>11.1f}"
+              f"{r['prompt_s_per_batch'] * 1e3:>11.1f}{r['backbone_s_per_batch'] * 1e3:>13.1f}"
+              f"{r['vl_share_of_step_without_cache']:>10.0%}")
+    print("(samples/s and speedup: the median pair; range: over all pairs; ceiling: uncached step / a hand-written "
+          "step of the heads alone (heads ms); decode + prompt + backbone: per batch without the cache; VL share: of "
+          "the step without the cache)")
     print(f"reference 3B, 640x360 x 2 views ({flops['lm_tokens']} LM tokens, {flops['vision_patches']} patches): "
           f"backbone forward {flops['backbone_forward_gflop']:.0f} GFLOP/sample, heads training "
           f"{flops['heads_train_gflop']:.0f} GFLOP/sample -> {flops['flop_ratio_without_vs_with_cache']:.0f}x "

@@ -126,8 +126,9 @@ class VlaDsStep:
 class HandStep:
     """A minimal PyTorch loop: autocast bf16, AdamW, clipping, accumulation."""
 
-    def __init__(self, cfg, policy, batches, ddp: bool = False):
+    def __init__(self, cfg, policy, batches, ddp: bool = False, autocast: bool = True):
         self.model = policy
+        self.autocast = autocast
         params = [p for p in policy.parameters() if p.requires_grad]
         group = cfg.optimizer_groups["other"]
         opt = cfg.deepspeed["optimizer"]["params"]
@@ -145,7 +146,7 @@ class HandStep:
         for k, batch in enumerate(self.batches):
             last = k == len(self.batches) - 1
             with (self.forward.no_sync() if self.ddp and not last else contextlib.nullcontext()):
-                with torch.autocast("cpu", dtype=torch.bfloat16):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
                     loss = self.forward(batch)["loss"] / len(self.batches)
                 loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, self.clip)
