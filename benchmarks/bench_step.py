@@ -126,9 +126,8 @@ class VlaDsStep:
 class HandStep:
     """A minimal PyTorch loop: autocast bf16, AdamW, clipping, accumulation."""
 
-    def __init__(self, cfg, policy, batches, ddp: bool = False, autocast: bool = True):
+    def __init__(self, cfg, policy, batches, ddp: bool = False):
         self.model = policy
-        self.autocast = autocast
         params = [p for p in policy.parameters() if p.requires_grad]
         group = cfg.optimizer_groups["other"]
         opt = cfg.deepspeed["optimizer"]["params"]
@@ -146,7 +145,7 @@ class HandStep:
         for k, batch in enumerate(self.batches):
             last = k == len(self.batches) - 1
             with (self.forward.no_sync() if self.ddp and not last else contextlib.nullcontext()):
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
                     loss = self.forward(batch)["loss"] / len(self.batches)
                 loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, self.clip)
