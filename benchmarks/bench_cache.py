@@ -151,10 +151,10 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp)
         backbone = make_tiny_backbone(tmp / "tiny")
         data = make_demo_dataset(tmp / "data", episodes_per_source=(a.episodes, a.episodes))
+        order = [("no_cache", ["--no-cache"]), ("cache", ["--set", f"cache.dir={tmp / 'cache'}"])]
         for b in a.batch_sizes:
             pairs = []
             for r in range(a.repeats):
-                order = [("no_cache", ["--no-cache"]), ("cache", ["--set", f"cache.dir={tmp / 'cache'}"])]
                 pair = {}
                 for name, extra in (order if r % 2 == 0 else order[::-1]):
                     pair[name] = run(name, data, backbone, tmp / f"{name}{b}_{r}", a.epochs, b, extra)
@@ -162,11 +162,11 @@ def main(argv: list[str] | None = None) -> int:
                 pair["speedup"] = pair["cache"]["samples_per_s"] / pair["no_cache"]["samples_per_s"]
                 pair["speedup_ceiling"] = b / pair["no_cache"]["samples_per_s"] / pair["heads_fwd_bwd_s"]
                 pairs.append(pair)
-            median = sorted(pairs, key=lambda pair: pair["speedup"])[len(pairs) // 2]
+            median = sorted(pairs, key=lambda p: p["speedup"])[len(pairs) // 2]
             share = vl_share(data, backbone, b)
             step_s = b / median["no_cache"]["samples_per_s"]
             vl_s = share["decode_s_per_batch"] + share["prompt_s_per_batch"] + share["backbone_s_per_batch"]
-            speedups = [pair["speedup"] for pair in pairs]
+            speedups = [p["speedup"] for p in pairs]
             tiny[str(b)] = {"batch_size": b, **median, "speedup_min": min(speedups), "speedup_max": max(speedups),
                             "pairs": pairs, **share, "vl_share_of_step_without_cache": min(1.0, vl_s / step_s),
                             "cached_step_s": b / median["cache"]["samples_per_s"]}
