@@ -1,5 +1,6 @@
 """Diffusion maths (no network), the denoiser, its loss, sampling and config checks."""
 
+import dataclasses
 import math
 
 import pytest
@@ -8,12 +9,16 @@ from torch import nn
 
 from vla_ds.errors import ConfigError
 from vla_ds.models.action_expert import (
+    LEGACY_HEAD,
     ActionExpert,
     ActionExpertConfig,
     NoiseSchedule,
+    clamp_x0,
     count_parameters,
     make_betas,
+    run_flow_sampler,
     run_sampler,
+    stored_section,
 )
 
 T = 20  # tiny-config timesteps; schedule tests use the reference T = 100
@@ -24,7 +29,7 @@ def tiny_config() -> ActionExpertConfig:
     return ActionExpertConfig(
         action_dim=3, horizon=4, vl_hidden_size=8, vl_feature_dim=12, sensor_feature_dim=6,
         d_model=32, num_layers=2, num_heads=4, dim_feedforward=64, dropout=0.0,
-        num_train_timesteps=T, num_inference_steps=5,
+        num_train_timesteps=T, num_inference_steps=5, prediction_type="epsilon",  # the maths tests' head
     )
 
 
@@ -217,7 +222,8 @@ def test_ddim_timesteps_are_evenly_spaced_and_end_at_zero():
 
 
 class OracleExpert(ActionExpert):
-    """Returns the exact noise that turns the known clean chunk x0 into x_t."""
+    """A perfectly trained denoiser for data that is one known chunk x0 per condition: the
+    exact noise (epsilon), x0 itself (sample), or the exact velocity (flow matching)."""
 
     def __init__(self, config, x0):
         super().__init__(config)
@@ -226,6 +232,10 @@ class OracleExpert(ActionExpert):
 
     def denoise(self, noisy_actions, timesteps, vl_hidden, sensor_features):
         self.calls += 1
+        if self.config.objective == "flow_matching":  # x_t = t noise + (1 - t) x0
+            return (noisy_actions - self.x0) / timesteps[:, None, None]
+        if self.config.prediction_type == "sample":
+            return self.x0.clone()
         s = self.schedule
         a = s.sqrt_alphas_cumprod[timesteps][:, None, None]
         b = s.sqrt_one_minus_alphas_cumprod[timesteps][:, None, None]
@@ -243,6 +253,170 @@ def test_sampling_with_an_oracle_denoiser_returns_x0(tiny_config, method, calls)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, x0, rtol=0, atol=1e-5)
     assert oracle.calls == calls  # DDIM: the requested steps; DDPM: all T
+
+
+@pytest.mark.parametrize("head", [("diffusion", "epsilon"), ("diffusion", "sample"), ("flow_matching", "epsilon")])
+def test_a_perfect_denoiser_gives_the_same_chunk_at_any_number_of_steps(tiny_config, head):
+    config = dataclasses.replace(tiny_config, num_train_timesteps=100, objective=head[0], prediction_type=head[1])
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(3, 4, 3, generator=g) * 2 - 1
+    x0[..., 1] = 0.25  # a dimension that never moves
+    oracle = OracleExpert(config, x0)
+    vl, sensor = _conditioning(tiny_config, 3)
+    data_range = (x0.amin((0, 1)), x0.amax((0, 1)))
+    for steps in (1, 10, 50, 100):
+        for clip in (data_range, None):
+            out = oracle.sample(vl, sensor, num_inference_steps=steps, generator=torch.Generator().manual_seed(steps),
+                                clip_range=clip)
+            torch.testing.assert_close(out, x0, rtol=0, atol=2e-5)
+
+
+def _toy_problem(config, n=64):
+    """Conditions -> chunks (a fixed smooth function of the VL input), one dimension still."""
+    g = torch.Generator().manual_seed(0)
+    vl = torch.randn(n, config.vl_hidden_size, generator=g)
+    sensor = torch.randn(n, config.sensor_feature_dim, generator=g)
+    mixing = torch.randn(config.vl_hidden_size, config.horizon * config.action_dim, generator=g)
+    actions = torch.tanh(0.5 * vl @ mixing).reshape(n, config.horizon, config.action_dim)
+    actions[..., -1] = 0.0  # a dimension that never moves
+    return vl, sensor, actions
+
+
+def test_a_trained_epsilon_model_is_not_worse_with_more_ddim_steps(tiny_config):
+    """The guide's head, trained on a toy problem: with the sampled chunk clamped to the data's
+    range (what policies pass), 100 DDIM steps are no worse than 10. With the old +-5 clamp
+    the first steps of a long run (where sqrt(alpha_bar) ~ 5e-4 turns any noise error into a
+    huge x0) pushed every trajectory to the clamp: 5x the error at 100 steps."""
+    config = dataclasses.replace(tiny_config, num_train_timesteps=100)
+    vl, sensor, actions = _toy_problem(config)
+    torch.manual_seed(0)
+    model = ActionExpert(config)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    pad, weight = torch.zeros(len(vl), 4, dtype=torch.bool), torch.ones(len(vl))
+    for _ in range(600):
+        loss, _ = model.compute_loss(actions, pad, weight, vl, sensor)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    data_range = (actions.amin((0, 1)), actions.amax((0, 1)))
+
+    def error(steps, clip):
+        out = model.sample(vl, sensor, num_inference_steps=steps, generator=torch.Generator().manual_seed(1),
+                           clip_range=clip)
+        return ((out - actions) ** 2).mean().item(), out
+
+    errors = {steps: error(steps, data_range)[0] for steps in (10, 50, 100)}
+    assert errors[10] < 0.1 * actions.var().item()  # it did learn the problem
+    assert errors[50] <= 1.1 * errors[10] and errors[100] <= 1.1 * errors[10], errors
+    assert error(100, data_range)[1][..., -1].abs().max() == 0  # the still dimension stays exactly still
+    assert error(100, None)[0] > 2 * errors[100]  # the +-5 clamp alone: much worse
+
+
+def test_flow_sampler_integrates_a_straight_path_exactly():
+    x0 = torch.tensor([[0.5, -0.25], [1.0, 2.0]])
+    velocity = lambda x, t: (x - x0) / t[:, None]  # noqa: E731
+    for steps in (1, 3, 10):
+        out = run_flow_sampler(velocity, (2, 2), num_steps=steps, generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(out, x0, rtol=0, atol=1e-5)
+    clipped = run_flow_sampler(velocity, (2, 2), num_steps=4, clip_sample=(torch.tensor([0.0, 0.0]),
+                                                                          torch.tensor([0.6, 0.6])))
+    torch.testing.assert_close(clipped, torch.tensor([[0.5, 0.0], [0.6, 0.6]]), rtol=0, atol=1e-5)
+
+
+def test_clamp_x0_per_dimension_or_symmetric():
+    x = torch.tensor([[-3.0, 0.5, 9.0]])
+    torch.testing.assert_close(clamp_x0(x, (torch.tensor([-1.0, 0.0, 0.0]), torch.tensor([1.0, 0.0, 2.0]))),
+                               torch.tensor([[-1.0, 0.0, 2.0]]))
+    torch.testing.assert_close(clamp_x0(x, 2.0), torch.tensor([[-2.0, 0.5, 2.0]]))
+    assert torch.equal(clamp_x0(x, 0.0), x) and torch.equal(clamp_x0(x, None), x)
+
+
+@pytest.mark.parametrize("objective, prediction_type", [("diffusion", "epsilon"), ("diffusion", "sample"),
+                                                        ("flow_matching", "epsilon"), ("regression", "epsilon")])
+def test_every_head_learns_the_toy_problem(tiny_config, objective, prediction_type):
+    """Each objective trains the same network towards its own target and samples chunks
+    close to the data (a regression head in one pass, the others through their sampler)."""
+    config = dataclasses.replace(tiny_config, num_train_timesteps=100, objective=objective,
+                                 prediction_type=prediction_type)
+    vl, sensor, actions = _toy_problem(config, n=32)
+    torch.manual_seed(0)
+    model = ActionExpert(config)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    pad, weight = torch.zeros(len(vl), 4, dtype=torch.bool), torch.ones(len(vl))
+    model.eval()
+    with torch.no_grad():
+        before = ((model.sample(vl, sensor, generator=torch.Generator().manual_seed(1)) - actions) ** 2).mean()
+    model.train()
+    for _ in range(600):
+        loss, per_sample = model.compute_loss(actions, pad, weight, vl, sensor)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    out = model.sample(vl, sensor, num_inference_steps=10, generator=torch.Generator().manual_seed(1),
+                       clip_range=(actions.amin((0, 1)), actions.amax((0, 1))))
+    after = ((out - actions) ** 2).mean()
+    assert out.shape == actions.shape and out.dtype == torch.float32
+    assert after < 0.25 * before and after < 0.2 * actions.var(), (before, after)
+
+
+def test_flow_and_regression_targets(tiny_config):
+    """The flow loss regresses noise - x0 at x_t = t noise + (1 - t) x0; regression sees zero
+    action tokens and regresses x0."""
+    B = 3
+    g = torch.Generator().manual_seed(0)
+    vl, sensor = _conditioning(tiny_config, B)
+    x0 = torch.randn(B, 4, 3, generator=g)
+    noise = torch.randn(B, 4, 3, generator=g)
+    pad, weight = torch.zeros(B, 4, dtype=torch.bool), torch.ones(B)
+    torch.manual_seed(0)
+    flow = ActionExpert(dataclasses.replace(tiny_config, objective="flow_matching")).eval()
+    t = torch.tensor([0.1, 0.5, 0.9])
+    _, per_sample = flow.compute_loss(x0, pad, weight, vl, sensor, noise, t)
+    pred = flow.denoise(t[:, None, None] * noise + (1 - t[:, None, None]) * x0, t, vl, sensor)
+    torch.testing.assert_close(per_sample, ((pred - (noise - x0)) ** 2).mean(dim=(1, 2)))
+    regression = ActionExpert(dataclasses.replace(tiny_config, objective="regression")).eval()
+    _, per_sample = regression.compute_loss(x0, pad, weight, vl, sensor, noise)
+    pred = regression.denoise(torch.zeros_like(x0), torch.zeros(B, dtype=torch.long), vl, sensor)
+    torch.testing.assert_close(per_sample, ((pred - x0) ** 2).mean(dim=(1, 2)))
+    torch.testing.assert_close(regression.sample(vl, sensor), pred.clamp(-5, 5))
+
+
+def test_flow_times_follow_the_beta_distribution(tiny_config):
+    expert = ActionExpert(dataclasses.replace(tiny_config, objective="flow_matching"))
+    torch.manual_seed(0)
+    t = expert.draw_timesteps(20_000, "cpu")
+    assert t.dtype == torch.float32 and t.min() >= 0.001 and t.max() <= 1.0
+    # Beta(1.5, 1): mean 0.6, P(t < 0.5) = 0.5 ** 1.5
+    assert t.mean().item() == pytest.approx(0.6 * 0.999 + 0.001, abs=0.01)
+    assert (t < 0.5).float().mean().item() == pytest.approx(0.5 ** 1.5, abs=0.01)
+    u = torch.tensor([0.0, 0.5, 0.999])
+    torch.testing.assert_close(expert.timesteps_from_uniform(u), u * 0.999 + 0.001)
+    diffusion = ActionExpert(tiny_config)
+    assert diffusion.timesteps_from_uniform(u).tolist() == [0, T // 2, T - 1]
+
+
+def test_sampling_steps_are_checked_per_head(tiny_config):
+    assert tiny_config.check_inference_steps(None) == 5
+    with pytest.raises(ConfigError, match=r"1..20 \(num_train_timesteps\) for a diffusion head, got 21"):
+        tiny_config.check_inference_steps(21)
+    flow = dataclasses.replace(tiny_config, objective="flow_matching", num_inference_steps=50)  # > T is fine
+    assert flow.check_inference_steps(200) == 200
+    with pytest.raises(ConfigError, match=">= 1 for a flow_matching head, got 0"):
+        flow.check_inference_steps(0)
+    assert "Euler" in flow.sampler_description() and "DDIM 5 steps" in tiny_config.sampler_description()
+    with pytest.raises(ValueError, match="diffusion"):
+        ActionExpert(flow).sample(*_conditioning(tiny_config, 1), method="ddpm")
+
+
+def test_a_stored_section_without_an_objective_is_the_legacy_head(tiny_config):
+    section = {k: v for k, v in dataclasses.asdict(tiny_config).items() if k not in ("objective", "prediction_type")}
+    legacy = ActionExpertConfig(**stored_section(section))
+    assert (legacy.objective, legacy.prediction_type) == (LEGACY_HEAD["objective"], LEGACY_HEAD["prediction_type"])
+    assert ActionExpertConfig().prediction_type != LEGACY_HEAD["prediction_type"]  # not today's default
+    flow = ActionExpertConfig(**stored_section({**section, "objective": "flow_matching"}))
+    assert flow.objective == "flow_matching"
 
 
 def test_run_sampler_without_a_module():
@@ -405,7 +579,9 @@ def test_training_reduces_the_loss(tiny_config):
 @pytest.mark.parametrize("field, value, message", [
     ("num_heads", 5, r"num_heads must divide d_model, got num_heads=5, d_model=32"),
     ("beta_schedule", "sigmoid", r"beta_schedule must be one of .*, got 'sigmoid'"),
-    ("prediction_type", "sample", r"prediction_type must be one of .*, got 'sample'"),
+    ("prediction_type", "v", r"prediction_type must be one of .*, got 'v'"),
+    ("objective", "gan", r"objective must be one of .*, got 'gan'"),
+    ("flow_beta_alpha", 0.0, r"flow_beta_alpha must be a number > 0, got 0.0"),
     ("num_inference_steps", 21, r"num_inference_steps=21 must not exceed num_train_timesteps=20"),
     ("clip_sample", -1.0, r"clip_sample must be a finite number >= 0 .*, got -1.0"),
     ("dropout", 1.0, r"dropout must be in \[0, 1\), got 1.0"),

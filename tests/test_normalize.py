@@ -38,6 +38,15 @@ def test_action_stats_exclude_padding(tmp_path):
     np.testing.assert_allclose(stats.action_std[[2, 6]], steps[:, [2, 6]].std(0), rtol=1e-6)
 
 
+def test_action_range_covers_every_sample_not_the_subsample(tmp_path):
+    ds = _dataset(tmp_path)
+    steps = np.concatenate([ds[i]["actions"][~ds[i]["action_is_pad"]] for i in range(len(ds))]).astype(np.float64)
+    for stats in (compute_norm_stats(ds), compute_norm_stats(ds, max_samples=3, seed=1)):
+        np.testing.assert_array_equal(stats.action_min, steps.min(0))
+        np.testing.assert_array_equal(stats.action_max, steps.max(0))
+    assert stats.action_min[0] == stats.action_max[0] == pytest.approx(0.1)  # a dimension that never changes
+
+
 def test_sensor_stats_over_rows_of_both_layouts(tmp_path):
     stats = compute_norm_stats(_dataset(tmp_path))
     rows = np.concatenate([np.arange(10), np.arange(12)]).astype(np.float64)  # channel 0 of both files
@@ -70,6 +79,14 @@ def test_dict_round_trip_and_errors():
         NormStats.from_dict({k: v for k, v in d.items() if k != "sensor_std"})
     with pytest.raises(CheckpointError, match=r"'action_mean' has shape \(6,\)"):
         NormStats.from_dict({**d, "action_mean": [0.0] * 6})
+    assert back.action_min is None and "action_min" not in d  # stats written before the range existed
+    ranged = NormStats(stats.action_mean, stats.action_std, stats.sensor_mean, stats.sensor_std,
+                       np.full(7, -1.0), np.arange(7.0))
+    back = NormStats.from_dict(json.loads(json.dumps(ranged.to_dict())))
+    np.testing.assert_array_equal(back.action_min, ranged.action_min)
+    np.testing.assert_array_equal(back.action_max, ranged.action_max)
+    with pytest.raises(CheckpointError, match="'action_min' without its pair"):
+        NormStats.from_dict({k: v for k, v in ranged.to_dict().items() if k != "action_max"})
 
 
 def test_normalize_round_trip_numpy_and_torch():

@@ -508,6 +508,14 @@ class VLADataset(torch.utils.data.Dataset):
         Cheap (no image or sensor reads), for statistics."""
         return self._actions[i].copy(), self._action_is_pad[i].copy()
 
+    def action_range(self) -> tuple[np.ndarray, np.ndarray]:
+        """(min (7,), max (7,)) float64 over every non-padded action step of every sample
+        (zeros when there is none)."""
+        steps = self._actions[~self._action_is_pad]  # (n, 7)
+        if len(steps) == 0:
+            return np.zeros(ACTION_DIM), np.zeros(ACTION_DIM)
+        return steps.min(axis=0).astype(np.float64), steps.max(axis=0).astype(np.float64)
+
     # ---- reporting
 
     def sample_source(self) -> np.ndarray:

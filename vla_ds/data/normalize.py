@@ -8,7 +8,7 @@ are mapped back with :meth:`NormStats.denormalize_actions`.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -18,6 +18,7 @@ from vla_ds.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
+RANGE_KEYS = ("action_min", "action_max")
 MIN_STD = 1e-6  # dims with a smaller std are constant: their std is stored as 1.0
 MAX_SENSOR_ROWS = 50_000  # sensor rows sampled for stats, over all episodes
 
@@ -31,27 +32,36 @@ class NormStats:
         action_std: (7,) their std; a constant dim gets 1.0 so it never divides by ~0.
         sensor_mean: (C,) mean of the sensor rows (0 when no episode has sensor data).
         sensor_std: (C,) their std; constant channels get 1.0.
+        action_min, action_max: (7,) range of the non-padded action steps: sampled chunks
+            are clamped to it (``ActionExpertConfig.clip_to_data_range``). None in stats
+            written before vla_ds recorded it.
     """
 
     action_mean: np.ndarray
     action_std: np.ndarray
     sensor_mean: np.ndarray
     sensor_std: np.ndarray
+    action_min: np.ndarray | None = field(default=None)
+    action_max: np.ndarray | None = field(default=None)
 
     def to_dict(self) -> dict:
-        """JSON-able dict of float lists."""
-        return {k: [float(x) for x in getattr(self, k)] for k in self._keys()}
+        """JSON-able dict of float lists (the range only when known)."""
+        keys = self._keys() + (RANGE_KEYS if self.action_min is not None else ())
+        return {k: [float(x) for x in getattr(self, k)] for k in keys}
 
     @classmethod
     def from_dict(cls, d: dict) -> NormStats:
-        """Inverse of :meth:`to_dict`; checks keys and shapes."""
+        """Inverse of :meth:`to_dict`; checks keys and shapes (the range is optional)."""
         if not isinstance(d, dict):
             raise CheckpointError(f"norm stats: expected a dict, got {type(d).__name__}")
         for k in cls._keys():
             if k not in d:
                 raise CheckpointError(f"norm stats: missing key '{k}'")
-        arrays = {k: np.asarray(d[k], dtype=np.float64) for k in cls._keys()}
-        for k in ("action_mean", "action_std"):
+        keys = cls._keys() + tuple(k for k in RANGE_KEYS if k in d)
+        arrays = {k: np.asarray(d[k], dtype=np.float64) for k in keys}
+        if len(keys) == len(cls._keys()) + 1:
+            raise CheckpointError(f"norm stats: '{keys[-1]}' without its pair ({' and '.join(RANGE_KEYS)})")
+        for k in ("action_mean", "action_std") + keys[len(cls._keys()):]:
             if arrays[k].shape != (ACTION_DIM,):
                 raise CheckpointError(f"norm stats: '{k}' has shape {arrays[k].shape}, expected ({ACTION_DIM},)")
         if arrays["sensor_mean"].ndim != 1 or arrays["sensor_mean"].shape != arrays["sensor_std"].shape:
@@ -102,7 +112,7 @@ def compute_norm_stats(dataset: VLADataset, max_samples: int = 2000, seed: int =
     """Stats over (a random subsample of) ``dataset``, which should be the training split.
 
     Actions: the non-padded steps of up to ``max_samples`` samples (action chunks only:
-    no image decoding or sensor reads).
+    no image decoding or sensor reads); their range over every sample.
     Sensor: up to ``MAX_SENSOR_ROWS`` rows drawn evenly from the episodes that have a
     sensor file (pre-cut windows count each row; zero padding is never included), merged
     episode by episode: memory holds one episode's rows, and compressed files are read
@@ -120,6 +130,7 @@ def compute_norm_stats(dataset: VLADataset, max_samples: int = 2000, seed: int =
         steps.append(actions[~is_pad])  # (h, 7)
     action_rows = np.concatenate(steps) if steps else np.zeros((0, ACTION_DIM))
     action_mean, action_std = _mean_std(action_rows, ACTION_DIM)
+    action_min, action_max = dataset.action_range()  # every sample: a clamp must not cut real extremes
 
     # Sensor rows are merged one episode at a time (never all rows at once: 50k rows of
     # 1026 channels are 410 MB in float64), and each file's rows are read without keeping
@@ -131,7 +142,7 @@ def compute_norm_stats(dataset: VLADataset, max_samples: int = 2000, seed: int =
     sensor_mean, sensor_std = moments.mean_std()
     logger.info("norm stats from %d action steps (%d samples) and %d sensor rows (%d episodes)",
                 len(action_rows), len(indices), moments.count, len(sensors))
-    return NormStats(action_mean, action_std, sensor_mean, sensor_std)
+    return NormStats(action_mean, action_std, sensor_mean, sensor_std, action_min, action_max)
 
 
 class _RunningMoments:

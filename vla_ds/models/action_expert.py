@@ -1,19 +1,34 @@
-"""Diffusion action expert: noise schedule, denoiser, DDPM/DDIM sampling.
+"""Action expert: the head that turns VL + sensor features into a chunk of actions.
 
-The expert predicts a chunk of H future actions (B, H, A) in normalised units by
-denoising. Training (DDPM, Ho et al. 2020): pick t, noise the true chunk to x_t, and
-regress the added noise. Inference: start from Gaussian noise and step back to t = 0,
-either with deterministic DDIM (Song et al. 2021, few steps) or full ancestral DDPM.
+The expert outputs a chunk of H future actions (B, H, A) in normalised units. One
+Transformer denoiser, three training objectives (``ActionExpertConfig.objective``):
+
+- ``"diffusion"`` (DDPM, Ho et al. 2020; the guide's head): pick t, noise the true chunk
+  to x_t and regress the added noise (``prediction_type`` "epsilon") or the clean chunk
+  ("sample"). Inference starts from Gaussian noise and steps back to t = 0 with
+  deterministic DDIM (Song et al. 2021, few steps) or full ancestral DDPM.
+- ``"flow_matching"`` (Lipman et al. 2023; the head of pi0 and GR00T N1.5): the straight
+  path x_t = t * noise + (1 - t) * x0 with t ~ Beta(1.5, 1) as in pi0, regress the
+  velocity noise - x0; inference integrates from t = 1 to 0 in K Euler steps.
+- ``"regression"``: the same network with zero action tokens and a fixed timestep,
+  trained with plain MSE on the chunk: one forward pass, no sampling. The benchmark's
+  ceiling of what the conditioning can tell (a regression head averages modes that a
+  generative head keeps apart).
+
+Every sampler clamps its estimate of the clean chunk to ``clip_range``: per dimension,
+the range of the training data in normalised units when the policy knows it (a
+dimension that never moved stays exactly still), else [-clip_sample, clip_sample].
 
 Pieces, from the maths outwards:
 
 - :class:`NoiseSchedule` holds the cosine schedule as float32 buffers and implements
   ``add_noise``, ``predict_x0``, ``ddim_step`` and ``ddpm_step`` as pure tensor
   functions, so the diffusion maths is tested without any network.
-- :func:`run_sampler` runs a DDIM or DDPM loop around any ``denoise_fn(x_t, t) -> eps``.
+- :func:`run_sampler` runs a DDIM or DDPM loop around any ``denoise_fn(x_t, t)``;
+  :func:`run_flow_sampler` the Euler loop around any ``velocity_fn(x_t, t)``.
 - :class:`ActionExpert` is the denoiser: a pre-norm Transformer over
   ``[vl, sensor, timestep ; action_1 .. action_H]`` tokens, plus ``compute_loss`` and
-  ``sample``.
+  ``sample``, which follow the objective.
 
 This file imports torch only: the device and the dtype come from outside.
 """
@@ -22,7 +37,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Union
 
 import torch
 import torch.nn.functional as F
@@ -31,9 +46,30 @@ from torch import Tensor, nn
 from vla_ds.errors import ConfigError
 from vla_ds.models._checks import check_transformer, require_positive_int
 
+OBJECTIVES = ("diffusion", "flow_matching", "regression")
 BETA_SCHEDULES = ("cosine", "linear")
-PREDICTION_TYPES = ("epsilon",)
+PREDICTION_TYPES = ("epsilon", "sample")
 SAMPLING_METHODS = ("ddim", "ddpm")
+# What a stored config without these fields (vla_ds before they existed) trained with.
+LEGACY_HEAD = {"objective": "diffusion", "prediction_type": "epsilon"}
+# Flow time t in [0, 1] enters the sinusoidal timestep embedding as t * FLOW_TIME_SCALE,
+# so its frequencies span the same range as diffusion timesteps 0..1000 do.
+FLOW_TIME_SCALE = 1000.0
+# pi0 draws flow times as Beta(1.5, 1) * (1 - FLOW_TIME_MIN) + FLOW_TIME_MIN: never exactly 0.
+FLOW_TIME_MIN = 0.001
+
+
+
+def stored_section(section: dict) -> dict:
+    """An ``action_expert`` section as stored by a run or an export (a policy's config.json, a
+    checkpoint's run config), with the head it was trained with made explicit: one written
+    before ``objective`` existed trained the DDPM epsilon head (``LEGACY_HEAD``), whatever
+    today's defaults are."""
+    return section if "objective" in section else {**section, **LEGACY_HEAD}
+
+
+# A clamp for predicted clean chunks: a symmetric bound (0 = none) or per-dimension (lo, hi).
+ClipRange = Union[float, tuple[Tensor, Tensor], None]
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
@@ -46,7 +82,7 @@ def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
 
 @dataclass
 class ActionExpertConfig:
-    """Sizes and diffusion settings of the action expert. Defaults are the reference.
+    """Sizes and head settings of the action expert. Defaults are the reference.
 
     Attributes:
         action_dim: A, values per action step ([dx, dy, dz, da, db, dr, gripper] = 7).
@@ -60,14 +96,30 @@ class ActionExpertConfig:
         num_heads: attention heads; must divide ``d_model``.
         dim_feedforward: hidden size of each Transformer feed-forward block.
         dropout: dropout inside the Transformer, in [0, 1).
+        objective: "diffusion", "flow_matching" or "regression" (module docstring).
+        prediction_type: diffusion only: what the network predicts, "sample" (the clean
+            chunk; the default, best in benchmarks/bench_learning.py) or "epsilon" (the added
+            noise: the guide's head).
         num_train_timesteps: T, diffusion steps in training and in full DDPM sampling.
         beta_schedule: "cosine" (Nichol & Dhariwal 2021, the reference) or "linear"
             (Ho et al. 2020, endpoints rescaled from 1000 steps to T).
-        prediction_type: what the network predicts; only "epsilon" (the added noise).
-        num_inference_steps: default DDIM steps, 1..T.
-        clip_sample: during sampling the predicted clean chunk is clamped to
-            [-clip_sample, clip_sample] (normalised units, so 5 is five standard
-            deviations); 0 disables clamping.
+        num_inference_steps: default sampling steps: DDIM steps (1..T) for diffusion,
+            Euler steps for flow matching; regression ignores it.
+        clip_sample: bound in normalised units (5 = five standard deviations) for the
+            clean chunk estimated while sampling, when the policy does not know the
+            training data's per-dimension range (it does for runs since that range is
+            recorded with the normalisation statistics); 0 disables.
+        clip_to_data_range: clamp sampled chunks to the training data's per-dimension
+            range when known (as Diffusion Policy's min-max normalisation does); false
+            leaves only ``clip_sample``.
+        flow_beta_alpha, flow_beta_beta: flow matching's training times t ~ Beta(alpha,
+            beta) (t = 1 is pure noise); pi0's Beta(1.5, 1) favours the noisier half.
+        snr_gamma: diffusion only: Min-SNR-gamma loss weighting (Hang et al. 2023), 0 = off.
+            Epsilon prediction weights the clean chunk's error by SNR(t) = alpha_bar / (1 -
+            alpha_bar), so nearly all of its loss comes from the low-noise steps, where the
+            chunk is almost given and the conditioning hardly matters; a weight of
+            min(SNR, gamma) / SNR (sample prediction: min(SNR, gamma)) caps that. Measured in
+            benchmarks/bench_learning.py: gamma 5 helps epsilon a lot and hurts sample.
     """
 
     action_dim: int = 7
@@ -80,11 +132,16 @@ class ActionExpertConfig:
     num_heads: int = 8
     dim_feedforward: int = 4096
     dropout: float = 0.1
+    objective: str = "diffusion"
+    prediction_type: str = "sample"
     num_train_timesteps: int = 100
     beta_schedule: str = "cosine"
-    prediction_type: str = "epsilon"
     num_inference_steps: int = 10
     clip_sample: float = 5.0
+    clip_to_data_range: bool = True
+    flow_beta_alpha: float = 1.5
+    flow_beta_beta: float = 1.0
+    snr_gamma: float = 0.0
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
@@ -93,19 +150,14 @@ class ActionExpertConfig:
                      "dim_feedforward", "num_train_timesteps", "num_inference_steps"):
             require_positive_int(owner, name, getattr(self, name))
         check_transformer(owner, self.d_model, self.num_heads, self.dropout)
-        if self.beta_schedule not in BETA_SCHEDULES:
-            raise ConfigError(
-                f"{owner}.beta_schedule must be one of {BETA_SCHEDULES}, got {self.beta_schedule!r}"
-            )
-        if self.prediction_type not in PREDICTION_TYPES:
-            raise ConfigError(
-                f"{owner}.prediction_type must be one of {PREDICTION_TYPES}, "
-                f"got {self.prediction_type!r}"
-            )
-        if self.num_inference_steps > self.num_train_timesteps:
+        for name, allowed in (("objective", OBJECTIVES), ("beta_schedule", BETA_SCHEDULES),
+                              ("prediction_type", PREDICTION_TYPES)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{owner}.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.objective == "diffusion" and self.num_inference_steps > self.num_train_timesteps:
             raise ConfigError(
                 f"{owner}.num_inference_steps={self.num_inference_steps} must not exceed "
-                f"num_train_timesteps={self.num_train_timesteps}"
+                f"num_train_timesteps={self.num_train_timesteps} (DDIM steps are a subset of them)"
             )
         if isinstance(self.clip_sample, bool) or not isinstance(self.clip_sample, (int, float)) \
                 or not math.isfinite(self.clip_sample) or self.clip_sample < 0:
@@ -113,6 +165,36 @@ class ActionExpertConfig:
                 f"{owner}.clip_sample must be a finite number >= 0 (0 disables), "
                 f"got {self.clip_sample!r}"
             )
+        if not isinstance(self.clip_to_data_range, bool):
+            raise ConfigError(f"{owner}.clip_to_data_range must be true or false, got {self.clip_to_data_range!r}")
+        for name in ("flow_beta_alpha", "flow_beta_beta"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ConfigError(f"{owner}.{name} must be a number > 0, got {v!r}")
+        v = self.snr_gamma
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ConfigError(f"{owner}.snr_gamma must be a number >= 0 (0 disables), got {v!r}")
+
+    def check_inference_steps(self, steps: int | None) -> int:
+        """``steps`` (None: ``num_inference_steps``) if this head can sample with that many,
+        else a ConfigError saying the valid range (1..T for DDIM, any >= 1 for Euler)."""
+        steps = self.num_inference_steps if steps is None else steps
+        high = self.num_train_timesteps if self.objective == "diffusion" else None
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1 or (high and steps > high):
+            span = f"1..{high} (num_train_timesteps)" if high else ">= 1"
+            raise ConfigError(f"sampling steps must be {span} for a {self.objective} head, got {steps!r}")
+        return steps
+
+    def sampler_description(self, steps: int | None = None) -> str:
+        """How chunks are sampled, for logs and plot titles: "DDIM 10 steps (diffusion, sample
+        prediction)", "10 Euler steps (flow matching)", "one forward pass (regression)"."""
+        steps = self.num_inference_steps if steps is None else steps
+        if self.objective == "diffusion":
+            return f"DDIM {steps} steps (diffusion, {self.prediction_type} prediction)"
+        if self.objective == "flow_matching":
+            return f"{steps} Euler steps (flow matching)"
+        return "one forward pass (regression)"
+
 
 
 # --------------------------------------------------------------------------- schedule
@@ -174,6 +256,17 @@ def _per_sample(values: Tensor, t: Tensor | int, ndim: int) -> Tensor:
 def _broadcastable(values: Tensor, ndim: int) -> Tensor:
     """() or (B,) -> shape with trailing singleton dims up to ``ndim`` dims."""
     return values.reshape(values.shape + (1,) * (ndim - values.ndim))
+
+
+def clamp_x0(x0: Tensor, clip: ClipRange) -> Tensor:
+    """Clamp an estimated clean chunk (..., A): to [-clip, clip] for a number > 0, to
+    [lo, hi] per action dimension for a pair of (A,) tensors, not at all for 0 / None."""
+    if clip is None:
+        return x0
+    if isinstance(clip, tuple):
+        lo, hi = (bound.to(device=x0.device, dtype=x0.dtype) for bound in clip)
+        return torch.maximum(torch.minimum(x0, hi), lo)
+    return x0.clamp(-clip, clip) if clip > 0 else x0
 
 
 class NoiseSchedule(nn.Module):
@@ -244,32 +337,38 @@ class NoiseSchedule(nn.Module):
         return a * x0.to(dtype) + b * noise.to(dtype)
 
     def predict_x0(self, model_output: Tensor, t: Tensor | int, sample: Tensor,
-                   clip_sample: float = 0.0) -> Tensor:
-        """Clean sample implied by predicted noise ``model_output`` at x_t = ``sample``,
-        clamped to [-clip_sample, clip_sample] when clip_sample > 0."""
+                   clip_sample: ClipRange = 0.0, prediction_type: str = "epsilon") -> Tensor:
+        """Clean sample implied by ``model_output`` at x_t = ``sample``, clamped by
+        ``clip_sample`` (see :func:`clamp_x0`).
+
+        ``prediction_type`` "epsilon": the output is the predicted noise and
+        x0 = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar) (near t = T this divides by
+        ~5e-4, which is why the clamp matters); "sample": the output is x0 itself.
+        """
         self._ensure_float32()
         dtype = self._compute_dtype(sample)
+        if prediction_type == "sample":
+            return clamp_x0(model_output.to(dtype), clip_sample)
+        if prediction_type != "epsilon":
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
         a = _per_sample(self.sqrt_alphas_cumprod, t, sample.ndim).to(dtype)
         b = _per_sample(self.sqrt_one_minus_alphas_cumprod, t, sample.ndim).to(dtype)
-        x0 = (sample.to(dtype) - b * model_output.to(dtype)) / a
-        if clip_sample > 0:
-            x0 = x0.clamp(-clip_sample, clip_sample)
-        return x0
+        return clamp_x0((sample.to(dtype) - b * model_output.to(dtype)) / a, clip_sample)
 
     def ddim_step(self, model_output: Tensor, t: Tensor | int, t_prev: Tensor | int,
-                  sample: Tensor, clip_sample: float = 0.0) -> Tensor:
+                  sample: Tensor, clip_sample: ClipRange = 0.0, prediction_type: str = "epsilon") -> Tensor:
         """One deterministic DDIM step (eta = 0) from x_t to x_{t_prev}.
 
         ``t_prev`` < 0 means "the clean sample": alpha_bar = 1 there, so the step returns
-        the predicted x0. With the true noise as ``model_output`` the result is
-        ``add_noise(x0, noise, t_prev)`` up to rounding.
+        the predicted x0. With the true noise (or the true x0) as ``model_output`` the
+        result is ``add_noise(x0, noise, t_prev)`` up to rounding.
         """
         dtype = self._compute_dtype(sample)
-        x0 = self.predict_x0(model_output, t, sample, clip_sample)
+        x0 = self.predict_x0(model_output, t, sample, clip_sample, prediction_type)
         a_t = _per_sample(self.sqrt_alphas_cumprod, t, sample.ndim).to(dtype)
         b_t = _per_sample(self.sqrt_one_minus_alphas_cumprod, t, sample.ndim).to(dtype)
-        # Re-derive the noise from the (possibly clamped) x0 so the step stays on the
-        # line through x0 and x_t; without clamping this equals model_output.
+        # The noise that puts x_t on the line through the (possibly clamped) x0: without
+        # clamping, and for epsilon prediction, this is model_output itself.
         eps = (sample.to(dtype) - a_t * x0) / b_t
 
         # The same stored coefficients as add_noise, so that a true-noise step lands
@@ -284,8 +383,8 @@ class NoiseSchedule(nn.Module):
         return a_prev * x0 + b_prev * eps
 
     def ddpm_step(self, model_output: Tensor, t: Tensor | int, sample: Tensor,
-                  clip_sample: float = 0.0, generator: torch.Generator | None = None,
-                  noise: Tensor | None = None) -> Tensor:
+                  clip_sample: ClipRange = 0.0, generator: torch.Generator | None = None,
+                  noise: Tensor | None = None, prediction_type: str = "epsilon") -> Tensor:
         """One ancestral DDPM step: a draw from q(x_{t-1} | x_t, x0_pred).
 
         The variance is the posterior variance beta_tilde_t ("fixed small"), which is 0
@@ -293,7 +392,7 @@ class NoiseSchedule(nn.Module):
         ``noise`` (same shape as ``sample``) overrides the Gaussian draw, for tests.
         """
         dtype = self._compute_dtype(sample)
-        x0 = self.predict_x0(model_output, t, sample, clip_sample)
+        x0 = self.predict_x0(model_output, t, sample, clip_sample, prediction_type)
         c1 = _per_sample(self.posterior_mean_coef1, t, sample.ndim).to(dtype)
         c2 = _per_sample(self.posterior_mean_coef2, t, sample.ndim).to(dtype)
         var = _per_sample(self.posterior_variance, t, sample.ndim).to(dtype)
@@ -333,7 +432,8 @@ def run_sampler(
     *,
     method: str = "ddim",
     num_inference_steps: int = 10,
-    clip_sample: float = 0.0,
+    clip_sample: ClipRange = 0.0,
+    prediction_type: str = "epsilon",
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> Tensor:
@@ -341,11 +441,12 @@ def run_sampler(
 
     Args:
         schedule: the noise schedule (its buffers define the device if ``device`` is None).
-        denoise_fn: ``(x_t (B, ...) float32, t (B,) long) -> predicted noise``, any float dtype.
+        denoise_fn: ``(x_t (B, ...) float32, t (B,) long) -> model output`` (the noise or
+            the clean sample, as ``prediction_type`` says), any float dtype.
         shape: (B, ...) of the sample.
         method: "ddim" (deterministic, ``num_inference_steps`` steps) or "ddpm"
             (ancestral, all T steps; ``num_inference_steps`` is ignored).
-        clip_sample: clamp for the predicted x0 at each step; 0 disables.
+        clip_sample: clamp for the predicted x0 at each step (:func:`clamp_x0`).
         generator: for the initial noise and the DDPM noise; must live on ``device``.
 
     Returns:
@@ -362,21 +463,48 @@ def run_sampler(
         for i, t in enumerate(timesteps):
             t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
             t_batch = torch.full((B,), t, device=device, dtype=torch.long)
-            eps = denoise_fn(x, t_batch).float()
-            x = schedule.ddim_step(eps, t, t_prev, x, clip_sample)
+            out = denoise_fn(x, t_batch).float()
+            x = schedule.ddim_step(out, t, t_prev, x, clip_sample, prediction_type)
     else:
         for t in range(schedule.num_train_timesteps - 1, -1, -1):
             t_batch = torch.full((B,), t, device=device, dtype=torch.long)
-            eps = denoise_fn(x, t_batch).float()
-            x = schedule.ddpm_step(eps, t, x, clip_sample, generator=generator)
+            out = denoise_fn(x, t_batch).float()
+            x = schedule.ddpm_step(out, t, x, clip_sample, generator=generator, prediction_type=prediction_type)
     return x
+
+
+def run_flow_sampler(
+    velocity_fn: Callable[[Tensor, Tensor], Tensor],
+    shape: tuple[int, ...],
+    *,
+    num_steps: int = 10,
+    clip_sample: ClipRange = 0.0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """Flow matching: integrate dx/dt = v(x, t) from t = 1 (Gaussian noise) to t = 0 in
+    ``num_steps`` Euler steps of dt = -1/num_steps (pi0's sampler), in float32.
+
+    ``velocity_fn``: ``(x_t (B, ...) float32, t (B,) float32 in (0, 1]) -> velocity``
+    (noise - x0 along the straight path). The result is clamped by ``clip_sample``.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    device = torch.device(device)
+    B = shape[0]
+    x = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+    dt = 1.0 / num_steps
+    for i in range(num_steps):
+        t = torch.full((B,), 1.0 - i * dt, device=device, dtype=torch.float32)
+        x = x - dt * velocity_fn(x, t).float()
+    return clamp_x0(x, clip_sample)
 
 
 # --------------------------------------------------------------------------- denoiser
 
 
 def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """(B,) integer timesteps -> (B, dim) float32 sinusoidal embedding (Vaswani et al.).
+    """(B,) timesteps -> (B, dim) float32 sinusoidal embedding (Vaswani et al.).
 
     Always float32: in bf16, sin(t * freq) for t up to T loses the fine frequencies.
     """
@@ -391,7 +519,7 @@ def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0)
 
 
 class ActionExpert(nn.Module):
-    """Diffusion denoiser conditioned on VL features, sensor features and the timestep.
+    """Action-chunk denoiser conditioned on VL features, sensor features and the timestep.
 
     ``vl_proj`` (vl_hidden_size -> vl_feature_dim) lives here and not in the backbone:
     stage 1 freezes the backbone and trains only {sensor_encoder, action_expert}, and the
@@ -402,7 +530,9 @@ class ActionExpert(nn.Module):
     Tokens, each d_model wide:
         [ vl | sensor | timestep | action_1 ... action_H ]
     A pre-norm Transformer encoder (full attention) mixes them; a head on the H action
-    tokens predicts the noise (B, H, A).
+    tokens predicts (B, H, A): the noise or the clean chunk (diffusion), the velocity
+    (flow matching) or the chunk (regression). The objective changes what the network is
+    trained to output and how it is sampled, never its parameters.
     """
 
     def __init__(self, config: ActionExpertConfig) -> None:
@@ -432,7 +562,7 @@ class ActionExpert(nn.Module):
         self.head = nn.Linear(c.d_model, c.action_dim)
 
         nn.init.normal_(self.action_pos, std=0.02)
-        # Small init: the first predictions are ~0, so the starting loss is ~E[eps^2] = 1,
+        # Small init: the first predictions are ~0, so the starting loss is ~E[target^2],
         # yet the output still depends on the inputs (a zero head would hide them).
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
@@ -443,17 +573,18 @@ class ActionExpert(nn.Module):
 
     def denoise(self, noisy_actions: Tensor, timesteps: Tensor, vl_hidden: Tensor,
                 sensor_features: Tensor) -> Tensor:
-        """Predict the noise in ``noisy_actions``.
+        """The network: predict the objective's target for ``noisy_actions``.
 
         Args:
-            noisy_actions: (B, H, A) x_t.
-            timesteps: (B,) long, in [0, T).
+            noisy_actions: (B, H, A) x_t (zeros for regression).
+            timesteps: (B,) long diffusion steps in [0, T), or float flow times in [0, 1]
+                (embedded as t * FLOW_TIME_SCALE).
             vl_hidden: (B, vl_hidden_size) pooled backbone hidden state.
             sensor_features: (B, sensor_feature_dim) sensor encoder output.
 
         Returns:
-            (B, H, A) predicted noise in the module's dtype (float inputs are cast to it,
-            since the engine may run the module in bf16 while the rest is fp32).
+            (B, H, A) in the module's dtype (float inputs are cast to it, since the engine
+            may run the module in bf16 while the rest is fp32).
         """
         c = self.config
         B = noisy_actions.shape[0]
@@ -473,6 +604,8 @@ class ActionExpert(nn.Module):
                 f"got {tuple(sensor_features.shape)}"
             )
         dtype = self.dtype
+        if timesteps.is_floating_point() and c.objective == "flow_matching":
+            timesteps = timesteps.float() * FLOW_TIME_SCALE
 
         vl = self.vl_cond(self.vl_proj(vl_hidden.to(dtype)))                 # (B, D)
         sensor = self.sensor_cond(sensor_features.to(dtype))                  # (B, D)
@@ -484,6 +617,32 @@ class ActionExpert(nn.Module):
         x = self.final_norm(x[:, cond.shape[1]:])                             # (B, H, D)
         return self.head(x)                                                   # (B, H, A)
 
+    # -- training ---------------------------------------------------------------------
+
+    def draw_timesteps(self, batch_size: int, device: torch.device | str) -> Tensor:
+        """Training timesteps from the global RNG: (B,) long uniform in [0, T) for
+        diffusion, float32 flow times from Beta(flow_beta_alpha, flow_beta_beta) scaled
+        into [FLOW_TIME_MIN, 1] for flow matching, zeros for regression."""
+        c = self.config
+        if c.objective == "diffusion":
+            return torch.randint(0, c.num_train_timesteps, (batch_size,), device=device)
+        if c.objective == "flow_matching":
+            beta = torch.distributions.Beta(torch.tensor(float(c.flow_beta_alpha), device=device),
+                                            torch.tensor(float(c.flow_beta_beta), device=device))
+            return beta.sample((batch_size,)).float() * (1 - FLOW_TIME_MIN) + FLOW_TIME_MIN
+        return torch.zeros(batch_size, dtype=torch.long, device=device)
+
+    def timesteps_from_uniform(self, u: Tensor) -> Tensor:
+        """Fixed validation timesteps from uniform ``u`` (B,) in [0, 1): every diffusion
+        step or flow time equally often (flow: uniform in [FLOW_TIME_MIN, 1), not the
+        training Beta), so validation losses compare across evaluations."""
+        c = self.config
+        if c.objective == "diffusion":
+            return (u * c.num_train_timesteps).long().clamp(0, c.num_train_timesteps - 1)
+        if c.objective == "flow_matching":
+            return u.float() * (1 - FLOW_TIME_MIN) + FLOW_TIME_MIN
+        return torch.zeros_like(u, dtype=torch.long)
+
     def compute_loss(
         self,
         actions: Tensor,
@@ -494,7 +653,11 @@ class ActionExpert(nn.Module):
         noise: Tensor | None = None,
         timesteps: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Weighted noise-prediction MSE over the non-padded action steps.
+        """Weighted MSE of the objective's target over the non-padded action steps.
+
+        Targets: diffusion, the added noise ("epsilon") or the clean chunk ("sample");
+        flow matching, the velocity noise - x0 at x_t = t noise + (1 - t) x0; regression,
+        the clean chunk from zero action tokens.
 
         Args:
             actions: (B, H, A) normalised action chunk.
@@ -502,36 +665,53 @@ class ActionExpert(nn.Module):
             sample_weight: (B,) per-sample weight (confidence x sensor weight).
             vl_hidden, sensor_features: conditioning, as in :meth:`denoise`.
             noise: (B, H, A) optional fixed noise (default: standard Gaussian).
-            timesteps: (B,) long optional fixed timesteps (default: uniform in [0, T)).
+            timesteps: (B,) optional fixed timesteps (default :meth:`draw_timesteps`).
                 Fixing both makes validation losses comparable across evaluations.
 
         Returns:
             (loss, per_sample_loss): loss is the float32 scalar
             mean_b(sample_weight_b * per_sample_loss_b); per_sample_loss (B,) float32 is
-            the unweighted MSE over sample b's valid elements (0 for a fully padded one).
+            the MSE over sample b's valid elements (0 for a fully padded one), not weighted
+            by ``sample_weight`` (but by Min-SNR when ``snr_gamma`` > 0).
         """
+        c = self.config
         B = actions.shape[0]
         x0 = actions.float()                                                  # (B, H, A)
         pad = action_is_pad.to(device=x0.device, dtype=torch.bool)            # (B, H)
         # Padded steps hold whatever the pipeline put there; zero them so they cannot
         # reach the valid steps through attention and the loss ignores them entirely.
         x0 = x0.masked_fill(pad[..., None], 0.0)
-        if noise is None:
-            noise = torch.randn_like(x0)
         if timesteps is None:
-            timesteps = torch.randint(0, self.config.num_train_timesteps, (B,), device=x0.device)
-        noise = noise.float()
-
-        x_t = self.schedule.add_noise(x0, noise, timesteps)                   # (B, H, A) fp32
+            timesteps = self.draw_timesteps(B, x0.device)
+        loss_weight = None  # per sample, (B,): Min-SNR weighting
+        if c.objective == "regression":
+            x_t, target = torch.zeros_like(x0), x0
+        else:
+            noise = torch.randn_like(x0) if noise is None else noise.float()
+            if c.objective == "diffusion":
+                x_t = self.schedule.add_noise(x0, noise, timesteps)               # (B, H, A) fp32
+                target = noise if c.prediction_type == "epsilon" else x0
+                if c.snr_gamma > 0:
+                    alpha_bar = self.schedule.alphas_cumprod[timesteps]                    # (B,)
+                    snr = alpha_bar / (1 - alpha_bar)
+                    loss_weight = snr.clamp(max=c.snr_gamma) / (snr if c.prediction_type == "epsilon" else 1.0)
+            else:
+                t = _broadcastable(timesteps.float(), x0.ndim)                   # (B, 1, 1)
+                x_t = t * noise + (1 - t) * x0
+                target = noise - x0
         pred = self.denoise(x_t, timesteps, vl_hidden, sensor_features).float()  # (B, H, A)
 
         valid = (~pad)[..., None].expand_as(x0).float()                       # (B, H, A)
-        sq_err = (pred - noise) ** 2 * valid                                  # (B, H, A)
+        sq_err = (pred - target) ** 2 * valid                                 # (B, H, A)
         num_valid = valid.sum(dim=(1, 2))                                     # (B,)
         # clamp: a fully padded sample gives 0 / 1 = 0 instead of 0 / 0 = NaN.
         per_sample_loss = sq_err.sum(dim=(1, 2)) / num_valid.clamp(min=1.0)  # (B,)
+        if loss_weight is not None:
+            per_sample_loss = per_sample_loss * loss_weight
         loss = (sample_weight.float() * per_sample_loss).mean()
         return loss, per_sample_loss
+
+    # -- inference --------------------------------------------------------------------
 
     @torch.no_grad()
     def sample(
@@ -539,27 +719,43 @@ class ActionExpert(nn.Module):
         vl_hidden: Tensor,
         sensor_features: Tensor,
         num_inference_steps: int | None = None,
-        method: str = "ddim",
+        method: str | None = None,
         generator: torch.Generator | None = None,
+        clip_range: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         """Sample normalised action chunks (B, H, A), float32, whatever the module dtype.
 
-        ``method`` "ddim": deterministic DDIM with ``num_inference_steps`` evenly spaced
-        steps (default ``config.num_inference_steps``); "ddpm": ancestral sampling over
-        all T steps. The predicted x0 is clamped by ``config.clip_sample`` at each step.
+        Diffusion: ``method`` "ddim" (the default) with ``num_inference_steps`` evenly
+        spaced steps (default ``config.num_inference_steps``), or "ddpm", ancestral over
+        all T steps. Flow matching: ``num_inference_steps`` Euler steps. Regression: one
+        forward pass. The clean-chunk estimate is clamped to ``clip_range`` ((A,) lo, hi
+        in normalised units: the training data's range) when given and
+        ``config.clip_to_data_range``, else to +-``config.clip_sample``.
         ``generator`` seeds the initial noise (and DDPM's noise); it must live on the
         module's device. Call ``eval()`` first so dropout is off.
         """
         c = self.config
         steps = c.num_inference_steps if num_inference_steps is None else num_inference_steps
-        B = vl_hidden.shape[0]
+        if method is not None and c.objective != "diffusion":
+            raise ValueError(f"method={method!r} is for diffusion heads; this one is {c.objective}")
+        clip: ClipRange = clip_range if clip_range is not None and c.clip_to_data_range else float(c.clip_sample)
+        B, device = vl_hidden.shape[0], vl_hidden.device
+        shape = (B, c.horizon, c.action_dim)
+        if c.objective == "regression":
+            zeros = torch.zeros(shape, device=device)
+            t = torch.zeros(B, dtype=torch.long, device=device)
+            return clamp_x0(self.denoise(zeros, t, vl_hidden, sensor_features).float(), clip)
+        if c.objective == "flow_matching":
+            return run_flow_sampler(lambda x_t, t: self.denoise(x_t, t, vl_hidden, sensor_features), shape,
+                                    num_steps=steps, clip_sample=clip, generator=generator, device=device)
         return run_sampler(
             self.schedule,
             lambda x_t, t: self.denoise(x_t, t, vl_hidden, sensor_features),
-            (B, c.horizon, c.action_dim),
-            method=method,
+            shape,
+            method=method or "ddim",
             num_inference_steps=steps,
-            clip_sample=float(c.clip_sample),
+            clip_sample=clip,
+            prediction_type=c.prediction_type,
             generator=generator,
-            device=vl_hidden.device,
+            device=device,
         )
