@@ -37,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="val: the episodes training held out (default); all: every episode")
     p.add_argument("--max-samples", "--max_samples", dest="max_samples", type=int, default=None,
                    help="evaluate at most N samples, spread evenly over the episodes")
-    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the policy's, 10)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps: DDIM steps of a diffusion head, Euler steps of a flow-matching head "
+                        "(default: the policy's num_inference_steps)")
     p.add_argument("--seed", type=int, default=0, help="seed of the diffusion noise (default 0)")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=8)
     p.add_argument("--val-split", "--val_split", dest="val_split", type=float, default=None,
@@ -83,6 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nopen-loop errors over {report['samples']} samples of {episodes} "
           f"({args.split} split; valid steps only, raw units):")
     print(format_report_table(report))
+    smooth = report["smoothness"]
+    print(f"\npolicy MSE / mean-action MSE: {report['mse_ratio_to_mean_baseline']:.3f}   "
+          f"(below 1: better than always predicting the training mean)")
+    print(f"chunk smoothness, mean |a[k+1] - a[k]|: policy {smooth['policy']['mean']:.4g}, "
+          f"recorded {smooth['recorded']['mean']:.4g}")
     print(f"\nreport:      {result['report_path']}")
     print(f"predictions: {result['predictions_path']}")
     for path in result["plots"]:

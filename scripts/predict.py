@@ -32,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", required=True, help="exported policy directory (convert_checkpoint.py --to policy)")
     p.add_argument("--episode", required=True, help="episode directory (holds metadata.json)")
     p.add_argument("--frame", type=int, default=0, help="sample index within the episode (default 0)")
-    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the policy's, 10)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps: DDIM steps of a diffusion head, Euler steps of a flow-matching head "
+                        "(default: the policy's num_inference_steps)")
     p.add_argument("--vl-model", "--vl_model", dest="vl_model", default=None,
                    help="base Qwen2.5-VL dir or hub id, when the training path is not available here")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial diffusion noise (default 0)")
@@ -62,21 +64,19 @@ def run(args: argparse.Namespace) -> None:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     policy = VLAPolicy.from_pretrained(args.policy, vl_model=args.vl_model, device=device, dtype=args.dtype)
     expert = policy.action_expert.config
-    if args.steps is not None and not 1 <= args.steps <= expert.num_train_timesteps:
-        raise ConfigError(f"--steps must be in 1..{expert.num_train_timesteps}, got {args.steps}")
+    steps = expert.check_inference_steps(args.steps)
     dataset = load_episode_dataset(policy.policy_config, args.episode)
     if not 0 <= args.frame < len(dataset):
         raise ConfigError(f"--frame {args.frame}: {args.episode} has {len(dataset)} samples (0..{len(dataset) - 1})")
     sample = dataset[args.frame]
-    steps = expert.num_inference_steps if args.steps is None else args.steps
     generator = torch.Generator(device=device).manual_seed(args.seed)
     predicted = policy.predict_actions(sample["images"], sample["instruction"], sample["sensor_window"],
                                        num_inference_steps=steps, generator=generator,
                                        has_sensor=bool(sample["has_sensor"]))  # (H, 7)
     episode = dataset.episodes[0]
     recorded, is_pad = sample["actions"], sample["action_is_pad"]
-    print(f"policy   {args.policy} ({policy.policy_config.get('stage', '?')}), DDIM {steps} steps, seed {args.seed}, "
-          f"{device}")
+    print(f"policy   {args.policy} ({policy.policy_config.get('stage', '?')}), {expert.sampler_description(steps)}, "
+          f"seed {args.seed}, {device}")
     print(f"episode  {args.episode}: \"{sample['instruction']}\"")
     print(f"sample   {args.frame} of {len(dataset)}, t = {sample['frame_time'] - episode.states.times[0]:.3f} s "
           f"after the episode start, sensor data: {'yes' if sample['has_sensor'] else 'no'}")

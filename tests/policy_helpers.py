@@ -26,7 +26,7 @@ from vla_ds.config import MODEL_PRESETS
 from vla_ds.models.action_expert import ActionExpertConfig
 from vla_ds.models.backbone import BackboneConfig, VLBackbone, VLInputBuilder
 from vla_ds.models.finetune import FinetuneConfig
-from vla_ds.models.policy import HEAD_PREFIXES, VLAPolicy
+from vla_ds.models.policy import HEAD_PREFIXES, POLICY_FORMAT_VERSION, VLAPolicy
 from vla_ds.models.sensor_encoder import SensorEncoderConfig
 
 WINDOW = 32  # the demo dataset's sensor window
@@ -35,8 +35,9 @@ _MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "m
 
 
 def build_policy(backbone_dir, norm_stats, sensor_channels: int, finetune: FinetuneConfig | None = None,
-                 seed: int = 0, window: int = WINDOW) -> VLAPolicy:
+                 seed: int = 0, window: int = WINDOW, **head) -> VLAPolicy:
     """A tiny-preset policy on the float32 tiny backbone, in eval mode, ``input_builder`` set.
+    ``head``: ActionExpertConfig fields over the tiny preset (``objective``, ...).
 
     With a LoRA ``finetune`` the adapters get non-zero B weights (drawn from ``seed``), as
     after training; fresh LoRA B is zero and would make the adapter invisible.
@@ -46,7 +47,7 @@ def build_policy(backbone_dir, norm_stats, sensor_channels: int, finetune: Finet
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         policy = VLAPolicy(VLBackbone(bcfg), SensorEncoderConfig(**preset["sensor_encoder"]),
-                           ActionExpertConfig(**preset["action_expert"]), norm_stats,
+                           ActionExpertConfig(**{**preset["action_expert"], **head}), norm_stats,
                            sensor_channels=sensor_channels, sensor_window_size=window)
         policy.backbone.freeze()
         # As train.py does: the fingerprint of the base weights, before anything trains them.
@@ -78,7 +79,7 @@ def write_policy_dir(policy: VLAPolicy, out_dir, *, stage: str = "stage1", data:
     bcfg: BackboneConfig = backbone.backbone_config
     config = {
         "format": "vla_ds-policy",
-        "format_version": 1,
+        "format_version": POLICY_FORMAT_VERSION,
         "vla_ds_version": vla_ds.__version__,
         "stage": stage,
         "finetune": dataclasses.asdict(finetune),
@@ -107,6 +108,8 @@ def write_policy_dir(policy: VLAPolicy, out_dir, *, stage: str = "stage1", data:
 
     stats = {"action_mean": policy.action_norm.mean, "action_std": policy.action_norm.std,
              "sensor_mean": policy.sensor_norm.mean, "sensor_std": policy.sensor_norm.std}
+    if policy.action_norm.has_range:
+        stats.update(action_min=policy.action_norm.low, action_max=policy.action_norm.high)
     (out / "norm_stats.json").write_text(json.dumps({k: [float(x) for x in v] for k, v in stats.items()}) + "\n")
 
     if finetune.mode == "lora":

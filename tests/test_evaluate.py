@@ -17,7 +17,8 @@ from vla_ds.evaluate import (
     split_settings,
 )
 
-REPORT_KEYS = {"policy", "mean_baseline", "zero_baseline", "episodes", "samples"}
+REPORT_KEYS = {"policy", "mean_baseline", "zero_baseline", "mse_ratio_to_mean_baseline", "smoothness", "episodes",
+               "samples"}
 ERROR_KEYS = {"mse", "mae", "mse_per_dim", "mae_per_dim"}
 VAL_SPLIT, SEED = 0.3, 5
 
@@ -127,11 +128,18 @@ def test_evaluate_writes_the_report_and_plots(setup, demo_dataset_dir, capsys):
     np.testing.assert_allclose(report["zero_baseline"]["mae"], np.abs(saved["recorded"][valid]).mean(), rtol=1e-5)
     expected_policy = masked_errors(saved["predicted"], saved["recorded"], saved["is_pad"])
     np.testing.assert_allclose(report["policy"]["mae"], expected_policy["mae"], rtol=1e-6)
+    assert report["mse_ratio_to_mean_baseline"] == pytest.approx(report["policy"]["mse"] / report["mean_baseline"]["mse"])
+    # Smoothness: mean |a[k+1] - a[k]| over consecutive valid steps of the predicted / recorded chunks.
+    pairs = valid[:, 1:] & valid[:, :-1]
+    for name, chunks in (("policy", saved["predicted"]), ("recorded", saved["recorded"])):
+        jumps = np.abs(np.diff(chunks, axis=1))[pairs]
+        np.testing.assert_allclose(report["smoothness"][name]["per_dim"], jumps.mean(0), rtol=1e-5)
 
     pngs = sorted((out / "plots").glob("*.png"))
     assert pngs and all(p.stat().st_size > 20_000 for p in pngs)
     printed = capsys.readouterr().out
     assert "report.json" in printed and "gripper" in printed and "dx [mm]" in printed
+    assert f"policy MSE / mean-action MSE: {report['mse_ratio_to_mean_baseline']:.3f}" in printed
 
 
 def test_evaluate_asks_for_split_settings_a_config_lacks(setup, demo_dataset_dir, capsys):

@@ -4,6 +4,7 @@ Policy directories are written by tests/policy_helpers.py from in-memory policie
 loaded policy can be compared with the one it was written from.
 """
 
+import dataclasses
 import json
 
 import numpy as np
@@ -83,6 +84,66 @@ def test_round_trip_gives_the_same_actions(parts, tmp_path):
            for p in (policy, loaded)]
     assert one[1].shape == (8, 7)
     np.testing.assert_allclose(one[1], one[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("objective, prediction_type", [("diffusion", "sample"), ("flow_matching", "epsilon"),
+                                                        ("regression", "epsilon")])
+def test_every_head_type_round_trips(parts, tmp_path, objective, prediction_type):
+    backbone_dir, dataset, stats = parts
+    policy = build_policy(backbone_dir, stats, dataset.sensor_channels, objective=objective,
+                          prediction_type=prediction_type)
+    loaded = VLAPolicy.from_pretrained(write_policy_dir(policy, tmp_path / "policy"))
+    assert (loaded.action_expert.config.objective, loaded.action_expert.config.prediction_type) == \
+        (objective, prediction_type)
+    batch = samples(dataset)
+    got = predict(loaded, batch)
+    assert got.shape == (3, 8, 7) and np.isfinite(got).all()
+    np.testing.assert_allclose(got, predict(policy, batch), atol=1e-5)
+
+
+def test_chunks_stay_in_the_training_range(parts, tmp_path):
+    """The recorded range travels in norm_stats.json and bounds every sampled chunk; a
+    dimension that never moved in training is predicted exactly."""
+    backbone_dir, dataset, stats = parts
+    assert stats.action_min is not None
+    still = dataclasses.replace(stats, action_min=stats.action_min.copy(), action_max=stats.action_max.copy())
+    still.action_min[3] = still.action_max[3] = still.action_mean[3]  # as if da never moved
+    policy = build_policy(backbone_dir, still, dataset.sensor_channels)
+    loaded = VLAPolicy.from_pretrained(write_policy_dir(policy, tmp_path / "policy"))
+    got = predict(loaded, samples(dataset))
+    assert (got >= stats.action_min.astype(np.float32) - 1e-4).all()
+    assert (got <= stats.action_max.astype(np.float32) + 1e-4).all()
+    np.testing.assert_allclose(got[..., 3], still.action_mean[3], atol=1e-5)
+
+
+def test_a_policy_written_before_heads_were_configurable_loads(parts, tmp_path):
+    """Format version 1: no objective in config.json, no action range in norm_stats.json.
+    It is the DDPM epsilon head, sampled as before (clamped to +-clip_sample)."""
+    backbone_dir, dataset, stats = parts
+    policy = build_policy(backbone_dir, stats, dataset.sensor_channels)
+    out = write_policy_dir(policy, tmp_path / "policy")
+    config = json.loads((out / "config.json").read_text())
+    config["format_version"] = 1
+    for key in ("objective", "prediction_type", "clip_to_data_range", "flow_beta_alpha", "flow_beta_beta",
+                "snr_gamma"):
+        config["action_expert"].pop(key, None)
+    (out / "config.json").write_text(json.dumps(config))
+    norm = json.loads((out / "norm_stats.json").read_text())
+    (out / "norm_stats.json").write_text(json.dumps({k: v for k, v in norm.items() if k not in ("action_min", "action_max")}))
+    loaded = VLAPolicy.from_pretrained(out)
+    assert (loaded.action_expert.config.objective, loaded.action_expert.config.prediction_type) == \
+        ("diffusion", "epsilon")
+    assert loaded.action_norm.normalized_range() is None
+    assert np.isfinite(predict(loaded, samples(dataset))).all()
+
+
+def test_a_newer_policy_format_is_refused(parts, tmp_path):
+    backbone_dir, dataset, stats = parts
+    out = write_policy_dir(build_policy(backbone_dir, stats, dataset.sensor_channels), tmp_path / "policy")
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "format_version": 99}))
+    with pytest.raises(CheckpointError, match="format_version 99 is not supported"):
+        VLAPolicy.from_pretrained(out)
 
 
 def test_lora_adapter_features_equal_the_in_memory_model(parts, lora_policy, lora_dir):

@@ -104,7 +104,8 @@ def test_predict_actions_returns_denormalised_chunks(parts):
                                      np.stack([sample["sensor_window"]] * 2), generator=g())
     assert batched.shape == (2, 8, 7)
     # Shifting the action mean by +5 shifts every predicted action by +5: outputs are in raw units.
-    shifted = dataclasses.replace(stats, action_mean=stats.action_mean + 5.0)
+    shifted = dataclasses.replace(stats, action_mean=stats.action_mean + 5.0, action_min=stats.action_min + 5.0,
+                                  action_max=stats.action_max + 5.0)
     moved = make_policy(parts, stats=shifted).predict_actions(
         sample["images"], sample["instruction"], sample["sensor_window"], generator=g())
     np.testing.assert_allclose(moved - one, 5.0, atol=1e-4)

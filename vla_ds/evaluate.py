@@ -13,7 +13,7 @@ The pieces, from the maths outwards:
 - :func:`eval_data_config`, :func:`eval_split`, :func:`select_samples`: which samples -- the
   validation episodes are rebuilt with ``split_train_val`` and the run's ``val_split`` and
   seed from the policy's config.json, so they are the episodes training held out.
-- :func:`predict_samples`: the policy over those samples (DDIM, fixed generator).
+- :func:`predict_samples`: the policy over those samples (its sampler, fixed generator).
 - :func:`build_report`, :func:`plot_episode`, :func:`run_evaluation`: report.json and PNGs.
 
 ``scripts/evaluate.py`` is the command line around :func:`run_evaluation`.
@@ -256,7 +256,7 @@ class _Pending:
 def predict_samples(policy, dataset: VLADataset, max_samples: int | None = None,
                     num_inference_steps: int | None = None, seed: int = 0, batch_size: int = 8,
                     progress: bool = True) -> list[EpisodePredictions]:
-    """Run ``policy.predict_actions`` (DDIM) over the selected samples of every episode.
+    """Run ``policy.predict_actions`` (the head's sampler) over the selected samples of every episode.
 
     One ``torch.Generator`` on the policy's device, seeded with ``seed``, draws the initial
     noise of every batch in turn: the same seed, batch size and samples give the same
@@ -310,11 +310,28 @@ def predict_samples(policy, dataset: VLADataset, max_samples: int | None = None,
 # --------------------------------------------------------------------------- report
 
 
+def chunk_smoothness(chunks, is_pad) -> dict[str, Any]:
+    """Mean |a[k+1] - a[k]| between consecutive valid steps of (N, H, A) chunks, overall and
+    per dimension: how much a chunk jumps from step to step (compare predicted with recorded)."""
+    chunks = np.asarray(chunks, dtype=np.float64)
+    both = ~np.asarray(is_pad, dtype=bool)
+    both = both[:, 1:] & both[:, :-1]  # (N, H-1): both steps of the pair are valid
+    jumps = np.abs(np.diff(chunks, axis=1))[both]  # (n_pairs, A)
+    if len(jumps) == 0:
+        return {"mean": float("nan"), "per_dim": [float("nan")] * chunks.shape[-1]}
+    per_dim = jumps.mean(axis=0)
+    return {"mean": float(per_dim.mean()), "per_dim": [float(x) for x in per_dim]}
+
+
 def build_report(episodes: list[EpisodePredictions], action_mean) -> dict[str, Any]:
     """report.json: masked errors of the policy, the mean-action and the zero-action baselines.
 
     Shape: ``{"policy": {"mse", "mae", "mse_per_dim", "mae_per_dim"}, "mean_baseline": {...},
-    "zero_baseline": {...}, "episodes": n, "samples": n}``, raw units, valid steps only.
+    "zero_baseline": {...}, "mse_ratio_to_mean_baseline", "smoothness": {"policy",
+    "recorded"}, "episodes": n, "samples": n}``, raw units, valid steps only.
+    ``mse_ratio_to_mean_baseline`` is the policy's MSE over the mean-action baseline's (below
+    1: the policy knows more than the average action); ``smoothness`` is
+    :func:`chunk_smoothness` of the predicted and of the recorded chunks.
     """
     action_mean = np.asarray(action_mean, dtype=np.float64).reshape(1, 1, -1)  # (1, 1, A)
     acc = {name: ErrorAccumulator(action_mean.shape[-1]) for name in ("policy", "mean_baseline", "zero_baseline")}
@@ -323,6 +340,14 @@ def build_report(episodes: list[EpisodePredictions], action_mean) -> dict[str, A
         acc["mean_baseline"].update(np.broadcast_to(action_mean, ep.recorded.shape), ep.recorded, ep.is_pad)
         acc["zero_baseline"].update(np.zeros_like(ep.recorded), ep.recorded, ep.is_pad)
     report: dict[str, Any] = {name: a.result() for name, a in acc.items()}
+    baseline = report["mean_baseline"]["mse"]
+    report["mse_ratio_to_mean_baseline"] = report["policy"]["mse"] / baseline if baseline > 0 else float("nan")
+    report["smoothness"] = {
+        "policy": chunk_smoothness(np.concatenate([ep.predicted for ep in episodes]),
+                                   np.concatenate([ep.is_pad for ep in episodes])),
+        "recorded": chunk_smoothness(np.concatenate([ep.recorded for ep in episodes]),
+                                     np.concatenate([ep.is_pad for ep in episodes])),
+    }
     report["episodes"] = len(episodes)
     report["samples"] = int(sum(len(ep.frame_time) for ep in episodes))
     return report
@@ -457,10 +482,8 @@ def run_evaluation(policy, dataset_dir: str | Path, output_dir: str | Path, *, s
         raise ConfigError("run_evaluation needs a policy loaded with VLAPolicy.from_pretrained (its config.json)")
     where = str(Path(policy.policy_dir) / "config.json") if policy.policy_dir is not None else "config.json"
     expert = policy.action_expert.config
-    if num_inference_steps is not None and not 1 <= num_inference_steps <= expert.num_train_timesteps:
-        raise ConfigError(f"DDIM steps must be in 1..{expert.num_train_timesteps}, got {num_inference_steps}")
+    steps = expert.check_inference_steps(num_inference_steps)
     dataset = load_eval_dataset(config, str(dataset_dir), split, val_split, split_seed, where)
-    steps = expert.num_inference_steps if num_inference_steps is None else num_inference_steps
     episodes = predict_samples(policy, dataset, max_samples, steps, seed, batch_size, progress)
     report_mean = policy.action_norm.mean.detach().cpu().numpy()  # (7,) training-split mean action
     report = build_report(episodes, report_mean)
@@ -479,7 +502,7 @@ def run_evaluation(policy, dataset_dir: str | Path, output_dir: str | Path, *, s
                  episode=np.concatenate([np.full(len(ep.frame_time), e) for e, ep in enumerate(episodes)]),
                  episodes=np.array([str(ep.path) for ep in episodes]))
         plots = []
-        label = f", DDIM {steps} steps, seed {seed}"
+        label = f", {expert.sampler_description(steps)}, seed {seed}"
         for ep in episodes[:num_plot_episodes]:
             plots.extend(plot_episode(ep, out / PLOTS_DIR, label, action_mean=report_mean))
     except OSError as exc:

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from vla_ds.errors import CheckpointError, VLAError
-from vla_ds.models.action_expert import ActionExpert, ActionExpertConfig
+from vla_ds.models.action_expert import ActionExpert, ActionExpertConfig, stored_section
 from vla_ds.models.backbone import BackboneConfig, VLBackbone, VLInputBuilder
 from vla_ds.models.finetune import FinetuneConfig
 from vla_ds.models.sensor_encoder import SensorEncoder, SensorEncoderConfig
@@ -47,7 +47,7 @@ VL_INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw"
 
 # Exported policy directory (docs/policy_format.md).
 POLICY_FORMAT = "vla_ds-policy"
-POLICY_FORMAT_VERSION = 1
+POLICY_FORMAT_VERSION = 2  # 2: head objective, EMA weights, action range (version 1 = a DDPM epsilon head)
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 NORM_STATS_FILE = "norm_stats.json"
@@ -57,21 +57,38 @@ REQUIRED_FILES = (CONFIG_FILE, NORM_STATS_FILE, WEIGHTS_FILE)
 # Prefixes of the trained non-backbone parts: every tensor under them must be in model.safetensors.
 HEAD_PREFIXES = ("sensor_encoder.", "action_expert.", "action_norm.", "sensor_norm.")
 _NORM_KEYS = ("action_mean", "action_std", "sensor_mean", "sensor_std")
+_RANGE_KEYS = ("action_min", "action_max")
 
 
 class Normalizer(nn.Module):
-    """Per-dimension mean/std normalisation with fp32 buffers (saved in every checkpoint)."""
+    """Per-dimension mean/std normalisation with fp32 buffers (saved in every checkpoint).
 
-    def __init__(self, mean: np.ndarray, std: np.ndarray):
+    ``low``/``high`` (optional): the raw range of the training data, kept as buffers that
+    are not saved in the state dict (they travel in the norm stats, and policies written
+    before they existed load unchanged); :meth:`normalized_range` gives it in model units.
+    """
+
+    def __init__(self, mean: np.ndarray, std: np.ndarray, low: np.ndarray | None = None,
+                 high: np.ndarray | None = None):
         super().__init__()
         self.register_buffer("mean", torch.as_tensor(np.asarray(mean), dtype=torch.float32))
         self.register_buffer("std", torch.as_tensor(np.asarray(std), dtype=torch.float32))
+        self.has_range = low is not None and high is not None
+        if self.has_range:
+            self.register_buffer("low", torch.as_tensor(np.asarray(low), dtype=torch.float32), persistent=False)
+            self.register_buffer("high", torch.as_tensor(np.asarray(high), dtype=torch.float32), persistent=False)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         return (x.float() - self.mean.float()) / self.std.float()
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
         return x.float() * self.std.float() + self.mean.float()
+
+    def normalized_range(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(low, high) of the training data in normalised units, or None when unknown."""
+        if not self.has_range:
+            return None
+        return self.normalize(self.low), self.normalize(self.high)
 
 
 def _drop_tied_aliases(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
@@ -118,7 +135,8 @@ class VLAPolicy(nn.Module):
         self.backbone = backbone
         self.sensor_encoder = SensorEncoder(sensor_encoder_config)
         self.action_expert = ActionExpert(action_expert_config)
-        self.action_norm = Normalizer(norm_stats.action_mean, norm_stats.action_std)
+        self.action_norm = Normalizer(norm_stats.action_mean, norm_stats.action_std,
+                                      getattr(norm_stats, "action_min", None), getattr(norm_stats, "action_max", None))
         self.sensor_norm = Normalizer(norm_stats.sensor_mean, norm_stats.sensor_std)
         self.sensor_loss_weight = sensor_loss_weight
         self.input_builder: VLInputBuilder | None = None  # set for inference (predict_actions)
@@ -177,7 +195,7 @@ class VLAPolicy(nn.Module):
         instruction: str | list[str],
         sensor_window: np.ndarray | torch.Tensor | None = None,
         num_inference_steps: int | None = None,
-        method: str = "ddim",
+        method: str | None = None,
         generator: torch.Generator | None = None,
         has_sensor: bool | list[bool] | np.ndarray | None = None,
     ) -> np.ndarray:
@@ -187,8 +205,11 @@ class VLAPolicy(nn.Module):
         string, ``sensor_window`` (W, C) raw values or None -> returns (H, 7). Batched form:
         lists of those (sensor (B, W, C) or None) -> (B, H, 7).
 
-        ``num_inference_steps`` sets the DDIM steps (default the action expert's
-        ``num_inference_steps``); ``method`` "ddpm" runs all T ancestral steps instead.
+        ``num_inference_steps`` sets the sampling steps (DDIM steps of a diffusion head,
+        Euler steps of a flow-matching head; default the action expert's
+        ``num_inference_steps``); for a diffusion head ``method`` "ddpm" runs all T
+        ancestral steps instead. Chunks stay within the training data's range per
+        dimension (``ActionExpertConfig.clip_to_data_range``).
         ``generator`` (on the policy's device) fixes the initial noise: the same generator
         state gives the same chunks. ``has_sensor`` marks which samples have sensor data
         (a bool, or one per sample in the batched form); by default every sample has it
@@ -226,7 +247,8 @@ class VLAPolicy(nn.Module):
         vl_hidden = self.vl_features(batch)
         sensor_features = self.sensor_features(sensor, has_sensor)
         actions = self.action_expert.sample(vl_hidden, sensor_features, num_inference_steps=num_inference_steps,
-                                            method=method, generator=generator)  # (B, H, 7) normalised
+                                            method=method, generator=generator,
+                                            clip_range=self.action_norm.normalized_range())  # (B, H, 7) normalised
         out = self.action_norm.denormalize(actions).cpu().numpy()
         return out[0] if single else out
 
@@ -276,8 +298,8 @@ class VLAPolicy(nn.Module):
         backbone_config = _dataclass_from_section(BackboneConfig, backbone_section, "backbone", config_file)
         sensor_config = _dataclass_from_section(SensorEncoderConfig, config["sensor_encoder"], "sensor_encoder",
                                                 config_file)
-        expert_config = _dataclass_from_section(ActionExpertConfig, config["action_expert"], "action_expert",
-                                                config_file)
+        expert_config = _dataclass_from_section(ActionExpertConfig, stored_section(config["action_expert"]),
+                                                "action_expert", config_file)
         norm_stats = read_norm_stats(policy_dir / NORM_STATS_FILE, expert_config.action_dim, sensor_config.in_channels)
 
         merged_dir, adapter_dir = policy_dir / MERGED_BACKBONE_DIR, policy_dir / ADAPTER_DIR
@@ -346,12 +368,15 @@ class VLAPolicy(nn.Module):
 @dataclasses.dataclass
 class PolicyNormStats:
     """The arrays of norm_stats.json (the fields of ``vla_ds.data.NormStats``, which this
-    model file does not import): (A,) action and (C,) sensor mean/std, float64."""
+    model file does not import): (A,) action and (C,) sensor mean/std, float64, and the
+    (A,) action range when the file has it (written since vla_ds records it)."""
 
     action_mean: np.ndarray
     action_std: np.ndarray
     sensor_mean: np.ndarray
     sensor_std: np.ndarray
+    action_min: np.ndarray | None = None
+    action_max: np.ndarray | None = None
 
 
 def _read_json(path: Path) -> Any:
@@ -432,6 +457,19 @@ def read_norm_stats(path: str | os.PathLike, action_dim: int, sensor_channels: i
         if key.endswith("_std") and (value <= 0).any():
             raise CheckpointError(f"{path}: '{key}' has values <= 0")
         arrays[key] = value
+    present = [key for key in _RANGE_KEYS if key in raw]
+    if len(present) == 1:
+        raise CheckpointError(f"{path}: '{present[0]}' without its pair ({' and '.join(_RANGE_KEYS)})")
+    for key in present:
+        try:
+            value = np.asarray(raw[key], dtype=np.float64)
+        except (TypeError, ValueError):
+            raise CheckpointError(f"{path}: '{key}' is not a list of numbers") from None
+        if value.shape != (action_dim,) or not np.isfinite(value).all():
+            raise CheckpointError(f"{path}: '{key}' must be {action_dim} finite numbers, got shape {value.shape}")
+        arrays[key] = value
+    if present and (arrays["action_min"] > arrays["action_max"]).any():
+        raise CheckpointError(f"{path}: 'action_min' exceeds 'action_max'")
     return PolicyNormStats(**arrays)
 
 
