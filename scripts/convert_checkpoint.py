@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--to policy: also write the LoRA merged into the backbone (merged_backbone/)")
     p.add_argument("--include-base", "--include_base", dest="include_base", action="store_true",
                    help="--to fp32/bf16/stage2: add the frozen base backbone's weights")
+    p.add_argument("--no-ema", "--no_ema", dest="use_ema", action="store_false",
+                   help="write the trained weights, not the run's moving average of them (the default when "
+                        "the run kept one, ema.enabled)")
     p.add_argument("--vl-model", "--vl_model", dest="vl_model",
                    help="base Qwen2.5-VL dir or hub id (default: the one in the run config)")
     return p
@@ -40,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         result = convert(args.checkpoint, args.out, args.to, tag=args.tag, merge_lora=args.merge_lora,
-                         include_base=args.include_base, vl_model=args.vl_model)
+                         include_base=args.include_base, vl_model=args.vl_model, use_ema=args.use_ema)
     except VLAError as e:
         print(f"error: {user_message(e)}", file=sys.stderr)
         return 2

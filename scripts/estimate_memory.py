@@ -163,9 +163,18 @@ class Estimator:
         shape = memory.activation_shape(self.hf_config, ft, lm_tokens, view.patches * self.args.views, heads,
                                         sdpa=attn != "eager")
         micro = self.args.micro_batch or _micro_batch(raw, self.num_gpus)
-        est = memory.estimate(counts, zero, self.num_gpus, micro, shape, ft.gradient_checkpointing)
+        est = memory.estimate(counts, zero, self.num_gpus, micro, shape, ft.gradient_checkpointing,
+                              ema=_ema_enabled(project))
         return {"finetune": ft, "zero": zero, "counts": counts, "view": view, "lm_tokens": lm_tokens,
                 "micro_batch": micro, "estimate": est}
+
+
+def _ema_enabled(project: dict[str, Any]) -> bool:
+    """``vla_ds.ema.enabled`` of a JSON, parsed as training parses it (its default when absent)."""
+    from vla_ds.config import _dataclass_from_dict
+    from vla_ds.ema import EMAConfig
+
+    return _dataclass_from_dict(EMAConfig, project.get("ema") or {}, "vla_ds.ema.").enabled
 
 
 def _load(path: Path) -> dict[str, Any]:

@@ -15,7 +15,7 @@ def model_states(out: Path) -> dict:
     return torch.load(latest_tag_dir(out) / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
 
 
-def fp32_masters_from_shards(out: Path) -> dict[str, dict[str, torch.Tensor]]:
+def fp32_masters_from_shards(out: Path, ranks: int = 2) -> dict[str, dict[str, torch.Tensor]]:
     """fp32 weights and Adam moments of every trainable parameter, put together by hand from
     each rank's optimizer shard (ZeRO-2's, or ZeRO-1 + bf16's BF16_Optimizer's: both carry
     param_slice_mappings), independently of DeepSpeed's tools."""
@@ -26,7 +26,7 @@ def fp32_masters_from_shards(out: Path) -> dict[str, dict[str, torch.Tensor]]:
     pieces = defaultdict(lambda: defaultdict(list))
     files = sorted(tag_dir.glob("*zero_pp_rank_*_optim_states.pt"),
                    key=lambda p: int(re.search(r"zero_pp_rank_(\d+)_", p.name)[1]))
-    assert len(files) == 2
+    assert len(files) == ranks
     for file in files:
         osd = torch.load(file, map_location="cpu", weights_only=False)["optimizer_state_dict"]
         for g, mapping in enumerate(osd["param_slice_mappings"]):

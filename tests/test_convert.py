@@ -53,7 +53,8 @@ def test_guide_dict_builders():
     s1 = convert.stage1_checkpoint(toy_state(), stats)
     assert s1["training_stage"] == "stage1" and s1["norm_stats"] is stats
     assert list(s1["sensor_encoder"]) == ["conv.0.weight"] and list(s1["action_expert"]) == ["head.bias"]
-    assert set(s1) == {"sensor_encoder", "action_expert", "training_stage", "norm_stats"}
+    assert set(s1) == {"sensor_encoder", "action_expert", "training_stage", "norm_stats", "head"}
+    assert s1["head"] == {"objective": "diffusion", "prediction_type": "epsilon"}  # unknown: the guide's head
     with pytest.raises(CheckpointError, match="no action_expert tensors"):
         convert.stage1_checkpoint({"sensor_encoder.w": torch.zeros(1)}, stats)
     s2 = convert.stage2_checkpoint(toy_state(), stats)
@@ -100,13 +101,19 @@ def test_policy_config_fills_the_built_sizes():
     state = {"action_expert.vl_proj.weight": torch.zeros(3072, 64)}
     cfg = convert.policy_config(run, {"sensor_mean": [0.0] * 5}, state, fingerprint="f" * 16,
                                 model_name_or_path="/base", source="/ckpt/global_step3", step=3)
-    assert cfg["format"] == "vla_ds-policy" and cfg["format_version"] == 1 and cfg["stage"] == "stage1"
+    assert cfg["format"] == "vla_ds-policy" and cfg["format_version"] == 2 and cfg["stage"] == "stage1"
     assert cfg["sensor_encoder"]["in_channels"] == 5 and cfg["sensor_encoder"]["window_size"] == 32
     assert cfg["action_expert"]["vl_hidden_size"] == 64
     assert cfg["action_expert"]["sensor_feature_dim"] == cfg["sensor_encoder"]["out_dim"]
     assert cfg["backbone"]["fingerprint"] == "f" * 16 and cfg["backbone"]["model_name_or_path"] == "/base"
-    assert cfg["finetune"]["mode"] == "none" and cfg["step"] == 3
+    assert cfg["finetune"]["mode"] == "none" and cfg["step"] == 3 and cfg["weights"] == "trained"
+    assert cfg["action_expert"]["objective"] == "diffusion" and cfg["action_expert"]["prediction_type"] == "sample"
     json.dumps(cfg)
+    # A run config written before the head was configurable: the guide's epsilon head.
+    del run["vla_ds"]["action_expert"]["objective"], run["vla_ds"]["action_expert"]["prediction_type"]
+    old = convert.policy_config(run, {"sensor_mean": [0.0] * 5}, state, fingerprint="f" * 16,
+                                model_name_or_path="/base", source="/ckpt/global_step3", step=3)
+    assert (old["action_expert"]["objective"], old["action_expert"]["prediction_type"]) == ("diffusion", "epsilon")
 
 
 # ---------------------------------------------------------------------------------------
@@ -220,7 +227,8 @@ def test_stage1_pt_starts_stage2(runs, tiny_backbone_dir, demo_dataset_dir, tmp_
     pt = tmp_path / f"diffusion_step{step}.pt"
     guide = torch.load(pt, map_location="cpu", weights_only=True)
     assert guide["training_stage"] == "stage1" and set(guide) == {"sensor_encoder", "action_expert",
-                                                                  "training_stage", "norm_stats"}
+                                                                  "training_stage", "norm_stats", "head"}
+    assert guide["head"] == {"objective": "diffusion", "prediction_type": "sample"}  # Stage 2 continues that head
     out = tmp_path / "s2"
     assert main(run_args("stage2.json", demo_dataset_dir, tiny_backbone_dir, out, "--stage1-checkpoint", str(pt),
                          "--max_steps", "1", "--grad_accum", "1", "--lora-r", "4")) == 0

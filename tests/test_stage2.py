@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from vla_ds.checkpoint import read_model_states
 from vla_ds.metrics import read_metrics
 from vla_ds.train import main
 
@@ -74,7 +75,8 @@ def test_guide_format_stage1_checkpoint_loads(stage1, tiny_backbone_dir, demo_da
     module = final_module(stage1)
     guide = {part: {k[len(part) + 1:]: v for k, v in module.items() if k.startswith(part + ".")}
              for part in ("sensor_encoder", "action_expert")}
-    torch.save({**guide, "training_stage": "stage1"}, tmp_path / "diffusion_epoch2.pt")
+    head = {"objective": "diffusion", "prediction_type": "sample"}  # what convert_checkpoint.py --to stage1 adds
+    torch.save({**guide, "training_stage": "stage1", "head": head}, tmp_path / "diffusion_epoch2.pt")
     out = tmp_path / "s2"
     assert main(args("stage2.json", demo_dataset_dir, tiny_backbone_dir, out, "--stage1-checkpoint",
                      str(tmp_path / "diffusion_epoch2.pt"), "--max_steps", "1", "--finetune-vl", "full",
@@ -86,7 +88,7 @@ def test_guide_format_stage1_checkpoint_loads(stage1, tiny_backbone_dir, demo_da
             assert torch.equal(loaded[f"{part}.{k}"], v), k
 
 
-@pytest.mark.parametrize("case", ["missing", "not_a_checkpoint", "mismatched", "no_stage1"])
+@pytest.mark.parametrize("case", ["missing", "not_a_checkpoint", "mismatched", "no_stage1", "other_head"])
 def test_bad_stage1_checkpoint_is_one_message(case, stage1, tiny_backbone_dir, demo_dataset_dir, tmp_path, capsys):
     extra = ["--stage1-checkpoint", str(stage1)]
     if case == "missing":
@@ -99,9 +101,16 @@ def test_bad_stage1_checkpoint_is_one_message(case, stage1, tiny_backbone_dir, d
     elif case == "mismatched":
         extra += ["--set", "action_expert.d_model=32", "--set", "action_expert.dim_feedforward=64"]
         expect = ["mp_rank_00_model_states.pt", "action_expert does not match", "shape mismatches", "checkpoint ("]
-    else:
+    elif case == "no_stage1":
         extra = []
         expect = ["--stage1-checkpoint"]
+    else:  # the research script's .pt: an epsilon head, which this config would train as another
+        module = final_module(stage1)
+        torch.save({part: {k[len(part) + 1:]: v for k, v in module.items() if k.startswith(part + ".")}
+                    for part in ("sensor_encoder", "action_expert")}, tmp_path / "research.pt")
+        extra = ["--stage1-checkpoint", str(tmp_path / "research.pt")]
+        expect = [str(tmp_path / "research.pt"), "prediction_type epsilon", "prediction_type sample",
+                  "--set action_expert.objective=diffusion --set action_expert.prediction_type=epsilon"]
     code = main(args("stage2.json", demo_dataset_dir, tiny_backbone_dir, tmp_path / "out", *extra))
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
@@ -153,8 +162,10 @@ def test_offload_configs_train(config, stage1, tiny_backbone_dir, demo_dataset_d
     assert "description" in shipped and shipped["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     out = tmp_path / "run"
     linear = torch.nn.functional.linear
+    ema = ["--set", "ema.enabled=true"]  # the average of partitioned (ZeRO-3) and offloaded weights too
     assert main(args(config, demo_dataset_dir, tiny_backbone_dir, out, "--stage1-checkpoint", str(stage1),
-                     "--grad_accum", "2", "--max_steps", "4", "--lora-r", "4", "--set", "train.warmup_ratio=0")) == 0
+                     "--grad_accum", "2", "--max_steps", "4", "--lora-r", "4", "--set", "train.warmup_ratio=0",
+                     *ema)) == 0
     # ZeRO-3 swaps torch's linear process-wide; the run puts it back for whatever runs next.
     assert torch.nn.functional.linear is linear
     rows = train_rows(out)
@@ -163,8 +174,15 @@ def test_offload_configs_train(config, stage1, tiny_backbone_dir, demo_dataset_d
     # ...and resumes (ZeRO-3 names its rank files differently).
     assert main(args(config, demo_dataset_dir, tiny_backbone_dir, out, "--stage1-checkpoint", str(stage1),
                      "--grad_accum", "2", "--max_steps", "6", "--lora-r", "4", "--set", "train.warmup_ratio=0",
-                     "--resume", str(out))) == 0
+                     "--resume", str(out), *ema)) == 0
     assert [r["step"] for r in train_rows(out)] == [1, 2, 3, 4, 5, 6]
+    _, states = read_model_states(out)
+    average = states["ema"]["shadow"]
+    assert states["ema"]["step"] == 6  # continued across the resume
+    lora = [k for k in average if ".lora_A." in k]
+    assert lora and all(average[k].shape == (4, 64) for k in lora)  # whole tensors, not ZeRO-3's partitions
+    assert average["action_expert.head.weight"].shape == (7, 64)
+    assert all(torch.isfinite(v).all() for v in average.values())
 
 
 def test_resume_after_a_stop_at_an_epoch_end_does_not_redo_it(stage1, tiny_backbone_dir, demo_dataset_dir, tmp_path):

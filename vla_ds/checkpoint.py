@@ -39,12 +39,14 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
+from vla_ds.ema import ema_weights
 from vla_ds.errors import CheckpointError
+from vla_ds.models.action_expert import LEGACY_HEAD, stored_section
 
 logger = logging.getLogger(__name__)
 
@@ -284,14 +286,31 @@ def load_checkpoint(engine, path: str | Path) -> dict[str, Any]:
     return client_state
 
 
-def read_stage1(path: str | Path) -> tuple[Path, dict[str, dict[str, torch.Tensor]], dict[str, Any] | None]:
+class Stage1Weights(NamedTuple):
+    """What Stage 2 starts from (:func:`read_stage1`)."""
+
+    source: Path                                  # the file read
+    parts: dict[str, dict[str, torch.Tensor]]     # part name -> its state dict
+    norm_stats: dict[str, Any] | None             # NormStats.to_dict(), when the source has them
+    head: dict[str, str]                          # the head's objective and prediction_type
+
+
+def head_settings(action_expert_section: dict[str, Any] | None) -> dict[str, str]:
+    """``{"objective", "prediction_type"}`` of a stored action-expert config section; a
+    section written before they existed (or none) is the guide's DDPM epsilon head."""
+    section = stored_section(action_expert_section or {})
+    return {k: section.get(k, LEGACY_HEAD[k]) for k in LEGACY_HEAD}
+
+
+def read_stage1(path: str | Path) -> Stage1Weights:
     """Read the Stage 1 weights Stage 2 starts from, before any model is built.
 
     ``path`` is a Stage 1 output dir, one of its ``global_stepN`` dirs, or a guide-format
     ``.pt`` (``{"sensor_encoder": ..., "action_expert": ..., "training_stage": "stage1"}``,
-    optionally with ``norm_stats``). Returns ``(source file, {part: state dict}, norm stats
-    dict or None)``; the parts are ``sensor_encoder``, ``action_expert`` and, from engine
-    checkpoints, the normalisation buffers.
+    optionally with ``norm_stats`` and, from ``convert_checkpoint.py --to stage1``,
+    ``head``). The parts are ``sensor_encoder``, ``action_expert`` and, from engine
+    checkpoints, the normalisation buffers; an engine checkpoint with an EMA of the weights
+    gives the averaged weights (the ones its exported policy uses).
     """
     path = Path(path)
     if not path.exists():
@@ -305,9 +324,12 @@ def read_stage1(path: str | Path) -> tuple[Path, dict[str, dict[str, torch.Tenso
             keys = ", ".join(map(str, raw.keys())) if isinstance(raw, dict) else type(raw).__name__
             raise CheckpointError(f"{path}: not a Stage 1 checkpoint: expected keys sensor_encoder and "
                                   f"action_expert, found {keys}")
-        return path, {name: raw[name] for name in STAGE1_PARTS}, raw.get("norm_stats")
+        head = raw.get("head") if isinstance(raw.get("head"), dict) else None
+        return Stage1Weights(path, {name: raw[name] for name in STAGE1_PARTS}, raw.get("norm_stats"),
+                             head_settings(head))
     source, states = read_model_states(path)
-    stage = states["config"].get("vla_ds", {}).get("stage")
+    project = states["config"].get("vla_ds", {})
+    stage = project.get("stage")
     if stage not in (None, "stage1"):
         logger.warning("%s was saved by a %s run; taking its sensor encoder and action expert", source, stage)
     module = states["module"]
@@ -316,9 +338,13 @@ def read_stage1(path: str | Path) -> tuple[Path, dict[str, dict[str, torch.Tenso
 
         module = get_fp32_state_dict_from_zero_checkpoint(str(source.parent.parent), tag=source.parent.name,
                                                           exclude_frozen_parameters=True)
+    averaged = ema_weights(states)
+    if averaged is not None:
+        logger.info("%s: taking the EMA of the Stage 1 weights", source)
+        module = {**module, **averaged}
     parts = {name: {k[len(name) + 1:]: v for k, v in module.items() if k.startswith(name + ".")}
              for name in (*STAGE1_PARTS, *STAGE1_BUFFERS)}
-    return source, parts, states["norm_stats"]
+    return Stage1Weights(source, parts, states["norm_stats"], head_settings(project.get("action_expert")))
 
 
 def load_stage1_weights(policy: nn.Module, source: Path, parts: dict[str, dict[str, torch.Tensor]]) -> None:

@@ -28,8 +28,9 @@ import yaml
 
 from vla_ds.cache import CacheConfig
 from vla_ds.data.dataset import DataConfig
+from vla_ds.ema import EMAConfig
 from vla_ds.errors import ConfigError
-from vla_ds.models.action_expert import ActionExpertConfig
+from vla_ds.models.action_expert import ActionExpertConfig, stored_section
 from vla_ds.models.backbone import BackboneConfig
 from vla_ds.models.finetune import FinetuneConfig
 from vla_ds.models.sensor_encoder import SensorEncoderConfig
@@ -164,7 +165,8 @@ class RunConfig:
             scratch) or ``stage2`` (heads loaded from Stage 1; the backbone trained as
             ``finetune`` says).
         model_preset: ``reference`` (SPEC sizes) or ``tiny`` (CPU-sized heads).
-        backbone, finetune, sensor_encoder, action_expert, data, cache, train: component configs.
+        backbone, finetune, sensor_encoder, action_expert, data, cache, train, ema: component
+            configs (``ema``: the moving average of the weights that exported policies use).
         optimizer_groups: named parameter groups (``train/lr/<name>`` in the metrics).
         deepspeed: the DeepSpeed part of the JSON, "auto" values resolved.
         world_size: number of ranks the config was resolved for.
@@ -179,6 +181,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
     optimizer_groups: dict[str, ParamGroupConfig] = field(default_factory=_default_groups)
     deepspeed: dict[str, Any] = field(default_factory=dict)
     world_size: int = 1
@@ -209,9 +212,17 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], world_size: int = 1) -> "RunConfig":
-        """Build from a resolved dict (as written by :meth:`to_dict`); no "auto" values expected."""
+        """Build from a resolved dict (as written by :meth:`to_dict`); no "auto" values expected.
+
+        A stored config lists every field, so a field it lacks did not exist when it was
+        written: such a run trained the DDPM epsilon head without an EMA, whatever today's
+        defaults are (``stored_section``)."""
         ds = {k: v for k, v in d.items() if k not in NON_DEEPSPEED_KEYS}
-        cfg = _project_from_dict(d.get(PROJECT_KEY, {}))
+        project = copy.deepcopy(d.get(PROJECT_KEY, {}))
+        if isinstance(project, dict):
+            project["action_expert"] = stored_section(project.get("action_expert") or {})
+            project.setdefault("ema", {"enabled": False})
+        cfg = _project_from_dict(project)
         cfg.deepspeed = ds
         cfg.world_size = world_size
         return cfg
@@ -301,6 +312,7 @@ _SECTIONS = {
     "data": DataConfig,
     "cache": CacheConfig,
     "train": TrainConfig,
+    "ema": EMAConfig,
 }
 
 

@@ -47,13 +47,13 @@ import torch
 import vla_ds
 from vla_ds import checkpoint as ckpt_lib
 from vla_ds.config import PROJECT_KEY, RunConfig
+from vla_ds.ema import ema_weights
 from vla_ds.errors import CheckpointError
+from vla_ds.models.policy import POLICY_FORMAT, POLICY_FORMAT_VERSION
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("fp32", "bf16", "stage1", "stage2", "policy", "universal")
-POLICY_FORMAT = "vla_ds-policy"
-POLICY_FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 POLICY_CONFIG_FILE = "config.json"
 NORM_STATS_FILE = "norm_stats.json"
@@ -98,15 +98,17 @@ def split_policy_state(state: dict[str, torch.Tensor]) -> dict[str, dict[str, to
     return parts
 
 
-def stage1_checkpoint(state: dict[str, torch.Tensor], norm_stats: dict[str, Any]) -> dict[str, Any]:
-    """The guide's Stage 1 ``.pt`` dict from VLAPolicy state (heads only; the rest is ignored)."""
+def stage1_checkpoint(state: dict[str, torch.Tensor], norm_stats: dict[str, Any],
+                      head: dict[str, str] | None = None) -> dict[str, Any]:
+    """The guide's Stage 1 ``.pt`` dict from VLAPolicy state (heads only; the rest is ignored),
+    plus ``head`` (objective, prediction_type) so Stage 2 continues the same head."""
     out: dict[str, Any] = {}
     for part in ckpt_lib.STAGE1_PARTS:
         sub = {k[len(part) + 1:]: v for k, v in state.items() if k.startswith(part + ".")}
         if not sub:
             raise CheckpointError(f"the checkpoint has no {part} tensors")
         out[part] = sub
-    return {**out, "training_stage": "stage1", "norm_stats": norm_stats}
+    return {**out, "training_stage": "stage1", "norm_stats": norm_stats, "head": dict(head or ckpt_lib.LEGACY_HEAD)}
 
 
 def stage2_checkpoint(state: dict[str, torch.Tensor], norm_stats: dict[str, Any]) -> dict[str, Any]:
@@ -151,7 +153,8 @@ def cast_floating(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[st
 
 
 def policy_config(run_config: dict[str, Any], norm_stats: dict[str, Any], state: dict[str, torch.Tensor], *,
-                  fingerprint: str, model_name_or_path: str, source: str, step: int) -> dict[str, Any]:
+                  fingerprint: str, model_name_or_path: str, source: str, step: int,
+                  weights: str = "trained") -> dict[str, Any]:
     """``config.json`` of a policy directory (docs/policy_format.md) from a checkpoint's
     resolved run config, norm stats and (heads) state; the sizes the policy fills at build
     time are filled here the same way."""
@@ -180,6 +183,7 @@ def policy_config(run_config: dict[str, Any], norm_stats: dict[str, Any], state:
         "seed": cfg.train.seed,
         "source_checkpoint": source,
         "step": step,
+        "weights": weights,  # "ema": the moving average of the run's weights; "trained": the weights themselves
     }
 
 
@@ -232,6 +236,14 @@ class SourceCheckpoint:
     @property
     def norm_stats(self) -> dict[str, Any]:
         return self.states["norm_stats"]
+
+    @property
+    def head(self) -> dict[str, str]:
+        return ckpt_lib.head_settings(self.project.get("action_expert"))
+
+    @property
+    def ema(self) -> dict[str, torch.Tensor] | None:
+        return ema_weights(self.states)
 
 
 def _tags(path: Path) -> list[str]:
@@ -297,6 +309,21 @@ def consolidated_state(ckpt: SourceCheckpoint) -> dict[str, torch.Tensor]:
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.load_dir), tag=ckpt.tag,
                                                          exclude_frozen_parameters=True)
     return cast_floating(state, torch.float32)
+
+
+def export_state(ckpt: SourceCheckpoint, use_ema: bool = True) -> tuple[dict[str, torch.Tensor], str]:
+    """The weights a conversion writes: :func:`consolidated_state`, with the run's moving
+    average in place of the trained weights when the checkpoint has one and ``use_ema``.
+    Returns ``(state, "ema" or "trained")``."""
+    state = consolidated_state(ckpt)
+    averaged = ckpt.ema if use_ema else None
+    if averaged is None:
+        return state, "trained"
+    unknown = sorted(set(averaged) - set(state))
+    if unknown:
+        raise CheckpointError(f"{ckpt.tag_dir}: the EMA holds tensors the checkpoint does not ({', '.join(unknown[:3])})")
+    logger.info("writing the EMA of the weights (%d tensors; --no-ema writes the trained weights)", len(averaged))
+    return {**state, **cast_floating(averaged, torch.float32)}, "ema"
 
 
 def _uses_bf16_optimizer(ds_config: dict[str, Any]) -> bool:
@@ -439,20 +466,25 @@ def _with_base(ckpt: SourceCheckpoint, state: dict[str, torch.Tensor], vl_model:
     return {**base, **state}
 
 
-def to_safetensors(ckpt, out: Path, dtype: torch.dtype, include_base: bool, vl_model: str | None) -> list[Path]:
-    state = consolidated_state(ckpt)
+def to_safetensors(ckpt, out: Path, dtype: torch.dtype, include_base: bool, vl_model: str | None,
+                   use_ema: bool = True) -> list[Path]:
+    state, _ = export_state(ckpt, use_ema)
     if include_base:
         state = _with_base(ckpt, state, vl_model)
     path = write_safetensors(state, _out_dir(out, False) / WEIGHTS_FILE, dtype, _safetensors_metadata(ckpt))
     return [path]
 
 
-def to_guide_pt(ckpt, out: Path, stage: str, include_base: bool, vl_model: str | None) -> list[Path]:
-    state = consolidated_state(ckpt)
+def to_guide_pt(ckpt, out: Path, stage: str, include_base: bool, vl_model: str | None,
+                use_ema: bool = True) -> list[Path]:
+    state, _ = export_state(ckpt, use_ema)
     if include_base:
         state = _with_base(ckpt, state, vl_model)
-    build = stage1_checkpoint if stage == "stage1" else stage2_checkpoint
-    payload = build(cast_floating(state, torch.float32), ckpt.norm_stats)
+    state = cast_floating(state, torch.float32)
+    if stage == "stage1":
+        payload = stage1_checkpoint(state, ckpt.norm_stats, ckpt.head)
+    else:
+        payload = stage2_checkpoint(state, ckpt.norm_stats)
     path = pt_output_path(out, ckpt.step)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(payload, path)
@@ -475,15 +507,15 @@ def _copy_processor_files(model_name_or_path: str, out: Path) -> None:
     AutoImageProcessor.from_pretrained(model_name_or_path, backend="pil").save_pretrained(out)
 
 
-def to_policy(ckpt, out: Path, merge_lora: bool, vl_model: str | None) -> list[Path]:
+def to_policy(ckpt, out: Path, merge_lora: bool, vl_model: str | None, use_ema: bool = True) -> list[Path]:
     out = _out_dir(out, must_be_new=True)
-    state = consolidated_state(ckpt)
+    state, weights = export_state(ckpt, use_ema)
     parts = split_policy_state(state)
     model_name = vl_model or ckpt.backbone_path
     written = []
     fingerprint = ckpt.states.get("backbone_fingerprint", "")
     config = policy_config(ckpt.config, ckpt.norm_stats, parts["heads"], fingerprint=fingerprint,
-                           model_name_or_path=model_name, source=str(ckpt.tag_dir), step=ckpt.step)
+                           model_name_or_path=model_name, source=str(ckpt.tag_dir), step=ckpt.step, weights=weights)
     (out / POLICY_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     written.append(out / POLICY_CONFIG_FILE)
     weights = {**parts["heads"], **parts["backbone"]}  # the base is never here; full-mode layers are
@@ -526,8 +558,11 @@ def to_universal(ckpt, out: Path) -> list[Path]:
 
 
 def convert(path: str | Path, out: str | Path, to: str, tag: str | None = None, merge_lora: bool = False,
-            include_base: bool = False, vl_model: str | None = None) -> ConversionResult:
-    """Convert the checkpoint at ``path`` (``tag``, or its ``latest``) to format ``to`` at ``out``."""
+            include_base: bool = False, vl_model: str | None = None, use_ema: bool = True) -> ConversionResult:
+    """Convert the checkpoint at ``path`` (``tag``, or its ``latest``) to format ``to`` at ``out``.
+
+    Weights: the run's EMA when the checkpoint has one (``use_ema``; the weights a policy is
+    meant to be used with), else the trained weights; ``universal`` keeps both as they are."""
     if to not in FORMATS:
         raise CheckpointError(f"--to {to}: unknown format (expected one of {', '.join(FORMATS)})")
     ckpt = open_checkpoint(path, tag)
@@ -535,11 +570,12 @@ def convert(path: str | Path, out: str | Path, to: str, tag: str | None = None, 
     out = Path(out)
     logger.info("converting %s (%s, step %d) to %s", ckpt.tag_dir, ckpt.stage, ckpt.step, to)
     if to in ("fp32", "bf16"):
-        written = to_safetensors(ckpt, out, torch.float32 if to == "fp32" else torch.bfloat16, include_base, vl_model)
+        written = to_safetensors(ckpt, out, torch.float32 if to == "fp32" else torch.bfloat16, include_base, vl_model,
+                                 use_ema)
     elif to in ("stage1", "stage2"):
-        written = to_guide_pt(ckpt, out, to, include_base, vl_model)
+        written = to_guide_pt(ckpt, out, to, include_base, vl_model, use_ema)
     elif to == "policy":
-        written = to_policy(ckpt, out, merge_lora, vl_model)
+        written = to_policy(ckpt, out, merge_lora, vl_model, use_ema)
     else:
         written = to_universal(ckpt, out)
     return ConversionResult(ckpt.tag_dir, ckpt.stage, ckpt.step, to, written)

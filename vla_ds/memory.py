@@ -476,6 +476,7 @@ class MemoryEstimate:
     cpu_optimizer_states: int = 0
     cpu_gradients: int = 0
     cpu_params: int = 0
+    ema: int = 0
 
     @property
     def activations(self) -> int:
@@ -483,7 +484,7 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer_states + self.activations + self.overhead
+        return self.weights + self.gradients + self.optimizer_states + self.ema + self.activations + self.overhead
 
     @property
     def cpu_total(self) -> int:
@@ -498,8 +499,10 @@ class MemoryEstimate:
 
 def estimate(counts: ParamCounts, zero: ZeroSettings, num_gpus: int, micro_batch: int,
              shape: ActivationShape, checkpointing: bool,
-             overhead: int = FIXED_OVERHEAD_BYTES) -> MemoryEstimate:
-    """Per-GPU memory of training ``counts`` under ``zero`` on ``num_gpus`` ranks."""
+             overhead: int = FIXED_OVERHEAD_BYTES, ema: bool = False) -> MemoryEstimate:
+    """Per-GPU memory of training ``counts`` under ``zero`` on ``num_gpus`` ranks; ``ema``
+    adds the moving average of the weights (``vla_ds.ema``: fp32, every trainable
+    parameter, on every rank)."""
     if num_gpus < 1:
         raise ConfigError(f"num_gpus={num_gpus!r}: expected a positive integer")
     if micro_batch < 1:
@@ -516,6 +519,7 @@ def estimate(counts: ParamCounts, zero: ZeroSettings, num_gpus: int, micro_batch
         cpu_optimizer_states=cpu["optimizer_states"],
         cpu_gradients=cpu["gradients"],
         cpu_params=cpu["params"],
+        ema=counts.trainable * FP32_BYTES if ema else 0,
     )
 
 
@@ -620,6 +624,7 @@ def format_estimate(name: str, est: MemoryEstimate, gpu_memory: int, num_gpus: i
         ("weights (bf16)", est.weights, ""),
         ("gradients", est.gradients, ""),
         ("optimizer states", est.optimizer_states, "offloaded to CPU" if est.cpu_optimizer_states else ""),
+        *([("EMA of the weights (fp32)", est.ema, "ema.enabled")] if est.ema else []),
         (f"activations (checkpointing {ckpt})", est.activations,
          f"checkpointing {'off' if est.checkpointing else 'on'}: {gb(other)}" if other != est.activations else ""),
         ("fixed overhead", est.overhead, "CUDA context + fragmentation"),

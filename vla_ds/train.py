@@ -173,15 +173,18 @@ def run(args: argparse.Namespace, cache_only: bool = False) -> dict:
     resume_states = stage1 = None
     if cfg.train.resume:
         resume_file, resume_states = checkpoint.read_model_states(cfg.train.resume)
+        check_same_head(checkpoint.head_settings(resume_states["config"].get(config_lib.PROJECT_KEY, {})
+                                                 .get("action_expert")), cfg, f"{resume_file} was trained with")
         if checkpoint.is_universal(resume_file.parent):  # from convert_checkpoint.py --to universal
             cfg.deepspeed.setdefault("checkpoint", {})["load_universal"] = True
         norm_stats = NormStats.from_dict(resume_states["norm_stats"])
     elif cfg.stage == "stage2":
         stage1 = checkpoint.read_stage1(cfg.train.stage1_checkpoint)
-        if stage1[2] is not None:
-            norm_stats = NormStats.from_dict(stage1[2])
+        check_same_head(stage1.head, cfg, f"{stage1.source} (the Stage 1 checkpoint) trained")
+        if stage1.norm_stats is not None:
+            norm_stats = NormStats.from_dict(stage1.norm_stats)
         else:
-            logger.warning("%s has no normalisation statistics; computing them from the training split", stage1[0])
+            logger.warning("%s has no normalisation statistics; computing them from the training split", stage1.source)
             norm_stats = compute_norm_stats(train_ds, seed=cfg.train.seed)
     else:
         norm_stats = compute_norm_stats(train_ds, seed=cfg.train.seed)
@@ -201,7 +204,7 @@ def run(args: argparse.Namespace, cache_only: bool = False) -> dict:
                        sensor_channels=dataset.sensor_channels, sensor_window_size=cfg.data.sensor_window_size,
                        sensor_loss_weight=cfg.train.sensor_loss_weight)
     if stage1 is not None:
-        checkpoint.load_stage1_weights(policy, stage1[0], stage1[1])
+        checkpoint.load_stage1_weights(policy, stage1.source, stage1.parts)
     if cfg.stage == "stage2":
         if cfg.finetune.mode == "lora":
             logger.info("Applying LoRA fine-tuning to VL model (r=%d, alpha=%g, dropout=%g, targets %s%s)",
@@ -267,17 +270,18 @@ def _run_distributed(args, cfg, policy, input_builder, fingerprint, train_ds, va
         val_bs = cfg.train.val_batch_size or cfg.micro_batch_size
         val_loader = (DataLoader(val_ds, batch_size=val_bs, sampler=val_indices, **loader_kwargs), num_real)
 
-    state = trainer.TrainState()
+    state, client = trainer.TrainState(), None
     if cfg.train.resume:
         client = checkpoint.load_checkpoint(engine, cfg.train.resume)
         state = trainer.TrainState(step=client["step"], epoch=client["epoch"],
                                    micro_step_in_epoch=client["micro_step_in_epoch"])
+    ema = build_ema(cfg, engine, client)
 
     client_extra = {"norm_stats": norm_stats.to_dict(), "config": cfg.to_dict(),
                     "backbone_fingerprint": fingerprint, "vla_ds_version": vla_ds.__version__}
     try:
         state = trainer.train(cfg, engine, train_loader, val_loader, sampler, [g.name for g in groups], state,
-                              client_extra, total_steps)
+                              client_extra, total_steps, ema)
     except RuntimeError as e:  # torch's SIGCHLD handler raises a dead worker wherever the main process is
         if "DataLoader worker" not in str(e):
             raise
@@ -286,6 +290,47 @@ def _run_distributed(args, cfg, policy, input_builder, fingerprint, train_ds, va
         logger.info("done: %d steps, train/loss %.4f -> %.4f; checkpoints and metrics.jsonl in %s",
                     state.step, state.history[0], state.history[-1], output_dir)
     return {"state": state, "output_dir": output_dir, "engine": engine}
+
+
+def check_same_head(stored: dict[str, str], cfg, what: str) -> None:
+    """Refuse to continue heads trained for another objective (their weights would be
+    trained towards a different target from the first step on)."""
+    wanted = {"objective": cfg.action_expert.objective, "prediction_type": cfg.action_expert.prediction_type}
+    differs = [k for k in stored if k != "prediction_type" or stored["objective"] == "diffusion"]
+    if any(stored[k] != wanted[k] for k in differs):
+        fix = " ".join(f"--set action_expert.{k}={stored[k]}" for k in differs)
+        raise config_lib.ConfigError(
+            f"{what} an action expert with {_describe_head(stored)}, but this run's config asks for "
+            f"{_describe_head(wanted)}; continue with the same head ({fix})")
+
+
+def _describe_head(head: dict[str, str]) -> str:
+    if head["objective"] == "diffusion":
+        return f"objective diffusion (prediction_type {head['prediction_type']})"
+    return f"objective {head['objective']}"
+
+
+def build_ema(cfg, engine, client: dict | None):
+    """The moving average of the trainable weights (``cfg.ema``), restored from a resumed
+    checkpoint's client state when it has one. Collective under ZeRO-3."""
+    from vla_ds import engine as engine_lib
+    from vla_ds.ema import CLIENT_KEY, ParameterEMA
+
+    saved = client.get(CLIENT_KEY) if client else None
+    if not cfg.ema.enabled:
+        if saved is not None:
+            logger.info("ema.enabled is false: the checkpoint's EMA of the weights is not continued")
+        return None
+    with engine_lib.full_trainable_parameters(engine) as named:
+        ema = ParameterEMA(cfg.ema, named)
+    if saved is not None:
+        ema.load_state_dict(saved, source=str(cfg.train.resume))
+    elif client is not None:
+        logger.warning("%s has no EMA of the weights: the average starts from its weights (step %d)",
+                       cfg.train.resume, client["step"])
+    logger.info("EMA of the trainable weights: decay %g, warm-up power %g (exported policies use it)",
+                cfg.ema.decay, cfg.ema.warmup_power)
+    return ema
 
 
 def build_feature_cache(cfg, engine, fingerprint: str, datasets: list, collate, rank: int, world: int) -> list:

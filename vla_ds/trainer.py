@@ -6,6 +6,7 @@ rank-0 work (metrics, progress bar) inside.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from vla_ds.checkpoint import save_checkpoint
 from vla_ds.config import RunConfig
 from vla_ds.data.dataset import collate_numeric
 from vla_ds.data.loading import BAD_SAMPLE, for_transfer
+from vla_ds.ema import CLIENT_KEY as EMA_CLIENT_KEY
+from vla_ds.ema import ParameterEMA
 from vla_ds.errors import DatasetError, TrainingError
 from vla_ds.metrics import MetricsLogger
 
@@ -58,17 +61,18 @@ def to_device(batch: dict[str, Any], device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
 
-def validation_noise(batch: dict[str, torch.Tensor], seed: int, horizon: int, action_dim: int,
-                     num_timesteps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fixed diffusion noise and timestep per validation sample, derived from the sample's
-    identity (episode, frame time) and the seed, so every epoch (and every rank layout)
-    scores the same problem and validation losses are comparable."""
-    noise, steps = [], []
+def validation_noise(batch: dict[str, torch.Tensor], seed: int, horizon: int,
+                     action_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed noise (B, H, A) and a uniform draw u (B,) in [0, 1) per validation sample,
+    derived from the sample's identity (episode, frame time) and the seed, so every epoch
+    (and every rank layout) scores the same problem and validation losses are comparable.
+    The action expert turns u into its own kind of timestep (``timesteps_from_uniform``)."""
+    noise, uniform = [], []
     for ep, t in zip(batch["episode_index"].tolist(), batch["frame_time"].tolist()):
         g = torch.Generator().manual_seed((seed * 1_000_003 + ep * 100_003 + round(t * 1000)) % (2**63))
         noise.append(torch.randn(horizon, action_dim, generator=g))
-        steps.append(torch.randint(0, num_timesteps, (1,), generator=g))
-    return torch.stack(noise), torch.cat(steps)
+        uniform.append(torch.rand(1, generator=g))
+    return torch.stack(noise), torch.cat(uniform)
 
 
 def validation_indices(num_samples: int, rank: int, world_size: int) -> tuple[list[int], int]:
@@ -86,14 +90,15 @@ def validate(engine, loader: DataLoader, num_real: int, cfg: RunConfig) -> float
     import deepspeed.comm as dist
 
     engine.eval()
-    ae = cfg.action_expert
+    expert = engine.module.action_expert
     total = torch.zeros(2, dtype=torch.float64, device=engine.device)  # (sum of losses, count)
     seen = 0
     for batch in loader:
         pop_bad_samples(batch)
-        noise, steps = validation_noise(batch, cfg.train.seed, ae.horizon, ae.action_dim, ae.num_train_timesteps)
+        noise, uniform = validation_noise(batch, cfg.train.seed, expert.config.horizon, expert.config.action_dim)
         batch = to_device(batch, engine.device)
-        batch["noise"], batch["timesteps"] = noise.to(engine.device), steps.to(engine.device)
+        batch["noise"] = noise.to(engine.device)
+        batch["timesteps"] = expert.timesteps_from_uniform(uniform).to(engine.device)
         out = engine(batch)
         keep = max(0, min(len(noise), num_real - seen))  # the rest of the batch is padding
         seen += len(noise)
@@ -257,10 +262,12 @@ def train(
     state: TrainState,
     client_extra: dict[str, Any],
     total_steps: int,
+    ema: ParameterEMA | None = None,
 ) -> TrainState:
     """Run epochs ``state.epoch .. cfg.train.epochs - 1`` (or until ``max_steps``). Collective.
 
     ``val_loader`` is (loader, this rank's real sample count) from :func:`validation_indices`.
+    ``ema``, when given, is updated after every optimizer step and saved in every checkpoint.
     """
     import deepspeed.comm as dist
 
@@ -281,14 +288,19 @@ def train(
                   "micro_batch_size": cfg.micro_batch_size, "world_size": dist.get_world_size(),
                   "grad_accum": accum, "train_samples": len(train_loader.dataset),
                   "seed": cfg.train.seed, **client_extra}
+        if ema is not None:
+            client[EMA_CLIENT_KEY] = ema.state_dict()
         return save_checkpoint(engine, cfg.train.output_dir, state.step, client, keep_last=cfg.train.save_total_limit)
 
     def run_validation() -> None:
         if val_loader is None:
             return
-        val_loss = validate(engine, *val_loader, cfg)
+        # With an EMA, validation scores the averaged weights: the ones the run exports.
+        with engine_lib.weights_swapped(engine, ema.shadow) if ema is not None else contextlib.nullcontext():
+            val_loss = validate(engine, *val_loader, cfg)
         metrics.log({"step": state.step, "epoch": state.epoch, "val/loss": val_loss})
-        logger.info("epoch %d step %d: val/loss %.4f", state.epoch, state.step, val_loss)
+        logger.info("epoch %d step %d: val/loss %.4f%s", state.epoch, state.step, val_loss,
+                    " (EMA weights)" if ema is not None else "")
 
     if state.step == 0 and cfg.stage == "stage2":
         # The guide: Stage 2 starts below Stage 1's final validation loss (LoRA B is zero,
@@ -321,6 +333,8 @@ def train(
                 continue
             # One optimizer step done: one host sync (the loss average), not one per micro step.
             state.step += 1
+            if ema is not None:
+                update_ema(ema, engine)
             steps_since_log += 1
             if engine.skipped_steps > skipped_before:  # agreed by all ranks inside DeepSpeed's step
                 engine_lib.discard_skipped_gradients(engine)
@@ -365,6 +379,13 @@ def train(
         bar.close()
     metrics.close()
     return state
+
+
+def update_ema(ema: ParameterEMA, engine) -> None:
+    """Move the moving average towards the weights of the step just taken (every rank
+    keeps the same average: it sees the same weights). Collective under ZeRO-3."""
+    with engine_lib.full_trainable_parameters(engine) as named:
+        ema.update(named)
 
 
 def report_bad_samples(bad_samples: dict[str, list], metrics: MetricsLogger, state: TrainState) -> None:
