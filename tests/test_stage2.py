@@ -71,6 +71,22 @@ def test_stage2_checkpoint_holds_adapters_and_heads_not_the_base(stage2):
     assert any(torch.count_nonzero(v) for v in lora_b)  # the adapters did train
 
 
+def test_research_script_checkpoint_continues_its_epsilon_head(stage1, tiny_backbone_dir, demo_dataset_dir, tmp_path,
+                                                                 capsys):
+    """The research script's .pt has no head field: it trained the DDPM epsilon head, which
+    Stage 2 continues (and says so) although stage2.json asks for sample prediction."""
+    module = final_module(stage1)
+    torch.save({part: {k[len(part) + 1:]: v for k, v in module.items() if k.startswith(part + ".")}
+                for part in ("sensor_encoder", "action_expert")}, tmp_path / "diffusion_epoch2.pt")
+    out = tmp_path / "s2"
+    assert main(args("stage2.json", demo_dataset_dir, tiny_backbone_dir, out, "--stage1-checkpoint",
+                     str(tmp_path / "diffusion_epoch2.pt"), "--max_steps", "1", "--lora-r", "4")) == 0
+    saved = json.loads((out / "config.json").read_text())["vla_ds"]["action_expert"]
+    assert (saved["objective"], saved["prediction_type"]) == ("diffusion", "epsilon")
+    assert "continuing with it, not with the config's objective diffusion (prediction_type sample)" in \
+        capsys.readouterr().err
+
+
 def test_guide_format_stage1_checkpoint_loads(stage1, tiny_backbone_dir, demo_dataset_dir, tmp_path, caplog):
     module = final_module(stage1)
     guide = {part: {k[len(part) + 1:]: v for k, v in module.items() if k.startswith(part + ".")}
@@ -88,7 +104,7 @@ def test_guide_format_stage1_checkpoint_loads(stage1, tiny_backbone_dir, demo_da
             assert torch.equal(loaded[f"{part}.{k}"], v), k
 
 
-@pytest.mark.parametrize("case", ["missing", "not_a_checkpoint", "mismatched", "no_stage1", "other_head"])
+@pytest.mark.parametrize("case", ["missing", "not_a_checkpoint", "mismatched", "no_stage1"])
 def test_bad_stage1_checkpoint_is_one_message(case, stage1, tiny_backbone_dir, demo_dataset_dir, tmp_path, capsys):
     extra = ["--stage1-checkpoint", str(stage1)]
     if case == "missing":
@@ -101,16 +117,9 @@ def test_bad_stage1_checkpoint_is_one_message(case, stage1, tiny_backbone_dir, d
     elif case == "mismatched":
         extra += ["--set", "action_expert.d_model=32", "--set", "action_expert.dim_feedforward=64"]
         expect = ["mp_rank_00_model_states.pt", "action_expert does not match", "shape mismatches", "checkpoint ("]
-    elif case == "no_stage1":
+    else:
         extra = []
         expect = ["--stage1-checkpoint"]
-    else:  # the research script's .pt: an epsilon head, which this config would train as another
-        module = final_module(stage1)
-        torch.save({part: {k[len(part) + 1:]: v for k, v in module.items() if k.startswith(part + ".")}
-                    for part in ("sensor_encoder", "action_expert")}, tmp_path / "research.pt")
-        extra = ["--stage1-checkpoint", str(tmp_path / "research.pt")]
-        expect = [str(tmp_path / "research.pt"), "prediction_type epsilon", "prediction_type sample",
-                  "--set action_expert.objective=diffusion --set action_expert.prediction_type=epsilon"]
     code = main(args("stage2.json", demo_dataset_dir, tiny_backbone_dir, tmp_path / "out", *extra))
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err

@@ -11,6 +11,7 @@ user's input (config, dataset, backbone) is checked before the process group sta
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -173,14 +174,14 @@ def run(args: argparse.Namespace, cache_only: bool = False) -> dict:
     resume_states = stage1 = None
     if cfg.train.resume:
         resume_file, resume_states = checkpoint.read_model_states(cfg.train.resume)
-        check_same_head(checkpoint.head_settings(resume_states["config"].get(config_lib.PROJECT_KEY, {})
-                                                 .get("action_expert")), cfg, f"{resume_file} was trained with")
+        continue_head(checkpoint.head_settings(resume_states["config"].get(config_lib.PROJECT_KEY, {})
+                                               .get("action_expert")), cfg, str(resume_file))
         if checkpoint.is_universal(resume_file.parent):  # from convert_checkpoint.py --to universal
             cfg.deepspeed.setdefault("checkpoint", {})["load_universal"] = True
         norm_stats = NormStats.from_dict(resume_states["norm_stats"])
     elif cfg.stage == "stage2":
         stage1 = checkpoint.read_stage1(cfg.train.stage1_checkpoint)
-        check_same_head(stage1.head, cfg, f"{stage1.source} (the Stage 1 checkpoint) trained")
+        continue_head(stage1.head, cfg, f"{stage1.source} (the Stage 1 checkpoint)")
         if stage1.norm_stats is not None:
             norm_stats = NormStats.from_dict(stage1.norm_stats)
         else:
@@ -292,16 +293,18 @@ def _run_distributed(args, cfg, policy, input_builder, fingerprint, train_ds, va
     return {"state": state, "output_dir": output_dir, "engine": engine}
 
 
-def check_same_head(stored: dict[str, str], cfg, what: str) -> None:
-    """Refuse to continue heads trained for another objective (their weights would be
-    trained towards a different target from the first step on)."""
-    wanted = {"objective": cfg.action_expert.objective, "prediction_type": cfg.action_expert.prediction_type}
-    differs = [k for k in stored if k != "prediction_type" or stored["objective"] == "diffusion"]
-    if any(stored[k] != wanted[k] for k in differs):
-        fix = " ".join(f"--set action_expert.{k}={stored[k]}" for k in differs)
-        raise config_lib.ConfigError(
-            f"{what} an action expert with {_describe_head(stored)}, but this run's config asks for "
-            f"{_describe_head(wanted)}; continue with the same head ({fix})")
+def continue_head(stored: dict[str, str], cfg, source: str) -> None:
+    """Stage 2 and ``--resume`` continue heads trained for one objective: train them towards
+    another and they start from scratch. ``cfg.action_expert`` takes the checkpoint's
+    objective and prediction_type; a config that asked for another head is told so."""
+    keys = ["objective"] + (["prediction_type"] if stored["objective"] == "diffusion" else [])
+    wanted = {k: getattr(cfg.action_expert, k) for k in keys}
+    if all(stored[k] == wanted[k] for k in keys):
+        return
+    config_head = {"objective": cfg.action_expert.objective, "prediction_type": cfg.action_expert.prediction_type}
+    logger.warning("%s trained an action expert with %s; continuing with it, not with the config's %s",
+                   source, _describe_head(stored), _describe_head(config_head))
+    cfg.action_expert = dataclasses.replace(cfg.action_expert, **{k: stored[k] for k in keys})
 
 
 def _describe_head(head: dict[str, str]) -> str:
