@@ -282,6 +282,19 @@ def _toy_problem(config, n=64):
     return vl, sensor, actions
 
 
+def _fit(model, vl, sensor, actions, steps=600):
+    """Adam on the whole toy problem for ``steps`` steps; returns the model in eval mode."""
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    pad, weight = torch.zeros(actions.shape[:2], dtype=torch.bool), torch.ones(len(actions))
+    model.train()
+    for _ in range(steps):
+        loss, _ = model.compute_loss(actions, pad, weight, vl, sensor)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
 def test_a_trained_epsilon_model_is_not_worse_with_more_ddim_steps(tiny_config):
     """The guide's head, trained on a toy problem: with the sampled chunk clamped to the data's
     range (what policies pass), 100 DDIM steps are no worse than 10. With the old +-5 clamp
@@ -290,15 +303,7 @@ def test_a_trained_epsilon_model_is_not_worse_with_more_ddim_steps(tiny_config):
     config = dataclasses.replace(tiny_config, num_train_timesteps=100)
     vl, sensor, actions = _toy_problem(config)
     torch.manual_seed(0)
-    model = ActionExpert(config)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    pad, weight = torch.zeros(len(vl), 4, dtype=torch.bool), torch.ones(len(vl))
-    for _ in range(600):
-        loss, _ = model.compute_loss(actions, pad, weight, vl, sensor)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    model = _fit(ActionExpert(config), vl, sensor, actions)
     data_range = (actions.amin((0, 1)), actions.amax((0, 1)))
 
     def error(steps, clip):
@@ -341,19 +346,10 @@ def test_every_head_learns_the_toy_problem(tiny_config, objective, prediction_ty
                                  prediction_type=prediction_type)
     vl, sensor, actions = _toy_problem(config, n=32)
     torch.manual_seed(0)
-    model = ActionExpert(config)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    pad, weight = torch.zeros(len(vl), 4, dtype=torch.bool), torch.ones(len(vl))
-    model.eval()
+    model = ActionExpert(config).eval()
     with torch.no_grad():
         before = ((model.sample(vl, sensor, generator=torch.Generator().manual_seed(1)) - actions) ** 2).mean()
-    model.train()
-    for _ in range(600):
-        loss, per_sample = model.compute_loss(actions, pad, weight, vl, sensor)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    _fit(model, vl, sensor, actions)
     out = model.sample(vl, sensor, num_inference_steps=10, generator=torch.Generator().manual_seed(1),
                        clip_range=(actions.amin((0, 1)), actions.amax((0, 1))))
     after = ((out - actions) ** 2).mean()
