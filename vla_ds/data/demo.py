@@ -14,8 +14,9 @@ Layout written by :func:`make_demo_dataset`::
                                             or pre-cut (N, 32, 16) windows at 20 Hz
       White_silicone_white_circle/episode_000/   no sensor file; some metadata.json are {} (defaults)
 
-The actions are learnable: each episode moves along one random 6-D direction with a
-smoothly varying speed. Sensor channels 0-5 carry the current velocity (plus noise),
+The actions are learnable: each episode moves along one of its source's
+``MOTIONS_PER_SOURCE`` 6-D directions (episode j takes motion j mod 3) with a smoothly
+varying speed and its own start pose. Sensor channels 0-5 carry the current velocity (plus noise),
 channel 6 the gripper, 7-15 distractor tones. The front image draws a blob at
 (pose_x, pose_y) coloured by the translation direction on a background tinted by it, the
 wrist image one at (pose_z, pose_r) coloured and tinted by the rotation direction; blob
@@ -54,6 +55,11 @@ WINDOW_HZ = 20.0
 IMAGE_W, IMAGE_H = 64, 48
 LINEAR_SPEED = 10.0  # mm/s
 ANGULAR_SPEED = 20.0  # deg/s
+# Each source repeats a few motions (task variants), as a recorded dataset repeats demonstrations:
+# with one random direction per episode, 18 training episodes do not pin down a 6-D mapping
+# through the tiny random backbone (benchmarks/bench_learning.py's regression ceiling measured
+# 0.43-0.86 of the mean-action error that way, whatever the head).
+MOTIONS_PER_SOURCE = 3
 T0 = 1_730_000_000.0
 MARKER = ".vla_ds_demo"
 
@@ -62,12 +68,22 @@ def _unit(v: np.ndarray) -> np.ndarray:
     return v / max(float(np.linalg.norm(v)), 1e-9)
 
 
-class _Motion:
-    """Pose(tau) = p0 + v * M(tau) with speed modulation m(tau) = 1 + 0.3 sin(w tau + phi)."""
+def motion_directions(seed: int, source: int) -> np.ndarray:
+    """(MOTIONS_PER_SOURCE, 6) unit translation and rotation directions of one source's motions."""
+    rng = np.random.default_rng([seed, 1000 + source])
+    return np.stack([np.concatenate([_unit(rng.normal(size=3)), _unit(rng.normal(size=3))])
+                     for _ in range(MOTIONS_PER_SOURCE)])
 
-    def __init__(self, rng: np.random.Generator, duration: float):
-        self.v = np.concatenate([LINEAR_SPEED * _unit(rng.normal(size=3)),
-                                 ANGULAR_SPEED * _unit(rng.normal(size=3))])  # (6,) mm/s, deg/s
+
+class _Motion:
+    """Pose(tau) = p0 + v * M(tau) with speed modulation m(tau) = 1 + 0.3 sin(w tau + phi).
+
+    ``direction`` (6,): unit translation and rotation directions; ``v`` scales them to
+    LINEAR_SPEED and ANGULAR_SPEED. Start pose, speed modulation and gripper timing are
+    drawn per episode."""
+
+    def __init__(self, rng: np.random.Generator, duration: float, direction: np.ndarray):
+        self.v = np.concatenate([LINEAR_SPEED * direction[:3], ANGULAR_SPEED * direction[3:]])  # (6,) mm/s, deg/s
         self.w = 2 * np.pi / rng.uniform(2.5, 4.0)
         self.phi = rng.uniform(0, 2 * np.pi)
         self.p0 = np.array([400, 0, 200, 0, 0, 0], dtype=np.float64) + rng.uniform(-20, 20, size=6)
@@ -108,10 +124,10 @@ def _draw(pos_xy: np.ndarray, colour_dir: np.ndarray, gripper: float, grid) -> n
 
 
 def _write_episode(ep_dir: Path, rng: np.random.Generator, t0: float, with_sensor: bool, sensor_layout: str,
-                   metadata: dict, wrist_suffix: str) -> int:
+                   metadata: dict, wrist_suffix: str, direction: np.ndarray) -> int:
     n_frames = int(rng.integers(40, 61))
     duration = (n_frames - 1) / FRAME_HZ
-    motion = _Motion(rng, duration)
+    motion = _Motion(rng, duration, direction)
     grid = np.mgrid[0:IMAGE_H, 0:IMAGE_W]
 
     # robot states: 50 Hz from 0.2 s before the first frame to 0.2 s after the last
@@ -186,7 +202,8 @@ def make_demo_dataset(out_dir, episodes_per_source: tuple[int, int] = (4, 3), se
 
     layouts = ("raw", "compressed", "windows")
     counter = 0
-    for (folder, instruction, _, with_sensor), n_eps in zip(SOURCES, episodes_per_source):
+    for source, ((folder, instruction, _, with_sensor), n_eps) in enumerate(zip(SOURCES, episodes_per_source)):
+        directions = motion_directions(seed, source)
         for j in range(n_eps):
             rng = np.random.default_rng([seed, counter])
             meta = {}
@@ -196,7 +213,8 @@ def make_demo_dataset(out_dir, episodes_per_source: tuple[int, int] = (4, 3), se
             if j % 3 == 1:
                 meta["confidence"] = 0.8
             n = _write_episode(out / folder / f"episode_{j:03d}", rng, T0 + 100.0 * counter, with_sensor,
-                               layouts[j % len(layouts)], meta, ".png" if j % 2 else ".jpg")
+                               layouts[j % len(layouts)], meta, ".png" if j % 2 else ".jpg",
+                               directions[j % MOTIONS_PER_SOURCE])
             logger.debug("wrote %s/episode_%03d: %d frames", folder, j, n)
             counter += 1
 
