@@ -86,9 +86,8 @@ class ParameterEMA:
         if params.keys() != self.shadow.keys():
             raise RuntimeError(f"EMA: parameters changed since the average started "
                                f"({len(params)} now, {len(self.shadow)} averaged)")
-        averages = list(self.shadow.values())
-        values = [params[name].detach().float() for name in self.shadow]
-        torch._foreach_lerp_(averages, values, 1.0 - decay)  # ema += (1 - decay) (value - ema)
+        for name, average in self.shadow.items():  # one fp32 copy of a weight at a time, not of all
+            average.lerp_(params[name].detach().float(), 1.0 - decay)  # ema += (1 - decay) (value - ema)
         self.step += 1
 
     def state_dict(self) -> dict:

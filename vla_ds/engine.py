@@ -259,17 +259,18 @@ def process_patches_undone():
 
 
 @contextlib.contextmanager
-def full_trainable_parameters(engine):
+def full_trainable_parameters(engine, modify: bool = False):
     """The engine module's trainable ``(name, parameter)`` pairs, each whole on every rank
     inside the block: ZeRO-3 gathers its partitions (collective), other stages hold whole
-    parameters anyway. Read-only: changes made inside are not scattered back."""
+    parameters anyway. Changes made inside are kept only with ``modify`` (ZeRO-3 then takes
+    rank 0's values and partitions them again)."""
     named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
     if not engine.zero_optimization_partition_weights():
         yield named
         return
     import deepspeed
 
-    with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+    with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=0 if modify else None):
         yield named
 
 
@@ -278,28 +279,15 @@ def weights_swapped(engine, weights: dict[str, torch.Tensor]):
     """Run the block with the engine module's trainable parameters holding ``weights``
     (name -> tensor, cast to each parameter's dtype), and put the parameters back bit for
     bit afterwards: training continues exactly as if the block had not run. The optimizer's
-    fp32 master weights are not touched. Collective under ZeRO-3 (gathered, set from rank 0,
-    partitioned again)."""
-    named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
-
-    @contextlib.contextmanager
-    def whole():
-        if engine.zero_optimization_partition_weights():
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=0):
-                yield
-        else:
-            yield
-
-    with torch.no_grad(), whole():
+    fp32 master weights are not touched. Collective under ZeRO-3."""
+    with torch.no_grad(), full_trainable_parameters(engine, modify=True) as named:
         saved = [p.detach().clone() for _, p in named]
         for name, p in named:
             p.copy_(weights[name])
     try:
         yield
     finally:
-        with torch.no_grad(), whole():
+        with torch.no_grad(), full_trainable_parameters(engine, modify=True) as named:
             for (_, p), old in zip(named, saved):
                 p.copy_(old)
 
