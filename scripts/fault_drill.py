@@ -216,10 +216,9 @@ def scenario_kill_in_save(ctx) -> tuple[bool, str, str]:
 def scenario_kill_and_resume(ctx) -> tuple[bool, str, str]:
     from vla_ds.train import main
 
-    # torch's AdamW: DeepSpeed's C++ CPU Adam keeps beta**t as a running product, which a
-    # resumed process recomputes with pow(): equal up to float rounding, not bit for bit.
-    extra = ["--epochs", "3", "--save_steps", "10", "--save_total_limit", "2", *ctx.common,
-             "--set", "optimizer.params.torch_adam=true"]
+    # The shipped optimizer (DeepSpeed's fused Adam): a resume replays its C++ beta^t product
+    # (engine.replay_adam_step_counter), so the killed and resumed run is bit for bit the same.
+    extra = ["--epochs", "3", "--save_steps", "10", "--save_total_limit", "2", *ctx.common]
     straight = ctx.root / "uninterrupted"
     assert main(train_args(ctx.data, ctx.backbone, straight, *extra)) == 0
     out = ctx.root / "killed"

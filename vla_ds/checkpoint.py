@@ -275,6 +275,9 @@ def load_checkpoint(engine, path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{load_dir / tag}: {e}") from None
     if load_path is None:
         raise CheckpointError(f"{load_dir / tag}: DeepSpeed could not load this checkpoint")
+    from vla_ds.engine import replay_adam_step_counter
+
+    replay_adam_step_counter(engine)  # the CPU Adam kernels' beta^t, as the uninterrupted run has it
     scheduler = engine.lr_scheduler
     if scheduler is not None and hasattr(scheduler, "last_batch_iteration"):
         # The loaded optimizer param groups carry the lr the saving run set last (a universal

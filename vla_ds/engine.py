@@ -258,6 +258,44 @@ def process_patches_undone():
         torch.nn.functional.linear = linear
 
 
+def replay_adam_step_counter(engine) -> int:
+    """Bring DeepSpeed's C++ Adam kernels to where the checkpoint's run left them. Returns
+    the optimizer step replayed to (0: nothing to do).
+
+    DeepSpeed's CPU Adam (``DeepSpeedCPUAdam``, the offload configs' optimizer, and
+    ``FusedAdam`` on the CPU accelerator) keeps beta1^t and beta2^t for the bias correction
+    inside a C++ object and updates them by one float multiplication per step; a fresh
+    process starting at step k + 1 computes pow(beta, k + 1) instead, which differs in the
+    last bits, so every update after a resume differed from the uninterrupted run's by a
+    rounding step and the runs drifted apart. Calling the kernel for steps 1..k on a
+    one-element dummy tensor walks the C++ object through the same multiplications. CUDA's
+    FusedAdam computes pow(beta, step) on every call and needs nothing.
+    """
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
+
+    opt = engine.basic_optimizer
+    cpu_adam = isinstance(opt, DeepSpeedCPUAdam)
+    if not (cpu_adam or (isinstance(opt, FusedAdam) and get_accelerator().device_name() == "cpu")):
+        return 0
+    steps = [int(state["step"]) for state in opt.state.values() if "step" in state]
+    group = next((g for g in opt.param_groups if g["params"]), None)
+    if not steps or group is None:
+        return 0
+    beta1, beta2 = group["betas"]
+    bias_correction = bool(group.get("bias_correction", True))
+    param, grad, exp_avg, exp_avg_sq = (torch.zeros(1) for _ in range(4))
+    for step in range(1, max(steps) + 1):
+        if cpu_adam:
+            opt.ds_opt_adam.adam_update(opt.opt_id, step, group["lr"], beta1, beta2, group["eps"],
+                                        group["weight_decay"], bias_correction, param, grad, exp_avg, exp_avg_sq)
+        else:
+            opt.multi_tensor_adam(2048, opt._dummy_overflow_buf, [[grad], [param], [exp_avg], [exp_avg_sq]],
+                                  group["lr"], beta1, beta2, group["eps"], step, opt.adam_w_mode,
+                                  int(bias_correction), group["weight_decay"])
+    return max(steps)
+
+
 @contextlib.contextmanager
 def full_trainable_parameters(engine, modify: bool = False):
     """The engine module's trainable ``(name, parameter)`` pairs, each whole on every rank
