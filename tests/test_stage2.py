@@ -58,6 +58,20 @@ def test_stage2_starts_where_stage1_ended(stage1, stage2):
     assert first["val/loss"] == pytest.approx(s1_val[-1], rel=1e-4)
 
 
+def test_stage2_starts_from_the_stage1_fp32_masters(stage1, tiny_backbone_dir, demo_dataset_dir, tmp_path):
+    """Not from the bf16 module copy in Stage 1's checkpoint, nor from DeepSpeed's masters made
+    from the bf16 module: the Stage 1 optimizer's fp32 weights, exactly."""
+    out = tmp_path / "s2"
+    assert main(args("stage2.json", demo_dataset_dir, tiny_backbone_dir, out, "--stage1-checkpoint", str(stage1),
+                     "--max_steps", "1", "--grad_accum", "1", "--lora-r", "4")) == 0
+    want = fp32_masters_from_shards(stage1, ranks=1)["fp32"]
+    got = fp32_masters_from_shards(out, ranks=1)["fp32"]
+    heads = [k for k in want if k.startswith(("sensor_encoder.", "action_expert."))]
+    assert heads and any(not torch.equal(want[k], want[k].bfloat16().float()) for k in heads)  # bf16 would differ
+    for name in heads:  # one update at warmup step 0 (lr 0): Stage 2's masters are where they started
+        assert torch.equal(got[name], want[name]), name
+
+
 def test_two_learning_rates_keep_their_ratio(stage2):
     rows = train_rows(stage2)
     ratios = [r["train/lr/vl"] / r["train/lr/other"] for r in rows if r["train/lr/other"] > 0]

@@ -312,8 +312,10 @@ def read_stage1(path: str | Path) -> Stage1Weights:
     ``.pt`` (``{"sensor_encoder": ..., "action_expert": ..., "training_stage": "stage1"}``,
     optionally with ``norm_stats`` and, from ``convert_checkpoint.py --to stage1``,
     ``head``). The parts are ``sensor_encoder``, ``action_expert`` and, from engine
-    checkpoints, the normalisation buffers; an engine checkpoint with an EMA of the weights
-    gives the averaged weights (the ones its exported policy uses).
+    checkpoints, the normalisation buffers. From an engine checkpoint the weights are the fp32
+    master weights (not the module's bf16 copy), or the fp32 EMA of them when the run kept one
+    (the weights its exported policy uses); :func:`set_master_weights` puts them into the
+    Stage 2 optimizer, whose own masters start from the bf16 module.
     """
     path = Path(path)
     if not path.exists():
@@ -335,12 +337,12 @@ def read_stage1(path: str | Path) -> Stage1Weights:
     stage = project.get("stage")
     if stage not in (None, "stage1"):
         logger.warning("%s was saved by a %s run; taking its sensor encoder and action expert", source, stage)
-    module = states["module"]
-    if source.name != MODEL_STATES_FILES[0]:  # ZeRO-3: the weights are partitioned across rank files
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    # The fp32 master weights, gathered from the optimizer shards: the module's own copy is the
+    # bf16 one under ZeRO-1/2 (and partitioned under ZeRO-3).
+    from vla_ds.convert import SourceCheckpoint, consolidated_state
 
-        module = get_fp32_state_dict_from_zero_checkpoint(str(source.parent.parent), tag=source.parent.name,
-                                                          exclude_frozen_parameters=True)
+    module = {**states["module"], **consolidated_state(SourceCheckpoint(source.parent.parent, source.parent.name,
+                                                                        states))}
     averaged = ema_weights(states)
     if averaged is not None:
         logger.info("%s: taking the EMA of the Stage 1 weights", source)

@@ -296,6 +296,22 @@ def replay_adam_step_counter(engine) -> int:
     return max(steps)
 
 
+def set_master_weights(engine, weights: dict[str, torch.Tensor]) -> int:
+    """Put fp32 ``weights`` (name -> tensor, VLAPolicy names) into the optimizer's fp32 master
+    copies of the trainable parameters they name. DeepSpeed makes its masters from the module
+    after casting it to bf16, so fp32 weights loaded into the module before
+    ``deepspeed.initialize`` arrive rounded; this restores them (the bf16 module already holds
+    their rounding). Returns how many parameters were set."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    count = 0
+    for name, param in engine.module.named_parameters():
+        if param.requires_grad and name in weights:
+            safe_set_full_fp32_param(param, weights[name].to(device=param.device, dtype=torch.float32))
+            count += 1
+    return count
+
+
 @contextlib.contextmanager
 def full_trainable_parameters(engine, modify: bool = False):
     """The engine module's trainable ``(name, parameter)`` pairs, each whole on every rank

@@ -232,7 +232,7 @@ def run(args: argparse.Namespace, cache_only: bool = False) -> dict:
     try:
         with engine_lib.process_patches_undone():
             return _run_distributed(args, cfg, policy, input_builder, fingerprint, train_ds, val_ds, sampler, norm_stats,
-                                    total_steps, output_dir, rank, world, cache_only)
+                                    total_steps, output_dir, rank, world, cache_only, stage1)
     except RuntimeError as e:  # a collective failed: translate a dead peer or a timeout into one line
         line = engine_lib.describe_distributed_failure(e, str(output_dir)) if world > 1 else None
         if line is None:
@@ -241,7 +241,7 @@ def run(args: argparse.Namespace, cache_only: bool = False) -> dict:
 
 
 def _run_distributed(args, cfg, policy, input_builder, fingerprint, train_ds, val_ds, sampler, norm_stats,
-                     total_steps, output_dir, rank, world, cache_only) -> dict:
+                     total_steps, output_dir, rank, world, cache_only, stage1=None) -> dict:
     """Everything after the process group starts: checks across ranks, engine, cache, training."""
     from vla_ds import checkpoint, engine as engine_lib, preflight, trainer
     from vla_ds.data.loading import LoaderDataset
@@ -249,6 +249,9 @@ def _run_distributed(args, cfg, policy, input_builder, fingerprint, train_ds, va
     preflight.check_ranks(cfg, {"dataset": f"{len(train_ds)} train + {len(val_ds)} val samples",
                                 "backbone fingerprint": fingerprint})
     engine, groups = engine_lib.initialize(policy, cfg)
+    if stage1 is not None:  # Stage 1's fp32 weights, not their bf16 rounding, start the masters
+        engine_lib.set_master_weights(engine, {f"{part}.{name}": value for part, state in stage1.parts.items()
+                                               for name, value in state.items()})
 
     collate = trainer.PolicyCollator(input_builder)
     if config_lib.cache_enabled(cfg):
