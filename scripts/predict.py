@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> None:
     generator = torch.Generator(device=device).manual_seed(args.seed)
     predicted = policy.predict_actions(sample["images"], sample["instruction"], sample["sensor_window"],
                                        num_inference_steps=steps, generator=generator,
-                                       has_sensor=bool(sample["has_sensor"]))  # (H, 7)
+                                       has_sensor=bool(sample["has_sensor"]), sensor_pad=sample["sensor_pad"])  # (H, 7)
     episode = dataset.episodes[0]
     recorded, is_pad = sample["actions"], sample["action_is_pad"]
     print(f"policy   {args.policy} ({policy.policy_config.get('stage', '?')}), {expert.sampler_description(steps)}, "

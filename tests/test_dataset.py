@@ -287,12 +287,15 @@ def test_sensor_windows_in_samples_and_channels(tmp_path):
     ds = VLADataset.from_config(cfg(tmp_path))
     assert ds.sensor_channels == 2
     s0 = ds[0]  # t = 0: only sample 0 exists
-    assert s0["has_sensor"] is True
+    assert s0["has_sensor"] is True and s0["sensor_pad"] == 3  # the 3 rows before it are padding
     np.testing.assert_array_equal(s0["sensor_window"], [[0, 0], [0, 0], [0, 0], [0, 0]])
     s5 = ds[5]  # t = 0.5: samples 47..50
     np.testing.assert_array_equal(s5["sensor_window"][:, 0], [47, 48, 49, 50])
+    assert s5["sensor_pad"] == 0
     other = ds[21]  # episode without sensor: zeros with the dataset's C
     assert other["has_sensor"] is False and other["sensor_window"].shape == (4, 2) and not other["sensor_window"].any()
+    assert other["sensor_pad"] == 4
+    assert collate_numeric([s0, s5, other])["sensor_pad"].tolist() == [3, 0, 4]
 
 
 def test_sensor_channel_mismatch_names_both_files(tmp_path):

@@ -214,6 +214,8 @@ def test_sensor_raw_stored_is_memory_mapped_and_windows_exact(tmp_path):
     np.testing.assert_array_equal(w[2:], data[0:2])
     np.testing.assert_array_equal(s.window(ts[0] - 1, 4), np.zeros((4, 3)))
     assert s.window(ts[9], 4).dtype == np.float32
+    # ...and how many rows are that padding
+    assert [s.padded_window(t, 4)[1] for t in (ts[5], ts[1], ts[0] - 1)] == [0, 2, 4]
 
 
 def test_sensor_compressed_matches(tmp_path):
@@ -242,6 +244,7 @@ def test_sensor_precut_windows(tmp_path):
     np.testing.assert_array_equal(s.window(2.0, 4), windows[1])  # ends exactly at t
     np.testing.assert_array_equal(s.window(2.0 + 5e-7, 4), windows[1])
     np.testing.assert_array_equal(s.window(2.99, 2), windows[1, 2:])  # last W rows
+    assert [s.padded_window(t, 6)[1] for t in (0.99, 3.5)] == [6, 2]
     w = s.window(3.5, 6)  # Wp = 4 < W = 6: front zero-padded
     np.testing.assert_array_equal(w[:2], 0)
     np.testing.assert_array_equal(w[2:], windows[2])

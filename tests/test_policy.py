@@ -93,6 +93,29 @@ def test_sensor_loss_weight_and_confidence_weight_each_sample(parts):
     assert torch.allclose(out3["loss"], (expected_w * out3["per_sample_loss"]).mean(), atol=1e-6)
 
 
+def test_padding_rows_of_a_sensor_window_read_as_the_mean(parts):
+    """Front padding (raw zeros before the stream started) is not a reading: it enters the
+    encoder as the training mean (0 after normalisation), exactly as a window whose missing
+    rows held the mean would, and not as raw zeros (-mean/std: several sigma off)."""
+    bcfg, dataset, stats = parts
+    shifted = dataclasses.replace(stats, sensor_mean=stats.sensor_mean + 3.0)  # zeros are 3+ sigma away
+    policy = make_policy(parts, stats=shifted)
+    g = torch.Generator().manual_seed(0)
+    window = torch.randn(2, WINDOW, dataset.sensor_channels, generator=g) + 3.0  # (B, W, C)
+    has = torch.ones(2, dtype=torch.bool)
+    pad = torch.tensor([5, 0])
+    padded = window.clone()
+    padded[0, :5] = 0.0  # what the dataset writes for 5 missing rows
+    with_mean = window.clone()
+    with_mean[0, :5] = torch.as_tensor(shifted.sensor_mean, dtype=torch.float32)
+    with torch.no_grad():
+        got = policy.sensor_features(padded, has, pad)
+        torch.testing.assert_close(got, policy.sensor_features(with_mean, has))  # padded: the mean
+        unaware = policy.sensor_features(padded, has)
+    assert (got[0] - unaware[0]).abs().max() > 1e-3  # raw zeros would have read differently
+    torch.testing.assert_close(got[1], unaware[1])  # an unpadded window is unchanged
+
+
 def test_predict_actions_returns_denormalised_chunks(parts):
     bcfg, dataset, stats = parts
     sample = dataset[mixed_indices(dataset)[0]]

@@ -39,6 +39,7 @@ from vla_ds.data.dataset import (
     HAS_SENSOR,
     IMAGES,
     INSTRUCTION,
+    SENSOR_PAD,
     SENSOR_WINDOW,
 )
 from vla_ds.errors import ConfigError, DatasetError
@@ -282,7 +283,8 @@ def predict_samples(policy, dataset: VLADataset, max_samples: int | None = None,
             predicted = policy.predict_actions(
                 [s[IMAGES] for s in samples], [s[INSTRUCTION] for s in samples],
                 np.stack([s[SENSOR_WINDOW] for s in samples]), num_inference_steps=num_inference_steps,
-                generator=generator, has_sensor=[bool(s[HAS_SENSOR]) for s in samples])  # (B, H, 7)
+                generator=generator, has_sensor=[bool(s[HAS_SENSOR]) for s in samples],
+                sensor_pad=[int(s[SENSOR_PAD]) for s in samples])  # (B, H, 7)
             for (e, sample), chunk in zip(batch, predicted):
                 sample.pop(IMAGES)  # keep only what the report and plots need
                 sample.pop(SENSOR_WINDOW)

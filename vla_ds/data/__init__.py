@@ -15,6 +15,7 @@ from vla_ds.data.dataset import (
     HAS_SENSOR,
     IMAGES,
     INSTRUCTION,
+    SENSOR_PAD,
     SENSOR_WINDOW,
     DataConfig,
     VLADataset,
@@ -33,7 +34,7 @@ from vla_ds.data.sampler import DistributedWeightedSampler
 
 __all__ = [
     "ACTION_DIM", "ACTION_IS_PAD", "ACTIONS", "CONFIDENCE", "EPISODE_INDEX", "FRAME_TIME", "HAS_SENSOR",
-    "IMAGES", "INSTRUCTION", "SENSOR_WINDOW",
+    "IMAGES", "INSTRUCTION", "SENSOR_PAD", "SENSOR_WINDOW",
     "DataConfig", "VLADataset", "collate_numeric", "compute_action_chunk", "load_episodes", "read_mixture", "scan_dataset",
     "split_train_val", "wrap_degrees",
     "make_demo_dataset",

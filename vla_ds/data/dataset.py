@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 IMAGES = "images"                  # list of V uint8 (h, w, 3) arrays, camera_views order -> list of B lists
 INSTRUCTION = "instruction"        # str -> list of B str
 SENSOR_WINDOW = "sensor_window"    # float32 (W, C) raw values, zeros without sensor -> (B, W, C)
+SENSOR_PAD = "sensor_pad"          # int, the window's first rows that are front padding (W without sensor) -> int64 (B,)
 HAS_SENSOR = "has_sensor"          # bool -> bool (B,)
 ACTIONS = "actions"                # float32 (H, 7) raw deltas, zeros at padded steps -> (B, H, 7)
 ACTION_IS_PAD = "action_is_pad"    # bool (H,), True past the episode end -> bool (B, H)
@@ -471,14 +472,16 @@ class VLADataset(torch.utils.data.Dataset):
         if with_images:
             images = [decode_image(ep.image_path(v, self._sample_frames[i, v])) for v in range(self.num_views)]
         if ep.sensor is not None:
-            sensor = ep.sensor.window(t, cfg.sensor_window_size)  # (W, C)
+            sensor, sensor_pad = ep.sensor.padded_window(t, cfg.sensor_window_size)  # (W, C), rows of padding
         else:
             sensor = np.zeros((cfg.sensor_window_size, self.sensor_channels), dtype=np.float32)  # (W, C)
+            sensor_pad = cfg.sensor_window_size
         actions, is_pad = self.get_actions(i)  # (H, 7), (H,)
         return {
             IMAGES: images,
             INSTRUCTION: ep.instruction,
             SENSOR_WINDOW: sensor,
+            SENSOR_PAD: sensor_pad,
             HAS_SENSOR: ep.sensor is not None,
             ACTIONS: actions,
             ACTION_IS_PAD: is_pad,
@@ -616,6 +619,7 @@ def collate_numeric(samples: list[dict]) -> dict:
     batch = {
         # Stacked straight into float32: one copy (sensor windows can be MBs per sample).
         SENSOR_WINDOW: torch.from_numpy(np.stack([s[SENSOR_WINDOW] for s in samples], dtype=np.float32)),  # (B, W, C)
+        SENSOR_PAD: torch.tensor([int(s[SENSOR_PAD]) for s in samples], dtype=torch.long),  # (B,)
         HAS_SENSOR: torch.tensor([bool(s[HAS_SENSOR]) for s in samples], dtype=torch.bool),  # (B,)
         ACTIONS: torch.from_numpy(np.stack([s[ACTIONS] for s in samples], dtype=np.float32)),  # (B, H, 7)
         ACTION_IS_PAD: torch.from_numpy(np.stack([s[ACTION_IS_PAD] for s in samples]).astype(np.bool_)),  # (B, H)

@@ -573,11 +573,15 @@ class SensorData:
         front zero-padded if it is shorter; all zeros when no window ends by t.
         Both compare with ``TIME_EPS`` slack.
         """
+        return self.padded_window(t, size)[0]
+
+    def padded_window(self, t: float, size: int) -> tuple[np.ndarray, int]:
+        """:meth:`window` and how many of its first rows are padding (no reading yet)."""
         out = np.zeros((size, self.channels), dtype=np.float32)
         end = int(np.searchsorted(self.timestamps, t + TIME_EPS, side="right"))
         if self.is_windows:
             if end == 0:
-                return out
+                return out, size
             rows = self.data[end - 1, -size:]  # (<=size, C)
         else:
             rows = self.data[max(0, end - size):end]  # (<=size, C)
@@ -590,7 +594,7 @@ class SensorData:
                      else f"row {max(0, end - size) + bad}")
             raise DatasetError(f"{self.path}: 'data' {where}, channel {channel} is not finite (NaN/inf), in the "
                                f"sensor window ending at t={t:.6f}")
-        return out
+        return out, size - len(rows)
 
     def sample_rows(self, rng: np.random.Generator, max_rows: int) -> np.ndarray:
         """Up to ``max_rows`` random rows of the stream (windows flattened): (n, C) float64.

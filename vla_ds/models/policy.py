@@ -14,6 +14,7 @@ Batch keys read by :meth:`VLAPolicy.forward` (produced by ``vla_ds.data.collate`
     image_grid_thw             (B*V, 3)
     vl_hidden                  (B, Hvl)      optional: cached pooled backbone features (replaces the four above)
     sensor_window              (B, W, C)     raw sensor values
+    sensor_pad                 (B,) long     optional: the window's first rows that are padding (no reading yet)
     has_sensor                 (B,) bool
     actions                    (B, H, 7)     raw delta actions
     action_is_pad              (B, H) bool
@@ -155,8 +156,20 @@ class VLAPolicy(nn.Module):
         with torch.no_grad() if frozen else contextlib.nullcontext():
             return self.backbone(*(batch[k] for k in VL_INPUT_KEYS))
 
-    def sensor_features(self, sensor_window: torch.Tensor, has_sensor: torch.Tensor) -> torch.Tensor:
+    def sensor_features(self, sensor_window: torch.Tensor, has_sensor: torch.Tensor,
+                        sensor_pad: torch.Tensor | None = None) -> torch.Tensor:
+        """Sensor encoder features (B, sensor_feature_dim) of raw windows (B, W, C).
+
+        ``sensor_pad`` (B,): how many of each window's first rows are front padding (the
+        episode had no reading yet). They read 0 after normalisation, i.e. the training mean,
+        not the raw zeros of the padding, which normalise to -mean/std (several standard
+        deviations for an offset channel) and would enter the encoder as real readings.
+        """
         sensor = self.sensor_norm.normalize(sensor_window)  # (B, W, C)
+        if sensor_pad is not None:
+            rows = torch.arange(sensor.shape[1], device=sensor.device)  # (W,)
+            is_pad = rows[None, :] < sensor_pad.to(sensor.device)[:, None]  # (B, W)
+            sensor = sensor.masked_fill(is_pad[..., None], 0.0)
         # Rows without sensor data get the learned no-sensor embedding inside the encoder.
         return self.sensor_encoder(sensor, has_sensor)  # (B, sensor_feature_dim)
 
@@ -170,7 +183,7 @@ class VLAPolicy(nn.Module):
         """
         vl_hidden = self.vl_features(batch)  # (B, Hvl)
         has_sensor = batch["has_sensor"].bool()
-        sensor_features = self.sensor_features(batch["sensor_window"], has_sensor)
+        sensor_features = self.sensor_features(batch["sensor_window"], has_sensor, batch.get("sensor_pad"))
         actions = self.action_norm.normalize(batch["actions"])  # (B, H, 7)
         weight = batch["confidence"].float() * torch.where(
             has_sensor, torch.full_like(batch["confidence"].float(), self.sensor_loss_weight), 1.0
@@ -198,6 +211,7 @@ class VLAPolicy(nn.Module):
         method: str | None = None,
         generator: torch.Generator | None = None,
         has_sensor: bool | list[bool] | np.ndarray | None = None,
+        sensor_pad: int | list[int] | np.ndarray | None = None,
     ) -> np.ndarray:
         """De-normalised action chunks.
 
@@ -214,7 +228,9 @@ class VLAPolicy(nn.Module):
         state gives the same chunks. ``has_sensor`` marks which samples have sensor data
         (a bool, or one per sample in the batched form); by default every sample has it
         when ``sensor_window`` is given and none does without it. Samples without it use
-        the learned no-sensor embedding, as in training.
+        the learned no-sensor embedding, as in training. ``sensor_pad`` (an int, or one per
+        sample) says how many of the window's first rows are padding because the stream
+        started less than W samples ago; they are read as the training mean (default 0).
         """
         if self.input_builder is None:
             raise RuntimeError("predict_actions needs policy.input_builder (VLInputBuilder) to be set")
@@ -225,6 +241,8 @@ class VLAPolicy(nn.Module):
                 sensor_window = torch.as_tensor(sensor_window)[None]
             if has_sensor is not None:
                 has_sensor = [bool(has_sensor)]
+            if sensor_pad is not None:
+                sensor_pad = [int(sensor_pad)]
         device = next(self.action_expert.parameters()).device
         batch = {k: v.to(device) for k, v in self.input_builder(images, instruction).items()}
         bsz = len(instruction)
@@ -244,8 +262,13 @@ class VLAPolicy(nn.Module):
                 raise ValueError(f"has_sensor has {has_sensor.numel()} values for {bsz} samples")
             if sensor_window is None and bool(has_sensor.any()):
                 raise ValueError("has_sensor is True for a sample but no sensor_window was given")
+        if sensor_pad is not None:
+            sensor_pad = torch.as_tensor(np.asarray(sensor_pad, dtype=np.int64), device=device).reshape(-1)  # (B,)
+            if sensor_pad.numel() != bsz or bool(((sensor_pad < 0) | (sensor_pad > w)).any()):
+                raise ValueError(f"sensor_pad must be {bsz} counts in 0..{w} (padded rows of each window), "
+                                 f"got {sensor_pad.tolist()}")
         vl_hidden = self.vl_features(batch)
-        sensor_features = self.sensor_features(sensor, has_sensor)
+        sensor_features = self.sensor_features(sensor, has_sensor, sensor_pad)
         actions = self.action_expert.sample(vl_hidden, sensor_features, num_inference_steps=num_inference_steps,
                                             method=method, generator=generator,
                                             clip_range=self.action_norm.normalized_range())  # (B, H, 7) normalised
