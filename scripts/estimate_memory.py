@@ -78,7 +78,11 @@ def _micro_batch(ds: dict[str, Any], num_gpus: int) -> int:
 
 
 def _pixel_bounds(project: dict[str, Any], vl_model: str | None) -> tuple[int, int]:
-    """min/max pixels: the JSON's backbone section, else --vl-model's processor, else the reference."""
+    """min/max pixels as training resolves them: the JSON's backbone section, else
+    BackboneConfig's default (max_pixels 250880); a null value, or min_pixels, falls back to
+    --vl-model's processor, else the reference."""
+    from vla_ds.models.backbone import DEFAULT_MAX_PIXELS
+
     bounds = {"min_pixels": memory.REFERENCE_MIN_PIXELS, "max_pixels": memory.REFERENCE_MAX_PIXELS}
     processor = Path(os.path.expanduser(vl_model)) / "preprocessor_config.json" if vl_model else None
     if processor is not None and processor.is_file():
@@ -86,7 +90,7 @@ def _pixel_bounds(project: dict[str, Any], vl_model: str | None) -> tuple[int, i
         size = saved.get("size") or {}
         bounds["min_pixels"] = saved.get("min_pixels") or size.get("shortest_edge") or bounds["min_pixels"]
         bounds["max_pixels"] = saved.get("max_pixels") or size.get("longest_edge") or bounds["max_pixels"]
-    backbone = project.get("backbone") or {}
+    backbone = {"max_pixels": DEFAULT_MAX_PIXELS, **(project.get("backbone") or {})}
     for key in bounds:
         if backbone.get(key):
             bounds[key] = backbone[key]

@@ -129,6 +129,15 @@ def test_builder_pixel_limits_override(tiny_dir):
     assert int(pixels.max()) <= 28 * 28 * 2 and int(pixels.min()) >= 28 * 28
 
 
+def test_default_image_budget_keeps_640x360_and_caps_1080p(tiny_dir):
+    """backbone.max_pixels defaults to 320 tokens per view (not the processor's 12.8 MP): the
+    guide's 640x360 cameras keep their size, a 1920x1080 camera is scaled into the budget."""
+    builder = VLInputBuilder.from_pretrained(BackboneConfig(model_name_or_path=str(tiny_dir)))
+    per_view, total = builder.token_counts([_image(0, 360, 640), _image(1, 1080, 1920)], SHORT)
+    assert per_view == [(364, 644, 299), (364, 644, 299)]
+    assert total == len(builder([[_image(0, 360, 640), _image(1, 1080, 1920)]], [SHORT])["input_ids"][0])
+
+
 def test_builder_pickles(builder):
     clone = pickle.loads(pickle.dumps(builder))
     images = [[_image(0, 64, 64)]]

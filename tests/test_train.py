@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -32,10 +33,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_in_process_run_writes_metrics_config_and_checkpoints(tiny_backbone_dir, demo_dataset_dir, tmp_path):
+def test_in_process_run_writes_metrics_config_and_checkpoints(tiny_backbone_dir, demo_dataset_dir, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(tiny_args(demo_dataset_dir, tiny_backbone_dir, out, "--batch_size", "8", "--grad_accum", "2",
                           "--epochs", "2", "--lr", "1e-3", "--set", "csv_monitor.enabled=true")) == 0
+    # What the image budget makes of the cameras, once at start (the demo's 64x48 views).
+    assert re.search(r"LM tokens per sample: \d+ \(64x48 -> \d+x\d+: \d+ tokens, 64x48 -> ", capsys.readouterr().err)
     rows = read_metrics(out)
     train = [r for r in rows if "train/loss" in r]
     val = [r for r in rows if "val/loss" in r]

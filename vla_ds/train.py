@@ -200,6 +200,7 @@ def run(args: argparse.Namespace, cache_only: bool = False) -> dict:
             "world_size": world, "micro_batch_size": cfg.micro_batch_size, "grad_accum": cfg.grad_accum,
             "train_samples": len(train_ds), "seed": cfg.train.seed})
     input_builder = VLInputBuilder.from_pretrained(cfg.backbone)
+    log_tokens_per_sample(train_ds, input_builder, cfg.backbone.max_pixels)
     trainer.seed_everything(cfg.train.seed)
     policy = VLAPolicy(backbone, cfg.sensor_encoder, cfg.action_expert, norm_stats,
                        sensor_channels=dataset.sensor_channels, sensor_window_size=cfg.data.sensor_window_size,
@@ -294,6 +295,16 @@ def _run_distributed(args, cfg, policy, input_builder, fingerprint, train_ds, va
         logger.info("done: %d steps, train/loss %.4f -> %.4f; checkpoints and metrics.jsonl in %s",
                     state.step, state.history[0], state.history[-1], output_dir)
     return {"state": state, "output_dir": output_dir, "engine": engine}
+
+
+def log_tokens_per_sample(dataset, input_builder, max_pixels) -> None:
+    """One line with the first training sample's image size, LM tokens per view and prompt
+    length: what backbone.max_pixels makes of the cameras (the backbone's memory scales with it)."""
+    sample = dataset[0]
+    per_view, total = input_builder.token_counts(sample["images"], sample["instruction"])
+    views = ", ".join(f"{img.shape[1]}x{img.shape[0]} -> {w}x{h}: {n} tokens"
+                      for img, (h, w, n) in zip(sample["images"], per_view))
+    logger.info("LM tokens per sample: %d (%s; backbone.max_pixels %s)", total, views, max_pixels)
 
 
 def continue_head(stored: dict[str, str], cfg, source: str) -> None:

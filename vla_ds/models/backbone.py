@@ -68,6 +68,9 @@ IMAGE_GRID_THW = "image_grid_thw"
 VL_INPUT_KEYS = (INPUT_IDS, ATTENTION_MASK, PIXEL_VALUES, IMAGE_GRID_THW)
 
 
+DEFAULT_MAX_PIXELS = 320 * 28 * 28  # at most 320 LM tokens per camera view
+
+
 @dataclass
 class BackboneConfig:
     """Which Qwen2.5-VL to load and how to feed it.
@@ -77,8 +80,11 @@ class BackboneConfig:
             A local directory is loaded with ``local_files_only`` (no network).
         min_pixels: Lower bound on the pixels of each view after resizing; ``None`` keeps the
             checkpoint's image processor setting (3136 for Qwen2.5-VL-3B-Instruct).
-        max_pixels: Upper bound on the pixels of each view after resizing; ``None`` keeps the
-            processor's setting (12845056). Each 28x28 pixel block becomes one LM token.
+        max_pixels: Upper bound on the pixels of each view after resizing. Each 28x28 pixel
+            block becomes one LM token, so the default, 320 x 28 x 28 = 250880, is at most
+            320 tokens per view: the guide's 640x360 cameras keep their size (299 tokens),
+            a 1920x1080 camera is scaled down to the same budget. ``None`` keeps the
+            processor's setting (12845056: about 2,700 tokens for 1920x1080, a memory blow-up).
         dtype: Dtype the weights are loaded in: ``"bfloat16"`` or ``"float32"``.
         attn_implementation: transformers attention backend (``"sdpa"``, ``"eager"``,
             ``"flash_attention_2"``, ``"flash_attention_3"``).
@@ -88,7 +94,7 @@ class BackboneConfig:
 
     model_name_or_path: str = "Qwen/Qwen2.5-VL-3B-Instruct"
     min_pixels: int | None = None
-    max_pixels: int | None = None
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
     dtype: str = "bfloat16"
     attn_implementation: str = "sdpa"
     max_text_tokens: int = 256
@@ -370,6 +376,15 @@ class VLInputBuilder:
         """LM tokens of one image: its patch count over the spatial merge (2x2 patches -> 1 token)."""
         t, h, w = (int(x) for x in grid_thw)
         return t * h * w // self.merge_size**2
+
+    def token_counts(self, views: list[np.ndarray], instruction: str) -> tuple[list[tuple[int, int, int]], int]:
+        """For one sample: per view ``(resized height, resized width, LM tokens)`` and the
+        prompt's length in LM tokens (views, markers, template and instruction)."""
+        grid = self.image_processor([np.asarray(v) for v in views], return_tensors="pt",
+                                    input_data_format="channels_last")["image_grid_thw"]  # (V, 3)
+        patch = int(self.image_processor.patch_size)
+        per_view = [(int(h) * patch, int(w) * patch, self.num_image_tokens((t, h, w))) for t, h, w in grid.tolist()]
+        return per_view, len(self.prompt_ids([n for _, _, n in per_view], instruction))
 
     def prompt_ids(self, image_tokens_per_view: list[int], instruction: str) -> list[int]:
         """Token ids of one sample's prompt, given each view's number of image tokens."""
