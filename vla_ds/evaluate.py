@@ -344,12 +344,9 @@ def build_report(episodes: list[EpisodePredictions], action_mean) -> dict[str, A
     report: dict[str, Any] = {name: a.result() for name, a in acc.items()}
     baseline = report["mean_baseline"]["mse"]
     report["mse_ratio_to_mean_baseline"] = report["policy"]["mse"] / baseline if baseline > 0 else float("nan")
-    report["smoothness"] = {
-        "policy": chunk_smoothness(np.concatenate([ep.predicted for ep in episodes]),
-                                   np.concatenate([ep.is_pad for ep in episodes])),
-        "recorded": chunk_smoothness(np.concatenate([ep.recorded for ep in episodes]),
-                                     np.concatenate([ep.is_pad for ep in episodes])),
-    }
+    is_pad = np.concatenate([ep.is_pad for ep in episodes])  # (N, H)
+    report["smoothness"] = {"policy": chunk_smoothness(np.concatenate([ep.predicted for ep in episodes]), is_pad),
+                            "recorded": chunk_smoothness(np.concatenate([ep.recorded for ep in episodes]), is_pad)}
     report["episodes"] = len(episodes)
     report["samples"] = int(sum(len(ep.frame_time) for ep in episodes))
     return report

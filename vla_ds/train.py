@@ -312,10 +312,9 @@ def continue_head(stored: dict[str, str], cfg, source: str) -> None:
     another and they start from scratch. ``cfg.action_expert`` takes the checkpoint's
     objective and prediction_type; a config that asked for another head is told so."""
     keys = ["objective"] + (["prediction_type"] if stored["objective"] == "diffusion" else [])
-    wanted = {k: getattr(cfg.action_expert, k) for k in keys}
-    if all(stored[k] == wanted[k] for k in keys):
+    config_head = {k: getattr(cfg.action_expert, k) for k in ("objective", "prediction_type")}
+    if all(stored[k] == config_head[k] for k in keys):
         return
-    config_head = {"objective": cfg.action_expert.objective, "prediction_type": cfg.action_expert.prediction_type}
     logger.warning("%s trained an action expert with %s; continuing with it, not with the config's %s",
                    source, _describe_head(stored), _describe_head(config_head))
     cfg.action_expert = dataclasses.replace(cfg.action_expert, **{k: stored[k] for k in keys})
