@@ -38,3 +38,24 @@ def fp32_masters_from_shards(out: Path, ranks: int = 2) -> dict[str, dict[str, t
                     pieces[key][name].append(flat.narrow(0, frag.start, frag.numel))
     return {key: {name: torch.cat(p).view(shapes[name]) for name, p in by_name.items()}
             for key, by_name in pieces.items()}
+
+
+def capture_starting_weights(monkeypatch) -> dict[str, dict[str, torch.Tensor]]:
+    """Fill the returned dict, when ``train.main`` hands its engine to the training loop, with
+    every trainable parameter's fp32 master ("fp32") and bf16 module copy ("module"): the
+    weights the run starts from, before its first update."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from vla_ds import trainer
+
+    seen: dict[str, dict[str, torch.Tensor]] = {}
+    train = trainer.train
+
+    def spy(cfg, engine, *args, **kwargs):
+        named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+        seen["fp32"] = {n: safe_get_full_fp32_param(p).detach().clone() for n, p in named}
+        seen["module"] = {n: p.detach().clone() for n, p in named}
+        return train(cfg, engine, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train", spy)
+    return seen

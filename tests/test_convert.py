@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoint_helpers import fp32_masters_from_shards, latest_tag_dir, model_states
+from checkpoint_helpers import capture_starting_weights, fp32_masters_from_shards, latest_tag_dir, model_states
 from script_helpers import load_script
 
 from vla_ds import convert
@@ -219,7 +219,7 @@ def test_include_base_gives_the_whole_policy_and_stage2_pt(runs, tiny_backbone_d
         assert torch.equal(v, full[k]), k
 
 
-def test_stage1_pt_starts_stage2(runs, tiny_backbone_dir, demo_dataset_dir, tmp_path):
+def test_stage1_pt_starts_stage2(runs, tiny_backbone_dir, demo_dataset_dir, tmp_path, monkeypatch):
     from vla_ds.train import main
 
     assert convert_cli(runs["s1"], tmp_path, "--to", "stage1") == 0
@@ -230,12 +230,13 @@ def test_stage1_pt_starts_stage2(runs, tiny_backbone_dir, demo_dataset_dir, tmp_
                                                                   "training_stage", "norm_stats", "head"}
     assert guide["head"] == {"objective": "diffusion", "prediction_type": "sample"}  # Stage 2 continues that head
     out = tmp_path / "s2"
+    start = capture_starting_weights(monkeypatch)
     assert main(run_args("stage2.json", demo_dataset_dir, tiny_backbone_dir, out, "--stage1-checkpoint", str(pt),
                          "--max_steps", "1", "--grad_accum", "1", "--lora-r", "4")) == 0
     loaded = model_states(out)["module"]
-    for part in ("sensor_encoder", "action_expert"):  # one update at warmup step 0 (lr 0): Stage 1's heads
+    for part in ("sensor_encoder", "action_expert"):  # Stage 2's masters start as Stage 1's fp32 heads
         for k, v in guide[part].items():
-            assert torch.equal(loaded[f"{part}.{k}"], v.to(loaded[f"{part}.{k}"].dtype)), k
+            assert v.dtype == torch.float32 and torch.equal(start["fp32"][f"{part}.{k}"], v), k
     for k in ("action_norm.mean", "sensor_norm.std"):  # the norm stats came along
         assert torch.equal(loaded[k], model_states(runs["s1"])["module"][k])
 
@@ -363,14 +364,15 @@ def test_universal_checkpoint_resumes_on_one_rank(runs, tiny_backbone_dir, demo_
     rows = [r for r in read_metrics(out) if "train/loss" in r]
     assert [r["step"] for r in rows] == [original["step"] + 1]
     assert math.isfinite(rows[0]["train/loss"]) and rows[0]["epoch"] == original["epoch"] + 1
-    # The lr of the first resumed update: the uninterrupted 2-epoch schedule's next value.
+    # The lr of the first resumed update: the uninterrupted 2-epoch schedule's next value
+    # (update k runs at scheduler iteration k).
     resolved = json.loads((out / "config.json").read_text())
     first_run = json.loads((runs["s2"] / "config.json").read_text())
     params = resolved["scheduler"]["params"]
     assert params["total_num_steps"] == 2 * first_run["scheduler"]["params"]["total_num_steps"]
     dummy = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     schedule = WarmupCosineLR(dummy, params["total_num_steps"], params["warmup_min_ratio"], params["warmup_num_steps"],
-                              params["cos_min_ratio"], params["warmup_type"], last_batch_iteration=original["step"])
+                              params["cos_min_ratio"], params["warmup_type"], last_batch_iteration=original["step"] + 1)
     ratio = schedule.get_lr_ratio()
     assert 0 < ratio < 1
     assert rows[0]["train/lr/other"] == pytest.approx(1e-3 * ratio, rel=1e-6)

@@ -49,7 +49,15 @@ def test_in_process_run_writes_metrics_config_and_checkpoints(tiny_backbone_dir,
     assert (out / "latest").read_text().strip() == f"global_step{2 * steps_per_epoch}"
     saved = json.loads((out / "config.json").read_text())
     assert saved["train_batch_size"] == 16 and saved["vla_ds"]["train"]["epochs"] == 2
-    assert saved["scheduler"]["params"]["total_num_steps"] == 2 * steps_per_epoch
+    params = saved["scheduler"]["params"]
+    assert params["total_num_steps"] == 2 * steps_per_epoch and params["warmup_min_ratio"] == 0
+    # Update k runs at warmup step k: the first update already learns, the warmup's last
+    # reaches the peak, the schedule's last update its end.
+    lrs = [r["train/lr/other"] for r in train]
+    warmup = params["warmup_num_steps"]
+    assert warmup > 1 and lrs[0] == pytest.approx(1e-3 / warmup)
+    assert lrs[:warmup] == sorted(lrs[:warmup]) and max(lrs) == pytest.approx(1e-3, rel=0.02)
+    assert lrs[-1] == pytest.approx(1e-3 * params["cos_min_ratio"])
     # DeepSpeed's CSV monitor got the same figures.
     csv_files = {p.name: p for p in (out / "monitor").rglob("*.csv")}
     loss_csv = next(p for name, p in csv_files.items() if "train" in name and "loss" in name)
@@ -112,7 +120,7 @@ def test_deepspeed_launcher_two_ranks_loss_falls_and_resumes(tiny_backbone_dir, 
     first = sum(r["train/loss"] for r in train[:k]) / k
     last = sum(r["train/loss"] for r in train[-k:]) / k
     assert last < 0.6 * first, (first, last)
-    assert all(r["train/lr/other"] > 0 for r in train[1:])
+    assert all(r["train/lr/other"] > 0 for r in train)
     assert [r["epoch"] for r in rows if "val/loss" in r] == [1, 2, 3, 4]
     tags = sorted(p.name for p in out.glob("global_step*"))
     assert len(tags) == 4 and (out / "latest").read_text().strip() == f"global_step{4 * steps_per_epoch}"

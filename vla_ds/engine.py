@@ -363,8 +363,11 @@ def initialize(policy: nn.Module, cfg: RunConfig):
         logger.debug("deepspeed.initialize printed:\n%s", printed.getvalue().rstrip())
     if engine.lr_scheduler is not None and getattr(engine.lr_scheduler, "last_batch_iteration", 0) == -1:
         # DeepSpeed's warmup schedulers start at iteration -1 (lr 0) and the engine steps them
-        # after each update, so the first *two* updates would run at lr 0. Start at iteration
-        # 0: the first update is warmup step 0, the next one warmup step 1. (A resume loads
-        # the scheduler's saved iteration over this.)
+        # after each update; iteration 0 of a linear warmup from warmup_min_ratio 0 is lr 0 too.
+        # Start at iteration 1, so update k runs at iteration k: k / warmup_num_steps of the
+        # peak during warmup, and the cosine reaches its floor at update total_num_steps - 1
+        # (one update early, where DeepSpeed's own count would spend the first at lr 0). A
+        # resume loads the scheduler's saved iteration over this.
+        engine.lr_scheduler.step()
         engine.lr_scheduler.step()
     return engine, summary
