@@ -289,6 +289,69 @@ def load_checkpoint(engine, path: str | Path) -> dict[str, Any]:
     return client_state
 
 
+class WeightsFile(NamedTuple):
+    """A weights-only ``.pt`` (:func:`read_weights_file`)."""
+
+    source: Path
+    stage: str                                    # the run that saved it: stage1 or stage2
+    state: dict[str, torch.Tensor]                # VLAPolicy.state_dict() names
+    norm_stats: dict[str, Any] | None
+    head: dict[str, str]                          # the head's objective and prediction_type
+
+
+def read_weights_file(path: str | Path, what: str = "checkpoint") -> WeightsFile:
+    """Read the guide's weights-only ``.pt`` (the research script's, or
+    ``convert_checkpoint.py --to stage1/stage2``): Stage 1's ``{"sensor_encoder": sd,
+    "action_expert": sd, "training_stage": "stage1"}`` or Stage 2's ``{"model_state_dict":
+    sd, "training_stage": "stage2"}``, each optionally with ``norm_stats`` and ``head``.
+    Without ``head`` the file is the research script's: the DDPM epsilon head."""
+    path = Path(path)
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read the {what} ({str(e).splitlines()[0][:200]})") from None
+    if isinstance(raw, dict) and isinstance(raw.get("model_state_dict"), dict):
+        state, stage = dict(raw["model_state_dict"]), raw.get("training_stage", "stage2")
+    elif isinstance(raw, dict) and all(isinstance(raw.get(k), dict) for k in STAGE1_PARTS):
+        state = {f"{part}.{k}": v for part in STAGE1_PARTS for k, v in raw[part].items()}
+        stage = raw.get("training_stage", "stage1")
+    else:
+        keys = ", ".join(map(str, raw.keys())) if isinstance(raw, dict) else type(raw).__name__
+        raise CheckpointError(f"{path}: not a Stage 1 or Stage 2 weights file: expected the keys sensor_encoder and "
+                              f"action_expert (Stage 1) or model_state_dict (Stage 2), found {keys}")
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{path}: {len(bad)} entries are not tensors (e.g. {bad[0]})")
+    head = raw.get("head") if isinstance(raw.get("head"), dict) else None
+    norm_stats = raw.get("norm_stats") if isinstance(raw.get("norm_stats"), dict) else None
+    return WeightsFile(path, str(stage), state, norm_stats, head_settings(head))
+
+
+def split_parts(state: dict[str, torch.Tensor], parts) -> dict[str, dict[str, torch.Tensor]]:
+    """``{"part.name": t}`` -> ``{part: {name: t}}`` for the given top-level parts."""
+    return {part: {k[len(part) + 1:]: v for k, v in state.items() if k.startswith(part + ".")} for part in parts}
+
+
+def load_weights_file(policy: nn.Module, weights: WeightsFile) -> None:
+    """Load a weights-only ``.pt`` into ``policy`` (adapters already set up), strictly: every
+    tensor it has must fit, and every trainable parameter must be in it."""
+    own = policy.state_dict()
+    stray_adapters = [k for k in weights.state if k.startswith("backbone.") and k not in own]
+    if stray_adapters:
+        raise CheckpointError(f"{weights.source}: saved by a {weights.stage} run with VL-model weights "
+                              f"(e.g. {stray_adapters[0]}) this run does not train; continue it with the same "
+                              "--training-stage and --finetune-vl")
+    # Frozen base weights come from --vl-model, the normalisation buffers from the statistics
+    # the policy was built with (a Stage 1 .pt carries them as norm_stats, not as tensors).
+    optional = {n for n, p in policy.named_parameters() if not p.requires_grad}
+    optional |= {k for k in own if k.split(".")[0] in STAGE1_BUFFERS}
+    problems = _mismatch_report(weights.state, own, optional)
+    if problems:
+        raise CheckpointError(f"{weights.source}: does not match the model: {'; '.join(problems)}")
+    policy.load_state_dict(weights.state, strict=False)
+    logger.info("Loaded %d tensors from %s", len(weights.state), weights.source)
+
+
 class Stage1Weights(NamedTuple):
     """What Stage 2 starts from (:func:`read_stage1`)."""
 
@@ -319,19 +382,20 @@ def read_stage1(path: str | Path) -> Stage1Weights:
     """
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"{path}: Stage 1 checkpoint does not exist")
+        hint = (f" (a vla_ds Stage 1 run writes DeepSpeed checkpoints into its --output_dir, checkpoints/stage1 by "
+                f"default: pass that directory, or make this .pt from it with scripts/convert_checkpoint.py "
+                f"--to stage1)" if path.suffix == ".pt" else "")
+        raise CheckpointError(f"{path}: Stage 1 checkpoint does not exist{hint}")
     if path.is_file():
-        try:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise CheckpointError(f"{path}: cannot read the Stage 1 checkpoint ({str(e).splitlines()[0][:200]})") from None
-        if not isinstance(raw, dict) or not all(k in raw for k in STAGE1_PARTS):
-            keys = ", ".join(map(str, raw.keys())) if isinstance(raw, dict) else type(raw).__name__
-            raise CheckpointError(f"{path}: not a Stage 1 checkpoint: expected keys sensor_encoder and "
-                                  f"action_expert, found {keys}")
-        head = raw.get("head") if isinstance(raw.get("head"), dict) else None
-        return Stage1Weights(path, {name: raw[name] for name in STAGE1_PARTS}, raw.get("norm_stats"),
-                             head_settings(head))
+        weights = read_weights_file(path, "Stage 1 checkpoint")
+        if weights.stage != "stage1":
+            logger.warning("%s was saved by a %s run; taking its sensor encoder and action expert", path,
+                           weights.stage)
+        parts = split_parts(weights.state, (*STAGE1_PARTS, *STAGE1_BUFFERS))
+        if not all(parts[name] for name in STAGE1_PARTS):
+            raise CheckpointError(f"{path}: not a Stage 1 checkpoint: it has no "
+                                  f"{' and no '.join(n for n in STAGE1_PARTS if not parts[n])} tensors")
+        return Stage1Weights(path, {k: v for k, v in parts.items() if v}, weights.norm_stats, weights.head)
     source, states = read_model_states(path)
     project = states["config"].get("vla_ds", {})
     stage = project.get("stage")
@@ -347,9 +411,7 @@ def read_stage1(path: str | Path) -> Stage1Weights:
     if averaged is not None:
         logger.info("%s: taking the EMA of the Stage 1 weights", source)
         module = {**module, **averaged}
-    parts = {name: {k[len(name) + 1:]: v for k, v in module.items() if k.startswith(name + ".")}
-             for name in (*STAGE1_PARTS, *STAGE1_BUFFERS)}
-    return Stage1Weights(source, parts, states["norm_stats"], head_settings(project.get("action_expert")))
+    return Stage1Weights(source, split_parts(module, (*STAGE1_PARTS, *STAGE1_BUFFERS)), states["norm_stats"], head_settings(project.get("action_expert")))
 
 
 def load_stage1_weights(policy: nn.Module, source: Path, parts: dict[str, dict[str, torch.Tensor]]) -> None:

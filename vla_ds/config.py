@@ -351,6 +351,24 @@ def _project_from_dict(section: dict[str, Any]) -> RunConfig:
 # Loading, overriding and resolving
 
 
+# The shipped per-stage JSONs (a source checkout; ``pip install -e .`` keeps them there).
+SHIPPED_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+
+
+def stage_config_path(stage: str, cwd: str | Path | None = None) -> Path:
+    """The JSON a run without ``--ds_config`` uses (the guide's command lines have none):
+    ``ds_configs/<stage>.json`` in the working directory when there is one (a user's edited
+    copy), else the shipped one."""
+    local = Path(cwd or Path.cwd()) / "ds_configs" / f"{stage}.json"
+    if local.is_file():
+        return local
+    shipped = SHIPPED_CONFIG_DIR / f"{stage}.json"
+    if shipped.is_file():
+        return shipped
+    raise ConfigError(f"no --ds_config given and neither {local} nor {shipped} exists; "
+                      f"pass --ds_config PATH (a DeepSpeed JSON with a {PROJECT_KEY} section)")
+
+
 def load_json(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():

@@ -8,8 +8,9 @@ source is a training output dir (its ``latest``, or ``--tag global_stepN``) or o
                                         keys as in VLAPolicy.state_dict(); with include_base also
                                         the frozen base model under its VLAPolicy names
     stage1      OUT (a .pt path, or a dir -> OUT/diffusion_step<N>.pt): the guide's
-                {"sensor_encoder": sd, "action_expert": sd, "training_stage": "stage1", "norm_stats": dict}
-    stage2      same naming: {"model_state_dict": sd, "training_stage": "stage2", "norm_stats": dict},
+                {"sensor_encoder": sd, "action_expert": sd, "training_stage": "stage1", "norm_stats": dict,
+                 "head": {"objective", "prediction_type"}}
+    stage2      same naming: {"model_state_dict": sd, "training_stage": "stage2", "norm_stats": dict, "head": dict},
                 sd = the trainable state (LoRA + heads + normalisation buffers; + the base with include_base)
     policy      OUT/ as docs/policy_format.md: config.json, model.safetensors, norm_stats.json,
                 adapter/ (LoRA runs), merged_backbone/ (merge_lora)
@@ -111,9 +112,12 @@ def stage1_checkpoint(state: dict[str, torch.Tensor], norm_stats: dict[str, Any]
     return {**out, "training_stage": "stage1", "norm_stats": norm_stats, "head": dict(head or ckpt_lib.LEGACY_HEAD)}
 
 
-def stage2_checkpoint(state: dict[str, torch.Tensor], norm_stats: dict[str, Any]) -> dict[str, Any]:
-    """The guide's Stage 2 ``.pt`` dict: ``model_state_dict`` in VLAPolicy.state_dict() names."""
-    return {"model_state_dict": dict(state), "training_stage": "stage2", "norm_stats": norm_stats}
+def stage2_checkpoint(state: dict[str, torch.Tensor], norm_stats: dict[str, Any],
+                      head: dict[str, str] | None = None) -> dict[str, Any]:
+    """The guide's Stage 2 ``.pt`` dict: ``model_state_dict`` in VLAPolicy.state_dict() names,
+    plus ``head`` so ``--resume`` of it continues the same head."""
+    return {"model_state_dict": dict(state), "training_stage": "stage2", "norm_stats": norm_stats,
+            "head": dict(head or ckpt_lib.LEGACY_HEAD)}
 
 
 def policy_to_peft_key(key: str, adapter_name: str = PEFT_ADAPTER_NAME) -> str:
@@ -484,7 +488,7 @@ def to_guide_pt(ckpt, out: Path, stage: str, include_base: bool, vl_model: str |
     if stage == "stage1":
         payload = stage1_checkpoint(state, ckpt.norm_stats, ckpt.head)
     else:
-        payload = stage2_checkpoint(state, ckpt.norm_stats)
+        payload = stage2_checkpoint(state, ckpt.norm_stats, ckpt.head)
     path = pt_output_path(out, ckpt.step)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(payload, path)

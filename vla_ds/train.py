@@ -67,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="train.py",
         description="Train a VLA policy (Qwen2.5-VL + sensor encoder + diffusion action expert) with DeepSpeed.",
     )
-    p.add_argument("--ds_config", "--ds-config", required=True, help="DeepSpeed JSON with a vla_ds section")
+    p.add_argument("--ds_config", "--ds-config",
+                   help="DeepSpeed JSON with a vla_ds section (default: ds_configs/<training stage>.json, "
+                        "from the working directory if it has one, else the shipped one)")
     p.add_argument("--dataset_dir", "--dataset-dir", help="dataset root (SPEC section 3 format)")
     p.add_argument("--training-stage", "--training_stage", dest="training_stage", choices=config_lib.STAGES)
     p.add_argument("--vl-model", "--vl_model", dest="vl_model", help="Qwen2.5-VL dir or hub id")
@@ -103,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", "--no_cache", dest="no_cache", action="store_true", default=None,
                    help="Stage 1: run the backbone every step instead of caching its features")
     p.add_argument("--resume", help="output dir (its 'latest'), a global_stepN dir, or a universal checkpoint "
-                                    "(convert_checkpoint.py --to universal: any number of ranks) to continue from")
+                                    "(convert_checkpoint.py --to universal: any number of ranks) to continue from; "
+                                    "or the guide's weights-only .pt: its weights with a fresh optimizer")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set train.log_every=10 --set zero_optimization.stage=1")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)  # from the launcher
@@ -111,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_run_config(args: argparse.Namespace, world_size: int) -> config_lib.RunConfig:
+    if not args.ds_config:  # the guide's command lines: the stage picks the JSON
+        stage = args.training_stage or "stage1"
+        args.ds_config = str(config_lib.stage_config_path(stage))
+        logger.info("no --ds_config: using %s (training stage %s)", args.ds_config, stage)
     raw = config_lib.load_json(args.ds_config)
     groups = raw.get(config_lib.PROJECT_KEY, {}).get("optimizer_groups", {"other": {}})
     for flag, group in GROUP_FLAGS.items():
@@ -149,7 +156,8 @@ def run(args: argparse.Namespace, cache_only: bool = False) -> dict:
     if cfg.stage == "stage1":
         logger.info("Stage 1: training sensor encoder + action expert (VL model frozen)")
     else:
-        logger.info("Stage 2: training the full model (VL fine-tuning: %s)", cfg.finetune.mode)
+        logger.info("Stage 2: Training Full Model %s", "with LoRA" if cfg.finetune.mode == "lora"
+                    else f"(VL fine-tuning: {cfg.finetune.mode})")
 
     # --- data (indexing only; images are decoded by the DataLoader workers)
     dataset = VLADataset.from_config(cfg.data)
@@ -170,9 +178,24 @@ def run(args: argparse.Namespace, cache_only: bool = False) -> dict:
     config_lib.validate_deepspeed(cfg, source=str(args.ds_config))
     logger.info("%d optimizer steps per epoch, %d in this run", steps_per_epoch, total_steps)
 
-    # --- what the run starts from: a checkpoint to resume, Stage 1 heads, or nothing
-    resume_states = stage1 = None
-    if cfg.train.resume:
+    # --- what the run starts from: a checkpoint to resume, a weights-only .pt, Stage 1 heads, or nothing
+    resume_states = stage1 = weights = None
+    if cfg.train.resume and Path(cfg.train.resume).is_file():  # the guide's --resume diffusion_epochN.pt
+        weights = checkpoint.read_weights_file(cfg.train.resume)
+        output = fresh_output_dir(Path(cfg.train.output_dir))
+        logger.info("--resume %s: a weights-only checkpoint (no optimizer, schedule or data position): training "
+                    "starts from its weights with a fresh optimizer and learning-rate schedule at step 0, into %s%s",
+                    weights.source, output,
+                    f" ({cfg.train.output_dir} holds an earlier run)" if str(output) != cfg.train.output_dir else "")
+        cfg.train = dataclasses.replace(cfg.train, resume="", output_dir=str(output))
+        continue_head(weights.head, cfg, str(weights.source))
+        if weights.norm_stats is not None:
+            norm_stats = NormStats.from_dict(weights.norm_stats)
+        else:
+            logger.warning("%s has no normalisation statistics; computing them from the training split",
+                           weights.source)
+            norm_stats = compute_norm_stats(train_ds, seed=cfg.train.seed)
+    elif cfg.train.resume:
         resume_file, resume_states = checkpoint.read_model_states(cfg.train.resume)
         continue_head(checkpoint.head_settings(resume_states["config"].get(config_lib.PROJECT_KEY, {})
                                                .get("action_expert")), cfg, str(resume_file))
@@ -215,6 +238,8 @@ def run(args: argparse.Namespace, cache_only: bool = False) -> dict:
         policy.backbone.setup_finetune(cfg.finetune)
         n_vl = count_parameters(policy.backbone)
         logger.info("   %s trainable parameters: %s", "LoRA" if cfg.finetune.mode == "lora" else "VL", f"{n_vl:,}")
+    if weights is not None:
+        checkpoint.load_weights_file(policy, weights)
     n_backbone = count_parameters(policy.backbone, trainable_only=False) - count_parameters(policy.backbone)
     logger.info("   Backbone: %s frozen parameters", f"{n_backbone:,}")
     logger.info("   Sensor encoder: %s parameters", f"{count_parameters(policy.sensor_encoder, trainable_only=False):,}")
@@ -233,7 +258,7 @@ def run(args: argparse.Namespace, cache_only: bool = False) -> dict:
     try:
         with engine_lib.process_patches_undone():
             return _run_distributed(args, cfg, policy, input_builder, fingerprint, train_ds, val_ds, sampler, norm_stats,
-                                    total_steps, output_dir, rank, world, cache_only, stage1)
+                                    total_steps, output_dir, rank, world, cache_only, start_weights(stage1, weights))
     except RuntimeError as e:  # a collective failed: translate a dead peer or a timeout into one line
         line = engine_lib.describe_distributed_failure(e, str(output_dir)) if world > 1 else None
         if line is None:
@@ -242,7 +267,7 @@ def run(args: argparse.Namespace, cache_only: bool = False) -> dict:
 
 
 def _run_distributed(args, cfg, policy, input_builder, fingerprint, train_ds, val_ds, sampler, norm_stats,
-                     total_steps, output_dir, rank, world, cache_only, stage1=None) -> dict:
+                     total_steps, output_dir, rank, world, cache_only, fp32_start=None) -> dict:
     """Everything after the process group starts: checks across ranks, engine, cache, training."""
     from vla_ds import checkpoint, engine as engine_lib, preflight, trainer
     from vla_ds.data.loading import LoaderDataset
@@ -250,9 +275,8 @@ def _run_distributed(args, cfg, policy, input_builder, fingerprint, train_ds, va
     preflight.check_ranks(cfg, {"dataset": f"{len(train_ds)} train + {len(val_ds)} val samples",
                                 "backbone fingerprint": fingerprint})
     engine, groups = engine_lib.initialize(policy, cfg)
-    if stage1 is not None:  # Stage 1's fp32 weights, not their bf16 rounding, start the masters
-        engine_lib.set_master_weights(engine, {f"{part}.{name}": value for part, state in stage1.parts.items()
-                                               for name, value in state.items()})
+    if fp32_start:  # the fp32 weights the run starts from, not their bf16 rounding, start the masters
+        engine_lib.set_master_weights(engine, fp32_start)
 
     collate = trainer.PolicyCollator(input_builder)
     if config_lib.cache_enabled(cfg):
@@ -295,6 +319,27 @@ def _run_distributed(args, cfg, policy, input_builder, fingerprint, train_ds, va
         logger.info("done: %d steps, train/loss %.4f -> %.4f; checkpoints and metrics.jsonl in %s",
                     state.step, state.history[0], state.history[-1], output_dir)
     return {"state": state, "output_dir": output_dir, "engine": engine}
+
+
+def fresh_output_dir(output_dir: Path) -> Path:
+    """``output_dir``, or when it holds another run's checkpoints the first free
+    ``<output_dir>_resumed``, ``_resumed2``, ...: a run that starts at step 0 must not mix its
+    checkpoints and metrics with (or overwrite) an earlier run's."""
+    from vla_ds.checkpoint import LATEST_FILE
+
+    candidate, n = output_dir, 1
+    while (candidate / LATEST_FILE).exists():
+        candidate = output_dir.with_name(f"{output_dir.name}_resumed{n if n > 1 else ''}")
+        n += 1
+    return candidate
+
+
+def start_weights(stage1, weights) -> dict:
+    """The weights loaded into the policy before the engine, by VLAPolicy name: Stage 1's
+    heads, then a weights-only ``--resume`` file over them."""
+    out = {f"{part}.{name}": value for part, state in stage1.parts.items()
+           for name, value in state.items()} if stage1 is not None else {}
+    return {**out, **(weights.state if weights is not None else {})}
 
 
 def log_tokens_per_sample(dataset, input_builder, max_pixels) -> None:
