@@ -382,9 +382,9 @@ def read_stage1(path: str | Path) -> Stage1Weights:
     """
     path = Path(path)
     if not path.exists():
-        hint = (f" (a vla_ds Stage 1 run writes DeepSpeed checkpoints into its --output_dir, checkpoints/stage1 by "
-                f"default: pass that directory, or make this .pt from it with scripts/convert_checkpoint.py "
-                f"--to stage1)" if path.suffix == ".pt" else "")
+        hint = (" (a vla_ds Stage 1 run writes DeepSpeed checkpoints into its --output_dir, checkpoints/stage1 by "
+                "default: pass that directory, or make this .pt from it with scripts/convert_checkpoint.py "
+                "--to stage1)" if path.suffix == ".pt" else "")
         raise CheckpointError(f"{path}: Stage 1 checkpoint does not exist{hint}")
     if path.is_file():
         weights = read_weights_file(path, "Stage 1 checkpoint")
