@@ -221,6 +221,7 @@ def build(store: FeatureStore, datasets: list, keys: list[list[str]], backbone, 
     from torch.utils.data import DataLoader, Subset
 
     from vla_ds.data.loading import SAMPLE_INDEX, LoaderDataset
+    from vla_ds.engine import long_phase
 
     store.refresh()
     missing: dict[str, tuple[int, int]] = {}  # key -> (dataset, index); one job per distinct key
@@ -231,27 +232,28 @@ def build(store: FeatureStore, datasets: list, keys: list[list[str]], backbone, 
     dist.barrier()  # every rank has read the same index before anyone writes: the same job split
     jobs = list(missing.items())[rank::world_size]
     writer = ShardWriter(store.root, cache_config.shard_rows, rank)
-    if jobs:
-        logger.info("VL feature cache: computing %d of %d missing features on this rank (%s)",
-                    len(jobs), len(missing), store.root)
-        was_training = backbone.training
-        backbone.eval()
-        for d, ds in enumerate(datasets):
-            mine = [(k, i) for k, (dd, i) in jobs if dd == d]
-            if not mine:
-                continue
-            key_of = dict((i, k) for k, i in mine)
-            loader = DataLoader(Subset(LoaderDataset(ds, on_bad_sample), [i for _, i in mine]),
-                                batch_size=cache_config.build_batch_size, collate_fn=collate, num_workers=num_workers)
-            for batch in loader:
-                if SAMPLE_INDEX not in batch:  # only bad samples (on_bad_sample="skip")
+    # Hours for a big dataset with the 3B backbone: not bounded by the collective timeout.
+    with long_phase("VL feature cache build"):
+        if jobs:
+            logger.info("VL feature cache: computing %d of %d missing features on this rank (%s)",
+                        len(jobs), len(missing), store.root)
+            was_training = backbone.training
+            backbone.eval()
+            for d, ds in enumerate(datasets):
+                mine = [(k, i) for k, (dd, i) in jobs if dd == d]
+                if not mine:
                     continue
-                inputs = [batch[k].to(device) for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")]
-                features = backbone(*inputs).float().cpu().numpy()  # (B, hidden)
-                writer.add([key_of[i] for i in batch[SAMPLE_INDEX]], features)  # bad samples were dropped
-        writer.flush()
-        backbone.train(was_training)
-    dist.barrier()
+                key_of = dict((i, k) for k, i in mine)
+                loader = DataLoader(Subset(LoaderDataset(ds, on_bad_sample), [i for _, i in mine]),
+                                    batch_size=cache_config.build_batch_size, collate_fn=collate, num_workers=num_workers)
+                for batch in loader:
+                    if SAMPLE_INDEX not in batch:  # only bad samples (on_bad_sample="skip")
+                        continue
+                    inputs = [batch[k].to(device) for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")]
+                    features = backbone(*inputs).float().cpu().numpy()  # (B, hidden)
+                    writer.add([key_of[i] for i in batch[SAMPLE_INDEX]], features)  # bad samples were dropped
+            writer.flush()
+            backbone.train(was_training)
     store.refresh()
     still = sum(1 for ds_keys in keys for k in ds_keys if k not in store)
     if still and on_bad_sample == "skip":

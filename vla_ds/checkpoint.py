@@ -87,15 +87,17 @@ def save_checkpoint(engine, output_dir: str | Path, step: int, client_state: dic
     dist.barrier()  # nobody writes into the tag dir before it is marked
     engine.save_checkpoint(str(out), tag=tag, client_state=client_state, save_latest=False,
                            exclude_frozen_parameters=True)  # ends with a barrier: every rank's files are written
-    if is_main:
-        for file in sorted(p for p in tag_dir.rglob("*") if p.is_file()):
-            _fsync(file)
-        (tag_dir / INCOMPLETE_MARK).unlink()
-        _fsync(tag_dir)
-        _write_durably(out / LATEST_FILE, tag)
-        if keep_last > 0:
-            prune_checkpoints(out, keep_last)
-    dist.barrier()
+    from vla_ds.engine import long_phase
+
+    with long_phase("checkpoint sync to disk", str(out)):  # minutes on a slow shared filesystem
+        if is_main:
+            for file in sorted(p for p in tag_dir.rglob("*") if p.is_file()):
+                _fsync(file)
+            (tag_dir / INCOMPLETE_MARK).unlink()
+            _fsync(tag_dir)
+            _write_durably(out / LATEST_FILE, tag)
+            if keep_last > 0:
+                prune_checkpoints(out, keep_last)
     logger.info("saved checkpoint %s", tag_dir)
     return tag_dir
 

@@ -105,6 +105,10 @@ class TrainConfig:
         validate_every_epochs: run validation every N epochs (and after the last one).
         val_batch_size: micro batch size of validation (0 = the training micro batch).
         dist_timeout_minutes: process-group timeout; a dead rank ends the job after this.
+        long_phase_minutes: how long live ranks are waited for in a phase one rank works
+            through alone (its share of the Stage 1 feature cache, rank 0 syncing a checkpoint
+            to disk): those waits poll heartbeats instead of blocking in a collective, so they
+            are not cut off by ``dist_timeout_minutes``, which still bounds a dead rank.
         save_steps: also checkpoint every N optimizer steps (0 = only at epoch ends and at
             ``max_steps``).
         save_total_limit: keep only the newest K checkpoints (0 = keep all); older ones are
@@ -133,6 +137,7 @@ class TrainConfig:
     validate_every_epochs: int = 1
     val_batch_size: int = 0
     dist_timeout_minutes: float = 5.0
+    long_phase_minutes: float = 240.0
     save_steps: int = 0
     save_total_limit: int = 0
     max_consecutive_skips: int = 10
@@ -148,6 +153,7 @@ class TrainConfig:
         _check(self.validate_every_epochs >= 1, "train.validate_every_epochs", self.validate_every_epochs, "must be >= 1")
         _check(self.val_batch_size >= 0, "train.val_batch_size", self.val_batch_size, "must be >= 0")
         _check(self.dist_timeout_minutes > 0, "train.dist_timeout_minutes", self.dist_timeout_minutes, "must be > 0")
+        _check(self.long_phase_minutes > 0, "train.long_phase_minutes", self.long_phase_minutes, "must be > 0")
         _check(bool(self.output_dir), "train.output_dir", self.output_dir, "must not be empty")
         _check(self.save_steps >= 0, "train.save_steps", self.save_steps, "must be >= 0")
         _check(self.save_total_limit >= 0, "train.save_total_limit", self.save_total_limit, "must be >= 0")

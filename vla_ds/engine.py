@@ -13,6 +13,8 @@ import logging
 import os
 import re
 import socket
+import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -90,16 +92,23 @@ def distributed_started() -> bool:
         return False
 
 
-def init_distributed(timeout_minutes: float) -> None:
+# How long_phase waits: set by init_distributed from the run's config.
+_PHASES = {"dead_after_s": 300.0, "limit_s": 4 * 3600.0, "count": 0}
+
+
+def init_distributed(timeout_minutes: float, long_phase_minutes: float = 240.0) -> None:
     """Start the process group (NCCL on GPUs, gloo/ccl on CPU, chosen by DeepSpeed's accelerator).
 
     Without a launcher this becomes a one-rank group on a free local port, so
     ``python scripts/train.py ...`` and in-process tests take the same path as
-    ``deepspeed --num_gpus N``. Idempotent.
+    ``deepspeed --num_gpus N``. ``timeout_minutes`` bounds every collective (and how long a
+    silent rank is waited for in a :func:`long_phase`); ``long_phase_minutes`` bounds a long
+    phase of live ranks. Idempotent.
     """
     import deepspeed
     import torch.distributed as tdist
 
+    _PHASES.update(dead_after_s=60.0 * timeout_minutes, limit_s=60.0 * long_phase_minutes)
     if deepspeed.comm.is_initialized():
         return
     adopt_launcher_env()
@@ -142,6 +151,91 @@ def _unlink_shm_allreduce_buffer() -> None:
         os.unlink(Path("/dev/shm") / name)
     except OSError:  # not on this machine (GPU runs, other backends) or already gone
         pass
+
+
+@contextlib.contextmanager
+def long_phase(name: str, output_dir: str | None = None):
+    """Work each rank does on its own for longer than the process-group timeout may allow
+    (its share of the Stage 1 feature cache, rank 0 syncing a checkpoint to disk), followed
+    by waiting for every rank. Collective: every rank enters the same phases in the same order.
+
+    The wait is not a collective (which would fail after ``train.dist_timeout_minutes`` although
+    nothing died) but a poll of the launcher's TCP store: while inside, a thread of every rank
+    bumps its heartbeat counter there every few seconds. A rank whose heartbeat stops for
+    ``dist_timeout_minutes`` (it died, or its node went away) is reported within that bound;
+    live ranks are waited for up to ``train.long_phase_minutes``.
+    """
+    import deepspeed.comm as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        yield
+        return
+    rank, world = dist.get_rank(), dist.get_world_size()
+    _PHASES["count"] += 1
+    prefix = f"vla_ds/phase{_PHASES['count']}"
+    dead_after, limit = _PHASES["dead_after_s"], _PHASES["limit_s"]
+    beat_every = max(0.05, min(10.0, dead_after / 6))
+    stop = threading.Event()
+
+    def heartbeat():
+        beats = _store_client(dead_after)
+        while not stop.is_set():
+            beats.add(f"{prefix}/beat/{rank}", 1)
+            stop.wait(beat_every)
+
+    thread = threading.Thread(target=heartbeat, name=f"vla_ds heartbeat ({name})", daemon=True)
+    thread.start()
+    store = _store_client(dead_after)
+    try:
+        yield
+        store.set(f"{prefix}/done/{rank}", "1")
+    except BaseException as e:  # tell the others at once (they would otherwise wait out the heartbeat bound)
+        store.set(f"{prefix}/failed/{rank}", type(e).__name__)
+        raise
+    finally:
+        stop.set()
+        thread.join()
+    start = time.monotonic()
+    seen = {r: (-1, start) for r in range(world)}  # rank -> (its last heartbeat count, when it changed)
+    pending = list(range(world))
+    while pending:
+        pending = [r for r in pending if not store.check([f"{prefix}/done/{r}"])]
+        now = time.monotonic()
+        for r in pending:
+            if store.check([f"{prefix}/failed/{r}"]):
+                raise DistributedError(_with_checkpoint_hint(
+                    f"rank {r} failed during the {name} ({store.get(f'{prefix}/failed/{r}').decode()}; its log "
+                    "says why)", output_dir))
+            count = store.add(f"{prefix}/beat/{r}", 0)
+            if count != seen[r][0]:
+                seen[r] = (count, now)
+            elif now - seen[r][1] > dead_after:
+                raise DistributedError(_with_checkpoint_hint(
+                    f"rank {r} stopped responding during the {name} (no heartbeat for {dead_after / 60:g} min, "
+                    "train.dist_timeout_minutes): it died or its node went away", output_dir))
+        if pending and now - start > limit:
+            raise DistributedError(_with_checkpoint_hint(
+                f"rank(s) {', '.join(map(str, pending))} still busy with the {name} after {limit / 60:g} min "
+                "(train.long_phase_minutes), although alive; raise it if the phase is really that long", output_dir))
+        if pending:
+            time.sleep(min(1.0, beat_every))
+    dist.barrier()  # every rank has arrived: returns at once
+
+
+def _store_client(timeout_s: float):
+    """A client of the launcher's TCP store (MASTER_ADDR:MASTER_PORT), our own connection."""
+    import torch.distributed as tdist
+
+    return tdist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timedelta(seconds=max(timeout_s, 30.0)))
+
+
+def _with_checkpoint_hint(line: str, output_dir: str | None) -> str:
+    latest = Path(output_dir) / "latest" if output_dir else None
+    if latest is not None and latest.is_file():
+        return (f"{line}; the last complete checkpoint is {latest.parent / latest.read_text().strip()} "
+                f"(continue with --resume {output_dir})")
+    return line
 
 
 def _first_line(exc: BaseException) -> str:

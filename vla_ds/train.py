@@ -254,7 +254,7 @@ def run(args: argparse.Namespace, cache_only: bool = False) -> dict:
         raise config_lib.ConfigError(f"{output_dir}: cannot write the output directory ({e.strerror})") from None
 
     # --- DeepSpeed
-    engine_lib.init_distributed(cfg.train.dist_timeout_minutes)
+    engine_lib.init_distributed(cfg.train.dist_timeout_minutes, cfg.train.long_phase_minutes)
     try:
         with engine_lib.process_patches_undone():
             return _run_distributed(args, cfg, policy, input_builder, fingerprint, train_ds, val_ds, sampler, norm_stats,
