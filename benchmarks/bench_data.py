@@ -13,17 +13,24 @@ Then ``data_share`` (time the training loop waited for the next batch / step tim
 median over steps after the first epoch, as logged in metrics.jsonl) of short real Stage 1
 runs, with and without the cache.
 
-Last, the reference sensor shape: the demo's sensor streams rewritten as 1026 channels at
+Then the reference sensor shape: the demo's sensor streams rewritten as 1026 channels at
 1 kHz (stored, memory-mapped) and read as 650-sample windows, 2.7 MB per sample, through the
 cached (Stage 1) path at the reference micro batch of 4: how many samples/s the input
-pipeline itself can move on this machine. Prints a table, writes JSON with ``--json``. Run
-by hand.
+pipeline itself can move on this machine.
+
+Last, host memory with the same streams written compressed (``np.savez_compressed``): how
+much each DataLoader worker's private (anonymous) memory and peak resident memory grow
+while it reads 650 x 1026 windows, with the
+compressed members unpacked once to memory-mapped .npy files next to the dataset (the
+default) and decompressed in memory per worker (``UNPACK_COMPRESSED_SENSOR = False``, the
+behaviour before). Prints tables, writes JSON with ``--json``. Run by hand.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -73,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--json", type=Path)
+    p.add_argument("--memory-only", action="store_true",
+                   help="only the compressed-sensor memory table (about a minute)")
     a = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
@@ -85,9 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     from vla_ds.trainer import PolicyCollator
 
     setup_logging(level=30)
-    results = {"loader": [], "training": []}
+    results = {"loader": [], "training": [], "reference_sensor": []}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        if a.memory_only:
+            wide = make_wide(make_demo_dataset(tmp / "demo", (10, 10)), tmp / "wide")
+            results["compressed_sensor_memory"] = compressed_sensor_memory(wide, tmp / "packed", a.batches)
+            return _report(results, a.json)
         backbone = make_tiny_backbone(tmp / "tiny")
         builder = VLInputBuilder.from_pretrained(BackboneConfig(model_name_or_path=str(backbone)))
         collate = PolicyCollator(builder)
@@ -106,38 +119,51 @@ def main(argv: list[str] | None = None) -> int:
                       f"{row['cached_samples_per_s']:8.1f} cached", flush=True)
         results["reference_sensor"] = reference_sensor_rates(datasets["demo (20 episodes)"], tmp / "wide", collate,
                                                              a.workers, a.batches)
+        results["compressed_sensor_memory"] = compressed_sensor_memory(tmp / "wide", tmp / "packed", a.batches)
         for workers in a.train_workers:
             for label, extra in (("no cache", ["--no-cache"]), ("cache", ["--set", f"cache.dir={tmp / 'cache'}"])):
                 share = training_share(datasets["demo (20 episodes)"], backbone, tmp / f"run_{workers}_{label}",
                                        workers, extra)
                 results["training"].append({"path": label, "workers": workers, **share})
+    return _report(results, a.json)
+
+
+def _report(results: dict, json_path: Path | None) -> int:
+    if results["loader"]:
+        print()
+        print(f"{'dataset':<22}{'workers':>8}{'images samples/s':>18}{'cached samples/s':>18}")
+        for r in results["loader"]:
+            print(f"{r['dataset']:<22}{r['workers']:>8}{r['images_samples_per_s']:>18.1f}"
+                  f"{r['cached_samples_per_s']:>18.1f}")
+    if results["training"]:
+        print()
+        print(f"{'training (Stage 1, 1 process)':<32}{'workers':>8}{'data_share':>12}{'samples/s':>12}")
+        for r in results["training"]:
+            print(f"{r['path']:<32}{r['workers']:>8}{r['data_share']:>12.3f}{r['samples_per_s']:>12.1f}")
+    if results["reference_sensor"]:
+        print()
+        print(f"{'reference sensor (650 x 1026 float32), cached path':<52}{'workers':>8}{'samples/s':>12}{'MB/s':>10}")
+        for r in results["reference_sensor"]:
+            print(f"{'batch ' + str(r['batch_size']):<52}{r['workers']:>8}{r['samples_per_s']:>12.1f}"
+                  f"{r['mb_per_s']:>10.0f}")
     print()
-    print(f"{'dataset':<22}{'workers':>8}{'images samples/s':>18}{'cached samples/s':>18}")
-    for r in results["loader"]:
-        print(f"{r['dataset']:<22}{r['workers']:>8}{r['images_samples_per_s']:>18.1f}{r['cached_samples_per_s']:>18.1f}")
-    print()
-    print(f"{'training (Stage 1, 1 process)':<32}{'workers':>8}{'data_share':>12}{'samples/s':>12}")
-    for r in results["training"]:
-        print(f"{r['path']:<32}{r['workers']:>8}{r['data_share']:>12.3f}{r['samples_per_s']:>12.1f}")
-    print()
-    print(f"{'reference sensor (650 x 1026 float32), cached path':<52}{'workers':>8}{'samples/s':>12}{'MB/s':>10}")
-    for r in results["reference_sensor"]:
-        print(f"{'batch ' + str(r['batch_size']):<52}{r['workers']:>8}{r['samples_per_s']:>12.1f}{r['mb_per_s']:>10.0f}")
-    if a.json:
-        a.json.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"wrote {a.json}")
+    print(f"{'compressed reference sensor, per worker':<44}{'workers':>8}{'streams MB':>12}{'+private MB':>13}"
+          f"{'+peak RSS MB':>14}")
+    for r in results["compressed_sensor_memory"]:
+        print(f"{r['mode']:<44}{r['workers']:>8}{r['stream_mb']:>12.0f}{r["private_growth_mb"]:>13.0f}"
+              f"{r["peak_rss_growth_mb"]:>14.0f}")
+    if json_path:
+        json_path.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {json_path}")
     return 0
 
 
-def reference_sensor_rates(demo: Path, out: Path, collate, workers: list[int], batches: int,
-                           channels: int = 1026, window: int = 650, hz: float = 1000.0, batch_size: int = 4) -> list:
-    """Cached-path loader rate with the reference sensor shape: ``demo`` copied to ``out`` with
-    every sensor stream replaced by ``channels`` channels at ``hz`` (stored, so memory-mapped)."""
+def make_wide(demo: Path, out: Path, channels: int = 1026, hz: float = 1000.0) -> Path:
+    """``demo`` copied to ``out`` with every sensor stream replaced by ``channels`` channels at
+    ``hz`` (stored uncompressed)."""
     import shutil
 
     import numpy as np
-
-    from vla_ds.data import DataConfig, VLADataset, split_train_val
 
     shutil.copytree(demo, out)
     rng = np.random.default_rng(0)
@@ -146,6 +172,18 @@ def reference_sensor_rates(demo: Path, out: Path, collate, workers: list[int], b
             start, end = float(old["timestamps"][0]), float(old["timestamps"][-1])
         times = start + np.arange(int((end - start) * hz) + 1) / hz
         np.savez(npz, timestamps=times, data=rng.standard_normal((len(times), channels), dtype=np.float32))
+    return out
+
+
+def reference_sensor_rates(demo: Path, out: Path, collate, workers: list[int], batches: int,
+                           channels: int = 1026, window: int = 650, hz: float = 1000.0, batch_size: int = 4) -> list:
+    """Cached-path loader rate with the reference sensor shape: ``demo`` copied to ``out`` with
+    every sensor stream replaced by ``channels`` channels at ``hz`` (stored, so memory-mapped)."""
+
+
+    from vla_ds.data import DataConfig, VLADataset, split_train_val
+
+    make_wide(demo, out, channels, hz)
     ds = VLADataset.from_config(DataConfig(dataset_dir=str(out), sensor_window_size=window))
     train, _ = split_train_val(ds, 0.1, 42)
     cached = _NoImages(train, hidden=2048)
@@ -156,6 +194,81 @@ def reference_sensor_rates(demo: Path, out: Path, collate, workers: list[int], b
                      "samples_per_s": rate, "mb_per_s": rate * window * channels * 4 / 1e6})
         print(f"reference sensor {window}x{channels}, batch {batch_size}, workers {w}: {rate:8.1f} samples/s", flush=True)
     return rows
+
+
+def compressed_sensor_memory(wide: Path, out: Path, batches: int, workers: int = 2, batch_size: int = 4,
+                             window: int = 650) -> list:
+    """Peak memory per DataLoader worker reading 650 x 1026 windows from compressed streams
+    (``wide``'s streams rewritten with ``np.savez_compressed``), unpacked vs decompressed."""
+    import shutil
+
+    import numpy as np
+    from torch.utils.data import DataLoader, RandomSampler
+
+    from vla_ds.data import DataConfig, VLADataset, episodes, split_train_val
+
+    shutil.copytree(wide, out)
+    for npz in sorted(out.rglob("sensor_data.npz")):
+        with np.load(npz) as old:
+            stamps, data = old["timestamps"], old["data"]
+        np.savez_compressed(npz, timestamps=stamps, data=data)
+    rows = []
+    for mode, unpack in (("decompressed in memory per worker (before)", False), ("unpacked once, mapped", True)):
+        for copy in out.rglob(f"{episodes.UNPACKED_DIR}/*.npy"):
+            copy.unlink()
+        episodes.UNPACK_COMPRESSED_SENSOR = unpack  # the forked workers inherit it
+        ds = VLADataset.from_config(DataConfig(dataset_dir=str(out), sensor_window_size=window))
+        train, _ = split_train_val(ds, 0.1, 42)
+        loader = DataLoader(_MemoryProbe(train), batch_size=batch_size, num_workers=workers, collate_fn=list,
+                            sampler=RandomSampler(train, replacement=True, num_samples=batch_size * batches))
+        peak: dict[int, tuple[float, float]] = {}
+        for batch in loader:
+            for worker, private, rss in batch:
+                old = peak.get(worker, (0.0, 0.0))
+                peak[worker] = (max(old[0], private), max(old[1], rss))
+        episodes.UNPACK_COMPRESSED_SENSOR = True
+        rows.append({"mode": mode, "workers": workers, "stream_mb": _stream_mb(out),
+                     "private_growth_mb": max(p for p, _ in peak.values()), "peak_rss_growth_mb": max(r for _, r in peak.values())})
+        print(f"compressed reference sensor, {mode}: private memory +{rows[-1]["private_growth_mb"]:.0f} MB, "
+              f"peak RSS +{rows[-1]["peak_rss_growth_mb"]:.0f} MB per worker", flush=True)
+    return rows
+
+
+def _stream_mb(root: Path) -> float:
+    """Size of every sensor stream under ``root``, uncompressed."""
+    from vla_ds.data.episodes import SensorData
+
+    return sum(SensorData(npz)._dtype.itemsize * math.prod(SensorData(npz).shape)
+               for npz in root.rglob("sensor_data.npz")) / 1e6
+
+
+class _MemoryProbe:
+    """A sample's sensor window read by a worker, answered with (worker id, growth of its private
+    memory, growth of its peak resident memory) since the worker started reading, in MB."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        self.start = None
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        from torch.utils.data import get_worker_info
+
+        if self.start is None:  # this worker's own memory before it read anything
+            self.start = _memory_mb()
+        self.dataset.get_item(i, with_images=False)
+        info = get_worker_info()
+        private, rss = _memory_mb()
+        return (info.id if info else 0, private - self.start[0], rss - self.start[1])
+
+
+def _memory_mb() -> tuple[float, float]:
+    """This process's resident anonymous (private) memory and peak resident memory, MB."""
+    with open("/proc/self/status") as f:
+        status = dict(line.split(":", 1) for line in f.read().splitlines() if ":" in line)
+    return float(status["RssAnon"].split()[0]) / 1024, float(status["VmHWM"].split()[0]) / 1024
 
 
 class _NoImages:

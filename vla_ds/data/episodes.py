@@ -65,6 +65,14 @@ MAX_OPEN_SENSOR_MAPS = 64
 MAX_DECOMPRESSED_SENSOR_BYTES = 2 << 30
 # sample_rows streams a compressed member in blocks of about this many bytes.
 STREAM_BLOCK_BYTES = 16 << 20
+# A compressed ``data`` member is unpacked once, by whichever process needs it first, into
+# an uncompressed .npy in this folder next to the .npz (or under UNPACKED_FALLBACK_DIR when
+# the dataset is read-only) and memory-mapped from there by every worker and rank: their
+# pages are the OS page cache, shared and reclaimable, instead of one decompressed copy of
+# the stream per worker. False: decompress in memory per process (bounded by the LRU above).
+UNPACK_COMPRESSED_SENSOR = True
+UNPACKED_DIR = ".vla_ds_cache"
+UNPACKED_FALLBACK_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vla_ds" / "sensor"
 
 
 # --------------------------------------------------------------------------- finding
@@ -358,16 +366,29 @@ def _remember(sensor: SensorData, array: np.ndarray) -> None:
         while len(_OPEN_ARRAYS) > max(1, MAX_OPEN_SENSOR_MAPS):
             _, oldest = _OPEN_ARRAYS.popitem(last=False)
             oldest._array = None
-        held = sum(s._array.nbytes for s in _OPEN_ARRAYS.values()
-                   if s.compressed and s._array is not None)
+        held = sum(s._array.nbytes for s in _OPEN_ARRAYS.values() if _in_memory(s._array))
         for key, s in list(_OPEN_ARRAYS.items()):
             if held <= MAX_DECOMPRESSED_SENSOR_BYTES:
                 break
-            if s is sensor or not s.compressed:
+            if s is sensor or not _in_memory(s._array):
                 continue
             held -= s._array.nbytes if s._array is not None else 0
             s._array = None
             del _OPEN_ARRAYS[key]
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        logger.warning("%s", message)
+
+
+def _in_memory(array) -> bool:
+    """A decompressed array held in this process (not a map of a file)."""
+    return array is not None and not isinstance(array, np.memmap)
 
 
 def open_sensor_arrays() -> int:
@@ -500,8 +521,79 @@ class SensorData:
         if int(np.prod(self.shape)) == 0:
             self._array = np.zeros(self.shape, dtype=self._dtype)
             return self._array
-        array = self._decompress() if self.compressed else self._map()
+        if not self.compressed:
+            array = self._map()
+        else:
+            unpacked = self._unpacked() if UNPACK_COMPRESSED_SENSOR else None
+            array = self._map_unpacked(unpacked) if unpacked is not None else self._decompress()
         _remember(self, array)
+        return array
+
+    def _identity(self) -> str:
+        """What the unpacked copy is keyed by: the .npz's size and mtime and the member's CRC."""
+        st = os.stat(self.path)
+        with zipfile.ZipFile(self.path) as zf:
+            crc = zf.getinfo("data.npy").CRC
+        return f"{st.st_size}-{st.st_mtime_ns}-{crc:08x}"
+
+    def _unpacked(self) -> Path | None:
+        """The uncompressed copy of the ``data`` member (an .npy), made now if missing; None
+        when neither the dataset's folder nor the fallback folder can be written to."""
+        import fcntl
+        import hashlib
+        import shutil
+        import uuid
+
+        try:
+            identity = self._identity()
+        except Exception as e:
+            raise DatasetError(_read_error(self.path, "data.npy", e)) from None
+        fallback = hashlib.sha1(str(self.path.resolve()).encode()).hexdigest()[:16]
+        for folder, prefix in ((self.path.parent / UNPACKED_DIR, self.path.stem),
+                               (UNPACKED_FALLBACK_DIR, f"{fallback}.{self.path.stem}")):
+            file = f"{prefix}.{identity}.npy"
+            target = folder / file
+            if target.is_file():
+                return target
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                with open(folder / f".{file}.lock", "w") as lock:
+                    fcntl.flock(lock, fcntl.LOCK_EX)  # one process unpacks, the others wait for it
+                    if target.is_file():
+                        return target
+                    tmp = folder / f".{file}.{uuid.uuid4().hex}.tmp"
+                    try:
+                        with zipfile.ZipFile(self.path) as zf, zf.open("data.npy") as src, open(tmp, "wb") as dst:
+                            shutil.copyfileobj(src, dst, STREAM_BLOCK_BYTES)  # the CRC is checked at the end
+                        os.replace(tmp, target)
+                    except (zipfile.BadZipFile, EOFError, ValueError) as e:  # the .npz itself is bad
+                        raise DatasetError(_read_error(self.path, "data.npy", e)) from None
+                    finally:
+                        tmp.unlink(missing_ok=True)
+                for old in folder.glob(f"{prefix}.*.npy"):
+                    if old != target:  # unpacked from an earlier version of this file
+                        old.unlink(missing_ok=True)
+                logger.info("%s: unpacked the compressed sensor data to %s (memory-mapped from there)",
+                            self.path, target)
+                return target
+            except DatasetError:
+                raise
+            except OSError:
+                continue  # read-only or full: try the next folder
+            except Exception as e:  # zlib.error and the like: the member is corrupt
+                raise DatasetError(_read_error(self.path, "data.npy", e)) from None
+        _warn_once(f"{self.path}: cannot write an unpacked copy of its compressed sensor data (to "
+                   f"{self.path.parent / UNPACKED_DIR} or {UNPACKED_FALLBACK_DIR}); decompressing it in memory "
+                   "in every process instead")
+        return None
+
+    def _map_unpacked(self, path: Path) -> np.ndarray:
+        try:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except Exception as e:
+            raise DatasetError(f"{path}: cannot map the unpacked sensor data of {self.path} ({e}); delete it "
+                               "to unpack again") from None
+        self._check_unchanged(array.shape, array.dtype)
         return array
 
     def _map(self) -> np.ndarray:
