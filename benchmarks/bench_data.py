@@ -150,8 +150,8 @@ def _report(results: dict, json_path: Path | None) -> int:
     print(f"{'compressed reference sensor, per worker':<44}{'workers':>8}{'streams MB':>12}{'+private MB':>13}"
           f"{'+peak RSS MB':>14}")
     for r in results["compressed_sensor_memory"]:
-        print(f"{r['mode']:<44}{r['workers']:>8}{r['stream_mb']:>12.0f}{r["private_growth_mb"]:>13.0f}"
-              f"{r["peak_rss_growth_mb"]:>14.0f}")
+        print(f"{r['mode']:<44}{r['workers']:>8}{r['stream_mb']:>12.0f}{r['private_growth_mb']:>13.0f}"
+              f"{r['peak_rss_growth_mb']:>14.0f}")
     if json_path:
         json_path.write_text(json.dumps(results, indent=2) + "\n")
         print(f"wrote {json_path}")
@@ -229,8 +229,8 @@ def compressed_sensor_memory(wide: Path, out: Path, batches: int, workers: int =
         episodes.UNPACK_COMPRESSED_SENSOR = True
         rows.append({"mode": mode, "workers": workers, "stream_mb": _stream_mb(out),
                      "private_growth_mb": max(p for p, _ in peak.values()), "peak_rss_growth_mb": max(r for _, r in peak.values())})
-        print(f"compressed reference sensor, {mode}: private memory +{rows[-1]["private_growth_mb"]:.0f} MB, "
-              f"peak RSS +{rows[-1]["peak_rss_growth_mb"]:.0f} MB per worker", flush=True)
+        print(f"compressed reference sensor, {mode}: private memory +{rows[-1]['private_growth_mb']:.0f} MB, "
+              f"peak RSS +{rows[-1]['peak_rss_growth_mb']:.0f} MB per worker", flush=True)
     return rows
 
 
