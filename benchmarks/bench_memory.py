@@ -11,6 +11,15 @@ ZeRO optimizer shard in the checkpoint (fp32 master weights + Adam moments: the
 optimizer state that rank holds). Next to them: the estimate of estimate_memory.py for
 the same model, config and rank count. Checks that 2-rank ZeRO-2 holds half the
 optimizer state per rank of 1 rank. Prints a table, writes JSON. Run by hand.
+
+    python benchmarks/bench_memory.py --startup [--reference-dir DIR] [--ranks 2] [--json out.json]
+
+Start-up host memory instead: the reference Qwen2.5-VL-3B (random bf16 weights, about 7.5 GB,
+written to ``--reference-dir`` once and reused) loaded by ``--ranks`` processes at once, each
+the way train.py loads it (``engine.backbone_device``: straight onto ``cuda:LOCAL_RANK``
+on a GPU box, memory-mapped on the CPU). Per rank: peak RSS, and after the load its
+private (anonymous) memory and its file-backed pages (the checkpoint's page cache, one copy
+shared by all ranks of the machine), plus GPU memory on a GPU.
 """
 
 from __future__ import annotations
@@ -123,16 +132,83 @@ def estimate(config: str, backbone: Path, ranks: int, tmp: Path) -> dict:
     return json.loads(out.read_text())["estimate_bytes"]
 
 
+def startup_child(backbone: str) -> int:
+    """One rank: load the backbone (and fingerprint it) as train.py does, print its memory as a
+    JSON line."""
+    import torch
+
+    from vla_ds import config as config_lib
+    from vla_ds.engine import backbone_device
+    from vla_ds.models.backbone import VLBackbone
+
+    raw = config_lib.load_json(REPO / "ds_configs" / "stage2.json")
+    for key, value in (("vla_ds.data.dataset_dir", "unused"), ("vla_ds.train.stage1_checkpoint", "unused"),
+                       ("vla_ds.backbone.model_name_or_path", backbone)):
+        config_lib.apply_override(raw, key, value)
+    cfg = config_lib.resolve_config(raw, 1)
+    device = backbone_device(cfg)
+    backbone = VLBackbone(cfg.backbone, device=device)
+    backbone.fingerprint()  # train.py reads every weight for it
+    with open("/proc/self/status") as f:
+        status = {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in f if ":" in line)
+                  if k in ("VmHWM", "RssAnon", "RssFile")}
+    gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+    del backbone
+    print(MARK + json.dumps({"rank": int(os.environ.get("RANK", "0")), "device": device or "cpu",
+                             "peak_rss": status["VmHWM"], "private": status["RssAnon"],
+                             "file_backed": status["RssFile"], "gpu_max_allocated": gpu}), flush=True)
+    return 0
+
+
+def startup(reference_dir: Path, ranks: int) -> list[dict]:
+    from vla_ds.tiny_backbone import make_reference_backbone
+
+    if not (reference_dir / "model.safetensors").is_file() and not any(reference_dir.glob("*.safetensors")):
+        print(f"writing the reference-size backbone to {reference_dir} (about 7.5 GB, once)", flush=True)
+        make_reference_backbone(reference_dir)
+    procs = []
+    for rank in range(ranks):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(ranks), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--startup-child",
+                                       str(reference_dir)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    rows = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=1800)
+        if proc.returncode != 0:
+            raise RuntimeError(f"a loading rank failed:\n{err[-2000:]}")
+        rows += [json.loads(line.split(MARK, 1)[1]) for line in out.splitlines() if MARK in line]
+    rows.sort(key=lambda r: r["rank"])
+    gib = 1024 ** 3
+    print()
+    print(f"{'rank':>4}{'device':>10}{'peak RSS GiB':>14}{'private GiB':>13}{'file-backed GiB':>17}{'GPU GiB':>9}")
+    for r in rows:
+        print(f"{r['rank']:>4}{r['device']:>10}{r['peak_rss'] / gib:>14.2f}{r['private'] / gib:>13.2f}"
+              f"{r['file_backed'] / gib:>17.2f}{r['gpu_max_allocated'] / gib:>9.2f}")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--child" in argv:  # under the DeepSpeed launcher a --local_rank=N comes first
         argv.remove("--child")
         return child(argv)
+    if argv[:1] == ["--startup-child"]:
+        return startup_child(argv[1])
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--configs", nargs="+", default=list(CONFIGS))
+    p.add_argument("--startup", action="store_true", help="start-up host memory of the reference backbone instead")
+    p.add_argument("--reference-dir", type=Path, default=REPO / ".cache" / "reference_backbone")
+    p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    if a.startup:
+        rows = startup(a.reference_dir, a.ranks)
+        if a.json:
+            a.json.write_text(json.dumps({"startup": rows}, indent=2) + "\n")
+            print(f"wrote {a.json}")
+        return 0
 
     from vla_ds.data.demo import make_demo_dataset
     from vla_ds.tiny_backbone import make_tiny_backbone

@@ -297,3 +297,32 @@ def test_reference_lora_parameter_count(reference_meta_model):
     assert all(".language_model." in n for n in lora_params)
     # per layer r * (in + out): q 16*(2048+2048) + k,v 16*(2048+256) + o 16*(2048+2048) = 204,800; x 36 layers
     assert sum(lora_params.values()) == 7_372_800
+
+
+def test_backbone_loads_onto_the_given_device_and_stays_mapped_on_the_cpu(tiny_backbone_dir):
+    """``device`` places every tensor as it is read (here the CPU, the one device CI has);
+    without it, bf16 weights stay views of the checkpoint's memory-mapped file."""
+    cfg = BackboneConfig(model_name_or_path=str(tiny_backbone_dir))
+    placed = VLBackbone(cfg, device="cpu")
+    default = VLBackbone(cfg)
+    assert all(p.device.type == "cpu" for p in placed.parameters())
+    assert placed.fingerprint() == default.fingerprint()
+
+
+def test_each_rank_loads_the_backbone_onto_its_own_gpu(monkeypatch):
+    import torch
+
+    from vla_ds import config as config_lib
+    from vla_ds.engine import backbone_device
+
+    raw = config_lib.load_json(config_lib.SHIPPED_CONFIG_DIR / "stage2.json")
+    for key, value in (("vla_ds.data.dataset_dir", "data"), ("vla_ds.train.stage1_checkpoint", "s1")):
+        config_lib.apply_override(raw, key, value)
+    cfg = config_lib.resolve_config(raw, 1)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert backbone_device(cfg) is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert backbone_device(cfg) == "cuda:3"
+    config_lib.apply_override(raw, "zero_optimization.stage", 3)
+    assert backbone_device(config_lib.resolve_config(raw, 1)) is None  # ZeRO-3 partitions from host memory

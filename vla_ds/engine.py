@@ -76,6 +76,19 @@ def env_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def backbone_device(cfg: RunConfig) -> str | None:
+    """Where this rank loads the VL backbone: straight onto its own GPU (``cuda:LOCAL_RANK``),
+    so N ranks of a node never hold N host copies of the model while they start. None (the
+    CPU) without CUDA, and under ZeRO-3, which partitions the model from host memory (its
+    configs are for GPUs too small to hold it whole); on the CPU the weights stay
+    memory-mapped from the checkpoint files, shared by the node's ranks."""
+    zero_stage = int(cfg.deepspeed.get("zero_optimization", {}).get("stage", 0))
+    if not torch.cuda.is_available() or zero_stage == 3:
+        return None
+    adopt_launcher_env()
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

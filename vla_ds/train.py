@@ -215,7 +215,7 @@ def run(args: argparse.Namespace, cache_only: bool = False) -> dict:
 
     # --- model (the backbone loads before the process group, so a bad path fails fast)
     logger.info("Loading VL backbone from %s", cfg.backbone.model_name_or_path)
-    backbone = VLBackbone(cfg.backbone)
+    backbone = VLBackbone(cfg.backbone, device=engine_lib.backbone_device(cfg))
     fingerprint = backbone.fingerprint()  # of the base weights, before adapters or ZeRO-3 partitioning
     backbone.freeze()
     if resume_states is not None:

@@ -480,7 +480,11 @@ class VLBackbone(nn.Module):
     is replaced by a ``peft.PeftModel`` wrapping it, the forward pass still finds the inner model.
     """
 
-    def __init__(self, config: BackboneConfig):
+    def __init__(self, config: BackboneConfig, device: str | torch.device | None = None):
+        """Load the checkpoint. On the CPU its weights stay memory-mapped views of the
+        safetensors files when their dtype is ``config.dtype`` (processes on one machine share
+        those pages); with ``device`` (e.g. ``"cuda:3"``) every tensor goes straight to that
+        device as it is read, so host memory never holds the model."""
         super().__init__()
         from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -488,6 +492,7 @@ class VLBackbone(nn.Module):
         path = config.model_name_or_path
         hf_config = load_backbone_config(path)
         source, local_only = _model_source(path)
+        placement = {"device_map": {"": str(device)}} if device is not None else {}
         try:
             model, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
                 source,
@@ -496,6 +501,7 @@ class VLBackbone(nn.Module):
                 attn_implementation=config.attn_implementation,
                 local_files_only=local_only,
                 output_loading_info=True,
+                **placement,
             )
         except Exception as exc:
             raise BackboneError(load_backbone_error_message(path, f"cannot load the weights: {_first_line(exc)}")) from exc
@@ -513,6 +519,12 @@ class VLBackbone(nn.Module):
         if info.get("unexpected_keys"):
             logger.warning("VL backbone %s: %d unexpected tensors ignored", path, len(info["unexpected_keys"]))
 
+        stored = getattr(hf_config, "dtype", None)
+        if device is None and isinstance(stored, torch.dtype) and stored != config.torch_dtype:
+            logger.info("VL backbone %s is stored as %s and loaded as %s: every process converts a private copy "
+                        "(%.1f GB) instead of sharing the memory-mapped checkpoint; a %s checkpoint is shared",
+                        path, stored, config.torch_dtype,
+                        sum(p.numel() for p in model.parameters()) * config.torch_dtype.itemsize / 1e9, config.dtype)
         self.model = model
         self.hidden_size: int = int(hf_config.text_config.hidden_size)
         self.image_token_id: int = int(hf_config.image_token_id)

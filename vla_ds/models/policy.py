@@ -349,7 +349,8 @@ class VLAPolicy(nn.Module):
 
         logger.info("loading policy %s (%s, finetune %s) with VL backbone %s%s", policy_dir,
                     config.get("stage", "?"), finetune.mode, source, " (LoRA merged)" if use_merged else "")
-        backbone = VLBackbone(backbone_config)
+        # A GPU gets the backbone's tensors as they are read, not via a host copy.
+        backbone = VLBackbone(backbone_config, device=device if torch.device(device).type == "cuda" else None)
         if use_merged:
             logger.info("using %s: the LoRA merged into the base; the base fingerprint check does not apply",
                         merged_dir)
