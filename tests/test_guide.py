@@ -82,22 +82,20 @@ def test_guide_command_lines_run_under_torchrun(tiny_backbone_dir, demo_dataset_
     rows = [r for r in read_metrics(s1) if "train/loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3] and all(r["train/lr/other"] > 0 for r in rows)
 
-    # Stage 2, both of the guide's command lines.
-    for line, out in ((GUIDE_STAGE2, "stage2"), (GUIDE_EXAMPLE_STAGE2, "stage2_example")):
-        proc = torchrun(tmp_path, [*guide_command(line, demo_dataset_dir), "--output_dir", f"checkpoints/{out}"]
-                        if out != "stage2" else guide_command(line, demo_dataset_dir))
-        for piece in GUIDE_LOG_LINES:
-            assert piece in proc.stderr, piece
-        saved = json.loads((tmp_path / "checkpoints" / out / "config.json").read_text())["vla_ds"]
-        assert saved["stage"] == "stage2" and saved["finetune"]["mode"] == "lora"
-        assert {k: saved["optimizer_groups"][k]["lr"] for k in ("vl", "other")} == {"vl": 1e-5, "other": 1e-4}
+    # Stage 2, the guide's command line with its LoRA flags.
+    proc = torchrun(tmp_path, guide_command(GUIDE_STAGE2, demo_dataset_dir))
+    for piece in GUIDE_LOG_LINES:
+        assert piece in proc.stderr, piece
     s2 = tmp_path / "checkpoints" / "stage2"
     saved = json.loads((s2 / "config.json").read_text())
     lora = saved["vla_ds"]["finetune"]
+    assert saved["vla_ds"]["stage"] == "stage2" and lora["mode"] == "lora"
     assert (lora["lora_r"], lora["lora_alpha"], lora["lora_dropout"]) == (16, 32, 0.05)
+    assert {k: saved["vla_ds"]["optimizer_groups"][k]["lr"] for k in ("vl", "other")} == {"vl": 1e-5, "other": 1e-4}
     assert saved["gradient_accumulation_steps"] == 8 and saved["train_batch_size"] == 64
 
-    # The guide's "continue training": its .pt (convert_checkpoint.py makes one), --resume.
+    # The guide's "continue training": its .pt (convert_checkpoint.py makes one), --resume,
+    # appended to the guide's "Example Training Run" Stage 2 command.
     convert = subprocess.run([sys.executable, str(REPO / "scripts" / "convert_checkpoint.py"), "checkpoints/stage2",
                               "checkpoints", "--to", "stage2"], cwd=tmp_path, capture_output=True, text=True)
     assert convert.returncode == 0, convert.stderr[-2000:]
@@ -105,6 +103,7 @@ def test_guide_command_lines_run_under_torchrun(tiny_backbone_dir, demo_dataset_
     assert pt.is_file()
     proc = torchrun(tmp_path, [*guide_command(GUIDE_EXAMPLE_STAGE2, demo_dataset_dir),
                                "--resume", "checkpoints/diffusion_step3.pt"])
+    assert "Stage 2: Training Full Model with LoRA" in proc.stderr
     said = [line for line in proc.stderr.splitlines() if "weights-only checkpoint" in line]
     assert len(said) == 1 and "fresh optimizer" in said[0] and "checkpoints/stage2_resumed" in said[0], said
     resumed = tmp_path / "checkpoints" / "stage2_resumed"

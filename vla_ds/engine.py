@@ -210,7 +210,7 @@ def long_phase(name: str, output_dir: str | None = None):
         thread.join()
     start = time.monotonic()
     seen = {r: (-1, start) for r in range(world)}  # rank -> (its last heartbeat count, when it changed)
-    pending = list(range(world))
+    pending, pause = list(range(world)), 0.01  # short phases end in milliseconds; long ones poll every second
     while pending:
         pending = [r for r in pending if not store.check([f"{prefix}/done/{r}"])]
         now = time.monotonic()
@@ -231,7 +231,8 @@ def long_phase(name: str, output_dir: str | None = None):
                 f"rank(s) {', '.join(map(str, pending))} still busy with the {name} after {limit / 60:g} min "
                 "(train.long_phase_minutes), although alive; raise it if the phase is really that long", output_dir))
         if pending:
-            time.sleep(min(1.0, beat_every))
+            time.sleep(pause)
+            pause = min(2 * pause, 1.0, beat_every)
     dist.barrier()  # every rank has arrived: returns at once
 
 
