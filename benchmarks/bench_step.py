@@ -64,14 +64,12 @@ def build(size: str, backbone_dir: Path, world: int, micro_batch: int, accum: in
     from vla_ds.data.normalize import NormStats
     from vla_ds.models.backbone import VLBackbone
     from vla_ds.models.policy import VLAPolicy
-    from vla_ds.train import load_run_config
-
     channels, window, overrides = SIZES[size]
-    args = argparse.Namespace(ds_config=str(REPO / "ds_configs" / "stage1.json"), vl_model=str(backbone_dir),
-                              model_preset="tiny", batch_size=micro_batch, grad_accum=accum,
-                              dataset_dir="(synthetic)", sensor_window_size=window,
-                              overrides=[f"vla_ds.{o}" for o in overrides] + ["train.progress_bar=false", *extra])
-    cfg = load_run_config(args, world)
+    sets = [f"vla_ds.{o}" for o in overrides] + ["train.progress_bar=false", *extra]
+    cfg = config_lib.run_config_from_flags(
+        ["--ds_config", str(REPO / "ds_configs" / "stage1.json"), "--vl-model", str(backbone_dir), "--model-preset",
+         "tiny", "--batch_size", str(micro_batch), "--grad_accum", str(accum), "--dataset_dir", "(synthetic)",
+         "--sensor-window-size", str(window), *(arg for item in sets for arg in ("--set", item))], world)
     config_lib.resolve_schedule(cfg, steps_per_epoch=1000)
     torch.manual_seed(0)
     backbone = VLBackbone(cfg.backbone)

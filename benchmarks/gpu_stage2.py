@@ -54,15 +54,12 @@ def build(ds_config: str, backbone_dir: Path, micro: int, preset: str, window: i
     from vla_ds.data.normalize import NormStats
     from vla_ds.models.backbone import VLBackbone, VLInputBuilder
     from vla_ds.models.policy import VLAPolicy
-    from vla_ds.train import load_run_config
-
-    args = argparse.Namespace(ds_config=str(REPO / "ds_configs" / ds_config), vl_model=str(backbone_dir),
-                              model_preset=preset, batch_size=micro, grad_accum=1, dataset_dir="(synthetic)",
-                              sensor_window_size=window, lora_r=16 if "stage2" in ds_config else None,
-                              overrides=["train.progress_bar=false", *extra]
-                              + (["train.stage1_checkpoint=none-random-heads-for-throughput"]
-                                 if "stage2" in ds_config else []))
-    cfg = load_run_config(args, 1)
+    sets = ["train.progress_bar=false", *extra]
+    stage2 = ["--lora-r", "16", "--stage1-checkpoint", "none-random-heads-for-throughput"] if "stage2" in ds_config else []
+    cfg = config_lib.run_config_from_flags(
+        ["--ds_config", str(REPO / "ds_configs" / ds_config), "--vl-model", str(backbone_dir), "--model-preset", preset,
+         "--batch_size", str(micro), "--grad_accum", "1", "--dataset_dir", "(synthetic)", "--sensor-window-size",
+         str(window), *stage2, *(arg for item in sets for arg in ("--set", item))], 1)
     config_lib.resolve_schedule(cfg, steps_per_epoch=1000)
     backbone = VLBackbone(cfg.backbone)
     backbone.freeze()

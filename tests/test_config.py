@@ -7,7 +7,7 @@ import pytest
 
 from vla_ds import config as config_lib
 from vla_ds.errors import ConfigError
-from vla_ds.train import build_parser, load_run_config
+from vla_ds.config import build_parser, load_run_config
 
 STAGE1 = Path(__file__).resolve().parent.parent / "ds_configs" / "stage1.json"
 

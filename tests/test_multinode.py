@@ -299,6 +299,7 @@ def test_ranks_that_differ_are_named_with_their_hosts():
 def test_check_ranks_raises_on_every_rank(monkeypatch):
     import deepspeed.comm as dist
 
+    from vla_ds import engine
     from vla_ds.config import resolve_config
     from vla_ds.errors import ConfigError
 
@@ -312,7 +313,7 @@ def test_check_ranks_raises_on_every_rank(monkeypatch):
     raw["vla_ds"]["data"]["dataset_dir"] = "data"
     cfg = resolve_config(raw, 2, source=STAGE1)
     with pytest.raises(ConfigError, match=r"transformers version differs between ranks: .* on rank 0 .*; 4.0.0 on rank 1"):
-        preflight.check_ranks(cfg, {"dataset": "x"})
+        engine.check_ranks(cfg, {"dataset": "x"})
 
 
 def test_preflight_cli_runs_as_a_module(hostfile, demo_dataset_dir, tmp_path):

@@ -14,10 +14,12 @@ section -> command-line flags / ``--set``.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import difflib
 import json
+import logging
 import math
 import typing
 from dataclasses import dataclass, field
@@ -34,6 +36,8 @@ from vla_ds.models.action_expert import ActionExpertConfig, stored_section
 from vla_ds.models.backbone import BackboneConfig
 from vla_ds.models.finetune import FinetuneConfig
 from vla_ds.models.sensor_encoder import SensorEncoderConfig
+
+logger = logging.getLogger(__name__)
 
 PROJECT_KEY = "vla_ds"
 # Keys of the JSON that are ours, not DeepSpeed's; removed before deepspeed.initialize.
@@ -624,3 +628,127 @@ def validate_deepspeed(cfg: RunConfig, source: str = "config") -> None:
     except Exception as e:  # pydantic ValidationError, AssertionError, ...: all mean a bad key or value
         lines = [line.strip() for line in str(e).splitlines() if line.strip() and "errors.pydantic" not in line]
         raise ConfigError(f"{source}: DeepSpeed rejects the config: {'; '.join(lines[:3])}") from None
+
+
+# ---------------------------------------------------------------------------------------
+# Command-line flags (train.py, build_cache.py, preflight, benchmarks)
+
+
+# The guide's flags -> dotted config keys (DeepSpeed keys at the top level, ours under vla_ds.).
+FLAG_TO_KEY = {
+    "training_stage": "vla_ds.stage",
+    "batch_size": "train_micro_batch_size_per_gpu",
+    "grad_accum": "gradient_accumulation_steps",
+    "lr": "vla_ds.optimizer_groups.other.lr",
+    "epochs": "vla_ds.train.epochs",
+    "val_split": "vla_ds.data.val_split",
+    "diffusion_timesteps": "vla_ds.action_expert.num_train_timesteps",
+    "sensor_loss_weight": "vla_ds.train.sensor_loss_weight",
+    "dataset_dir": "vla_ds.data.dataset_dir",
+    "vl_model": "vla_ds.backbone.model_name_or_path",
+    "model_preset": "vla_ds.model_preset",
+    "output_dir": "vla_ds.train.output_dir",
+    "seed": "vla_ds.train.seed",
+    "sensor_window_size": "vla_ds.data.sensor_window_size",
+    "num_workers": "vla_ds.data.num_workers",
+    "max_steps": "vla_ds.train.max_steps",
+    "vl_lr": "vla_ds.optimizer_groups.vl.lr",
+    "stage1_checkpoint": "vla_ds.train.stage1_checkpoint",
+    "resume": "vla_ds.train.resume",
+    "finetune_vl": "vla_ds.finetune.mode",
+    "lora_r": "vla_ds.finetune.lora_r",
+    "lora_alpha": "vla_ds.finetune.lora_alpha",
+    "lora_dropout": "vla_ds.finetune.lora_dropout",
+    "unfreeze_last_n": "vla_ds.finetune.unfreeze_last_n",
+    "save_steps": "vla_ds.train.save_steps",
+    "save_total_limit": "vla_ds.train.save_total_limit",
+    "on_bad_sample": "vla_ds.data.on_bad_sample",
+}
+# Flags that set one parameter group's lr: the group must exist in the JSON.
+GROUP_FLAGS = {"lr": "other", "vl_lr": "vl"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train.py",
+        description="Train a VLA policy (Qwen2.5-VL + sensor encoder + diffusion action expert) with DeepSpeed.",
+    )
+    p.add_argument("--ds_config", "--ds-config",
+                   help="DeepSpeed JSON with a vla_ds section (default: ds_configs/<training stage>.json, "
+                        "from the working directory if it has one, else the shipped one)")
+    p.add_argument("--dataset_dir", "--dataset-dir", help="dataset root (SPEC section 3 format)")
+    p.add_argument("--training-stage", "--training_stage", dest="training_stage", choices=STAGES)
+    p.add_argument("--vl-model", "--vl_model", dest="vl_model", help="Qwen2.5-VL dir or hub id")
+    p.add_argument("--model-preset", "--model_preset", dest="model_preset", choices=list(MODEL_PRESETS))
+    p.add_argument("--batch_size", "--batch-size", type=int, help="micro batch per GPU")
+    p.add_argument("--grad_accum", "--grad-accum", type=int, help="gradient accumulation steps")
+    p.add_argument("--lr", type=float, help="learning rate of the sensor encoder + action expert ('other' group)")
+    p.add_argument("--vl-lr", "--vl_lr", dest="vl_lr", type=float, help="learning rate of the VL model ('vl' group)")
+    p.add_argument("--stage1-checkpoint", "--stage1_checkpoint", dest="stage1_checkpoint",
+                   help="Stage 2: Stage 1 output dir or its .pt")
+    p.add_argument("--finetune-vl", "--finetune_vl", dest="finetune_vl", choices=["lora", "full", "none"])
+    p.add_argument("--lora-r", "--lora_r", dest="lora_r", type=int)
+    p.add_argument("--lora-alpha", "--lora_alpha", dest="lora_alpha", type=float)
+    p.add_argument("--lora-dropout", "--lora_dropout", dest="lora_dropout", type=float)
+    p.add_argument("--unfreeze-last-n", "--unfreeze_last_n", dest="unfreeze_last_n", type=int,
+                   help="decoder layers trained with --finetune-vl full (default 2)")
+    p.add_argument("--epochs", type=int, help="total epochs of the run")
+    p.add_argument("--val_split", "--val-split", type=float)
+    p.add_argument("--diffusion_timesteps", "--diffusion-timesteps", type=int)
+    p.add_argument("--sensor_loss_weight", "--sensor-loss-weight", type=float)
+    p.add_argument("--sensor-window-size", "--sensor_window_size", dest="sensor_window_size", type=int)
+    p.add_argument("--num_workers", "--num-workers", type=int)
+    p.add_argument("--output_dir", "--output-dir")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--max_steps", "--max-steps", type=int, help="stop after N optimizer steps (smoke tests)")
+    p.add_argument("--save_steps", "--save-steps", type=int,
+                   help="also checkpoint every N optimizer steps (default: at the end of every epoch only)")
+    p.add_argument("--save_total_limit", "--save-total-limit", type=int,
+                   help="keep only the newest K checkpoints (older ones go once a newer one is complete)")
+    p.add_argument("--on-bad-sample", "--on_bad_sample", dest="on_bad_sample", choices=["error", "skip"],
+                   help="error (default): stop at a bad sample, naming its file; skip: drop it, count it per "
+                        "file and list the files at the end of every epoch")
+    p.add_argument("--no-cache", "--no_cache", dest="no_cache", action="store_true", default=None,
+                   help="Stage 1: run the backbone every step instead of caching its features")
+    p.add_argument("--resume", help="output dir (its 'latest'), a global_stepN dir, or a universal checkpoint "
+                                    "(convert_checkpoint.py --to universal: any number of ranks) to continue from; "
+                                    "or the guide's weights-only .pt: its weights with a fresh optimizer")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config field, e.g. --set train.log_every=10 --set zero_optimization.stage=1")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)  # from the launcher
+    return p
+
+
+def load_run_config(args: argparse.Namespace, world_size: int) -> RunConfig:
+    """The run config of parsed flags (:func:`build_parser`; any Namespace with some of its
+    attributes, e.g. preflight's): ``--ds_config`` (or the stage's shipped JSON), then the
+    guide's flags, ``--no-cache`` and ``--set`` over it, resolved for ``world_size`` ranks."""
+    if not args.ds_config:  # the guide's command lines: the stage picks the JSON
+        stage = args.training_stage or "stage1"
+        args.ds_config = str(stage_config_path(stage))
+        logger.info("no --ds_config: using %s (training stage %s)", args.ds_config, stage)
+    raw = load_json(args.ds_config)
+    groups = raw.get(PROJECT_KEY, {}).get("optimizer_groups", {"other": {}})
+    for flag, group in GROUP_FLAGS.items():
+        if getattr(args, flag, None) is not None and group not in groups:
+            raise ConfigError(
+                f"{args.ds_config}: --{flag.replace('_', '-')} sets the '{group}' parameter group, which this config "
+                f"does not have (it has: {', '.join(groups)}); use a stage-2 config or --set optimizer_groups.NAME.lr=")
+    for flag, key in FLAG_TO_KEY.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            apply_override(raw, key, value)
+    if getattr(args, "no_cache", None):
+        apply_override(raw, "vla_ds.cache.mode", "off")
+    for item in args.overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        key, value = item.split("=", 1)
+        apply_override(raw, key.strip(), value)
+    return resolve_config(raw, world_size, source=str(args.ds_config))
+
+
+def run_config_from_flags(argv: list[str], world_size: int = 1) -> RunConfig:
+    """:func:`load_run_config` of a train.py command line given as a list, e.g.
+    ``["--ds_config", "ds_configs/stage1.json", "--model-preset", "tiny", "--set", "train.seed=1"]``."""
+    return load_run_config(build_parser().parse_args(argv), world_size)

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -147,6 +148,29 @@ def init_distributed(timeout_minutes: float, long_phase_minutes: float = 240.0) 
             "start every node's launcher with the same hostfile, --master_addr and --master_port, and check "
             "that the port is open between nodes") from None
     _unlink_shm_allreduce_buffer()
+
+
+def check_ranks(cfg, facts: dict[str, Any] | None = None) -> None:
+    """Collective, right after the process group starts: every rank must run the same
+    package versions on the same dataset and backbone. Logs the launch report on rank 0;
+    raises :class:`ConfigError` on every rank when ranks differ."""
+    import deepspeed.comm as dist
+
+    from vla_ds.preflight import backend_name, compare_ranks, package_versions
+
+    info = {"host": socket.gethostname(), **{f"{k} version": v for k, v in package_versions().items()},
+            **(facts or {})}
+    infos: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(infos, info)
+    hosts = sorted({i["host"] for i in infos})
+    backend, device = backend_name()
+    if dist.get_rank() == 0:
+        logger.info("process group: %d rank(s) on %d node(s) (%s), backend %s on %s, timeout %g min "
+                    "(train.dist_timeout_minutes)", len(infos), len(hosts), ", ".join(hosts), backend, device,
+                    cfg.train.dist_timeout_minutes)
+    problems = compare_ranks(infos)
+    if problems:
+        raise ConfigError("ranks disagree: " + " | ".join(problems))
 
 
 def _unlink_shm_allreduce_buffer() -> None:

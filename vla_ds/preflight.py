@@ -15,7 +15,7 @@ check and exits 0 when nothing failed, 2 otherwise:
 - backend and timeout: the process-group backend DeepSpeed picks here, and the timeout
   after which a dead rank ends the job (``train.dist_timeout_minutes``).
 
-``train.py`` runs :func:`check_ranks` on every rank right after the process group starts:
+``train.py`` runs :func:`vla_ds.engine.check_ranks` on every rank right after the process group starts:
 the same package versions, dataset and backbone on every rank, or one message naming the
 ranks and hosts that differ.
 """
@@ -91,7 +91,7 @@ def check_hostfile(path, num_nodes: int, num_gpus: int) -> tuple[Check, dict[str
 
 
 def check_batch(raw_args: argparse.Namespace, world: int) -> tuple[Check, Any]:
-    from vla_ds.train import load_run_config
+    from vla_ds.config import load_run_config
 
     try:
         cfg = load_run_config(raw_args, world)
@@ -184,7 +184,7 @@ def backend_name() -> tuple[str, str]:
 
 
 def compare_ranks(infos: list[dict[str, Any]]) -> list[str]:
-    """Problems among the per-rank facts gathered by :func:`check_ranks` (one line each)."""
+    """Problems among the per-rank facts gathered by :func:`vla_ds.engine.check_ranks` (one line each)."""
     problems = []
     keys = sorted({k for info in infos for k in info if k != "host"})
     for key in keys:
@@ -201,27 +201,6 @@ def _ranks_and_hosts(ranks: list[int], infos: list[dict[str, Any]]) -> str:
     hosts = sorted({infos[r]["host"] for r in ranks})
     label = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {','.join(map(str, ranks))}"
     return f"{label} ({', '.join(hosts)})"
-
-
-def check_ranks(cfg, facts: dict[str, Any] | None = None) -> None:
-    """Collective, right after the process group starts: every rank must run the same
-    package versions on the same dataset and backbone. Logs the launch report on rank 0;
-    raises :class:`ConfigError` on every rank when ranks differ."""
-    import deepspeed.comm as dist
-
-    info = {"host": socket.gethostname(), **{f"{k} version": v for k, v in package_versions().items()},
-            **(facts or {})}
-    infos: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(infos, info)
-    hosts = sorted({i["host"] for i in infos})
-    backend, device = backend_name()
-    if dist.get_rank() == 0:
-        logger.info("process group: %d rank(s) on %d node(s) (%s), backend %s on %s, timeout %g min "
-                    "(train.dist_timeout_minutes)", len(infos), len(hosts), ", ".join(hosts), backend, device,
-                    cfg.train.dist_timeout_minutes)
-    problems = compare_ranks(infos)
-    if problems:
-        raise ConfigError("ranks disagree: " + " | ".join(problems))
 
 
 # --------------------------------------------------------------------------- CLI
