@@ -20,10 +20,12 @@ setup(
         "pyyaml>=6",
         "tqdm>=4.60",
         "matplotlib>=3.7",
+        "ninja",            # DeepSpeed JIT-builds its fused Adam / CPU Adam ops with it, on CPU and GPU boxes
+        "wandb>=0.17",      # the guide's monitoring, through DeepSpeed's "wandb" monitor config
     ],
     extras_require={
-        "dev": ["pytest>=8", "ninja"],
-        "monitor": ["tensorboard", "wandb"],
+        "dev": ["pytest>=8"],
+        "monitor": ["tensorboard"],
     },
     entry_points={
         "console_scripts": [

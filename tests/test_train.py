@@ -65,6 +65,24 @@ def test_in_process_run_writes_metrics_config_and_checkpoints(tiny_backbone_dir,
     assert any("val" in name for name in csv_files)
 
 
+def test_wandb_logs_through_deepspeeds_monitor(tiny_backbone_dir, demo_dataset_dir, tmp_path, monkeypatch):
+    """wandb is installed with vla_ds: a run with the JSON's wandb section on (offline here)
+    logs the metrics.jsonl figures to a wandb run, and ends it."""
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    assert main(tiny_args(demo_dataset_dir, tiny_backbone_dir, out, "--batch_size", "8", "--max_steps", "3",
+                          "--set", "wandb.enabled=true", "--set", "wandb.project=vla_ds_test")) == 0
+    assert wandb.run is None  # finished
+    logs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(logs) == 1
+    raw = logs[0].read_bytes()
+    assert b"train/loss" in raw and b"train/lr/other" in raw and b"val/loss" in raw
+
+
 @pytest.mark.parametrize("case", ["no_dataset", "not_qwen", "bad_batch", "unknown_key", "corrupt_image_in_worker"])
 def test_bad_input_is_one_message_and_exit_2(case, tiny_backbone_dir, demo_dataset_dir, tmp_path, capsys):
     dataset, backbone, extra = demo_dataset_dir, tiny_backbone_dir, []

@@ -10,7 +10,9 @@ of rows:
 * a validation row: ``step``, ``epoch``, ``val/loss``.
 
 DeepSpeed's monitor sections of the JSON (``tensorboard``, ``csv_monitor``, ``wandb``)
-receive every numeric value under the same names; they are off by default.
+receive every numeric value under the same names, at x = samples seen (step x global batch,
+the axis of DeepSpeed's own ``Train/Samples/*`` events there); they are off by default. A
+wandb run is finished when training ends.
 """
 
 from __future__ import annotations
@@ -31,8 +33,11 @@ class MetricsLogger:
     """
 
     def __init__(self, output_dir: str | Path, monitor: Any = None, is_main: bool = True,
-                 resume_step: int | None = None):
+                 resume_step: int | None = None, samples_per_step: int = 1):
         self.path = Path(output_dir) / METRICS_FILE
+        # The monitors' x axis is samples seen, as for DeepSpeed's own events in them (wandb
+        # drops a row whose step is below one already logged).
+        self.samples_per_step = samples_per_step
         self.monitor = monitor if monitor is not None and getattr(monitor, "enabled", False) else None
         self.is_main = is_main
         self._file = None
@@ -52,7 +57,7 @@ class MetricsLogger:
         self._file.write(json.dumps(clean) + "\n")
         self._file.flush()
         if self.monitor is not None:
-            step = row["step"]
+            step = row["step"] * self.samples_per_step
             events = [(k, float(v), step) for k, v in row.items()
                       if k not in ("step", "epoch") and isinstance(v, (int, float)) and not isinstance(v, bool)]
             self.monitor.write_events(events)
@@ -61,6 +66,12 @@ class MetricsLogger:
         if self._file is not None:
             self._file.close()
             self._file = None
+        wandb_monitor = getattr(self.monitor, "wandb_monitor", None)
+        if self.is_main and wandb_monitor is not None and wandb_monitor.enabled:
+            import wandb
+
+            if wandb.run is not None:  # DeepSpeed's monitor never ends its run: the next run in this
+                wandb.finish()         # process (a notebook, the tests) would log into it
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -276,7 +276,8 @@ def train(
     accum = cfg.grad_accum
     steps_per_epoch = len(sampler) // cfg.micro_batch_size // accum
     micro_step = MicroSteps(engine, cfg.train.seed, rank, accum, cfg.train.coalesce_grad_reduction)
-    metrics = MetricsLogger(cfg.train.output_dir, engine.monitor, is_main, resume_step=state.step if state.step else None)
+    metrics = MetricsLogger(cfg.train.output_dir, engine.monitor, is_main, resume_step=state.step if state.step else None,
+                            samples_per_step=cfg.deepspeed["train_batch_size"])
     bar = None
     if is_main and cfg.train.progress_bar:
         from tqdm.auto import tqdm
