@@ -62,13 +62,7 @@ ADAPTER_DIR = "adapter"
 MERGED_DIR = "merged_backbone"
 BF16_ZERO_SHARDS = "bf16_zero_pp_rank_*_mp_rank_00_optim_states.pt"  # one per rank when bf16 is on
 
-# VLAPolicy.state_dict() prefixes: the backbone's Qwen model, and that model once peft wraps it.
-BACKBONE_PREFIX = "backbone.model."
-PEFT_PREFIX = BACKBONE_PREFIX + "base_model.model."
 HEAD_PARTS = (*ckpt_lib.STAGE1_PARTS, *ckpt_lib.STAGE1_BUFFERS)
-PEFT_ADAPTER_NAME = "default"  # the adapter name peft gives the one adapter apply_finetune adds
-# A LoRA tensor in a peft module's state: <module>.lora_A.<adapter>.weight (lora_B, lora_embedding_*, ...).
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_[A-Za-z_]+)\.(?P<adapter>[^.]+)(?P<leaf>(?:\.[^.]+)?)$")
 # Tokenizer, image-processor and chat-template files a merged backbone directory needs next to its weights.
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.json", "chat_template.jinja", "preprocessor_config.json",
@@ -118,34 +112,6 @@ def stage2_checkpoint(state: dict[str, torch.Tensor], norm_stats: dict[str, Any]
     plus ``head`` so ``--resume`` of it continues the same head."""
     return {"model_state_dict": dict(state), "training_stage": "stage2", "norm_stats": norm_stats,
             "head": dict(head or ckpt_lib.LEGACY_HEAD)}
-
-
-def policy_to_peft_key(key: str, adapter_name: str = PEFT_ADAPTER_NAME) -> str:
-    """``backbone.model.base_model.model.<m>.lora_A.default.weight`` -> ``base_model.model.<m>.lora_A.weight``
-    (the names in a peft ``adapter_model.safetensors``)."""
-    match = _LORA_KEY.match(key)
-    if not key.startswith(PEFT_PREFIX) or match is None or match["adapter"] != adapter_name:
-        raise CheckpointError(f"'{key}' is not a LoRA tensor of adapter '{adapter_name}' in VLAPolicy naming "
-                              f"({PEFT_PREFIX}<module>.lora_A.{adapter_name}.weight)")
-    return f"{match['module']}.{match['kind']}{match['leaf']}"[len(BACKBONE_PREFIX):]
-
-
-def peft_to_policy_key(key: str, adapter_name: str = PEFT_ADAPTER_NAME) -> str:
-    """Inverse of :func:`policy_to_peft_key`."""
-    match = re.match(r"^(?P<module>base_model\.model\..+)\.(?P<kind>lora_[A-Za-z_]+)(?P<leaf>(?:\.[^.]+)?)$", key)
-    if match is None:
-        raise CheckpointError(f"'{key}' is not a peft adapter tensor name (base_model.model.<module>.lora_A.weight)")
-    return f"{BACKBONE_PREFIX}{match['module']}.{match['kind']}.{adapter_name}{match['leaf']}"
-
-
-def lora_to_peft(state: dict[str, torch.Tensor], adapter_name: str = PEFT_ADAPTER_NAME) -> dict[str, torch.Tensor]:
-    """The LoRA tensors of VLAPolicy state under peft adapter-file names (other keys are skipped)."""
-    return {policy_to_peft_key(k, adapter_name): v for k, v in state.items() if is_lora_key(k)}
-
-
-def peft_to_lora(state: dict[str, torch.Tensor], adapter_name: str = PEFT_ADAPTER_NAME) -> dict[str, torch.Tensor]:
-    """Adapter-file tensors -> VLAPolicy names."""
-    return {peft_to_policy_key(k, adapter_name): v for k, v in state.items()}
 
 
 def cast_floating(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -33,7 +33,7 @@ def run(args: argparse.Namespace, cache_only: bool = False) -> dict:
     cache is complete (``scripts/build_cache.py``)."""
     from vla_ds import checkpoint, engine as engine_lib, trainer
     from vla_ds.data import DistributedWeightedSampler, NormStats, VLADataset, compute_norm_stats, split_train_val
-    from vla_ds.models.action_expert import count_parameters
+    from vla_ds.models import count_parameters
     from vla_ds.models.backbone import VLBackbone, VLInputBuilder
     from vla_ds.models.policy import VLAPolicy
 

@@ -72,14 +72,6 @@ def stored_section(section: dict) -> dict:
 ClipRange = Union[float, tuple[Tensor, Tensor], None]
 
 
-def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
-    """Number of parameter elements in ``module`` (shared parameters counted once).
-
-    Works on the meta device, so reference sizes can be counted without allocating.
-    """
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
-
-
 @dataclass
 class ActionExpertConfig:
     """Sizes and head settings of the action expert. Defaults are the reference.
