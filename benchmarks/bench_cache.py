@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -86,9 +85,7 @@ def heads_fwd_bwd_s(backbone_dir: Path, batch_size: int, steps: int = 30) -> flo
     features (the demo's 16 sensor channels, window 32), in the run's precision (bf16
     weights, as the engine holds them): no optimizer, no engine, no data loading. A lower
     bound on any cached training step of these heads."""
-    if str(HERE) not in sys.path:  # run as a script it is there already
-        sys.path.insert(0, str(HERE))
-    from bench_step import build
+    from bench_step import build  # a sibling script: benchmarks/ is on sys.path when this one runs
 
     _, policy, batches = build("tiny", backbone_dir, 1, batch_size, 1, PRECISION[1::2])
     if not PRECISION:

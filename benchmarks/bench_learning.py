@@ -159,13 +159,13 @@ def _cell_in_subprocess(cell: dict) -> dict:
 def prepare_task(task: str, work: Path, backbone: Path, episodes: int) -> tuple[Path, Path]:
     """The task's dataset and its feature cache, built once (cells then only read it)."""
     from vla_ds.data.synthetic import make_learning_dataset
-    from vla_ds.train import main as train_main
+    from vla_ds.train import build_cache, main as train_main
 
     data = work / f"data_{task}"
     cache = work / f"cache_{task}"
     if not (data / ".vla_ds_synthetic").is_file():
         make_learning_dataset(data, task, episodes=episodes, overwrite=True)
-    code = train_main(train_argv(data, backbone, cache, work / f"cache_run_{task}", 16, 1e-3, 1, {}), cache_only=True)
+    code = train_main(train_argv(data, backbone, cache, work / f"cache_run_{task}", 16, 1e-3, 1, {}), action=build_cache)
     if code != 0:
         raise SystemExit(f"building the feature cache of {task} failed (exit {code})")
     return data, cache

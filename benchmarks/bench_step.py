@@ -61,9 +61,9 @@ SIZES = {
 def build(size: str, backbone_dir: Path, world: int, micro_batch: int, accum: int, extra: list[str] = ()):
     """(RunConfig, policy, batches): the Stage 1 policy of ``size`` and ``accum`` fixed micro batches."""
     from vla_ds import config as config_lib
+    from vla_ds.assembly import build_policy
     from vla_ds.data.normalize import NormStats
-    from vla_ds.models.backbone import VLBackbone
-    from vla_ds.models.policy import VLAPolicy
+
     channels, window, overrides = SIZES[size]
     sets = [f"vla_ds.{o}" for o in overrides] + ["train.progress_bar=false", *extra]
     cfg = config_lib.run_config_from_flags(
@@ -71,12 +71,9 @@ def build(size: str, backbone_dir: Path, world: int, micro_batch: int, accum: in
          "tiny", "--batch_size", str(micro_batch), "--grad_accum", str(accum), "--dataset_dir", "(synthetic)",
          "--sensor-window-size", str(window), *(arg for item in sets for arg in ("--set", item))], world)
     config_lib.resolve_schedule(cfg, steps_per_epoch=1000)
-    torch.manual_seed(0)
-    backbone = VLBackbone(cfg.backbone)
-    backbone.freeze()
     stats = NormStats(np.zeros(7), np.ones(7), np.zeros(channels), np.ones(channels))
-    policy = VLAPolicy(backbone, cfg.sensor_encoder, cfg.action_expert, stats, sensor_channels=channels,
-                       sensor_window_size=window)
+    policy, _, _ = build_policy(cfg, stats, channels)  # as train.py builds it
+    backbone = policy.backbone
     g = torch.Generator().manual_seed(1)
     batches = []
     for _ in range(accum):

@@ -51,9 +51,9 @@ def build(ds_config: str, backbone_dir: Path, micro: int, preset: str, window: i
     """(cfg, engine, input builder) for one micro batch size, as train.py would build them."""
     from vla_ds import config as config_lib
     from vla_ds import engine as engine_lib
+    from vla_ds.assembly import build_policy
     from vla_ds.data.normalize import NormStats
-    from vla_ds.models.backbone import VLBackbone, VLInputBuilder
-    from vla_ds.models.policy import VLAPolicy
+
     sets = ["train.progress_bar=false", *extra]
     stage2 = ["--lora-r", "16", "--stage1-checkpoint", "none-random-heads-for-throughput"] if "stage2" in ds_config else []
     cfg = config_lib.run_config_from_flags(
@@ -61,16 +61,11 @@ def build(ds_config: str, backbone_dir: Path, micro: int, preset: str, window: i
          "--batch_size", str(micro), "--grad_accum", "1", "--dataset_dir", "(synthetic)", "--sensor-window-size",
          str(window), *stage2, *(arg for item in sets for arg in ("--set", item))], 1)
     config_lib.resolve_schedule(cfg, steps_per_epoch=1000)
-    backbone = VLBackbone(cfg.backbone)
-    backbone.freeze()
     channels = cfg.sensor_encoder.in_channels
     stats = NormStats(np.zeros(7), np.ones(7), np.zeros(channels), np.ones(channels))
-    policy = VLAPolicy(backbone, cfg.sensor_encoder, cfg.action_expert, stats, sensor_channels=channels,
-                       sensor_window_size=window)
-    if cfg.stage == "stage2":
-        policy.backbone.setup_finetune(cfg.finetune)
+    policy, builder, _ = build_policy(cfg, stats, channels)  # as train.py builds it (random heads)
     engine, _ = engine_lib.initialize(policy, cfg)
-    return cfg, engine, VLInputBuilder.from_pretrained(cfg.backbone)
+    return cfg, engine, builder
 
 
 def numeric_batch(micro: int, window: int, channels: int, horizon: int, pin: bool) -> dict[str, torch.Tensor]:

@@ -129,3 +129,33 @@ def write_merged_backbone(peft_model, base_dir: Path, out_dir: Path) -> Path:
         if f.is_file() and f.name not in _MODEL_FILES:
             shutil.copy2(f, out_dir / f.name)
     return out_dir
+
+
+def stage1_policy_and_batches(backbone_dir, micro_batch: int, accum: int, overrides: list[str] = (),
+                              channels: int = 16, window: int = 32):
+    """``(cfg, policy, batches)``: ds_configs/stage1.json with the tiny preset, the policy built as
+    train.py builds it (vla_ds.assembly.build_policy), and ``accum`` synthetic cached-feature
+    micro batches of ``micro_batch`` samples (no dataset)."""
+    import numpy as np
+
+    from vla_ds import config as config_lib
+    from vla_ds.assembly import build_policy
+    from vla_ds.data.normalize import NormStats
+
+    repo = Path(__file__).resolve().parent.parent
+    sets = ["train.progress_bar=false", *overrides]
+    cfg = config_lib.run_config_from_flags(
+        ["--ds_config", str(repo / "ds_configs" / "stage1.json"), "--vl-model", str(backbone_dir), "--model-preset",
+         "tiny", "--batch_size", str(micro_batch), "--grad_accum", str(accum), "--dataset_dir", "(synthetic)",
+         "--sensor-window-size", str(window), *(arg for item in sets for arg in ("--set", item))])
+    config_lib.resolve_schedule(cfg, steps_per_epoch=1000)
+    stats = NormStats(np.zeros(7), np.ones(7), np.zeros(channels), np.ones(channels))
+    policy, _, _ = build_policy(cfg, stats, channels)
+    g = torch.Generator().manual_seed(1)
+    batches = [{"vl_hidden": torch.randn(micro_batch, policy.backbone.hidden_size, generator=g),
+                "sensor_window": torch.randn(micro_batch, window, channels, generator=g),
+                "has_sensor": torch.ones(micro_batch, dtype=torch.bool),
+                "actions": torch.randn(micro_batch, cfg.action_expert.horizon, 7, generator=g),
+                "action_is_pad": torch.zeros(micro_batch, cfg.action_expert.horizon, dtype=torch.bool),
+                "confidence": torch.ones(micro_batch)} for _ in range(accum)]
+    return cfg, policy, batches

@@ -14,7 +14,7 @@ from vla_ds.engine import init_distributed
 from vla_ds.metrics import read_metrics
 from vla_ds.models.backbone import BackboneConfig, VLBackbone, VLInputBuilder
 from vla_ds.trainer import PolicyCollator
-from vla_ds.train import main
+from vla_ds.train import build_cache, main
 
 from test_stage2 import args  # noqa: E402  (the shared tiny-run argument list)
 
@@ -123,7 +123,7 @@ def test_stage2_refuses_the_cache(tiny_backbone_dir, demo_dataset_dir, tmp_path,
 
 def test_build_cache_script_fills_the_cache_train_then_reuses(tiny_backbone_dir, demo_dataset_dir, tmp_path, capsys):
     common = ["--set", f"cache.dir={tmp_path / 'cache'}"]
-    assert main(args("stage1.json", demo_dataset_dir, tiny_backbone_dir, tmp_path / "b", *common), cache_only=True) == 0
+    assert main(args("stage1.json", demo_dataset_dir, tiny_backbone_dir, tmp_path / "b", *common), action=build_cache) == 0
     assert not (tmp_path / "b" / "metrics.jsonl").exists()  # built, did not train
     capsys.readouterr()
     assert main(args("stage1.json", demo_dataset_dir, tiny_backbone_dir, tmp_path / "t", *common, "--max_steps", "2")) == 0

@@ -48,7 +48,7 @@ def test_engine_start_is_quiet(tiny_backbone_dir, capfd):
     iteration -1 (logged)."""
     import logging
 
-    from script_helpers import load_script
+    from policy_helpers import stage1_policy_and_batches
 
     from vla_ds import engine as engine_lib
     from vla_ds.log import setup_logging
@@ -63,7 +63,7 @@ def test_engine_start_is_quiet(tiny_backbone_dir, capfd):
     ds_logger = logging.getLogger("DeepSpeed")
     ds_logger.addHandler(seen)
     try:
-        cfg, policy, _ = load_script("benchmarks/bench_step.py").build("tiny", tiny_backbone_dir, 1, 2, 1)
+        cfg, policy, _ = stage1_policy_and_batches(tiny_backbone_dir, 2, 1)
         engine_lib.init_distributed(5)
         engine, _ = engine_lib.initialize(policy, cfg)
     finally:

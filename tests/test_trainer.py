@@ -3,7 +3,7 @@ reduction per optimizer step that adds the micro batches up in fp32."""
 
 
 import torch
-from script_helpers import load_script
+from policy_helpers import stage1_policy_and_batches
 
 from vla_ds import engine as engine_lib
 from vla_ds.trainer import MicroSteps
@@ -18,7 +18,7 @@ def test_one_reduction_per_step_reduces_the_fp32_sum_of_the_micro_batches(tiny_b
     # ZeRO-2 (stage1.json ships ZeRO-1, whose BF16_Optimizer reduces once per step anyway);
     # the first update is not warmup's lr 0.
     overrides = ["zero_optimization.stage=2", "scheduler.params.warmup_min_ratio=1"]
-    cfg, policy, batches = load_script("benchmarks/bench_step.py").build("tiny", tiny_backbone_dir, 1, 4, accum, overrides)
+    cfg, policy, batches = stage1_policy_and_batches(tiny_backbone_dir, 4, accum, overrides)
     engine_lib.init_distributed(5)
     engine, _ = engine_lib.initialize(policy, cfg)
     assert engine.get_data_types() == (torch.bfloat16, torch.float32)

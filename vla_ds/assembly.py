@@ -1,0 +1,248 @@
+"""Assemble a run: everything train.py builds before the process group starts.
+
+:func:`assemble` turns a resolved :class:`~vla_ds.config.RunConfig` into a :class:`Run`:
+the dataset and its split by episode, the sampler, the schedule's total steps, what the run
+starts from (a checkpoint to resume, the guide's weights-only ``.pt``, Stage 1's heads, or
+nothing) with its normalisation statistics, and the policy (backbone loaded, fingerprinted
+and frozen, heads built, LoRA or unfrozen layers set up, starting weights loaded). Every
+problem with the user's input surfaces here, before any rank waits for another.
+
+``train.py``, ``build_cache.py`` and the benchmarks (through :func:`build_policy`, on
+synthetic batches) use it, so they all build the same model the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vla_ds import config as config_lib
+from vla_ds.config import RunConfig
+
+logger = logging.getLogger("vla_ds.train")
+
+
+@dataclass
+class Start:
+    """What a run starts from, read before any model is built (at most one of the three)."""
+
+    resume_file: Path | None = None        # --resume of an engine checkpoint: its model-states file
+    resume_states: dict | None = None      # ...and its contents
+    stage1: Any = None                     # checkpoint.Stage1Weights: Stage 2's heads
+    weights: Any = None                    # checkpoint.WeightsFile: the guide's --resume X.pt
+
+    def fp32_weights(self) -> dict[str, torch.Tensor]:
+        """The weights loaded into the policy before the engine, by VLAPolicy name (Stage 1's
+        heads, or a weights-only file): the optimizer's fp32 masters start from them."""
+        out = {f"{part}.{name}": value for part, state in self.stage1.parts.items()
+               for name, value in state.items()} if self.stage1 is not None else {}
+        return {**out, **(self.weights.state if self.weights is not None else {})}
+
+
+@dataclass
+class Run:
+    """One assembled run (:func:`assemble`)."""
+
+    cfg: RunConfig
+    world: int
+    rank: int
+    dataset: Any                  # VLADataset, the whole dataset
+    train_ds: Any                 # its training split (by episode)
+    val_ds: Any
+    sampler: Any                  # DistributedWeightedSampler over train_ds
+    steps_per_epoch: int
+    total_steps: int              # optimizer steps of the whole schedule
+    start: Start
+    norm_stats: Any               # NormStats
+    fingerprint: str              # of the base backbone
+    input_builder: Any            # VLInputBuilder
+    policy: Any                   # VLAPolicy
+    output_dir: Path
+    extra: dict = field(default_factory=dict)
+
+
+def assemble(cfg: RunConfig, world: int, rank: int, source: str = "config") -> Run:
+    """Build the run ``cfg`` describes for ``rank`` of ``world`` (``source`` names the JSON in
+    messages). May change ``cfg``: the schedule's "auto" values, a continued head, a weights-only
+    resume's output dir. Writes ``config.json`` on rank 0."""
+    from vla_ds.data import DistributedWeightedSampler, VLADataset, split_train_val
+
+    log_run_header(cfg, world)
+    # --- data (indexing only; images are decoded by the DataLoader workers)
+    dataset = VLADataset.from_config(cfg.data)
+    train_ds, val_ds = split_train_val(dataset, cfg.data.val_split, cfg.train.seed)
+    logger.info("%s", dataset.describe())
+    logger.info("split by episode: %d train samples, %d val samples", len(train_ds), len(val_ds))
+    # Without mixture.yaml an epoch is a permutation; with it, a weighted draw.
+    weights = train_ds.sample_weights if train_ds.source_weights is not None else None
+    sampler = DistributedWeightedSampler(len(train_ds), num_replicas=world, rank=rank, seed=cfg.train.seed,
+                                         weights=weights)
+    steps_per_epoch = len(sampler) // cfg.micro_batch_size // cfg.grad_accum
+    if steps_per_epoch == 0:
+        raise config_lib.ConfigError(
+            f"{cfg.data.dataset_dir}: {len(sampler)} training samples per rank are fewer than one optimizer "
+            f"step needs (micro batch {cfg.micro_batch_size} x accumulation {cfg.grad_accum}); "
+            "lower --batch_size / --grad_accum or use fewer ranks")
+    total_steps = config_lib.resolve_schedule(cfg, steps_per_epoch)
+    config_lib.validate_deepspeed(cfg, source=source)
+    logger.info("%d optimizer steps per epoch, %d in this run", steps_per_epoch, total_steps)
+
+    start, norm_stats = read_start(cfg, train_ds)
+    policy, input_builder, fingerprint = build_policy(cfg, norm_stats, dataset.sensor_channels, start)
+    if start.resume_states is not None:
+        from vla_ds import checkpoint
+
+        checkpoint.check_resume_compatible(start.resume_states, start.resume_file, fingerprint, {
+            "world_size": world, "micro_batch_size": cfg.micro_batch_size, "grad_accum": cfg.grad_accum,
+            "train_samples": len(train_ds), "seed": cfg.train.seed})
+    log_tokens_per_sample(train_ds, input_builder, cfg.backbone.max_pixels)
+    output_dir = prepare_output_dir(cfg, rank)
+    return Run(cfg, world, rank, dataset, train_ds, val_ds, sampler, steps_per_epoch, total_steps, start, norm_stats,
+               fingerprint, input_builder, policy, output_dir)
+
+
+def log_run_header(cfg: RunConfig, world: int) -> None:
+    import vla_ds
+
+    logger.info("vla_ds %s | %s | %d rank(s) | micro batch %d x accumulation %d x %d = global batch %d",
+                vla_ds.__version__, cfg.stage, world, cfg.micro_batch_size, cfg.grad_accum, world,
+                cfg.deepspeed["train_batch_size"])
+    if cfg.stage == "stage1":
+        logger.info("Stage 1: training sensor encoder + action expert (VL model frozen)")
+    else:
+        logger.info("Stage 2: Training Full Model %s", "with LoRA" if cfg.finetune.mode == "lora"
+                    else f"(VL fine-tuning: {cfg.finetune.mode})")
+
+
+def read_start(cfg: RunConfig, train_ds) -> tuple[Start, Any]:
+    """What the run starts from and its normalisation statistics (the checkpoint's, or computed
+    from ``train_ds``). The head of a checkpoint is continued (:func:`continue_head`)."""
+    from vla_ds import checkpoint
+    from vla_ds.data import NormStats, compute_norm_stats
+
+    start, stats = Start(), None
+    if cfg.train.resume and Path(cfg.train.resume).is_file():  # the guide's --resume diffusion_epochN.pt
+        start.weights = checkpoint.read_weights_file(cfg.train.resume)
+        output = fresh_output_dir(Path(cfg.train.output_dir))
+        logger.info("--resume %s: a weights-only checkpoint (no optimizer, schedule or data position): training "
+                    "starts from its weights with a fresh optimizer and learning-rate schedule at step 0, into %s%s",
+                    start.weights.source, output,
+                    f" ({cfg.train.output_dir} holds an earlier run)" if str(output) != cfg.train.output_dir else "")
+        cfg.train = dataclasses.replace(cfg.train, resume="", output_dir=str(output))
+        continue_head(start.weights.head, cfg, str(start.weights.source))
+        stats, stats_source = start.weights.norm_stats, start.weights.source
+    elif cfg.train.resume:
+        start.resume_file, start.resume_states = checkpoint.read_model_states(cfg.train.resume)
+        continue_head(checkpoint.head_settings(start.resume_states["config"].get(config_lib.PROJECT_KEY, {})
+                                               .get("action_expert")), cfg, str(start.resume_file))
+        if checkpoint.is_universal(start.resume_file.parent):  # from convert_checkpoint.py --to universal
+            cfg.deepspeed.setdefault("checkpoint", {})["load_universal"] = True
+        stats, stats_source = start.resume_states["norm_stats"], start.resume_file
+    elif cfg.stage == "stage2":
+        start.stage1 = checkpoint.read_stage1(cfg.train.stage1_checkpoint)
+        continue_head(start.stage1.head, cfg, f"{start.stage1.source} (the Stage 1 checkpoint)")
+        stats, stats_source = start.stage1.norm_stats, start.stage1.source
+    else:
+        return start, compute_norm_stats(train_ds, seed=cfg.train.seed)
+    if stats is None:
+        logger.warning("%s has no normalisation statistics; computing them from the training split", stats_source)
+        return start, compute_norm_stats(train_ds, seed=cfg.train.seed)
+    return start, NormStats.from_dict(stats)
+
+
+def build_policy(cfg: RunConfig, norm_stats, sensor_channels: int, start: Start | None = None):
+    """``(policy, input_builder, fingerprint)``: the backbone loaded (onto this rank's GPU when
+    there is one), fingerprinted and frozen, the heads built, VL fine-tuning set up for Stage 2,
+    and ``start``'s weights loaded. The backbone loads before any process group, so a bad path
+    fails fast."""
+    from vla_ds import checkpoint, engine as engine_lib, trainer
+    from vla_ds.models import count_parameters
+    from vla_ds.models.backbone import VLBackbone, VLInputBuilder
+    from vla_ds.models.policy import VLAPolicy
+
+    start = start or Start()
+    logger.info("Loading VL backbone from %s", cfg.backbone.model_name_or_path)
+    backbone = VLBackbone(cfg.backbone, device=engine_lib.backbone_device(cfg))
+    fingerprint = backbone.fingerprint()  # of the base weights, before adapters or ZeRO-3 partitioning
+    backbone.freeze()
+    input_builder = VLInputBuilder.from_pretrained(cfg.backbone)
+    trainer.seed_everything(cfg.train.seed)
+    policy = VLAPolicy(backbone, cfg.sensor_encoder, cfg.action_expert, norm_stats,
+                       sensor_channels=sensor_channels, sensor_window_size=cfg.data.sensor_window_size,
+                       sensor_loss_weight=cfg.train.sensor_loss_weight)
+    if start.stage1 is not None:
+        checkpoint.load_stage1_weights(policy, start.stage1.source, start.stage1.parts)
+    if cfg.stage == "stage2":
+        if cfg.finetune.mode == "lora":
+            logger.info("Applying LoRA fine-tuning to VL model (r=%d, alpha=%g, dropout=%g, targets %s%s)",
+                        cfg.finetune.lora_r, cfg.finetune.lora_alpha, cfg.finetune.lora_dropout,
+                        ",".join(cfg.finetune.lora_target_modules), " + vision attention" if cfg.finetune.lora_vision else "")
+        policy.backbone.setup_finetune(cfg.finetune)
+        n_vl = count_parameters(policy.backbone)
+        logger.info("   %s trainable parameters: %s", "LoRA" if cfg.finetune.mode == "lora" else "VL", f"{n_vl:,}")
+    if start.weights is not None:
+        checkpoint.load_weights_file(policy, start.weights)
+    n_backbone = count_parameters(policy.backbone, trainable_only=False) - count_parameters(policy.backbone)
+    logger.info("   Backbone: %s frozen parameters", f"{n_backbone:,}")
+    logger.info("   Sensor encoder: %s parameters", f"{count_parameters(policy.sensor_encoder, trainable_only=False):,}")
+    logger.info("   Action expert: %s parameters", f"{count_parameters(policy.action_expert, trainable_only=False):,}")
+    return policy, input_builder, fingerprint
+
+
+def prepare_output_dir(cfg: RunConfig, rank: int) -> Path:
+    """Create the output dir and save the resolved config there (rank 0)."""
+    output_dir = Path(cfg.train.output_dir)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if rank == 0:
+            cfg.save(output_dir / "config.json")
+    except OSError as e:
+        raise config_lib.ConfigError(f"{output_dir}: cannot write the output directory ({e.strerror})") from None
+    return output_dir
+
+
+def fresh_output_dir(output_dir: Path) -> Path:
+    """``output_dir``, or when it holds another run's checkpoints the first free
+    ``<output_dir>_resumed``, ``_resumed2``, ...: a run that starts at step 0 must not mix its
+    checkpoints and metrics with (or overwrite) an earlier run's."""
+    from vla_ds.checkpoint import LATEST_FILE
+
+    candidate, n = output_dir, 1
+    while (candidate / LATEST_FILE).exists():
+        candidate = output_dir.with_name(f"{output_dir.name}_resumed{n if n > 1 else ''}")
+        n += 1
+    return candidate
+
+
+def log_tokens_per_sample(dataset, input_builder, max_pixels) -> None:
+    """One line with the first training sample's image size, LM tokens per view and prompt
+    length: what backbone.max_pixels makes of the cameras (the backbone's memory scales with it)."""
+    sample = dataset[0]
+    per_view, total = input_builder.token_counts(sample["images"], sample["instruction"])
+    views = ", ".join(f"{img.shape[1]}x{img.shape[0]} -> {w}x{h}: {n} tokens"
+                      for img, (h, w, n) in zip(sample["images"], per_view))
+    logger.info("LM tokens per sample: %d (%s; backbone.max_pixels %s)", total, views, max_pixels)
+
+
+def continue_head(stored: dict[str, str], cfg: RunConfig, source: str) -> None:
+    """Stage 2 and ``--resume`` continue heads trained for one objective: train them towards
+    another and they start from scratch. ``cfg.action_expert`` takes the checkpoint's
+    objective and prediction_type; a config that asked for another head is told so."""
+    keys = ["objective"] + (["prediction_type"] if stored["objective"] == "diffusion" else [])
+    config_head = {k: getattr(cfg.action_expert, k) for k in ("objective", "prediction_type")}
+    if all(stored[k] == config_head[k] for k in keys):
+        return
+    logger.warning("%s trained an action expert with %s; continuing with it, not with the config's %s",
+                   source, _describe_head(stored), _describe_head(config_head))
+    cfg.action_expert = dataclasses.replace(cfg.action_expert, **{k: stored[k] for k in keys})
+
+
+def _describe_head(head: dict[str, str]) -> str:
+    if head["objective"] == "diffusion":
+        return f"objective diffusion (prediction_type {head['prediction_type']})"
+    return f"objective {head['objective']}"
