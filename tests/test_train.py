@@ -159,7 +159,7 @@ def test_deepspeed_launcher_two_ranks_loss_falls_and_resumes(tiny_backbone_dir, 
 def test_strict_load_names_mismatched_tensors():
     dst = torch.nn.Sequential(torch.nn.Linear(3, 2))
     src = {"0.weight": torch.zeros(2, 4), "0.bias": torch.zeros(2)}
-    with pytest.raises(CheckpointError, match=r"0\.weight: checkpoint \(2, 4\) vs model \(2, 3\)"):
+    with pytest.raises(CheckpointError, match=r"0\.weight is \(2, 4\) in the file but \(2, 3\) in the model"):
         strict_trainable_load(src, dst)
-    with pytest.raises(CheckpointError, match=r"missing tensors \(e\.g\. 0\.bias\)"):
+    with pytest.raises(CheckpointError, match=r"1 tensors missing \(0\.bias\)"):
         strict_trainable_load({"0.weight": torch.zeros(2, 3)}, dst)

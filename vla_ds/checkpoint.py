@@ -47,6 +47,7 @@ from torch import nn
 from vla_ds.ema import ema_weights
 from vla_ds.errors import CheckpointError
 from vla_ds.models.action_expert import LEGACY_HEAD, stored_section
+from vla_ds.models.policy import state_dict_problems
 
 logger = logging.getLogger(__name__)
 
@@ -152,21 +153,6 @@ def prune_checkpoints(output_dir: str | Path, keep_last: int) -> list[Path]:
     return removed
 
 
-def _mismatch_report(src: dict[str, torch.Tensor], own: dict[str, torch.Tensor], optional: set[str]) -> list[str]:
-    unexpected = [k for k in src if k not in own]
-    mismatched = [f"{k}: checkpoint {tuple(src[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in src if k in own and src[k].shape != own[k].shape]
-    missing = [k for k in own if k not in src and k not in optional]
-    problems = []
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected tensors (e.g. {', '.join(unexpected[:3])})")
-    if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatches ({'; '.join(mismatched[:3])})")
-    if missing:
-        problems.append(f"{len(missing)} missing tensors (e.g. {', '.join(missing[:3])})")
-    return problems
-
-
 def strict_trainable_load(src: dict[str, torch.Tensor], dst: nn.Module) -> None:
     """Load a checkpoint's module state into ``dst``: strict about everything it saved.
 
@@ -177,7 +163,7 @@ def strict_trainable_load(src: dict[str, torch.Tensor], dst: nn.Module) -> None:
     """
     own = dst.state_dict()
     frozen = {n for n, p in dst.named_parameters() if not p.requires_grad}
-    problems = _mismatch_report(src, own, frozen)
+    problems = state_dict_problems(src, own, optional=frozen)
     if problems:
         raise CheckpointError("checkpoint does not match the model: " + "; ".join(problems))
     dst.load_state_dict(src, strict=False)
@@ -347,7 +333,7 @@ def load_weights_file(policy: nn.Module, weights: WeightsFile) -> None:
     # the policy was built with (a Stage 1 .pt carries them as norm_stats, not as tensors).
     optional = {n for n, p in policy.named_parameters() if not p.requires_grad}
     optional |= {k for k in own if k.split(".")[0] in STAGE1_BUFFERS}
-    problems = _mismatch_report(weights.state, own, optional)
+    problems = state_dict_problems(weights.state, own, optional=optional)
     if problems:
         raise CheckpointError(f"{weights.source}: does not match the model: {'; '.join(problems)}")
     policy.load_state_dict(weights.state, strict=False)
@@ -421,7 +407,7 @@ def load_stage1_weights(policy: nn.Module, source: Path, parts: dict[str, dict[s
     logger.info("Loading Stage 1 checkpoint from %s", source)
     for name, state in parts.items():
         target = getattr(policy, name)
-        problems = _mismatch_report(state, target.state_dict(), set())
+        problems = state_dict_problems(state, target.state_dict())
         if problems:
             raise CheckpointError(f"{source}: {name} does not match the model: {'; '.join(problems)}")
         target.load_state_dict(state)

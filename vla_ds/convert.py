@@ -50,16 +50,12 @@ from vla_ds import checkpoint as ckpt_lib
 from vla_ds.config import PROJECT_KEY, RunConfig
 from vla_ds.ema import ema_weights
 from vla_ds.errors import CheckpointError
-from vla_ds.models.policy import POLICY_FORMAT, POLICY_FORMAT_VERSION
+from vla_ds.models.policy import (ADAPTER_DIR, CONFIG_FILE, MERGED_BACKBONE_DIR, NORM_STATS_FILE, POLICY_FORMAT,
+                                  POLICY_FORMAT_VERSION, WEIGHTS_FILE, state_dict_problems)
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("fp32", "bf16", "stage1", "stage2", "policy", "universal")
-WEIGHTS_FILE = "model.safetensors"
-POLICY_CONFIG_FILE = "config.json"
-NORM_STATS_FILE = "norm_stats.json"
-ADAPTER_DIR = "adapter"
-MERGED_DIR = "merged_backbone"
 BF16_ZERO_SHARDS = "bf16_zero_pp_rank_*_mp_rank_00_optim_states.pt"  # one per rank when bf16 is on
 
 HEAD_PARTS = (*ckpt_lib.STAGE1_PARTS, *ckpt_lib.STAGE1_BUFFERS)
@@ -372,7 +368,7 @@ def _module_state(module: torch.nn.Module, prefix: str) -> dict[str, torch.Tenso
 def load_lora_into(backbone, lora: dict[str, torch.Tensor], source: Path) -> None:
     """Load VLAPolicy-named LoRA tensors into a peft-wrapped backbone, strictly."""
     own = {k: v for k, v in _module_state(backbone, "backbone.").items() if is_lora_key(k)}
-    problems = ckpt_lib._mismatch_report(lora, own, set())
+    problems = state_dict_problems(lora, own)
     if problems:
         raise CheckpointError(f"{source}: the LoRA adapters do not match the run's finetune config: "
                               + "; ".join(problems))
@@ -486,8 +482,8 @@ def to_policy(ckpt, out: Path, merge_lora: bool, vl_model: str | None, use_ema: 
     fingerprint = ckpt.states.get("backbone_fingerprint", "")
     config = policy_config(ckpt.config, ckpt.norm_stats, parts["heads"], fingerprint=fingerprint,
                            model_name_or_path=model_name, source=str(ckpt.tag_dir), step=ckpt.step, weights=weights)
-    (out / POLICY_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-    written.append(out / POLICY_CONFIG_FILE)
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    written.append(out / CONFIG_FILE)
     weights = {**parts["heads"], **parts["backbone"]}  # the base is never here; full-mode layers are
     written.append(write_safetensors(weights, out / WEIGHTS_FILE, torch.float32, _safetensors_metadata(ckpt)))
     (out / NORM_STATS_FILE).write_text(json.dumps(ckpt.norm_stats, indent=2) + "\n")
@@ -501,9 +497,9 @@ def to_policy(ckpt, out: Path, merge_lora: bool, vl_model: str | None, use_ema: 
         written.append(out / ADAPTER_DIR)
         if merge_lora:
             merged = backbone.model.merge_and_unload()
-            merged.save_pretrained(str(out / MERGED_DIR))
-            _copy_processor_files(model_name, out / MERGED_DIR)
-            written.append(out / MERGED_DIR)
+            merged.save_pretrained(str(out / MERGED_BACKBONE_DIR))
+            _copy_processor_files(model_name, out / MERGED_BACKBONE_DIR)
+            written.append(out / MERGED_BACKBONE_DIR)
     return written
 
 

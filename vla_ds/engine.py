@@ -47,34 +47,44 @@ class DistributedError(RuntimeError):
     """The process group failed at run time (a rank died, a node went away, a timeout)."""
 
 
+def launcher_env(environ=None) -> dict[str, str]:
+    """RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_SIZE as torch's launchers set them, or as an MPI or
+    SLURM launch announces them (``LAUNCHER_ENV``); empty without a launcher. Reads only."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env:
+        return {k: env[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE") if k in env}
+    for rank, world, local_rank, local_size in LAUNCHER_ENV.values():
+        if rank in env and world in env:
+            # SLURM_NTASKS_PER_NODE may read "4(x2)"; the leading count is the per-node size
+            return {"RANK": env[rank], "WORLD_SIZE": env[world], "LOCAL_RANK": env.get(local_rank, "0"),
+                    "LOCAL_SIZE": env.get(local_size, "1").split("(")[0]}
+    return {}
+
+
 def adopt_launcher_env(environ=None) -> str | None:
     """Fill torch's RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_SIZE from an MPI or SLURM
     launch that did not set them, so every launcher reaches the same ``env://`` start.
-    Returns the launcher's name, or None when nothing was needed (or found).
-    MASTER_ADDR and MASTER_PORT must come from the job (``.deepspeed_env`` or the batch
-    script); without them the start fails with a message saying so."""
+    Called once by the entry point and by :func:`init_distributed`. Returns the launcher's
+    name, or None when nothing was needed (or found). MASTER_ADDR and MASTER_PORT must come
+    from the job (``.deepspeed_env`` or the batch script); without them the start fails with
+    a message saying so."""
     env = os.environ if environ is None else environ
     if "RANK" in env:
         return None
-    for name, (rank, world, local_rank, local_size) in LAUNCHER_ENV.items():
+    for name, (rank, world, _, _) in LAUNCHER_ENV.items():
         if rank in env and world in env:
-            env["RANK"], env["WORLD_SIZE"] = env[rank], env[world]
-            env["LOCAL_RANK"] = env.get(local_rank, "0")
-            # SLURM_NTASKS_PER_NODE may read "4(x2)"; the leading count is the per-node size
-            env["LOCAL_SIZE"] = env.get(local_size, "1").split("(")[0]
+            env.update(launcher_env(env))
             return name
     return None
 
 
 def env_world_size() -> int:
     """World size the launcher announced (1 when run as a plain ``python scripts/train.py``)."""
-    adopt_launcher_env()
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return int(launcher_env().get("WORLD_SIZE", "1"))
 
 
 def env_rank() -> int:
-    adopt_launcher_env()
-    return int(os.environ.get("RANK", "0"))
+    return int(launcher_env().get("RANK", "0"))
 
 
 def backbone_device(cfg: RunConfig) -> str | None:
@@ -86,8 +96,7 @@ def backbone_device(cfg: RunConfig) -> str | None:
     zero_stage = int(cfg.deepspeed.get("zero_optimization", {}).get("stage", 0))
     if not torch.cuda.is_available() or zero_stage == 3:
         return None
-    adopt_launcher_env()
-    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return f"cuda:{int(launcher_env().get('LOCAL_RANK', '0'))}"
 
 
 def _free_port() -> int:

@@ -176,7 +176,10 @@ def build_feature_cache(cfg, engine, fingerprint: str, datasets: list, collate, 
 def main(argv: list[str] | None = None, action=None) -> int:
     """Entry point; returns the exit code (0, or 2 for a user error with its message printed).
     ``action`` is what to do with the parsed flags: :func:`run` (train), or :func:`build_cache`."""
+    from vla_ds.engine import adopt_launcher_env
+
     args = config_lib.build_parser().parse_args(argv)
+    adopt_launcher_env()  # mpirun / srun: RANK etc. from their variables, so errors print once
     setup_logging()
     try:
         (action or run)(args)

@@ -544,18 +544,21 @@ def _unfrozen_layer_prefixes(policy: VLAPolicy, finetune: FinetuneConfig) -> lis
 
 
 def state_dict_problems(saved: dict[str, torch.Tensor], own: dict[str, torch.Tensor],
-                        required_prefixes: tuple[str, ...] | set[str] | list[str]) -> list[str]:
-    """What keeps ``saved`` from loading strictly into a model whose state dict is ``own``.
+                        required_prefixes: tuple[str, ...] | set[str] | list[str] = ("",),
+                        optional: set[str] | frozenset[str] = frozenset()) -> list[str]:
+    """What keeps ``saved`` (a checkpoint, an exported policy) from loading strictly into a
+    model whose state dict is ``own``. The one check every loader of vla_ds uses.
 
-    Every ``own`` tensor under ``required_prefixes`` must be in ``saved``; every ``saved``
-    tensor must exist in ``own`` with the same shape and hold finite values. Returns
-    one line per kind of problem, naming up to three tensors (empty: loadable).
+    Every ``own`` tensor under ``required_prefixes`` (default: all) and not in ``optional``
+    must be in ``saved``; every ``saved`` tensor must exist in ``own`` with the same shape and
+    hold finite values. Returns one line per kind of problem, naming up to three tensors
+    (empty: loadable).
     """
     required_prefixes = tuple(required_prefixes)
     unexpected = [k for k in saved if k not in own]
     mismatched = [f"{k} is {tuple(saved[k].shape)} in the file but {tuple(own[k].shape)} in the model"
                   for k in saved if k in own and saved[k].shape != own[k].shape]
-    missing = [k for k in own if k.startswith(required_prefixes) and k not in saved]
+    missing = [k for k in own if k.startswith(required_prefixes) and k not in optional and k not in saved]
     non_finite = [k for k, v in saved.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     problems = []
     if missing:
