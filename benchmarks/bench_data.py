@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     from vla_ds.log import setup_logging
     from vla_ds.models.backbone import BackboneConfig, VLInputBuilder
     from vla_ds.tiny_backbone import make_tiny_backbone
-    from vla_ds.trainer import PolicyCollator
+    from vla_ds.data.loading import PolicyCollator
 
     setup_logging(level=30)
     results = {"loader": [], "training": [], "reference_sensor": []}

@@ -10,7 +10,7 @@ heads train; the frozen backbone is not run), one fixed batch, and
 - ``vla_ds``: the engine ``vla_ds.engine.initialize`` builds from ds_configs/stage1.json
   (ZeRO-1 with DeepSpeed's BF16_Optimizer: bf16 weights, fp32 masters and fp32 gradient
   accumulation, parameter groups, clipping 1.0, one gradient reduction per optimizer step,
-  fused AdamW) driven exactly as ``vla_ds.trainer.train`` drives it: ``trainer.MicroSteps``
+  fused AdamW) driven exactly as ``vla_ds.trainer.train`` drives it: ``engine.MicroSteps``
   per micro batch plus the per-step metrics row (``--log-every``, default 1 as in the
   shipped configs). ``--set zero_optimization.stage=2`` measures ZeRO-2 (stage2.json's
   optimizer, with vla_ds's one reduction per step) instead;
@@ -93,7 +93,7 @@ class VlaDsStep:
     """The trainer's hot path on the engine vla_ds builds."""
 
     def __init__(self, cfg, policy, batches, log_every: int, out_dir: Path):
-        from vla_ds import engine as engine_lib, trainer
+        from vla_ds import engine as engine_lib
         from vla_ds.metrics import MetricsLogger
 
         self.engine, groups = engine_lib.initialize(policy, cfg)
@@ -101,7 +101,7 @@ class VlaDsStep:
         self.batches, self.cfg, self.log_every = batches, cfg, log_every
         self.metrics = MetricsLogger(out_dir, None, is_main=torch.distributed.get_rank() == 0)
         self.step_count = 0
-        self.micro_step = trainer.MicroSteps(self.engine, cfg.train.seed, torch.distributed.get_rank(), len(batches),
+        self.micro_step = engine_lib.MicroSteps(self.engine, cfg.train.seed, torch.distributed.get_rank(), len(batches),
                                              cfg.train.coalesce_grad_reduction)
 
     def __call__(self) -> None:

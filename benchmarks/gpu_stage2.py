@@ -79,10 +79,10 @@ def numeric_batch(micro: int, window: int, channels: int, horizon: int, pin: boo
 
 
 def timed_steps(engine, batch_fn, warmup: int, steps: int, device) -> list[float]:
-    from vla_ds import trainer
+    from vla_ds import engine as engine_lib
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    micro_step = trainer.MicroSteps(engine, seed=0, rank=0, accum=1, coalesce=False)
+    micro_step = engine_lib.MicroSteps(engine, seed=0, rank=0, accum=1, coalesce=False)
     times = []
     for i in range(warmup + steps):
         sync()

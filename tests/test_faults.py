@@ -128,7 +128,7 @@ def test_prune_keeps_the_newest_complete_and_latest(tmp_path):
     "DataLoader worker (pid(s) 17, 4242) exited unexpectedly",
 ])
 def test_dead_worker_is_named_in_either_of_torchs_messages(message):
-    from vla_ds.trainer import describe_worker_death
+    from vla_ds.data.loading import describe_worker_death
 
     class Tracked:
         def describe_worker(self, pid):

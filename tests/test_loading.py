@@ -9,7 +9,7 @@ import torch.multiprocessing  # noqa: F401  (registers torch's shared-memory red
 from vla_ds.data import DataConfig, VLADataset
 from vla_ds.data.loading import PIPE_BYTES, WorkerBatch
 from vla_ds.models.backbone import BackboneConfig, VLInputBuilder
-from vla_ds.trainer import PolicyCollator
+from vla_ds.data.loading import PolicyCollator
 
 
 def mixed_batch(rows: int) -> dict:

@@ -12,7 +12,7 @@ from vla_ds.models.action_expert import ActionExpertConfig
 from vla_ds.models.backbone import BackboneConfig, VLBackbone, VLInputBuilder
 from vla_ds.models.policy import VLAPolicy
 from vla_ds.models.sensor_encoder import SensorEncoderConfig
-from vla_ds.trainer import PolicyCollator
+from vla_ds.data.loading import PolicyCollator
 
 WINDOW = 32
 

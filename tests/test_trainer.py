@@ -1,4 +1,4 @@
-"""trainer.MicroSteps on a real DeepSpeed engine (one rank, in-process): one gradient
+"""engine.MicroSteps on a real DeepSpeed engine (one rank, in-process): one gradient
 reduction per optimizer step that adds the micro batches up in fp32."""
 
 
@@ -6,7 +6,7 @@ import torch
 from policy_helpers import stage1_policy_and_batches
 
 from vla_ds import engine as engine_lib
-from vla_ds.trainer import MicroSteps
+from vla_ds.engine import MicroSteps
 
 
 def test_one_reduction_per_step_reduces_the_fp32_sum_of_the_micro_batches(tiny_backbone_dir):
@@ -71,7 +71,7 @@ def test_one_reduction_per_step_reduces_the_fp32_sum_of_the_micro_batches(tiny_b
 def test_seed_generators_draws_what_torch_manual_seed_draws():
     """The per-micro-batch reseed (CPU generator and the engine device's only) gives the
     same random stream as torch.manual_seed, so resumed runs draw what they drew before."""
-    from vla_ds.trainer import seed_generators
+    from vla_ds.engine import seed_generators
 
     torch.manual_seed(1234)
     expected = torch.rand(5), torch.randn(3)

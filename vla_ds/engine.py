@@ -512,3 +512,118 @@ def initialize(policy: nn.Module, cfg: RunConfig):
         engine.lr_scheduler.step()
         engine.lr_scheduler.step()
     return engine, summary
+
+
+# ---------------------------------------------------------------------------------------
+# Driving the engine: one micro batch at a time
+
+
+def to_device(batch: dict[str, Any], device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+
+def micro_step_seed(seed: int, rank: int, micro_step: int) -> int:
+    """Seed of the global RNGs for one micro step (diffusion noise and timesteps, dropout).
+
+    A function of (seed, rank, micro step) alone: ranks draw different noise, and a resumed
+    run draws exactly what the uninterrupted run drew, whatever happened in between
+    (DataLoader iterators, validation) and without saving RNG states."""
+    return (seed * 1_000_003 + rank * 7_919 + micro_step * 104_729) % (2**63 - 1)
+
+
+def seed_generators(seed: int, device: torch.device) -> None:
+    """``torch.manual_seed(seed)`` for the generators a micro step draws from: the CPU
+    one and ``device``'s (its current device). ``torch.manual_seed`` also visits every
+    other backend torch is built with, capturing a Python stack for each one not
+    initialised: half a millisecond per call on a CPU host, on every micro batch."""
+    torch.default_generator.manual_seed(seed)
+    if device.type != "cpu":
+        torch.get_device_module(device.type).manual_seed(seed)
+
+
+class MicroSteps:
+    """Drives the micro batches of each optimizer step on the engine: reseed (see
+    :func:`micro_step_seed`), forward, backward, ``engine.step()`` (an update at the
+    accumulation boundary).
+
+    With ``coalesce`` and gradient accumulation under ZeRO-1/2, the cycle's gradients are
+    reduced once, after its last backward (DeepSpeed's ``engine.coalesce_grad_reduction``),
+    instead of once per micro batch: ZeRO-2 otherwise reduce-scatters every micro batch's
+    gradients, accumulation-1 extra reductions (and their per-parameter hooks) per step,
+    for a memory saving that is small when only the heads, LoRA or a few modules train.
+
+    Inside that context DeepSpeed leaves each backward's gradient on its parameter, where
+    autograd would add the next one in the parameters' dtype (bf16). When the config asks
+    for a wider accumulation dtype (``data_types.grad_accum_dtype``: fp32 in every shipped
+    config), the sums are kept here instead: each micro batch's gradient is added into an
+    fp32 sum per parameter, and after the last one the sum goes back onto the parameter for
+    the reduction, rounded once to the parameter dtype, as each micro batch's gradient is
+    for a per-micro-batch reduction. The cycle's ``engine.step()`` calls run after the
+    reduction (all but the last only advance DeepSpeed's micro-step count), so the engine's
+    counters, schedule and checkpoints are those of the uncoalesced run.
+    """
+
+    def __init__(self, engine, seed: int, rank: int, accum: int, coalesce: bool):
+        self.engine, self.seed, self.rank, self.accum = engine, seed, rank, accum
+        # ZeRO-1/2's optimizer only (BF16_Optimizer, which ZeRO-1 + bf16 uses, reduces once
+        # per step anyway). ZeRO-3 would hold whole gradients on partitioned parameters.
+        self.coalesce = (coalesce and accum > 1 and engine.zero_optimization_stage() in (1, 2)
+                         and engine.managed_gradient_accumulation()
+                         and hasattr(engine.optimizer, "_coalesce_grad_reduction"))
+        self._cycle = None  # the open coalesce_grad_reduction context, between micro batches 0 and accum-1
+        self._params: list[torch.Tensor] = []
+        self._sums: list[torch.Tensor | None] = []
+        if self.coalesce:
+            accum_dtype = engine.get_data_types()[1]
+            self._params = [p for p in engine.module.parameters()
+                            if p.requires_grad and p.dtype.itemsize < accum_dtype.itemsize]
+            self._sums = [None] * len(self._params)
+            self._accum_dtype = accum_dtype
+
+    def __call__(self, batch: dict[str, Any], step: int, k: int):
+        """Micro batch ``k`` (0-based) of optimizer step ``step``. Returns ``(outputs, lrs)``:
+        ``lrs`` are the rates the update used at a boundary, else None."""
+        engine = self.engine
+        seed_generators(micro_step_seed(self.seed, self.rank, step * self.accum + k), engine.device)
+        if not self.coalesce:
+            out = engine(to_device(batch, engine.device))
+            engine.backward(out["loss"])
+            lrs = engine.get_lr() if engine.is_gradient_accumulation_boundary() else None
+            engine.step()
+            return out, lrs
+        if k == 0:
+            self._cycle = engine.coalesce_grad_reduction()
+            self._cycle.__enter__()
+        out = engine(to_device(batch, engine.device))
+        engine.backward(out["loss"])
+        last = k == self.accum - 1
+        self._add_gradients(last)
+        if not last:
+            return out, None
+        cycle, self._cycle = self._cycle, None
+        cycle.__exit__(None, None, None)  # the cycle's one gradient reduction
+        for _ in range(self.accum - 1):
+            engine.step()  # not a boundary: advances the micro-step count only
+        lrs = engine.get_lr()
+        engine.step()
+        return out, lrs
+
+    def _add_gradients(self, last: bool) -> None:
+        """Move this micro batch's gradients into the wide sums; after the last micro batch,
+        put the sums back on the parameters (for the reduction) and drop them."""
+        for i, p in enumerate(self._params):
+            total, grad = self._sums[i], p.grad
+            if grad is not None:
+                if total is None:
+                    total = grad.to(self._accum_dtype)  # a new tensor: the dtypes differ
+                else:
+                    total.add_(grad)
+            if not last:
+                self._sums[i] = total
+                p.grad = None
+            elif total is not None:
+                self._sums[i] = None
+                if grad is not None:
+                    grad.copy_(total)  # rounded once, into this micro batch's gradient buffer
+                else:
+                    p.grad = total.to(p.dtype)

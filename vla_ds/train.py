@@ -42,7 +42,8 @@ def run(args: argparse.Namespace) -> dict:
 
 def build_cache(args: argparse.Namespace) -> dict:
     """``scripts/build_cache.py``: the run's Stage 1 VL feature cache, built by every rank."""
-    from vla_ds import engine as engine_lib, trainer
+    from vla_ds import engine as engine_lib
+    from vla_ds.data.loading import PolicyCollator
 
     world, rank = engine_lib.env_world_size(), engine_lib.env_rank()
     cfg = config_lib.load_run_config(args, world)
@@ -53,7 +54,7 @@ def build_cache(args: argparse.Namespace) -> dict:
     with distributed(run_):
         engine, _ = start_engine(run_)
         build_feature_cache(cfg, engine, run_.fingerprint, [run_.train_ds, run_.val_ds],
-                            trainer.PolicyCollator(run_.input_builder), rank, world)
+                            PolicyCollator(run_.input_builder), rank, world)
     return {"output_dir": run_.output_dir, "engine": engine}
 
 
@@ -91,10 +92,10 @@ def start_engine(run_: Run):
 def train_run(run_: Run, engine, groups) -> dict:
     """Data loaders, resume state, EMA, then the training loop. Collective."""
     from vla_ds import checkpoint, trainer
-    from vla_ds.data.loading import LoaderDataset
+    from vla_ds.data.loading import LoaderDataset, PolicyCollator, describe_worker_death
 
     cfg, rank, world = run_.cfg, run_.rank, run_.world
-    collate = trainer.PolicyCollator(run_.input_builder)
+    collate = PolicyCollator(run_.input_builder)
     train_ds, val_ds = run_.train_ds, run_.val_ds
     if config_lib.cache_enabled(cfg):
         train_ds, val_ds = build_feature_cache(cfg, engine, run_.fingerprint, [train_ds, val_ds], collate, rank, world)
@@ -126,7 +127,7 @@ def train_run(run_: Run, engine, groups) -> dict:
     except RuntimeError as e:  # torch's SIGCHLD handler raises a dead worker wherever the main process is
         if "DataLoader worker" not in str(e):
             raise
-        raise DatasetError(trainer.describe_worker_death(str(e), [train_ds, val_ds])) from None
+        raise DatasetError(describe_worker_death(str(e), [train_ds, val_ds])) from None
     if state.history:
         logger.info("done: %d steps, train/loss %.4f -> %.4f; checkpoints and metrics.jsonl in %s",
                     state.step, state.history[0], state.history[-1], run_.output_dir)

@@ -18,8 +18,11 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from vla_ds.cache import VL_HIDDEN
+from vla_ds.data.dataset import collate_numeric
 from vla_ds.errors import DatasetError
 
 BAD_SAMPLE = "bad_sample"      # str: "<file>: <problem>" for a sample that could not be loaded
@@ -148,3 +151,61 @@ def _unpack_batch(buffer, layout, rest: dict) -> dict:
              for key, dtype, shape, offset, nbytes in layout}
     batch.update(rest)
     return batch
+
+
+class PolicyCollator:
+    """DataLoader collate: numeric fields stacked, images + instruction turned into
+    backbone inputs (tokenised prompt, processed patches), or, for samples from the VL
+    feature cache, the cached features stacked (``vl_hidden`` (B, hidden)) and no prompt
+    built at all. Runs in the workers; picklable."""
+
+    def __init__(self, input_builder):
+        self.input_builder = input_builder
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        # With on_bad_sample="skip" the dataset hands back {BAD_SAMPLE: message} for a sample
+        # it could not load: drop it, and carry the message to the trainer's per-file count.
+        bad = [s[BAD_SAMPLE] for s in samples if BAD_SAMPLE in s]
+        samples = [s for s in samples if BAD_SAMPLE not in s]
+        if not samples:  # nothing to stack; the caller decides (the cache build skips it)
+            return for_transfer({BAD_SAMPLE: bad})
+        batch = collate_numeric(samples)
+        images, instructions = batch.pop("images"), batch.pop("instruction")
+        if VL_HIDDEN in batch:
+            batch[VL_HIDDEN] = torch.from_numpy(np.stack(batch[VL_HIDDEN]))  # (B, hidden)
+        else:
+            batch.update(self.input_builder(images, instructions))
+        batch[BAD_SAMPLE] = bad
+        return for_transfer(batch)  # leaves a worker in one piece
+
+
+def pop_bad_samples(batch: dict[str, Any]) -> list[str]:
+    """Remove and return the messages of the samples the collator dropped
+    (on_bad_sample="skip"). A micro batch of only bad samples is an error: every rank must
+    take the same steps, so it cannot simply be left out (with a micro batch of several
+    samples this is very unlikely)."""
+    bad = batch.pop(BAD_SAMPLE, [])
+    if not batch:
+        raise DatasetError(f"every sample of a micro batch was bad (lower the share of bad files or raise the "
+                           f"batch size); the first: {bad[0]}")
+    return bad
+
+
+def describe_worker_death(message: str, datasets: list) -> str:
+    """One line for torch's "DataLoader worker (pid(s) N) exited unexpectedly" / "is killed
+    by signal" (raised at ``next()`` or, from torch's SIGCHLD handler, anywhere in the main
+    process: ``train.py`` catches it around the whole loop), naming the sample that worker
+    was loading when one of ``datasets`` tracks it."""
+    import re
+
+    line = message.strip().splitlines()[0]
+    # "(pid 1234) is killed by signal: ..." or "(pid(s) 1234, 1235) exited unexpectedly"
+    found = re.search(r"pid(?:\(s\))?\s+([\d,\s]+)", line)
+    pids = [int(p) for p in re.findall(r"\d+", found.group(1))] if found else []
+    loading = []
+    for pid in pids:
+        described = [d.describe_worker(pid) for d in datasets if hasattr(d, "describe_worker")]
+        loading += [what for what in described if what][:1]
+    what = f" while loading {'; '.join(loading)}" if loading else ""
+    return (f"a DataLoader worker died{what} ({line.rstrip('. ')}); out of memory is the usual cause: lower "
+            "--num_workers or the batch size, or find what that sample makes the worker do")
