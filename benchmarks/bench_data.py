@@ -45,6 +45,8 @@ def loader_rate(dataset, collate, workers: int, batch_size: int, batches: int) -
     """Samples/s over ``batches`` batches after 3 warm-up batches (workers started)."""
     from torch.utils.data import DataLoader, RandomSampler
 
+    from vla_ds.batch import ACTIONS
+
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=workers,
                         sampler=RandomSampler(dataset, replacement=True, num_samples=batch_size * (batches + 3)),
                         persistent_workers=False, drop_last=True)
@@ -54,7 +56,7 @@ def loader_rate(dataset, collate, workers: int, batch_size: int, batches: int) -
     start = time.perf_counter()
     n = 0
     for batch in it:
-        n += len(batch["actions"])
+        n += len(batch[ACTIONS])
     return n / (time.perf_counter() - start)
 
 
@@ -284,7 +286,7 @@ class _NoImages:
         return len(self.dataset)
 
     def __getitem__(self, i):
-        from vla_ds.cache import VL_HIDDEN
+        from vla_ds.batch import VL_HIDDEN
 
         sample = self.dataset.get_item(i, with_images=False)
         sample[VL_HIDDEN] = self.feature

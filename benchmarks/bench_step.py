@@ -62,6 +62,7 @@ def build(size: str, backbone_dir: Path, world: int, micro_batch: int, accum: in
     """(RunConfig, policy, batches): the Stage 1 policy of ``size`` and ``accum`` fixed micro batches."""
     from vla_ds import config as config_lib
     from vla_ds.assembly import build_policy
+    from vla_ds.batch import random_batch
     from vla_ds.data.normalize import NormStats
 
     channels, window, overrides = SIZES[size]
@@ -75,17 +76,8 @@ def build(size: str, backbone_dir: Path, world: int, micro_batch: int, accum: in
     policy, _, _ = build_policy(cfg, stats, channels)  # as train.py builds it
     backbone = policy.backbone
     g = torch.Generator().manual_seed(1)
-    batches = []
-    for _ in range(accum):
-        b = micro_batch
-        batches.append({
-            "vl_hidden": torch.randn(b, backbone.hidden_size, generator=g),
-            "sensor_window": torch.randn(b, window, channels, generator=g),
-            "has_sensor": torch.ones(b, dtype=torch.bool),
-            "actions": torch.randn(b, cfg.action_expert.horizon, 7, generator=g),
-            "action_is_pad": torch.zeros(b, cfg.action_expert.horizon, dtype=torch.bool),
-            "confidence": torch.ones(b),
-        })
+    batches = [random_batch(micro_batch, window, channels, cfg.action_expert.horizon, hidden=backbone.hidden_size,
+                            generator=g) for _ in range(accum)]
     return cfg, policy, batches
 
 

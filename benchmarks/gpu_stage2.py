@@ -69,12 +69,9 @@ def build(ds_config: str, backbone_dir: Path, micro: int, preset: str, window: i
 
 
 def numeric_batch(micro: int, window: int, channels: int, horizon: int, pin: bool) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(micro)
-    batch = {"sensor_window": torch.randn(micro, window, channels, generator=g),
-             "has_sensor": torch.ones(micro, dtype=torch.bool),
-             "actions": torch.randn(micro, horizon, 7, generator=g),
-             "action_is_pad": torch.zeros(micro, horizon, dtype=torch.bool),
-             "confidence": torch.ones(micro)}
+    from vla_ds.batch import random_batch
+
+    batch = random_batch(micro, window, channels, horizon, generator=torch.Generator().manual_seed(micro))
     return {k: v.pin_memory() for k, v in batch.items()} if pin else batch
 
 
@@ -123,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 
     from vla_ds import engine as engine_lib
+    from vla_ds.batch import VL_HIDDEN
     from vla_ds.log import setup_logging
     from vla_ds.tiny_backbone import make_reference_backbone, make_tiny_backbone
 
@@ -178,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     hidden = engine.module.backbone.hidden_size
     host = {**numeric_batch(micro, window, cfg.sensor_encoder.in_channels, cfg.action_expert.horizon,
                             pin=device.type == "cuda"),
-            "vl_hidden": torch.randn(micro, hidden).pin_memory() if device.type == "cuda" else torch.randn(micro, hidden)}
+            VL_HIDDEN: torch.randn(micro, hidden).pin_memory() if device.type == "cuda" else torch.randn(micro, hidden)}
     times = timed_steps(engine, lambda: host, a.warmup, a.steps, device)  # micro_step copies it to the GPU
     step = statistics.median(times)
     rows.append({"stage": "stage1_cached", "micro_batch": micro, "step_s": step, "samples_per_s": micro / step,

@@ -140,6 +140,7 @@ def stage1_policy_and_batches(backbone_dir, micro_batch: int, accum: int, overri
 
     from vla_ds import config as config_lib
     from vla_ds.assembly import build_policy
+    from vla_ds.batch import random_batch
     from vla_ds.data.normalize import NormStats
 
     repo = Path(__file__).resolve().parent.parent
@@ -152,10 +153,6 @@ def stage1_policy_and_batches(backbone_dir, micro_batch: int, accum: int, overri
     stats = NormStats(np.zeros(7), np.ones(7), np.zeros(channels), np.ones(channels))
     policy, _, _ = build_policy(cfg, stats, channels)
     g = torch.Generator().manual_seed(1)
-    batches = [{"vl_hidden": torch.randn(micro_batch, policy.backbone.hidden_size, generator=g),
-                "sensor_window": torch.randn(micro_batch, window, channels, generator=g),
-                "has_sensor": torch.ones(micro_batch, dtype=torch.bool),
-                "actions": torch.randn(micro_batch, cfg.action_expert.horizon, 7, generator=g),
-                "action_is_pad": torch.zeros(micro_batch, cfg.action_expert.horizon, dtype=torch.bool),
-                "confidence": torch.ones(micro_batch)} for _ in range(accum)]
+    batches = [random_batch(micro_batch, window, channels, cfg.action_expert.horizon,
+                            hidden=policy.backbone.hidden_size, generator=g) for _ in range(accum)]
     return cfg, policy, batches

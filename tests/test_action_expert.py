@@ -8,13 +8,13 @@ import torch
 from torch import nn
 
 from vla_ds.errors import ConfigError
+from vla_ds.models import count_parameters
 from vla_ds.models.action_expert import (
     LEGACY_HEAD,
     ActionExpert,
     ActionExpertConfig,
     NoiseSchedule,
     clamp_x0,
-    count_parameters,
     make_betas,
     run_flow_sampler,
     run_sampler,

@@ -227,7 +227,8 @@ def test_stage1_pt_starts_stage2(runs, tiny_backbone_dir, demo_dataset_dir, tmp_
 
 def vl_features(backbone_cfg, backbone_model, samples):
     """Pooled features of ``samples`` through vla_ds's VLInputBuilder + VLBackbone forward."""
-    from vla_ds.models.backbone import VL_INPUT_KEYS, VLInputBuilder
+    from vla_ds.batch import VL_INPUT_KEYS
+    from vla_ds.models.backbone import VLInputBuilder
 
     builder = VLInputBuilder.from_pretrained(backbone_cfg)
     batch = builder([s["images"] for s in samples], [s["instruction"] for s in samples])

@@ -11,7 +11,8 @@ from script_helpers import load_script
 from vla_ds import memory
 from vla_ds.errors import ConfigError
 from vla_ds.memory import ActivationShape, ParamCounts, ZeroSettings
-from vla_ds.models.action_expert import ActionExpert, ActionExpertConfig, count_parameters
+from vla_ds.models import count_parameters
+from vla_ds.models.action_expert import ActionExpert, ActionExpertConfig
 from vla_ds.models.backbone import reference_backbone_config
 from vla_ds.models.finetune import FinetuneConfig
 from vla_ds.models.sensor_encoder import SensorEncoder, SensorEncoderConfig

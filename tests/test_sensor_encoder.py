@@ -4,8 +4,12 @@ import pytest
 import torch
 
 from vla_ds.errors import ConfigError
-from vla_ds.models.action_expert import count_parameters
-from vla_ds.models.sensor_encoder import SensorEncoder, SensorEncoderConfig, conv_output_length
+from vla_ds.models import count_parameters
+from vla_ds.models.sensor_encoder import (
+    SensorEncoder,
+    SensorEncoderConfig,
+    conv_output_length,
+)
 
 
 @pytest.fixture

@@ -39,13 +39,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from vla_ds.batch import VL_HIDDEN
 from vla_ds.errors import ConfigError, DatasetError
 
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT_VERSION = 1
 CACHE_MODES = ("auto", "on", "off")
-VL_HIDDEN = "vl_hidden"  # batch key of cached features (B, hidden) float32
 
 
 @dataclass
@@ -220,7 +220,8 @@ def build(store: FeatureStore, datasets: list, keys: list[list[str]], backbone, 
     import deepspeed.comm as dist
     from torch.utils.data import DataLoader, Subset
 
-    from vla_ds.data.loading import SAMPLE_INDEX, LoaderDataset
+    from vla_ds.batch import SAMPLE_INDEX
+    from vla_ds.data.loading import LoaderDataset
     from vla_ds.engine import long_phase
 
     store.refresh()

@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from vla_ds import engine as engine_lib
+from vla_ds.batch import EPISODE_INDEX, FRAME_TIME
 from vla_ds.checkpoint import save_checkpoint
 from vla_ds.config import RunConfig
 from vla_ds.data.loading import pop_bad_samples
@@ -36,7 +37,7 @@ def validation_noise(batch: dict[str, torch.Tensor], seed: int, horizon: int,
     (and every rank layout) scores the same problem and validation losses are comparable.
     The action expert turns u into its own kind of timestep (``timesteps_from_uniform``)."""
     noise, uniform = [], []
-    for ep, t in zip(batch["episode_index"].tolist(), batch["frame_time"].tolist()):
+    for ep, t in zip(batch[EPISODE_INDEX].tolist(), batch[FRAME_TIME].tolist()):
         g = torch.Generator().manual_seed((seed * 1_000_003 + ep * 100_003 + round(t * 1000)) % (2**63))
         noise.append(torch.randn(horizon, action_dim, generator=g))
         uniform.append(torch.rand(1, generator=g))

@@ -23,21 +23,12 @@ import torch
 import yaml
 from PIL import Image
 
+from vla_ds.batch import (ACTION_IS_PAD, ACTIONS, CONFIDENCE, EPISODE_INDEX, FRAME_TIME, HAS_SENSOR, IMAGES,
+                          INSTRUCTION, SENSOR_PAD, SENSOR_WINDOW)
 from vla_ds.data.episodes import TIME_EPS, Episode, find_episode_dirs, load_episode
 from vla_ds.errors import ConfigError, DatasetError
 
 logger = logging.getLogger(__name__)
-
-IMAGES = "images"                  # list of V uint8 (h, w, 3) arrays, camera_views order -> list of B lists
-INSTRUCTION = "instruction"        # str -> list of B str
-SENSOR_WINDOW = "sensor_window"    # float32 (W, C) raw values, zeros without sensor -> (B, W, C)
-SENSOR_PAD = "sensor_pad"          # int, the window's first rows that are front padding (W without sensor) -> int64 (B,)
-HAS_SENSOR = "has_sensor"          # bool -> bool (B,)
-ACTIONS = "actions"                # float32 (H, 7) raw deltas, zeros at padded steps -> (B, H, 7)
-ACTION_IS_PAD = "action_is_pad"    # bool (H,), True past the episode end -> bool (B, H)
-CONFIDENCE = "confidence"          # float, loss weight from metadata.json -> float32 (B,)
-EPISODE_INDEX = "episode_index"    # int, Episode.index -> int64 (B,)
-FRAME_TIME = "frame_time"          # float seconds, t -> float64 (B,)
 
 ACTION_DIM = 7  # [dx, dy, dz, da, db, dr, gripper]: mm, degrees, gripper value at step end
 ANGLE_DIMS = slice(3, 6)

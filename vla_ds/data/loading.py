@@ -21,12 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from vla_ds.cache import VL_HIDDEN
+from vla_ds.batch import BAD_SAMPLE, IMAGES, INSTRUCTION, SAMPLE_INDEX, VL_HIDDEN
 from vla_ds.data.dataset import collate_numeric
 from vla_ds.errors import DatasetError
 
-BAD_SAMPLE = "bad_sample"      # str: "<file>: <problem>" for a sample that could not be loaded
-SAMPLE_INDEX = "sample_index"  # int: the sample's index in the wrapped dataset -> list of B ints
 
 
 def _remove_if_owner(path: str, owner_pid: int) -> None:
@@ -170,7 +168,7 @@ class PolicyCollator:
         if not samples:  # nothing to stack; the caller decides (the cache build skips it)
             return for_transfer({BAD_SAMPLE: bad})
         batch = collate_numeric(samples)
-        images, instructions = batch.pop("images"), batch.pop("instruction")
+        images, instructions = batch.pop(IMAGES), batch.pop(INSTRUCTION)
         if VL_HIDDEN in batch:
             batch[VL_HIDDEN] = torch.from_numpy(np.stack(batch[VL_HIDDEN]))  # (B, hidden)
         else:

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vla_ds.batch import ATTENTION_MASK, IMAGE_GRID_THW, INPUT_IDS, PIXEL_VALUES
 from vla_ds.errors import BackboneError, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -60,12 +61,6 @@ DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 _ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
 
-# Batch keys produced by VLInputBuilder and consumed by VLBackbone.forward.
-INPUT_IDS = "input_ids"
-ATTENTION_MASK = "attention_mask"
-PIXEL_VALUES = "pixel_values"
-IMAGE_GRID_THW = "image_grid_thw"
-VL_INPUT_KEYS = (INPUT_IDS, ATTENTION_MASK, PIXEL_VALUES, IMAGE_GRID_THW)
 
 
 DEFAULT_MAX_PIXELS = 320 * 28 * 28  # at most 320 LM tokens per camera view

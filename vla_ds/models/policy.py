@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from vla_ds.batch import (ACTION_IS_PAD, ACTIONS, CONFIDENCE, HAS_SENSOR, SENSOR_PAD, SENSOR_WINDOW, VL_HIDDEN,
+                          VL_INPUT_KEYS)
 from vla_ds.errors import CheckpointError, VLAError
 from vla_ds.models.action_expert import ActionExpert, ActionExpertConfig, stored_section
 from vla_ds.models.backbone import BackboneConfig, VLBackbone, VLInputBuilder
@@ -44,7 +46,6 @@ from vla_ds.models.sensor_encoder import SensorEncoder, SensorEncoderConfig
 
 logger = logging.getLogger(__name__)
 
-VL_INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
 
 # Exported policy directory (docs/policy_format.md).
 POLICY_FORMAT = "vla_ds-policy"
@@ -149,8 +150,8 @@ class VLAPolicy(nn.Module):
 
     def vl_features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Pooled backbone hidden state (B, Hvl) fp32, from the cache when the batch has it."""
-        if "vl_hidden" in batch:
-            return batch["vl_hidden"].float()
+        if VL_HIDDEN in batch:
+            return batch[VL_HIDDEN].float()
         # A frozen backbone needs no graph: skipping it saves the activations of 36 layers.
         frozen = not any(p.requires_grad for p in self.backbone.parameters())
         with torch.no_grad() if frozen else contextlib.nullcontext():
@@ -182,15 +183,15 @@ class VLAPolicy(nn.Module):
         and ``per_sample_loss`` (B,) (unweighted, detached) for validation averages.
         """
         vl_hidden = self.vl_features(batch)  # (B, Hvl)
-        has_sensor = batch["has_sensor"].bool()
-        sensor_features = self.sensor_features(batch["sensor_window"], has_sensor, batch.get("sensor_pad"))
-        actions = self.action_norm.normalize(batch["actions"])  # (B, H, 7)
-        weight = batch["confidence"].float() * torch.where(
-            has_sensor, torch.full_like(batch["confidence"].float(), self.sensor_loss_weight), 1.0
+        has_sensor = batch[HAS_SENSOR].bool()
+        sensor_features = self.sensor_features(batch[SENSOR_WINDOW], has_sensor, batch.get(SENSOR_PAD))
+        actions = self.action_norm.normalize(batch[ACTIONS])  # (B, H, 7)
+        weight = batch[CONFIDENCE].float() * torch.where(
+            has_sensor, torch.full_like(batch[CONFIDENCE].float(), self.sensor_loss_weight), 1.0
         )  # (B,)
         loss, per_sample = self.action_expert.compute_loss(
             actions,
-            batch["action_is_pad"].bool(),
+            batch[ACTION_IS_PAD].bool(),
             weight,
             vl_hidden,
             sensor_features,
