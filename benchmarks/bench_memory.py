@@ -142,10 +142,8 @@ def startup_child(backbone: str) -> int:
     from vla_ds.models.backbone import VLBackbone
 
     raw = config_lib.load_json(REPO / "ds_configs" / "stage2.json")
-    for key, value in (("vla_ds.data.dataset_dir", "unused"), ("vla_ds.train.stage1_checkpoint", "unused"),
-                       ("vla_ds.backbone.model_name_or_path", backbone)):
-        config_lib.apply_override(raw, key, value)
-    cfg = config_lib.resolve_config(raw, 1)
+    config_lib.apply_override(raw, "vla_ds.backbone.model_name_or_path", backbone)
+    cfg = config_lib.resolve_config(raw, 1, for_run=False)
     device = backbone_device(cfg)
     backbone = VLBackbone(cfg.backbone, device=device)
     backbone.fingerprint()  # train.py reads every weight for it

@@ -98,21 +98,14 @@ def _pixel_bounds(project: dict[str, Any], vl_model: str | None) -> tuple[int, i
 
 
 def _head_configs(project: dict[str, Any], vl_hidden: int):
-    """Sensor encoder and action expert configs of the JSON (preset, then its sections)."""
-    from vla_ds.config import MODEL_PRESETS
-    from vla_ds.models.action_expert import ActionExpertConfig
-    from vla_ds.models.sensor_encoder import SensorEncoderConfig
+    """Sensor encoder and action expert configs of the JSON's project section, parsed as a run
+    parses it (preset, then its sections) and sized as the policy sizes them."""
+    from vla_ds.config import project_config
+    from vla_ds.models.policy import derived_head_configs
 
-    preset = MODEL_PRESETS.get(project.get("model_preset", "reference"), {})
-    data = project.get("data") or {}
-    sensor = {**preset.get("sensor_encoder", {}), **(project.get("sensor_encoder") or {})}
-    action = {**preset.get("action_expert", {}), **(project.get("action_expert") or {})}
-    if "sensor_window_size" in data:
-        sensor["window_size"] = data["sensor_window_size"]
-    if "action_horizon" in data:
-        action["horizon"] = data["action_horizon"]
-    action["vl_hidden_size"] = vl_hidden
-    return SensorEncoderConfig(**sensor), ActionExpertConfig(**action)
+    cfg = project_config(project)
+    return derived_head_configs(cfg.sensor_encoder, cfg.action_expert, cfg.sensor_encoder.in_channels,
+                                cfg.data.sensor_window_size, vl_hidden)
 
 
 class Estimator:

@@ -316,13 +316,11 @@ def test_each_rank_loads_the_backbone_onto_its_own_gpu(monkeypatch):
     from vla_ds.engine import backbone_device
 
     raw = config_lib.load_json(config_lib.SHIPPED_CONFIG_DIR / "stage2.json")
-    for key, value in (("vla_ds.data.dataset_dir", "data"), ("vla_ds.train.stage1_checkpoint", "s1")):
-        config_lib.apply_override(raw, key, value)
-    cfg = config_lib.resolve_config(raw, 1)
+    cfg = config_lib.resolve_config(raw, 1, for_run=False)
     monkeypatch.setenv("LOCAL_RANK", "3")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert backbone_device(cfg) is None
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert backbone_device(cfg) == "cuda:3"
     config_lib.apply_override(raw, "zero_optimization.stage", 3)
-    assert backbone_device(config_lib.resolve_config(raw, 1)) is None  # ZeRO-3 partitions from host memory
+    assert backbone_device(config_lib.resolve_config(raw, 1, for_run=False)) is None  # ZeRO-3: from host memory

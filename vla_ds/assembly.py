@@ -97,9 +97,8 @@ def assemble(cfg: RunConfig, world: int, rank: int, source: str = "config") -> R
     if start.resume_states is not None:
         from vla_ds import checkpoint
 
-        checkpoint.check_resume_compatible(start.resume_states, start.resume_file, fingerprint, {
-            "world_size": world, "micro_batch_size": cfg.micro_batch_size, "grad_accum": cfg.grad_accum,
-            "train_samples": len(train_ds), "seed": cfg.train.seed})
+        checkpoint.check_resume_compatible(start.resume_states, start.resume_file, fingerprint,
+                                           checkpoint.run_layout(cfg, world, len(train_ds)))
     log_tokens_per_sample(train_ds, input_builder, cfg.backbone.max_pixels)
     output_dir = prepare_output_dir(cfg, rank)
     return Run(cfg, world, rank, dataset, train_ds, val_ds, sampler, steps_per_epoch, total_steps, start, norm_stats,

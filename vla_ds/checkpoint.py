@@ -56,7 +56,11 @@ INCOMPLETE_MARK = ".vla_ds_incomplete"
 TAG_PATTERN = re.compile(r"global_step(\d+)")
 # Rank 0's module + client state: ZeRO-1/2 write the first name, ZeRO-3 the second.
 MODEL_STATES_FILES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
-CLIENT_KEYS = ("step", "epoch", "micro_step_in_epoch", "norm_stats", "config")
+# The client state every checkpoint carries (the module docstring says what each means): where
+# the run is, the layout a mid-epoch position needs unchanged, and what the run was.
+POSITION_KEYS = ("step", "epoch", "micro_step_in_epoch")
+LAYOUT_KEYS = ("world_size", "micro_batch_size", "grad_accum", "train_samples", "seed")
+CLIENT_KEYS = (*POSITION_KEYS, "norm_stats", "config")  # required to resume or convert
 # What ds_to_universal adds to a tag dir: per-parameter fp32 weights and optimizer states.
 UNIVERSAL_STATE_FILE = Path("zero") / "optimizer_state.pt"
 # Module prefixes Stage 2 takes from Stage 1 (the heads and the normalisation statistics).
@@ -224,11 +228,24 @@ def read_model_states(path: str | Path) -> tuple[Path, dict[str, Any]]:
     return file, states
 
 
+def run_layout(cfg, world_size: int, train_samples: int) -> dict[str, int]:
+    """The ``LAYOUT_KEYS`` of a run: saved in its checkpoints, compared on resume."""
+    layout = {"world_size": world_size, "micro_batch_size": cfg.micro_batch_size, "grad_accum": cfg.grad_accum,
+              "train_samples": train_samples, "seed": cfg.train.seed}
+    assert tuple(layout) == LAYOUT_KEYS
+    return layout
+
+
+def client_state(position: dict[str, int], layout: dict[str, int], extra: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's client state: ``position`` (``POSITION_KEYS``), ``layout``
+    (:func:`run_layout`) and ``extra`` (norm stats, config, fingerprint, version, EMA)."""
+    return {**{k: position[k] for k in POSITION_KEYS}, **layout, **extra}
+
+
 def check_resume_compatible(states: dict[str, Any], file: Path, fingerprint: str, layout: dict[str, int]) -> None:
     """Refuse a resume that could not continue exactly: another base backbone, or a
     mid-epoch position under another batch layout or training split (``layout``: the
-    ``world_size``, ``micro_batch_size``, ``grad_accum``, ``train_samples`` and ``seed`` of
-    the run about to start)."""
+    :func:`run_layout` of the run about to start)."""
     saved = states.get("backbone_fingerprint")
     if saved and saved != fingerprint:
         raise CheckpointError(f"{file}: saved with another VL backbone (fingerprint {saved}, the --vl-model "

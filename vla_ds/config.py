@@ -232,7 +232,7 @@ class RunConfig:
         if isinstance(project, dict):
             project["action_expert"] = stored_section(project.get("action_expert") or {})
             project.setdefault("ema", {"enabled": False})
-        cfg = _project_from_dict(project)
+        cfg = project_config(project)
         cfg.deepspeed = ds
         cfg.world_size = world_size
         return cfg
@@ -326,7 +326,7 @@ _SECTIONS = {
 }
 
 
-def _project_from_dict(section: dict[str, Any]) -> RunConfig:
+def project_config(section: dict[str, Any]) -> RunConfig:
     """The ``vla_ds`` JSON section -> RunConfig (presets applied first, then explicit values)."""
     if not isinstance(section, dict):
         raise ConfigError(f"'{PROJECT_KEY}' must be a JSON object")
@@ -457,16 +457,18 @@ def _resolve_batch(ds: dict[str, Any], world_size: int, source: str) -> None:
     ds["train_batch_size"] = micro * accum * world_size
 
 
-def resolve_config(raw: dict[str, Any], world_size: int, source: str = "config") -> RunConfig:
+def resolve_config(raw: dict[str, Any], world_size: int, source: str = "config", for_run: bool = True) -> RunConfig:
     """Validate the (already overridden) JSON for ``world_size`` ranks and resolve "auto" values.
 
     The scheduler's step counts stay "auto" until :func:`resolve_schedule` knows the
-    number of optimizer steps per epoch (which needs the dataset).
+    number of optimizer steps per epoch (which needs the dataset). ``for_run`` False skips
+    what only a training run needs (a dataset directory, Stage 2's Stage 1 weights): for
+    tools that read a config without training it (estimate_memory.py, benchmarks).
     """
     raw = copy.deepcopy(raw)
     if PROJECT_KEY not in raw:
         raise ConfigError(f"{source}: no '{PROJECT_KEY}' section (see ds_configs/stage1.json)")
-    cfg = _project_from_dict(raw[PROJECT_KEY])
+    cfg = project_config(raw[PROJECT_KEY])
     ds = {k: v for k, v in raw.items() if k not in NON_DEEPSPEED_KEYS}
     _resolve_batch(ds, world_size, source)
 
@@ -493,13 +495,13 @@ def resolve_config(raw: dict[str, Any], world_size: int, source: str = "config")
 
     cfg.deepspeed = ds
     cfg.world_size = world_size
-    _check_consistency(cfg, source)
+    _check_consistency(cfg, source, for_run)
     return cfg
 
 
-def _check_consistency(cfg: RunConfig, source: str) -> None:
+def _check_consistency(cfg: RunConfig, source: str, for_run: bool = True) -> None:
     """Cross-field checks the single dataclasses cannot do."""
-    if not cfg.data.dataset_dir:
+    if for_run and not cfg.data.dataset_dir:
         raise ConfigError(f"{source}: no dataset directory: pass --dataset_dir DIR")
     if cfg.stage == "stage1" and cfg.finetune.mode != "none":
         raise ConfigError(f"{source}: stage1 keeps the VL model frozen, but finetune.mode={cfg.finetune.mode!r} "
@@ -510,7 +512,7 @@ def _check_consistency(cfg: RunConfig, source: str) -> None:
     if cfg.stage == "stage1" and cfg.cache.mode != "off" and _zero_stage(cfg) == 3:
         raise ConfigError(f"{source}: the Stage 1 VL feature cache is built with ZeRO-1/2 (under ZeRO-3 every "
                           "forward is collective and ranks build different shares); use stage1.json, or --no-cache")
-    if cfg.stage == "stage2" and not (cfg.train.stage1_checkpoint or cfg.train.resume):
+    if for_run and cfg.stage == "stage2" and not (cfg.train.stage1_checkpoint or cfg.train.resume):
         raise ConfigError(f"{source}: stage2 needs the Stage 1 weights: pass --stage1-checkpoint PATH "
                           "(a Stage 1 output dir or its .pt)")
     ae = cfg.action_expert

@@ -51,7 +51,8 @@ from vla_ds.config import PROJECT_KEY, RunConfig
 from vla_ds.ema import ema_weights
 from vla_ds.errors import CheckpointError
 from vla_ds.models.policy import (ADAPTER_DIR, CONFIG_FILE, MERGED_BACKBONE_DIR, NORM_STATS_FILE, POLICY_FORMAT,
-                                  POLICY_FORMAT_VERSION, WEIGHTS_FILE, state_dict_problems)
+                                  POLICY_FORMAT_VERSION, WEIGHTS_FILE, derived_head_configs,
+                                  state_dict_problems)
 
 logger = logging.getLogger(__name__)
 
@@ -128,10 +129,8 @@ def policy_config(run_config: dict[str, Any], norm_stats: dict[str, Any], state:
     vl_proj = state.get("action_expert.vl_proj.weight")
     if vl_proj is None:
         raise CheckpointError("the checkpoint has no action_expert.vl_proj.weight (not a vla_ds policy?)")
-    sensor = dataclasses.replace(cfg.sensor_encoder, in_channels=len(norm_stats["sensor_mean"]),
-                                 window_size=cfg.data.sensor_window_size)
-    action = dataclasses.replace(cfg.action_expert, vl_hidden_size=int(vl_proj.shape[1]),
-                                 sensor_feature_dim=sensor.out_dim)
+    sensor, action = derived_head_configs(cfg.sensor_encoder, cfg.action_expert, len(norm_stats["sensor_mean"]),
+                                          cfg.data.sensor_window_size, int(vl_proj.shape[1]))
     backbone = {**dataclasses.asdict(cfg.backbone), "model_name_or_path": model_name_or_path,
                 "fingerprint": fingerprint}
     return {

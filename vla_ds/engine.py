@@ -51,14 +51,15 @@ def launcher_env(environ=None) -> dict[str, str]:
     """RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_SIZE as torch's launchers set them, or as an MPI or
     SLURM launch announces them (``LAUNCHER_ENV``); empty without a launcher. Reads only."""
     env = os.environ if environ is None else environ
+    torch_vars = {k: env[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE") if k in env}
     if "RANK" in env:
-        return {k: env[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE") if k in env}
+        return torch_vars
     for rank, world, local_rank, local_size in LAUNCHER_ENV.values():
         if rank in env and world in env:
             # SLURM_NTASKS_PER_NODE may read "4(x2)"; the leading count is the per-node size
             return {"RANK": env[rank], "WORLD_SIZE": env[world], "LOCAL_RANK": env.get(local_rank, "0"),
                     "LOCAL_SIZE": env.get(local_size, "1").split("(")[0]}
-    return {}
+    return torch_vars
 
 
 def adopt_launcher_env(environ=None) -> str | None:

@@ -115,8 +115,7 @@ def train_run(run_: Run, engine, groups) -> dict:
     state, client = trainer.TrainState(), None
     if cfg.train.resume:
         client = checkpoint.load_checkpoint(engine, cfg.train.resume)
-        state = trainer.TrainState(step=client["step"], epoch=client["epoch"],
-                                   micro_step_in_epoch=client["micro_step_in_epoch"])
+        state = trainer.TrainState.from_client(client)
     ema = build_ema(cfg, engine, client)
 
     client_extra = {"norm_stats": run_.norm_stats.to_dict(), "config": cfg.to_dict(),

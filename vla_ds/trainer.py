@@ -7,6 +7,7 @@ rank-0 work (metrics, progress bar) inside.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from vla_ds import engine as engine_lib
 from vla_ds.batch import EPISODE_INDEX, FRAME_TIME
-from vla_ds.checkpoint import save_checkpoint
+from vla_ds.checkpoint import client_state, run_layout, save_checkpoint
 from vla_ds.config import RunConfig
 from vla_ds.data.loading import pop_bad_samples
 from vla_ds.ema import CLIENT_KEY as EMA_CLIENT_KEY
@@ -86,6 +87,11 @@ class TrainState:
     epoch: int = 0                # completed epochs
     micro_step_in_epoch: int = 0  # micro batches consumed in the current epoch
     history: list[float] = field(default_factory=list)  # train/loss per logged step (rank 0)
+
+    @classmethod
+    def from_client(cls, client: dict[str, Any]) -> TrainState:
+        """Where a checkpoint's client state says the run was."""
+        return cls(step=client["step"], epoch=client["epoch"], micro_step_in_epoch=client["micro_step_in_epoch"])
 
 
 def log_step(metrics: MetricsLogger, engine, step: int, epoch: int, loss: torch.Tensor, lrs, group_names: list[str],
@@ -201,12 +207,9 @@ class Loop:
         import deepspeed.comm as dist
 
         cfg, state = self.cfg, self.state
-        client = {"step": state.step, "epoch": state.epoch, "micro_step_in_epoch": state.micro_step_in_epoch,
-                  "micro_batch_size": cfg.micro_batch_size, "world_size": dist.get_world_size(),
-                  "grad_accum": cfg.grad_accum, "train_samples": len(self.train_loader.dataset),
-                  "seed": cfg.train.seed, **self.client_extra}
-        if self.ema is not None:
-            client[EMA_CLIENT_KEY] = self.ema.state_dict()
+        extra = {**self.client_extra, **({EMA_CLIENT_KEY: self.ema.state_dict()} if self.ema is not None else {})}
+        client = client_state(dataclasses.asdict(state),
+                              run_layout(cfg, dist.get_world_size(), len(self.train_loader.dataset)), extra)
         return save_checkpoint(self.engine, cfg.train.output_dir, state.step, client,
                                keep_last=cfg.train.save_total_limit)
 

@@ -104,6 +104,17 @@ def _drop_tied_aliases(module: nn.Module, state_dict: dict, prefix: str, local_m
             state_dict.pop(prefix + name, None)
 
 
+def derived_head_configs(sensor_encoder_config: SensorEncoderConfig, action_expert_config: ActionExpertConfig,
+                         sensor_channels: int, sensor_window_size: int,
+                         vl_hidden_size: int) -> tuple[SensorEncoderConfig, ActionExpertConfig]:
+    """The head configs with the sizes that follow from the data and the other parts filled in
+    (and re-validated by ``replace``): the sensor encoder's input channels and window, the
+    action expert's VL width and sensor feature width. The one place that rule is written."""
+    sensor = dataclasses.replace(sensor_encoder_config, in_channels=sensor_channels, window_size=sensor_window_size)
+    action = dataclasses.replace(action_expert_config, vl_hidden_size=vl_hidden_size, sensor_feature_dim=sensor.out_dim)
+    return sensor, action
+
+
 class VLAPolicy(nn.Module):
     """The whole policy.
 
@@ -129,11 +140,8 @@ class VLAPolicy(nn.Module):
         sensor_loss_weight: float = 1.0,
     ):
         super().__init__()
-        # Sizes that follow from the data and the other parts (re-validated by replace()).
-        sensor_encoder_config = dataclasses.replace(
-            sensor_encoder_config, in_channels=sensor_channels, window_size=sensor_window_size)
-        action_expert_config = dataclasses.replace(
-            action_expert_config, vl_hidden_size=backbone.hidden_size, sensor_feature_dim=sensor_encoder_config.out_dim)
+        sensor_encoder_config, action_expert_config = derived_head_configs(
+            sensor_encoder_config, action_expert_config, sensor_channels, sensor_window_size, backbone.hidden_size)
         self.backbone = backbone
         self.sensor_encoder = SensorEncoder(sensor_encoder_config)
         self.action_expert = ActionExpert(action_expert_config)
