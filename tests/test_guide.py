@@ -70,14 +70,17 @@ def torchrun(workdir: Path, argv: list[str]) -> subprocess.CompletedProcess:
     return proc
 
 
-def test_guide_command_lines_run_under_torchrun(tiny_backbone_dir, demo_dataset_dir, tmp_path):
+def test_guide_command_lines_run_under_torchrun(tiny_backbone_dir, demo_dataset_dir, tmp_path, monkeypatch, capsys):
     tiny_stage_configs(tmp_path, tiny_backbone_dir)
-    # Stage 1: ds_configs/stage1.json of the working directory, the guide's flags over it.
-    proc = torchrun(tmp_path, guide_command(GUIDE_STAGE1, demo_dataset_dir))
-    assert f"no --ds_config: using {tmp_path / 'ds_configs' / 'stage1.json'}" in proc.stderr
+    # Stage 1 (in this process, as `python scripts/train.py` would run it: the launches below
+    # are the torchrun ones): ds_configs/stage1.json of the working directory, the guide's
+    # flags over it.
+    monkeypatch.chdir(tmp_path)
+    assert main(guide_command(GUIDE_STAGE1, demo_dataset_dir)) == 0
+    assert f"no --ds_config: using {tmp_path / 'ds_configs' / 'stage1.json'}" in capsys.readouterr().err
+    saved = json.loads((tmp_path / "checkpoints" / "stage1" / "config.json").read_text())
+    assert saved["train_micro_batch_size_per_gpu"] == 4 and saved["train_batch_size"] == 4
     s1 = tmp_path / "checkpoints" / "stage1"
-    saved = json.loads((s1 / "config.json").read_text())
-    assert saved["train_micro_batch_size_per_gpu"] == 4 and saved["train_batch_size"] == 8
     assert saved["vla_ds"]["train"]["epochs"] == 20 and saved["vla_ds"]["optimizer_groups"]["other"]["lr"] == 1e-4
     rows = [r for r in read_metrics(s1) if "train/loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3] and all(r["train/lr/other"] > 0 for r in rows)
