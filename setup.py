@@ -30,7 +30,11 @@ setup(
     entry_points={
         "console_scripts": [
             "vla-train=vla_ds.train:main",
+            "vla-build-cache=vla_ds.train:build_cache_main",
+            "vla-convert=vla_ds.convert:main",
+            "vla-evaluate=vla_ds.evaluate:main",
             "vla-make-demo-dataset=vla_ds.data.demo:main",
+            "vla-make-tiny-backbone=vla_ds.tiny_backbone:main",
         ]
     },
 )

@@ -112,7 +112,10 @@ class Estimator:
     """Evaluates configs with one set of flags; counts are cached per finetune setup."""
 
     def __init__(self, args: argparse.Namespace):
-        from vla_ds.models.backbone import load_backbone_config, reference_backbone_config
+        from vla_ds.models.backbone import (
+            load_backbone_config,
+            reference_backbone_config,
+        )
 
         self.args = args
         self.hf_config = load_backbone_config(args.vl_model) if args.vl_model else reference_backbone_config()

@@ -193,10 +193,10 @@ def scenario_kill_in_save(ctx) -> tuple[bool, str, str]:
     args = train_args(ctx.data, ctx.backbone, out, "--epochs", "2", "--save_steps", "10", *ctx.common)
     proc = run_child(["--kill-in-save", "global_step20"], args)
     latest = (out / "latest").read_text().strip() if (out / "latest").is_file() else None
-    from vla_ds.train import main
-
     import contextlib
     import io
+
+    from vla_ds.train import main
 
     err = io.StringIO()
     with contextlib.redirect_stderr(err):

@@ -11,10 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoint_helpers import capture_starting_weights, fp32_masters_from_shards, latest_tag_dir, model_states
-from script_helpers import load_script
+from checkpoint_helpers import (
+    capture_starting_weights,
+    fp32_masters_from_shards,
+    latest_tag_dir,
+    model_states,
+)
 
 from vla_ds import convert
+from vla_ds.convert import main as convert_main
 from vla_ds.errors import CheckpointError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -140,7 +145,7 @@ def runs(tiny_backbone_dir, demo_dataset_dir, tmp_path_factory):
 
 
 def convert_cli(*argv):
-    return load_script("scripts/convert_checkpoint.py").main([str(a) for a in argv])
+    return convert_main([str(a) for a in argv])
 
 
 def safetensors_state(path):

@@ -6,8 +6,8 @@ import pickle
 import numpy as np
 import pytest
 import torch
-
 from data_helpers import corrupt_compressed_member, write_episode, write_mixture
+
 from vla_ds.data.dataset import (
     ACTION_DIM,
     DataConfig,

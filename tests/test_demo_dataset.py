@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from vla_ds.data.dataset import DataConfig, VLADataset, split_train_val
-from vla_ds.data.demo import ANGULAR_SPEED, FRAME_HZ, LINEAR_SPEED, SENSOR_WINDOW, make_demo_dataset
+from vla_ds.data.demo import (
+    ANGULAR_SPEED,
+    FRAME_HZ,
+    LINEAR_SPEED,
+    SENSOR_WINDOW,
+    make_demo_dataset,
+)
 from vla_ds.errors import DatasetError
 
 

@@ -5,11 +5,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoint_helpers import capture_starting_weights, fp32_masters_from_shards, model_states
-from script_helpers import load_script
+from checkpoint_helpers import (
+    capture_starting_weights,
+    fp32_masters_from_shards,
+    model_states,
+)
 
+from vla_ds.convert import main as convert_main
 from vla_ds.ema import EMAConfig, ParameterEMA, ema_weights
 from vla_ds.errors import CheckpointError, ConfigError
+from vla_ds.evaluate import main as evaluate_main
 
 
 def test_decay_warms_up_to_its_ceiling():
@@ -115,9 +120,8 @@ def test_the_average_is_saved_and_continued_by_resume(runs):
 def test_export_writes_the_average_and_no_ema_the_trained_weights(runs, tmp_path):
     from safetensors.torch import load_file
 
-    convert = load_script("scripts/convert_checkpoint.py").main
-    assert convert([str(runs["straight"]), str(tmp_path / "policy"), "--to", "policy"]) == 0
-    assert convert([str(runs["straight"]), str(tmp_path / "trained"), "--to", "fp32", "--no-ema"]) == 0
+    assert convert_main([str(runs["straight"]), str(tmp_path / "policy"), "--to", "policy"]) == 0
+    assert convert_main([str(runs["straight"]), str(tmp_path / "trained"), "--to", "fp32", "--no-ema"]) == 0
     config = json.loads((tmp_path / "policy" / "config.json").read_text())
     assert config["weights"] == "ema" and config["action_expert"]["objective"] == "flow_matching"
     exported = load_file(str(tmp_path / "policy" / "model.safetensors"))
@@ -129,8 +133,7 @@ def test_export_writes_the_average_and_no_ema_the_trained_weights(runs, tmp_path
     for name, value in masters.items():
         assert torch.equal(trained[name], value), name
     # The policy (a flow-matching head) evaluates through the command line.
-    evaluate = load_script("scripts/evaluate.py").main
-    assert evaluate(["--policy", str(tmp_path / "policy"), "--output", str(tmp_path / "eval"), "--steps", "3",
+    assert evaluate_main(["--policy", str(tmp_path / "policy"), "--output", str(tmp_path / "eval"), "--steps", "3",
                      "--max-samples", "4", "--plots", "0", "--no-progress", "--device", "cpu"]) == 0
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert report["mse_ratio_to_mean_baseline"] == pytest.approx(report["policy"]["mse"] / report["mean_baseline"]["mse"])

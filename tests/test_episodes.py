@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from data_helpers import corrupt_compressed_member, write_csv, write_episode
+
 from vla_ds.data.episodes import (
     SensorData,
     find_episode_dirs,

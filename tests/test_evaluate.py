@@ -5,7 +5,6 @@ import json
 import numpy as np
 import pytest
 from policy_helpers import build_policy, write_policy_dir
-from script_helpers import load_script
 
 from vla_ds.data import DataConfig, VLADataset, compute_norm_stats, split_train_val
 from vla_ds.errors import ConfigError, DatasetError
@@ -16,6 +15,7 @@ from vla_ds.evaluate import (
     select_samples,
     split_settings,
 )
+from vla_ds.evaluate import main as evaluate_main
 
 REPORT_KEYS = {"policy", "mean_baseline", "zero_baseline", "mse_ratio_to_mean_baseline", "smoothness", "episodes",
                "samples"}
@@ -104,7 +104,7 @@ def setup(tiny_backbone_dir, demo_dataset_dir, tmp_path_factory):
 
 def test_evaluate_writes_the_report_and_plots(setup, demo_dataset_dir, capsys):
     out = setup["root"] / "eval"
-    code = load_script("scripts/evaluate.py").main(["--policy", str(setup["policy"]), "--dataset_dir", str(demo_dataset_dir),
+    code = evaluate_main(["--policy", str(setup["policy"]), "--dataset_dir", str(demo_dataset_dir),
                                         "--output", str(out), "--max-samples", "6", "--steps", "2",
                                         "--seed", "1", "--batch-size", "4", "--device", "cpu", "--no-progress"])
     assert code == 0
@@ -143,18 +143,17 @@ def test_evaluate_writes_the_report_and_plots(setup, demo_dataset_dir, capsys):
 
 
 def test_evaluate_asks_for_split_settings_a_config_lacks(setup, demo_dataset_dir, capsys):
-    script = load_script("scripts/evaluate.py")
     base = ["--policy", str(setup["policy_no_data"]), "--dataset_dir", str(demo_dataset_dir),
             "--max-samples", "2", "--steps", "1", "--device", "cpu", "--no-progress", "--plots", "0"]
-    assert script.main(base + ["--output", str(setup["root"] / "no_data")]) == 2
+    assert evaluate_main(base + ["--output", str(setup["root"] / "no_data")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert "--val-split" in err[-1] and "config.json" in err[-1]
     out = setup["root"] / "with_flags"
-    assert script.main(base + ["--output", str(out), "--val-split", str(VAL_SPLIT), "--split-seed", str(SEED)]) == 0
+    assert evaluate_main(base + ["--output", str(out), "--val-split", str(VAL_SPLIT), "--split-seed", str(SEED)]) == 0
     saved = np.load(out / "predictions.npz")
     assert set(saved["episodes"]) <= {str(ep.path) for ep in setup["val"].episodes}
     # --split all needs no split settings.
-    assert script.main(base + ["--output", str(setup["root"] / "all"), "--split", "all"]) == 0
+    assert evaluate_main(base + ["--output", str(setup["root"] / "all"), "--split", "all"]) == 0
 
 
 def test_report_table_lists_every_dimension():

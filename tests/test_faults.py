@@ -12,7 +12,6 @@ from script_helpers import load_script
 from vla_ds import checkpoint
 from vla_ds.errors import CheckpointError
 
-
 drill = load_script("scripts/fault_drill.py")
 
 

@@ -7,13 +7,13 @@ import torch
 
 from vla_ds.config import MODEL_PRESETS, ParamGroupConfig
 from vla_ds.data import DataConfig, VLADataset, compute_norm_stats
+from vla_ds.data.loading import PolicyCollator
 from vla_ds.errors import ConfigError
 from vla_ds.models.action_expert import ActionExpertConfig
 from vla_ds.models.backbone import BackboneConfig, VLBackbone, VLInputBuilder
 from vla_ds.models.finetune import FinetuneConfig
 from vla_ds.models.policy import VLAPolicy
 from vla_ds.models.sensor_encoder import SensorEncoderConfig
-from vla_ds.data.loading import PolicyCollator
 
 WINDOW = 32
 

@@ -15,12 +15,12 @@ from safetensors.torch import load_file, save_file
 from script_helpers import load_script
 
 from vla_ds.data import DataConfig, VLADataset, compute_norm_stats
+from vla_ds.data.loading import PolicyCollator
 from vla_ds.errors import CheckpointError
 from vla_ds.models.backbone import BackboneConfig, VLBackbone
 from vla_ds.models.finetune import FinetuneConfig
 from vla_ds.models.policy import VLAPolicy, state_dict_problems
 from vla_ds.tiny_backbone import make_tiny_backbone
-from vla_ds.data.loading import PolicyCollator
 
 STEPS = 3  # DDIM steps: enough to exercise the sampler, cheap on CPU
 LORA = FinetuneConfig(mode="lora", lora_r=4, lora_alpha=8.0)

@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-from script_helpers import load_script
 
+from vla_ds.convert import main as convert_main
 from vla_ds.data.demo import make_demo_dataset
+from vla_ds.evaluate import main as evaluate_main
 from vla_ds.train import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -23,10 +24,10 @@ def evaluated(tiny_backbone_dir, tmp_path_factory):
                  "--vl-model", str(tiny_backbone_dir), "--model-preset", "tiny", "--sensor-window-size", "32",
                  "--num_workers", "0", "--batch_size", "16", "--lr", "1e-3", "--epochs", "15", "--output_dir", str(out),
                  "--set", "train.progress_bar=false", "--set", "train.validate_every_epochs=100"]) == 0
-    assert load_script("scripts/convert_checkpoint.py").main([str(out), str(root / "policy"), "--to", "policy"]) == 0
+    assert convert_main([str(out), str(root / "policy"), "--to", "policy"]) == 0
     reports = {}
     for steps in (10, 50):
-        assert load_script("scripts/evaluate.py").main([
+        assert evaluate_main([
             "--policy", str(root / "policy"), "--output", str(root / f"eval{steps}"), "--steps", str(steps),
             "--plots", "0", "--no-progress", "--device", "cpu"]) == 0
         reports[steps] = json.loads((root / f"eval{steps}" / "report.json").read_text())

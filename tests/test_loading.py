@@ -7,9 +7,8 @@ import torch
 import torch.multiprocessing  # noqa: F401  (registers torch's shared-memory reductions, as the DataLoader does)
 
 from vla_ds.data import DataConfig, VLADataset
-from vla_ds.data.loading import PIPE_BYTES, WorkerBatch
+from vla_ds.data.loading import PIPE_BYTES, PolicyCollator, WorkerBatch
 from vla_ds.models.backbone import BackboneConfig, VLInputBuilder
-from vla_ds.data.loading import PolicyCollator
 
 
 def mixed_batch(rows: int) -> dict:

@@ -18,10 +18,14 @@ import pytest
 import torch
 from checkpoint_helpers import fp32_masters_from_shards, model_states
 from safetensors.torch import load_file
-from script_helpers import load_script
 
 from vla_ds import preflight
-from vla_ds.engine import DistributedError, adopt_launcher_env, describe_distributed_failure
+from vla_ds.convert import main as convert_main
+from vla_ds.engine import (
+    DistributedError,
+    adopt_launcher_env,
+    describe_distributed_failure,
+)
 from vla_ds.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -67,7 +71,7 @@ def losses(out: Path) -> list[float]:
 
 
 def convert_to_universal(src: Path, dst: Path) -> None:
-    assert load_script("scripts/convert_checkpoint.py").main([str(src), str(dst), "--to", "universal"]) == 0
+    assert convert_main([str(src), str(dst), "--to", "universal"]) == 0
 
 
 def resume_on_one_rank(universal: Path, dataset, backbone, out: Path, cache: Path, steps: int) -> list[dict]:
@@ -105,7 +109,7 @@ def test_two_node_launch_equals_one_node_and_resumes_on_one_rank(hostfile, tiny_
 
     # stage1.json is ZeRO-1 with bf16 (DeepSpeed's BF16_Optimizer): its 2-rank checkpoint
     # consolidates to the fp32 master weights, which DeepSpeed's zero_to_fp32 refuses to read.
-    assert load_script("scripts/convert_checkpoint.py").main([str(one_node), str(tmp_path / "fp32"), "--to", "fp32"]) == 0
+    assert convert_main([str(one_node), str(tmp_path / "fp32"), "--to", "fp32"]) == 0
     fp32 = load_file(str(tmp_path / "fp32" / "model.safetensors"))
     masters = fp32_masters_from_shards(one_node)["fp32"]
     module = model_states(one_node)["module"]
@@ -118,7 +122,7 @@ def test_two_node_launch_equals_one_node_and_resumes_on_one_rank(hostfile, tiny_
     tag_dir = one_node / (one_node / "latest").read_text().strip()
     next(tag_dir.glob("bf16_zero_pp_rank_1_*_optim_states.pt")).unlink()
     capsys.readouterr()
-    assert load_script("scripts/convert_checkpoint.py").main([str(one_node), str(tmp_path / "half"), "--to", "fp32"]) == 2
+    assert convert_main([str(one_node), str(tmp_path / "half"), "--to", "fp32"]) == 2
     err = capsys.readouterr().err
     assert str(tag_dir) in err and "missing" in err and "Traceback" not in err, err
     assert not (tmp_path / "half" / "model.safetensors").exists()

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from data_helpers import corrupt_compressed_member, write_episode
+
 from vla_ds.data.dataset import DataConfig, VLADataset
 from vla_ds.data.normalize import NormStats, compute_norm_stats
 from vla_ds.errors import CheckpointError, DatasetError

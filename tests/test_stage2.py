@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from checkpoint_helpers import capture_starting_weights, fp32_masters_from_shards
 
 from vla_ds.checkpoint import read_model_states

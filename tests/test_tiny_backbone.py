@@ -5,10 +5,15 @@ import json
 import numpy as np
 import pytest
 import torch
-from script_helpers import load_script
 
 from vla_ds.models.backbone import BackboneConfig, VLBackbone, VLInputBuilder
-from vla_ds.tiny_backbone import QWEN_SPECIAL_TOKENS, TINY_MAX_PIXELS, TINY_MIN_PIXELS, make_tiny_backbone
+from vla_ds.tiny_backbone import (
+    QWEN_SPECIAL_TOKENS,
+    TINY_MAX_PIXELS,
+    TINY_MIN_PIXELS,
+    make_tiny_backbone,
+)
+from vla_ds.tiny_backbone import main as make_tiny_backbone_main
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +84,7 @@ def test_loads_through_backbone_and_builder(tiny_dir):
 
 
 def test_cli_main(tmp_path, capsys):
-    cli = load_script("scripts/make_tiny_backbone.py")
-    assert cli.main([str(tmp_path / "out"), "--seed", "3"]) == 0
+    assert make_tiny_backbone_main([str(tmp_path / "out"), "--seed", "3"]) == 0
     printed = capsys.readouterr().out
     assert "model.safetensors" in printed and str(tmp_path / "out") in printed
     assert (tmp_path / "out" / "config.json").is_file()

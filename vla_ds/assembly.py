@@ -159,7 +159,8 @@ def build_policy(cfg: RunConfig, norm_stats, sensor_channels: int, start: Start 
     there is one), fingerprinted and frozen, the heads built, VL fine-tuning set up for Stage 2,
     and ``start``'s weights loaded. The backbone loads before any process group, so a bad path
     fails fast."""
-    from vla_ds import checkpoint, engine as engine_lib, trainer
+    from vla_ds import checkpoint, trainer
+    from vla_ds import engine as engine_lib
     from vla_ds.models import count_parameters
     from vla_ds.models.backbone import VLBackbone, VLInputBuilder
     from vla_ds.models.policy import VLAPolicy

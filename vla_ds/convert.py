@@ -50,9 +50,17 @@ from vla_ds import checkpoint as ckpt_lib
 from vla_ds.config import PROJECT_KEY, RunConfig
 from vla_ds.ema import ema_weights
 from vla_ds.errors import CheckpointError
-from vla_ds.models.policy import (ADAPTER_DIR, CONFIG_FILE, MERGED_BACKBONE_DIR, NORM_STATS_FILE, POLICY_FORMAT,
-                                  POLICY_FORMAT_VERSION, WEIGHTS_FILE, derived_head_configs,
-                                  state_dict_problems)
+from vla_ds.models.policy import (
+    ADAPTER_DIR,
+    CONFIG_FILE,
+    MERGED_BACKBONE_DIR,
+    NORM_STATS_FILE,
+    POLICY_FORMAT,
+    POLICY_FORMAT_VERSION,
+    WEIGHTS_FILE,
+    derived_head_configs,
+    state_dict_problems,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -544,3 +552,48 @@ def convert(path: str | Path, out: str | Path, to: str, tag: str | None = None, 
     else:
         written = to_universal(ckpt, out)
     return ConversionResult(ckpt.tag_dir, ckpt.stage, ckpt.step, to, written)
+
+
+# ---------------------------------------------------------------------------------------
+# Command line (scripts/convert_checkpoint.py, vla-convert)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="convert_checkpoint.py",
+                                description="Convert a training checkpoint (DeepSpeed ZeRO) into weights other tools load.")
+    p.add_argument("checkpoint", help="training output dir (its 'latest') or a global_stepN dir")
+    p.add_argument("out", help="output dir (or .pt file for --to stage1/stage2)")
+    p.add_argument("--to", required=True, metavar="FORMAT", help=f"one of: {', '.join(FORMATS)}")
+    p.add_argument("--tag", help="checkpoint tag in CKPT_DIR (default: its 'latest')")
+    p.add_argument("--merge-lora", "--merge_lora", dest="merge_lora", action="store_true",
+                   help="--to policy: also write the LoRA merged into the backbone (merged_backbone/)")
+    p.add_argument("--include-base", "--include_base", dest="include_base", action="store_true",
+                   help="--to fp32/bf16/stage2: add the frozen base backbone's weights")
+    p.add_argument("--no-ema", "--no_ema", dest="use_ema", action="store_false",
+                   help="write the trained weights, not the run's moving average of them (the default when "
+                        "the run kept one, ema.enabled)")
+    p.add_argument("--vl-model", "--vl_model", dest="vl_model",
+                   help="base Qwen2.5-VL dir or hub id (default: the one in the run config)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``scripts/convert_checkpoint.py`` / ``vla-convert``: prints what it wrote; a bad argument is
+    one 'error:' line and exit code 2."""
+    import sys
+
+    from vla_ds.errors import VLAError, user_message
+    from vla_ds.log import setup_logging
+
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    try:
+        result = convert(args.checkpoint, args.out, args.to, tag=args.tag, merge_lora=args.merge_lora,
+                         include_base=args.include_base, vl_model=args.vl_model, use_ema=args.use_ema)
+    except VLAError as e:
+        print(f"error: {user_message(e)}", file=sys.stderr)
+        return 2
+    print(f"converted {result.source} ({result.stage}, step {result.step}) to {result.to}:")
+    for path in result.written:
+        print(f"  {path}")
+    return 0

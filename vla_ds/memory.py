@@ -259,7 +259,9 @@ class ActivationShape:
 def _smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
     """Qwen2-VL's resize rule: both sides multiples of ``factor``, pixels within [min, max]."""
     try:  # the PIL processor module, importable without torchvision
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+            smart_resize,
+        )
     except ImportError:
         smart_resize = None
     if smart_resize is not None:

@@ -82,7 +82,15 @@ Describe the image. What is in the picture? 0 1 2 3 4 5 6 7 8 9 10 100
 
 def _train_bpe_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Train the byte-level BPE on the built-in corpus; returns (vocab, merges)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import (
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        trainers,
+    )
 
     tokenizer = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
     tokenizer.normalizer = normalizers.NFC()
@@ -288,3 +296,24 @@ def make_reference_backbone(out_dir: str | Path, seed: int = 0, device: str | No
         f.write("\n")
     logger.info("reference-size Qwen2.5-VL with random weights written to %s", out)
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``scripts/make_tiny_backbone.py`` / ``vla-make-tiny-backbone``: prints what it wrote."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="make_tiny_backbone.py",
+                                     description="Write the offline tiny Qwen2.5-VL (random weights, small tokenizer "
+                                                 "and image processor).")
+    parser.add_argument("out_dir", type=Path, help="directory to write (created if missing)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    args = parser.parse_args(argv)
+
+    out = make_tiny_backbone(args.out_dir, seed=args.seed)
+    files = sorted(p for p in out.iterdir() if p.is_file())
+    total = sum(p.stat().st_size for p in files)
+    print(f"tiny Qwen2.5-VL backbone (seed {args.seed}) written to {out}:")
+    for p in files:
+        print(f"  {p.name:28s} {p.stat().st_size:>10,d} bytes")
+    print(f"  {'total':28s} {total:>10,d} bytes")
+    return 0

@@ -199,5 +199,10 @@ def main(argv: list[str] | None = None, action=None) -> int:
     return 0
 
 
+def build_cache_main(argv: list[str] | None = None) -> int:
+    """``scripts/build_cache.py`` / ``vla-build-cache``: :func:`main` with :func:`build_cache`."""
+    return main(argv, action=build_cache)
+
+
 if __name__ == "__main__":
     sys.exit(main())

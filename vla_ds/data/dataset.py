@@ -23,8 +23,18 @@ import torch
 import yaml
 from PIL import Image
 
-from vla_ds.batch import (ACTION_IS_PAD, ACTIONS, CONFIDENCE, EPISODE_INDEX, FRAME_TIME, HAS_SENSOR, IMAGES,
-                          INSTRUCTION, SENSOR_PAD, SENSOR_WINDOW)
+from vla_ds.batch import (
+    ACTION_IS_PAD,
+    ACTIONS,
+    CONFIDENCE,
+    EPISODE_INDEX,
+    FRAME_TIME,
+    HAS_SENSOR,
+    IMAGES,
+    INSTRUCTION,
+    SENSOR_PAD,
+    SENSOR_WINDOW,
+)
 from vla_ds.data.episodes import TIME_EPS, Episode, find_episode_dirs, load_episode
 from vla_ds.errors import ConfigError, DatasetError
 

@@ -26,7 +26,6 @@ from vla_ds.data.dataset import collate_numeric
 from vla_ds.errors import DatasetError
 
 
-
 def _remove_if_owner(path: str, owner_pid: int) -> None:
     if os.getpid() == owner_pid:  # never from a forked worker's copy
         shutil.rmtree(path, ignore_errors=True)

@@ -36,8 +36,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from vla_ds.batch import (ACTION_IS_PAD, ACTIONS, CONFIDENCE, HAS_SENSOR, SENSOR_PAD, SENSOR_WINDOW, VL_HIDDEN,
-                          VL_INPUT_KEYS)
+from vla_ds.batch import (
+    ACTION_IS_PAD,
+    ACTIONS,
+    CONFIDENCE,
+    HAS_SENSOR,
+    SENSOR_PAD,
+    SENSOR_WINDOW,
+    VL_HIDDEN,
+    VL_INPUT_KEYS,
+)
 from vla_ds.errors import CheckpointError, VLAError
 from vla_ds.models.action_expert import ActionExpert, ActionExpertConfig, stored_section
 from vla_ds.models.backbone import BackboneConfig, VLBackbone, VLInputBuilder
