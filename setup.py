@@ -33,6 +33,8 @@ setup(
             "vla-build-cache=vla_ds.train:build_cache_main",
             "vla-convert=vla_ds.convert:main",
             "vla-evaluate=vla_ds.evaluate:main",
+            "vla-predict=vla_ds.predict:main",
+            "vla-estimate-memory=vla_ds.estimate_memory:main",
             "vla-make-demo-dataset=vla_ds.data.demo:main",
             "vla-make-tiny-backbone=vla_ds.tiny_backbone:main",
         ]

@@ -12,8 +12,8 @@ import pytest
 import torch
 from policy_helpers import build_policy, write_policy_dir
 from safetensors.torch import load_file, save_file
-from script_helpers import load_script
 
+from vla_ds import predict as predict_cli
 from vla_ds.data import DataConfig, VLADataset, compute_norm_stats
 from vla_ds.data.loading import PolicyCollator
 from vla_ds.errors import CheckpointError
@@ -247,7 +247,7 @@ def test_refuses_lora_config_without_adapter(lora_dir, tmp_path, parts):
 
 
 def test_predict_script_prints_the_chunk_and_the_recording(lora_dir, demo_dataset_dir, capsys):
-    predict_script = load_script("scripts/predict.py")
+    predict_script = predict_cli
     episode = demo_dataset_dir / "Needle_insertion_eye_trocar" / "episode_000"
     assert predict_script.main(["--policy", str(lora_dir), "--episode", str(episode), "--frame", "2",
                                 "--steps", "2", "--seed", "3", "--device", "cpu"]) == 0
@@ -262,7 +262,7 @@ def test_predict_script_prints_the_chunk_and_the_recording(lora_dir, demo_datase
 
 
 def test_predict_script_reports_a_bad_frame_in_one_line(lora_dir, demo_dataset_dir, capsys):
-    predict_script = load_script("scripts/predict.py")
+    predict_script = predict_cli
     episode = demo_dataset_dir / "Needle_insertion_eye_trocar" / "episode_000"
     assert predict_script.main(["--policy", str(lora_dir), "--episode", str(episode), "--frame", "100000",
                                 "--device", "cpu"]) == 2

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from script_helpers import load_script
 
-from vla_ds import memory
+from vla_ds import estimate_memory, memory
 from vla_ds.errors import ConfigError
 from vla_ds.memory import ActivationShape, ParamCounts, ZeroSettings
 from vla_ds.models import count_parameters
@@ -212,7 +211,7 @@ def test_parse_memory_size_and_recommendation():
 
 @pytest.mark.parametrize("config", SHIPPED)
 def test_script_table_for_each_shipped_config(config, capsys, tmp_path):
-    script = load_script("scripts/estimate_memory.py")
+    script = estimate_memory
     out_json = tmp_path / "estimate.json"
     code = script.main(["--ds_config", str(REPO / "ds_configs" / config), "--num_gpus", "4",
                         "--gpu-memory", "24GB", "--json", str(out_json)])
@@ -229,14 +228,14 @@ def test_script_table_for_each_shipped_config(config, capsys, tmp_path):
 
 
 def test_script_rejects_bad_flags(capsys):
-    script = load_script("scripts/estimate_memory.py")
+    script = estimate_memory
     code = script.main(["--ds_config", str(REPO / "ds_configs" / "stage2.json"), "--image-size", "640"])
     assert code == 2
     assert "--image-size" in capsys.readouterr().err
 
 
 def test_script_reads_the_vl_model_config(tiny_backbone_dir, tmp_path, capsys):
-    script = load_script("scripts/estimate_memory.py")
+    script = estimate_memory
     out_json = tmp_path / "estimate.json"
     code = script.main(["--ds_config", str(REPO / "ds_configs" / "stage2.json"), "--vl-model", str(tiny_backbone_dir),
                         "--num_gpus", "2", "--gpu-memory", "8GB", "--micro-batch", "2", "--json", str(out_json)])

@@ -1,0 +1,101 @@
+"""Predict one action chunk with an exported policy and show it next to the recorded one.
+
+    python scripts/predict.py --policy OUT --episode DATA/source/episode_000 [--frame K] [--steps N]
+
+Loads the policy directory (docs/policy_format.md), cuts the episode into samples with the
+policy's sensor window and horizon, and prints sample K's predicted chunk (8 x 7: dx dy dz in
+mm, da db dr in degrees, gripper) with the recorded chunk under each step. ``main(argv)`` runs
+in-process; a user error prints one line and returns 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+import torch
+
+from vla_ds.errors import ConfigError, VLAError, user_message
+from vla_ds.evaluate import (
+    ACTION_NAMES,
+    ACTION_UNITS,
+    load_episode_dataset,
+    masked_errors,
+)
+from vla_ds.log import setup_logging
+from vla_ds.models.policy import VLAPolicy
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="predict.py", description="Predict one action chunk from a recorded episode.")
+    p.add_argument("--policy", required=True, help="exported policy directory (convert_checkpoint.py --to policy)")
+    p.add_argument("--episode", required=True, help="episode directory (holds metadata.json)")
+    p.add_argument("--frame", type=int, default=0, help="sample index within the episode (default 0)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps: DDIM steps of a diffusion head, Euler steps of a flow-matching head "
+                        "(default: the policy's num_inference_steps)")
+    p.add_argument("--vl-model", "--vl_model", dest="vl_model", default=None,
+                   help="base Qwen2.5-VL dir or hub id, when the training path is not available here")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial diffusion noise (default 0)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
+                   help="backbone dtype (default: as trained)")
+    return p
+
+
+def format_chunk(predicted: np.ndarray, recorded: np.ndarray | None = None, is_pad: np.ndarray | None = None) -> str:
+    """The (H, 7) chunk as a table, the recorded step under each predicted one."""
+    header = f"{'step':>4}  {'':<9}" + "".join(f"{n:>10}" for n in ACTION_NAMES)
+    units = f"{'':>4}  {'':<9}" + "".join(f"{'[' + u + ']' if u else '':>10}" for u in ACTION_UNITS)
+    lines = [header, units, "-" * len(header)]
+    for k, row in enumerate(predicted):
+        lines.append(f"{k:>4}  {'predicted':<9}" + "".join(f"{v:>10.4f}" for v in row))
+        if recorded is not None:
+            if is_pad is not None and is_pad[k]:
+                cells = "".join(f"{'(pad)':>10}" for _ in row)
+            else:
+                cells = "".join(f"{v:>10.4f}" for v in recorded[k])
+            lines.append(f"{'':>4}  {'recorded':<9}" + cells)
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> None:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    policy = VLAPolicy.from_pretrained(args.policy, vl_model=args.vl_model, device=device, dtype=args.dtype)
+    expert = policy.action_expert.config
+    steps = expert.check_inference_steps(args.steps)
+    dataset = load_episode_dataset(policy.policy_config, args.episode)
+    if not 0 <= args.frame < len(dataset):
+        raise ConfigError(f"--frame {args.frame}: {args.episode} has {len(dataset)} samples (0..{len(dataset) - 1})")
+    sample = dataset[args.frame]
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    predicted = policy.predict_actions(sample["images"], sample["instruction"], sample["sensor_window"],
+                                       num_inference_steps=steps, generator=generator,
+                                       has_sensor=bool(sample["has_sensor"]), sensor_pad=sample["sensor_pad"])  # (H, 7)
+    episode = dataset.episodes[0]
+    recorded, is_pad = sample["actions"], sample["action_is_pad"]
+    print(f"policy   {args.policy} ({policy.policy_config.get('stage', '?')}), {expert.sampler_description(steps)}, "
+          f"seed {args.seed}, {device}")
+    print(f"episode  {args.episode}: \"{sample['instruction']}\"")
+    print(f"sample   {args.frame} of {len(dataset)}, t = {sample['frame_time'] - episode.states.times[0]:.3f} s "
+          f"after the episode start, sensor data: {'yes' if sample['has_sensor'] else 'no'}")
+    print()
+    print(format_chunk(predicted, recorded, is_pad))
+    if (~is_pad).any():
+        errors = masked_errors(predicted[None], recorded[None], is_pad[None])
+        print(f"\nMAE over the {int((~is_pad).sum())} recorded steps: "
+              + ", ".join(f"{n} {e:.4g}" for n, e in zip(ACTION_NAMES, errors["mae_per_dim"])))
+    else:
+        print("\nno recorded steps to compare with (the whole chunk lies past the episode end)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    try:
+        run(args)
+    except VLAError as e:
+        print(f"error: {user_message(e)}", file=sys.stderr)
+        return 2
+    return 0
