@@ -85,7 +85,9 @@ def heads_fwd_bwd_s(backbone_dir: Path, batch_size: int, steps: int = 30) -> flo
     features (the demo's 16 sensor channels, window 32), in the run's precision (bf16
     weights, as the engine holds them): no optimizer, no engine, no data loading. A lower
     bound on any cached training step of these heads."""
-    from bench_step import build  # a sibling script: benchmarks/ is on sys.path when this one runs
+    from bench_step import (
+        build,  # a sibling script: benchmarks/ is on sys.path when this one runs
+    )
 
     _, policy, batches = build("tiny", backbone_dir, 1, batch_size, 1, PRECISION[1::2])
     if not PRECISION:
@@ -104,9 +106,10 @@ def heads_fwd_bwd_s(backbone_dir: Path, batch_size: int, steps: int = 30) -> flo
 
 def reference_flops() -> dict:
     """Training FLOPs per sample of the reference 3B setup (640x360, two views) with and
-    without the cache, from the architecture (``vla_ds.memory.backbone_forward_flops``):
+    without the cache, from the architecture (``vla_ds.flops.backbone_forward_flops``):
     the frozen backbone's forward, plus forward + backward (= 3 x forward) of the heads."""
-    from vla_ds.memory import backbone_forward_flops, heads_forward_flops, image_tokens
+    from vla_ds.flops import backbone_forward_flops, heads_forward_flops
+    from vla_ds.memory import image_tokens
     from vla_ds.models.action_expert import ActionExpert, ActionExpertConfig
     from vla_ds.models.backbone import reference_backbone_config
     from vla_ds.models.sensor_encoder import SensorEncoder, SensorEncoderConfig

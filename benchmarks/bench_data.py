@@ -90,10 +90,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from vla_ds.data import DataConfig, VLADataset, split_train_val
     from vla_ds.data.demo import make_demo_dataset
+    from vla_ds.data.loading import PolicyCollator
     from vla_ds.log import setup_logging
     from vla_ds.models.backbone import BackboneConfig, VLInputBuilder
     from vla_ds.tiny_backbone import make_tiny_backbone
-    from vla_ds.data.loading import PolicyCollator
 
     setup_logging(level=30)
     results = {"loader": [], "training": [], "reference_sensor": []}

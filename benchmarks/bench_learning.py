@@ -159,7 +159,8 @@ def _cell_in_subprocess(cell: dict) -> dict:
 def prepare_task(task: str, work: Path, backbone: Path, episodes: int) -> tuple[Path, Path]:
     """The task's dataset and its feature cache, built once (cells then only read it)."""
     from vla_ds.data.synthetic import make_learning_dataset
-    from vla_ds.train import build_cache, main as train_main
+    from vla_ds.train import build_cache
+    from vla_ds.train import main as train_main
 
     data = work / f"data_{task}"
     cache = work / f"cache_{task}"

@@ -93,7 +93,7 @@ def timed_steps(engine, batch_fn, warmup: int, steps: int, device) -> list[float
 
 def stage2_flops(engine, cfg, lm_tokens: int, patches_per_view: int, views: int) -> tuple[float, float]:
     """(model FLOPs, hardware FLOPs) per sample of one Stage 2 training step."""
-    from vla_ds.memory import backbone_forward_flops, heads_forward_flops
+    from vla_ds.flops import backbone_forward_flops, heads_forward_flops
 
     policy = engine.module
     hf_config = policy.backbone.vl_model.config

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vla_ds import estimate_memory, memory
+from vla_ds import estimate_memory, flops, memory
 from vla_ds.errors import ConfigError
 from vla_ds.memory import ActivationShape, ParamCounts, ZeroSettings
 from vla_ds.models import count_parameters
@@ -263,7 +263,7 @@ def test_backbone_flop_formula_matches_torch_flop_counter(tiny_backbone_dir):
     counted = {name: sum(c.values()) for name, c in counter.get_flop_counts().items()}
     tokens = int(inputs["attention_mask"].sum())
     patches_per_view = int(inputs["image_grid_thw"].prod(dim=1)[0])
-    est = memory.backbone_forward_flops(backbone.vl_model.config, tokens, patches_per_view, 2)
+    est = flops.backbone_forward_flops(backbone.vl_model.config, tokens, patches_per_view, 2)
     assert est["lm"] == counted["VLBackbone.model.model.language_model"]
     assert est["vision"] + est["merger"] == counted["VLBackbone.model.model.visual"]
     assert est["lm_attention"] > 0 and est["vision_attention"] > 0
