@@ -7,12 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
-from script_helpers import load_script
 
 from vla_ds import checkpoint
+from vla_ds import fault_drill as drill
 from vla_ds.errors import CheckpointError
-
-drill = load_script("scripts/fault_drill.py")
 
 
 @pytest.fixture
