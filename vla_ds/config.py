@@ -21,7 +21,6 @@ import difflib
 import json
 import logging
 import math
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ import yaml
 
 from vla_ds.cache import CacheConfig
 from vla_ds.data.dataset import DataConfig
+from vla_ds.dataclass_io import dataclass_from_dict, unknown_key_error
 from vla_ds.ema import EMAConfig
 from vla_ds.errors import ConfigError
 from vla_ds.models.action_expert import ActionExpertConfig, stored_section
@@ -253,67 +253,6 @@ def _to_jsonable(obj: Any) -> Any:
     return obj
 
 
-def _unknown_key_error(where: str, key: str, valid: list[str]) -> ConfigError:
-    close = difflib.get_close_matches(key, valid, n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else f" (valid: {', '.join(sorted(valid))})"
-    return ConfigError(f"unknown config key '{where}{key}'{hint}")
-
-
-def _coerce(value: Any, annotation: Any, name: str) -> Any:
-    """Convert a JSON/CLI value to a dataclass field's type, or raise ConfigError naming the field."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin is typing.Union or (origin is not None and type(None) in args):
-        if value is None:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], name) if len(inner) == 1 else value
-    try:
-        if annotation is bool:
-            if isinstance(value, str):
-                if value.lower() in ("true", "1", "yes", "on"):
-                    return True
-                if value.lower() in ("false", "0", "no", "off"):
-                    return False
-                raise ValueError(value)
-            return bool(value)
-        if annotation is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(value)
-        if annotation is float:
-            return float(value)
-        if annotation is str:
-            if not isinstance(value, str):
-                raise ValueError(value)
-            return value
-        if origin in (tuple, list):
-            if isinstance(value, str):
-                value = yaml.safe_load(value)
-            if not isinstance(value, (list, tuple)):
-                raise ValueError(value)
-            item_type = args[0] if args else Any
-            items = [_coerce(v, item_type, name) if item_type is not Any else v for v in value]
-            return tuple(items) if origin is tuple else items
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name}={value!r}: expected {getattr(annotation, '__name__', annotation)}") from None
-    return value
-
-
-def _dataclass_from_dict(cls: type, d: dict[str, Any], where: str, base: Any = None) -> Any:
-    """Instantiate ``cls`` from ``d`` on top of ``base`` (or the defaults), refusing unknown keys."""
-    if not isinstance(d, dict):
-        raise ConfigError(f"'{where.rstrip('.')}' must be a JSON object, got {d!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    values = {n: getattr(base, n) for n in names} if base is not None else {}
-    for key, value in d.items():
-        if key not in names:
-            raise _unknown_key_error(where, key, names)
-        values[key] = _coerce(value, hints[key], where + key)
-    return cls(**values)
-
-
 _SECTIONS = {
     "backbone": BackboneConfig,
     "finetune": FinetuneConfig,
@@ -333,7 +272,7 @@ def project_config(section: dict[str, Any]) -> RunConfig:
     valid = ["stage", "model_preset", "optimizer_groups", *_SECTIONS]
     for key in section:
         if key not in valid:
-            raise _unknown_key_error(f"{PROJECT_KEY}.", key, valid)
+            raise unknown_key_error(f"{PROJECT_KEY}.", key, valid)
     stage = section.get("stage", "stage1")
     if stage not in STAGES:
         raise ConfigError(f"{PROJECT_KEY}.stage={stage!r}: expected one of {', '.join(STAGES)}")
@@ -343,8 +282,8 @@ def project_config(section: dict[str, Any]) -> RunConfig:
 
     parts = {}
     for name, cls in _SECTIONS.items():
-        base = _dataclass_from_dict(cls, MODEL_PRESETS[preset].get(name, {}), f"{PROJECT_KEY}.{name}.")
-        parts[name] = _dataclass_from_dict(cls, section.get(name, {}), f"{PROJECT_KEY}.{name}.", base)
+        base = dataclass_from_dict(cls, MODEL_PRESETS[preset].get(name, {}), f"{PROJECT_KEY}.{name}.")
+        parts[name] = dataclass_from_dict(cls, section.get(name, {}), f"{PROJECT_KEY}.{name}.", base)
 
     groups_raw = section.get("optimizer_groups")
     if groups_raw is None:
@@ -352,7 +291,7 @@ def project_config(section: dict[str, Any]) -> RunConfig:
     else:
         if not isinstance(groups_raw, dict) or not groups_raw:
             raise ConfigError(f"{PROJECT_KEY}.optimizer_groups must be a non-empty object of named groups")
-        groups = {name: _dataclass_from_dict(ParamGroupConfig, g, f"{PROJECT_KEY}.optimizer_groups.{name}.")
+        groups = {name: dataclass_from_dict(ParamGroupConfig, g, f"{PROJECT_KEY}.optimizer_groups.{name}.")
                   for name, g in groups_raw.items()}
     return RunConfig(stage=stage, model_preset=preset, optimizer_groups=groups, **parts)
 

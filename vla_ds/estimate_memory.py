@@ -171,10 +171,10 @@ class Estimator:
 
 def _ema_enabled(project: dict[str, Any]) -> bool:
     """``vla_ds.ema.enabled`` of a JSON, parsed as training parses it (its default when absent)."""
-    from vla_ds.config import _dataclass_from_dict
+    from vla_ds.dataclass_io import dataclass_from_dict
     from vla_ds.ema import EMAConfig
 
-    return _dataclass_from_dict(EMAConfig, project.get("ema") or {}, "vla_ds.ema.").enabled
+    return dataclass_from_dict(EMAConfig, project.get("ema") or {}, "vla_ds.ema.").enabled
 
 
 def _load(path: Path) -> dict[str, Any]:

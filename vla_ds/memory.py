@@ -210,7 +210,8 @@ class ZeroSettings:
 def finetune_config(raw: dict[str, Any]) -> "FinetuneConfig":
     """The :class:`~vla_ds.models.finetune.FinetuneConfig` of a whole JSON, parsed as training
     parses its ``vla_ds.finetune`` section; stage 1 trains no backbone weight (mode "none")."""
-    from vla_ds.config import MODEL_PRESETS, PROJECT_KEY, _dataclass_from_dict
+    from vla_ds.config import MODEL_PRESETS, PROJECT_KEY
+    from vla_ds.dataclass_io import dataclass_from_dict
     from vla_ds.models.finetune import FinetuneConfig
 
     project = raw.get(PROJECT_KEY) or {}
@@ -218,8 +219,8 @@ def finetune_config(raw: dict[str, Any]) -> "FinetuneConfig":
         return FinetuneConfig(mode="none", gradient_checkpointing=False)
     where = f"{PROJECT_KEY}.finetune."
     preset = MODEL_PRESETS.get(project.get("model_preset", "reference"), {})
-    base = _dataclass_from_dict(FinetuneConfig, preset.get("finetune", {}), where)
-    return _dataclass_from_dict(FinetuneConfig, project.get("finetune") or {}, where, base)
+    base = dataclass_from_dict(FinetuneConfig, preset.get("finetune", {}), where)
+    return dataclass_from_dict(FinetuneConfig, project.get("finetune") or {}, where, base)
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ from vla_ds.batch import (
     VL_HIDDEN,
     VL_INPUT_KEYS,
 )
+from vla_ds.dataclass_io import dataclass_from_dict
 from vla_ds.errors import CheckpointError, VLAError
 from vla_ds.models.action_expert import ActionExpert, ActionExpertConfig, stored_section
 from vla_ds.models.backbone import BackboneConfig, VLBackbone, VLInputBuilder
@@ -462,14 +463,11 @@ def read_policy_config(policy_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def _dataclass_from_section(cls: type, section: dict[str, Any], name: str, path: Path) -> Any:
-    """Build a config dataclass from a config.json section; unknown keys are logged and ignored
-    (the weights are checked strictly anyway), invalid values are a CheckpointError."""
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(section) - fields)
-    if unknown:
-        logger.warning("%s: ignoring unknown %s keys %s", path, name, ", ".join(unknown))
+    """Build a config dataclass from a config.json section with the run config's parser: unknown
+    keys are logged and ignored (the weights are checked strictly anyway), invalid values are a
+    CheckpointError naming the file."""
     try:
-        return cls(**{k: v for k, v in section.items() if k in fields})
+        return dataclass_from_dict(cls, section, f"{name}.", unknown="warn", source=str(path))
     except VLAError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
     except (TypeError, ValueError) as exc:
