@@ -22,6 +22,7 @@ The pieces, from the maths outwards:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ from vla_ds.data.dataset import (
     SENSOR_PAD,
     SENSOR_WINDOW,
 )
+from vla_ds.dataclass_io import dataclass_from_dict
 from vla_ds.errors import ConfigError, DatasetError
 
 logger = logging.getLogger(__name__)
@@ -152,12 +154,12 @@ def eval_data_config(policy_config: dict[str, Any], dataset_dir: str) -> DataCon
     """The DataConfig to cut evaluation samples with: the policy's sensor window and horizon,
     the run's frame stride and view tolerance when config.json stores them, and invalid
     samples skipped (counted in the log) rather than fatal."""
-    data = _data_section(policy_config)
-    kwargs = {k: data[k] for k in ("frame_stride", "view_tolerance_s") if k in data}
-    return DataConfig(dataset_dir=str(dataset_dir),
-                      sensor_window_size=int(policy_config["sensor_encoder"]["window_size"]),
-                      action_horizon=int(policy_config["action_expert"]["horizon"]),
-                      on_bad_sample="skip", num_workers=0, **kwargs)
+    stored = dataclass_from_dict(DataConfig, _data_section(policy_config), "data.", unknown="warn",
+                                 source="the policy's config.json")  # parsed as the run parsed it
+    return dataclasses.replace(stored, dataset_dir=str(dataset_dir),
+                               sensor_window_size=int(policy_config["sensor_encoder"]["window_size"]),
+                               action_horizon=int(policy_config["action_expert"]["horizon"]),
+                               on_bad_sample="skip", num_workers=0)
 
 
 def load_eval_dataset(policy_config: dict[str, Any], dataset_dir: str, split: str = "val",
