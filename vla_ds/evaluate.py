@@ -32,9 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vla_ds.data import DataConfig, VLADataset, split_train_val
-from vla_ds.data.dataset import (
-    ACTION_DIM,
+from vla_ds.batch import (
     ACTION_IS_PAD,
     ACTIONS,
     FRAME_TIME,
@@ -44,6 +42,8 @@ from vla_ds.data.dataset import (
     SENSOR_PAD,
     SENSOR_WINDOW,
 )
+from vla_ds.data import DataConfig, VLADataset, split_train_val
+from vla_ds.data.dataset import ACTION_DIM
 from vla_ds.dataclass_io import dataclass_from_dict
 from vla_ds.errors import ConfigError, DatasetError
 

@@ -7,16 +7,6 @@ splits by episode, ``DistributedWeightedSampler`` orders each epoch, and
 
 from vla_ds.data.dataset import (
     ACTION_DIM,
-    ACTION_IS_PAD,
-    ACTIONS,
-    CONFIDENCE,
-    EPISODE_INDEX,
-    FRAME_TIME,
-    HAS_SENSOR,
-    IMAGES,
-    INSTRUCTION,
-    SENSOR_PAD,
-    SENSOR_WINDOW,
     DataConfig,
     VLADataset,
     collate_numeric,
@@ -33,8 +23,7 @@ from vla_ds.data.normalize import NormStats, compute_norm_stats
 from vla_ds.data.sampler import DistributedWeightedSampler
 
 __all__ = [
-    "ACTION_DIM", "ACTION_IS_PAD", "ACTIONS", "CONFIDENCE", "EPISODE_INDEX", "FRAME_TIME", "HAS_SENSOR",
-    "IMAGES", "INSTRUCTION", "SENSOR_PAD", "SENSOR_WINDOW",
+    "ACTION_DIM",
     "DataConfig", "VLADataset", "collate_numeric", "compute_action_chunk", "load_episodes", "read_mixture", "scan_dataset",
     "split_train_val", "wrap_degrees",
     "make_demo_dataset",
