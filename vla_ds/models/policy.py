@@ -331,60 +331,24 @@ class VLAPolicy(nn.Module):
         set (ready for :meth:`predict_actions`) and ``policy_config`` holding config.json.
         """
         policy_dir = Path(policy_dir)
-        config = read_policy_config(policy_dir)
-        config_file = policy_dir / CONFIG_FILE
-        finetune = _dataclass_from_section(FinetuneConfig, config.get("finetune") or {}, "finetune", config_file)
-        backbone_section = dict(config["backbone"])
-        fingerprint = backbone_section.pop("fingerprint", None)
-        backbone_config = _dataclass_from_section(BackboneConfig, backbone_section, "backbone", config_file)
-        sensor_config = _dataclass_from_section(SensorEncoderConfig, config["sensor_encoder"], "sensor_encoder",
-                                                config_file)
-        expert_config = _dataclass_from_section(ActionExpertConfig, stored_section(config["action_expert"]),
-                                                "action_expert", config_file)
-        norm_stats = read_norm_stats(policy_dir / NORM_STATS_FILE, expert_config.action_dim, sensor_config.in_channels)
-
-        merged_dir, adapter_dir = policy_dir / MERGED_BACKBONE_DIR, policy_dir / ADAPTER_DIR
-        use_merged = vl_model is None and merged_dir.is_dir()
-        has_adapter = adapter_dir.is_dir()
-        if has_adapter and finetune.mode != "lora":
-            raise CheckpointError(f"{policy_dir}: has {ADAPTER_DIR}/ but {CONFIG_FILE} says finetune.mode "
-                                  f"is {finetune.mode!r}, not 'lora'")
-        if finetune.mode == "lora" and not has_adapter and not use_merged:
-            raise CheckpointError(f"{policy_dir}: {CONFIG_FILE} says finetune.mode is 'lora' but there is no "
-                                  f"{ADAPTER_DIR}/ (the LoRA weights)"
-                                  + (f" and {MERGED_BACKBONE_DIR}/ is not used because vl_model was given"
-                                     if merged_dir.is_dir() else f" and no {MERGED_BACKBONE_DIR}/"))
-        if use_merged:
-            source = str(merged_dir)
-        elif vl_model is not None:
-            source = os.fspath(vl_model)
-        else:
-            source = backbone_config.model_name_or_path
+        stored = _StoredPolicy.read(policy_dir)
+        config, finetune = stored.config, stored.finetune
+        sensor_config, expert_config = stored.sensor_config, stored.expert_config
+        use_merged, source = stored.backbone_source(vl_model)
         overrides: dict[str, Any] = {"model_name_or_path": source}
         if dtype is not None:
             overrides["dtype"] = _dtype_name(dtype)
-        backbone_config = dataclasses.replace(backbone_config, **overrides)
+        backbone_config = dataclasses.replace(stored.backbone_config, **overrides)
 
         logger.info("loading policy %s (%s, finetune %s) with VL backbone %s%s", policy_dir,
                     config.get("stage", "?"), finetune.mode, source, " (LoRA merged)" if use_merged else "")
         # A GPU gets the backbone's tensors as they are read, not via a host copy.
         backbone = VLBackbone(backbone_config, device=device if torch.device(device).type == "cuda" else None)
-        if use_merged:
-            logger.info("using %s: the LoRA merged into the base; the base fingerprint check does not apply",
-                        merged_dir)
-        elif not fingerprint:
-            logger.warning("%s has no backbone.fingerprint: cannot check that %s is the backbone the policy "
-                           "was trained on", config_file, source)
-        else:
-            actual = backbone.fingerprint()
-            if actual != fingerprint:
-                raise CheckpointError(
-                    f"VL backbone {source} has fingerprint {actual}, but the policy in {policy_dir} was trained on "
-                    f"a backbone with fingerprint {fingerprint} (backbone.fingerprint in {config_file}); pass the "
-                    "base model it was trained with (vl_model / --vl-model)")
+        stored.check_fingerprint(backbone, source, use_merged)
         backbone.freeze()
-        if has_adapter and not use_merged:
-            backbone.model = load_lora_adapter(backbone.model, adapter_dir)
+        if stored.has_adapter and not use_merged:
+            backbone.model = load_lora_adapter(backbone.model, policy_dir / ADAPTER_DIR)
+        norm_stats = stored.norm_stats
 
         # Initialising the heads draws random numbers that the weights then replace; keep the
         # caller's RNG state as it was so loading a policy never changes what a seed means.
@@ -428,6 +392,75 @@ def _read_json(path: Path) -> Any:
         raise CheckpointError(f"{path}: cannot read ({exc})") from None
     except ValueError as exc:
         raise CheckpointError(f"{path}: invalid JSON ({exc})") from None
+
+
+@dataclasses.dataclass
+class _StoredPolicy:
+    """What a policy directory says before any weights load: its config.json sections parsed,
+    its norm stats, and which backbone it needs (:meth:`VLAPolicy.from_pretrained`)."""
+
+    policy_dir: Path
+    config: dict[str, Any]
+    finetune: FinetuneConfig
+    backbone_config: BackboneConfig
+    fingerprint: str | None
+    sensor_config: SensorEncoderConfig
+    expert_config: ActionExpertConfig
+    norm_stats: PolicyNormStats
+
+    @classmethod
+    def read(cls, policy_dir: Path) -> _StoredPolicy:
+        config = read_policy_config(policy_dir)
+        config_file = policy_dir / CONFIG_FILE
+        finetune = _dataclass_from_section(FinetuneConfig, config.get("finetune") or {}, "finetune", config_file)
+        backbone_section = dict(config["backbone"])
+        fingerprint = backbone_section.pop("fingerprint", None)
+        backbone_config = _dataclass_from_section(BackboneConfig, backbone_section, "backbone", config_file)
+        sensor_config = _dataclass_from_section(SensorEncoderConfig, config["sensor_encoder"], "sensor_encoder",
+                                                config_file)
+        expert_config = _dataclass_from_section(ActionExpertConfig, stored_section(config["action_expert"]),
+                                                "action_expert", config_file)
+        norm_stats = read_norm_stats(policy_dir / NORM_STATS_FILE, expert_config.action_dim, sensor_config.in_channels)
+        return cls(policy_dir, config, finetune, backbone_config, fingerprint, sensor_config, expert_config, norm_stats)
+
+    @property
+    def has_adapter(self) -> bool:
+        return (self.policy_dir / ADAPTER_DIR).is_dir()
+
+    def backbone_source(self, vl_model) -> tuple[bool, str]:
+        """``(use_merged, source)``: ``vl_model`` if given, else ``merged_backbone/``, else the
+        stored path; refuses an adapter that does not match ``finetune.mode``."""
+        policy_dir, mode = self.policy_dir, self.finetune.mode
+        merged_dir = policy_dir / MERGED_BACKBONE_DIR
+        use_merged = vl_model is None and merged_dir.is_dir()
+        if self.has_adapter and mode != "lora":
+            raise CheckpointError(f"{policy_dir}: has {ADAPTER_DIR}/ but {CONFIG_FILE} says finetune.mode "
+                                  f"is {mode!r}, not 'lora'")
+        if mode == "lora" and not self.has_adapter and not use_merged:
+            raise CheckpointError(f"{policy_dir}: {CONFIG_FILE} says finetune.mode is 'lora' but there is no "
+                                  f"{ADAPTER_DIR}/ (the LoRA weights)"
+                                  + (f" and {MERGED_BACKBONE_DIR}/ is not used because vl_model was given"
+                                     if merged_dir.is_dir() else f" and no {MERGED_BACKBONE_DIR}/"))
+        if use_merged:
+            return True, str(merged_dir)
+        return False, os.fspath(vl_model) if vl_model is not None else self.backbone_config.model_name_or_path
+
+    def check_fingerprint(self, backbone: VLBackbone, source: str, use_merged: bool) -> None:
+        """The base backbone must be the one the policy was trained on (not checked for a merged one)."""
+        config_file = self.policy_dir / CONFIG_FILE
+        if use_merged:
+            logger.info("using %s: the LoRA merged into the base; the base fingerprint check does not apply",
+                        self.policy_dir / MERGED_BACKBONE_DIR)
+        elif not self.fingerprint:
+            logger.warning("%s has no backbone.fingerprint: cannot check that %s is the backbone the policy "
+                           "was trained on", config_file, source)
+        else:
+            actual = backbone.fingerprint()
+            if actual != self.fingerprint:
+                raise CheckpointError(
+                    f"VL backbone {source} has fingerprint {actual}, but the policy in {self.policy_dir} was trained "
+                    f"on a backbone with fingerprint {self.fingerprint} (backbone.fingerprint in {config_file}); pass "
+                    "the base model it was trained with (vl_model / --vl-model)")
 
 
 def read_policy_config(policy_dir: str | os.PathLike) -> dict[str, Any]:
