@@ -609,10 +609,12 @@ FLAG_TO_KEY = {
 GROUP_FLAGS = {"lr": "other", "vl_lr": "vl"}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
+    """The guide's flags (train.py, build_cache.py)."""
     p = argparse.ArgumentParser(
-        prog="train.py",
-        description="Train a VLA policy (Qwen2.5-VL + sensor encoder + diffusion action expert) with DeepSpeed.",
+        prog=prog,
+        description="Train a VLA policy (Qwen2.5-VL + sensor encoder + diffusion action expert) with DeepSpeed."
+        if prog == "train.py" else "Build the Stage 1 VL feature cache ahead of training, with train.py's flags.",
     )
     p.add_argument("--ds_config", "--ds-config",
                    help="DeepSpeed JSON with a vla_ds section (default: ds_configs/<training stage>.json, "

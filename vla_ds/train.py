@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None, action=None) -> int:
     ``action`` is what to do with the parsed flags: :func:`run` (train), or :func:`build_cache`."""
     from vla_ds.engine import adopt_launcher_env
 
-    args = config_lib.build_parser().parse_args(argv)
+    args = config_lib.build_parser("build_cache.py" if action is build_cache else "train.py").parse_args(argv)
     adopt_launcher_env()  # mpirun / srun: RANK etc. from their variables, so errors print once
     setup_logging()
     try:
