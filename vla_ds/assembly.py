@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +63,6 @@ class Run:
     input_builder: Any            # VLInputBuilder
     policy: Any                   # VLAPolicy
     output_dir: Path
-    extra: dict = field(default_factory=dict)
 
 
 def assemble(cfg: RunConfig, world: int, rank: int, source: str = "config") -> Run:

@@ -580,19 +580,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """``scripts/convert_checkpoint.py`` / ``vla-convert``: prints what it wrote; a bad argument is
     one 'error:' line and exit code 2."""
-    import sys
-
-    from vla_ds.errors import VLAError, user_message
+    from vla_ds.errors import run_command
     from vla_ds.log import setup_logging
 
     args = build_parser().parse_args(argv)
     setup_logging()
-    try:
-        result = convert(args.checkpoint, args.out, args.to, tag=args.tag, merge_lora=args.merge_lora,
-                         include_base=args.include_base, vl_model=args.vl_model, use_ema=args.use_ema)
-    except VLAError as e:
-        print(f"error: {user_message(e)}", file=sys.stderr)
-        return 2
+    code, result = run_command(lambda a: convert(a.checkpoint, a.out, a.to, tag=a.tag, merge_lora=a.merge_lora,
+                                                 include_base=a.include_base, vl_model=a.vl_model,
+                                                 use_ema=a.use_ema), args)
+    if code:
+        return code
     print(f"converted {result.source} ({result.stage}, step {result.step}) to {result.to}:")
     for path in result.written:
         print(f"  {path}")

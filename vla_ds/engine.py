@@ -278,12 +278,18 @@ def _store_client(timeout_s: float):
                           timeout=timedelta(seconds=max(timeout_s, 30.0)))
 
 
-def _with_checkpoint_hint(line: str, output_dir: str | None) -> str:
+def _checkpoint_hint(output_dir: str | None) -> str | None:
+    """Where to continue from: ``output_dir``'s last complete checkpoint, or None."""
     latest = Path(output_dir) / "latest" if output_dir else None
     if latest is not None and latest.is_file():
-        return (f"{line}; the last complete checkpoint is {latest.parent / latest.read_text().strip()} "
+        return (f"the last complete checkpoint is {latest.parent / latest.read_text().strip()} "
                 f"(continue with --resume {output_dir})")
-    return line
+    return None
+
+
+def _with_checkpoint_hint(line: str, output_dir: str | None) -> str:
+    hint = _checkpoint_hint(output_dir)
+    return f"{line}; {hint}" if hint else line
 
 
 def _first_line(exc: BaseException) -> str:
@@ -309,13 +315,8 @@ def describe_distributed_failure(exc: BaseException, output_dir: str | None) -> 
     if isinstance(exc, DistributedError):
         return str(exc)
     line = f"lost contact with another rank ({_first_line(exc)[:160]}): a rank died or its node went away"
-    latest = Path(output_dir) / "latest" if output_dir else None
-    if latest is not None and latest.is_file():
-        line += (f"; the last complete checkpoint is {latest.parent / latest.read_text().strip()} "
-                 f"(continue with --resume {output_dir}); the other ranks' logs say why they stopped")
-    else:
-        line += "; no checkpoint was completed yet; the other ranks' logs say why they stopped"
-    return line
+    hint = _checkpoint_hint(output_dir) or "no checkpoint was completed yet"
+    return f"{line}; {hint}; the other ranks' logs say why they stopped"
 
 
 @dataclass

@@ -43,3 +43,15 @@ def user_message(exc: VLAError) -> str:
         prefix = f"{type(exc).__module__}.{type(exc).__name__}: "
         text = last[len(prefix):] if last.startswith(prefix) else last.split(": ", 1)[-1]
     return text
+
+
+def run_command(fn, args):
+    """``(0, fn(args))``, or ``(2, None)`` after printing a :class:`VLAError` as one ``error:``
+    line on stderr: the convention of every vla_ds command line."""
+    import sys
+
+    try:
+        return 0, fn(args)
+    except VLAError as e:
+        print(f"error: {user_message(e)}", file=sys.stderr)
+        return 2, None

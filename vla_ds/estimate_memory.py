@@ -14,13 +14,12 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 from vla_ds import memory
 from vla_ds.config import SHIPPED_CONFIG_DIR as SHIPPED_DIR
-from vla_ds.errors import ConfigError, VLAError, user_message
+from vla_ds.errors import ConfigError, run_command
 from vla_ds.models.finetune import FINETUNE_MODES, FinetuneConfig
 
 SHIPPED_CONFIGS = ("stage1.json", "stage2.json", "stage2_offload.json", "stage3_offload.json")
@@ -206,14 +205,16 @@ def _header(path: str, raw: dict[str, Any], r: dict[str, Any], est_obj: Estimato
     ])
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    """The estimate of ``args.ds_config`` and of every shipped config: (the JSON result, the report text)."""
+    lines: list[str] = []
     est_obj = Estimator(args)
     path = Path(args.ds_config)
     raw = _load(path)
     main_result = est_obj.evaluate(raw)
-    print(_header(str(path), raw, main_result, est_obj))
-    print()
-    print(memory.format_estimate(path.name, main_result["estimate"], est_obj.gpu_memory, est_obj.num_gpus))
+    lines.append(_header(str(path), raw, main_result, est_obj))
+    lines.append("")
+    lines.append(memory.format_estimate(path.name, main_result["estimate"], est_obj.gpu_memory, est_obj.num_gpus))
 
     rows, comparison = [], []
     for name in SHIPPED_CONFIGS:
@@ -222,15 +223,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rows.append((name, r["estimate"], f"{r['zero'].describe()}, mb {r['micro_batch']}"))
         comparison.append({"config": name, "total_bytes": r["estimate"].total, "cpu_bytes": r["estimate"].cpu_total,
                            "fits": r["estimate"].fits(est_obj.gpu_memory)})
-    print()
-    print(f"Shipped configs at {memory.gb(est_obj.gpu_memory)} GB per GPU ({est_obj.num_gpus} GPU(s), same flags):")
-    print(memory.format_comparison(rows, est_obj.gpu_memory))
+    lines.append("")
+    lines.append(f"Shipped configs at {memory.gb(est_obj.gpu_memory)} GB per GPU ({est_obj.num_gpus} GPU(s), same flags):")
+    lines.append(memory.format_comparison(rows, est_obj.gpu_memory))
     best = memory.recommend({c["config"]: c["fits"] for c in comparison})
     if best:
-        print(f"Recommendation: ds_configs/{best} (the fastest stage-2 config that fits).")
+        lines.append(f"Recommendation: ds_configs/{best} (the fastest stage-2 config that fits).")
     else:
-        print("Recommendation: no shipped stage-2 config fits; lower --micro-batch (raise gradient_accumulation_steps "
-              "to keep the global batch), use more GPUs, or a GPU with more memory.")
+        lines.append("Recommendation: no shipped stage-2 config fits; lower --micro-batch (raise gradient_accumulation_steps "
+                     "to keep the global batch), use more GPUs, or a GPU with more memory.")
 
     out = {
         "ds_config": str(path),
@@ -250,15 +251,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
-    return out
+    return out, "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns 0, or 2 with a one-line message for a bad config or flag."""
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except VLAError as e:
-        print(f"error: {user_message(e)}", file=sys.stderr)
-        return 2
-    return 0
+    code, result = run_command(run, build_parser().parse_args(argv))
+    if result is not None:
+        print(result[1])
+    return code

@@ -573,18 +573,14 @@ def run_cli(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """``scripts/evaluate.py`` / ``vla-evaluate``: prints the report table and what it wrote; a
     user error prints one line and returns 2."""
-    import sys
-
-    from vla_ds.errors import VLAError, user_message
+    from vla_ds.errors import run_command
     from vla_ds.log import setup_logging
 
     args = build_parser().parse_args(argv)
     setup_logging()
-    try:
-        result = run_cli(args)
-    except VLAError as e:
-        print(f"error: {user_message(e)}", file=sys.stderr)
-        return 2
+    code, result = run_command(run_cli, args)
+    if code:
+        return code
     report = result["report"]
     episodes = f"{report['episodes']} episode" + ("s" if report["episodes"] != 1 else "")
     print(f"\nopen-loop errors over {report['samples']} samples of {episodes} "

@@ -11,12 +11,11 @@ in-process; a user error prints one line and returns 2.
 from __future__ import annotations
 
 import argparse
-import sys
 
 import numpy as np
 import torch
 
-from vla_ds.errors import ConfigError, VLAError, user_message
+from vla_ds.errors import ConfigError, run_command
 from vla_ds.evaluate import (
     ACTION_NAMES,
     ACTION_UNITS,
@@ -60,7 +59,9 @@ def format_chunk(predicted: np.ndarray, recorded: np.ndarray | None = None, is_p
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> str:
+    """The predicted chunk next to the recorded one, as text."""
+    lines: list[str] = []
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     policy = VLAPolicy.from_pretrained(args.policy, vl_model=args.vl_model, device=device, dtype=args.dtype)
     expert = policy.action_expert.config
@@ -75,27 +76,26 @@ def run(args: argparse.Namespace) -> None:
                                        has_sensor=bool(sample["has_sensor"]), sensor_pad=sample["sensor_pad"])  # (H, 7)
     episode = dataset.episodes[0]
     recorded, is_pad = sample["actions"], sample["action_is_pad"]
-    print(f"policy   {args.policy} ({policy.policy_config.get('stage', '?')}), {expert.sampler_description(steps)}, "
-          f"seed {args.seed}, {device}")
-    print(f"episode  {args.episode}: \"{sample['instruction']}\"")
-    print(f"sample   {args.frame} of {len(dataset)}, t = {sample['frame_time'] - episode.states.times[0]:.3f} s "
-          f"after the episode start, sensor data: {'yes' if sample['has_sensor'] else 'no'}")
-    print()
-    print(format_chunk(predicted, recorded, is_pad))
+    lines.append(f"policy   {args.policy} ({policy.policy_config.get('stage', '?')}), {expert.sampler_description(steps)}, "
+                 f"seed {args.seed}, {device}")
+    lines.append(f"episode  {args.episode}: \"{sample['instruction']}\"")
+    lines.append(f"sample   {args.frame} of {len(dataset)}, t = {sample['frame_time'] - episode.states.times[0]:.3f} s "
+                 f"after the episode start, sensor data: {'yes' if sample['has_sensor'] else 'no'}")
+    lines.append("")
+    lines.append(format_chunk(predicted, recorded, is_pad))
     if (~is_pad).any():
         errors = masked_errors(predicted[None], recorded[None], is_pad[None])
-        print(f"\nMAE over the {int((~is_pad).sum())} recorded steps: "
-              + ", ".join(f"{n} {e:.4g}" for n, e in zip(ACTION_NAMES, errors["mae_per_dim"])))
+        lines.append(f"\nMAE over the {int((~is_pad).sum())} recorded steps: "
+                     + ", ".join(f"{n} {e:.4g}" for n, e in zip(ACTION_NAMES, errors["mae_per_dim"])))
     else:
-        print("\nno recorded steps to compare with (the whole chunk lies past the episode end)")
+        lines.append("\nno recorded steps to compare with (the whole chunk lies past the episode end)")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
-    try:
-        run(args)
-    except VLAError as e:
-        print(f"error: {user_message(e)}", file=sys.stderr)
-        return 2
-    return 0
+    code, text = run_command(run, args)
+    if text is not None:
+        print(text)
+    return code
