@@ -22,6 +22,8 @@ setup(
         "matplotlib>=3.7",
         "ninja",            # DeepSpeed JIT-builds its fused Adam / CPU Adam ops with it, on CPU and GPU boxes
         "wandb>=0.17",      # the guide's monitoring, through DeepSpeed's "wandb" monitor config
+        "pyarrow>=14",      # LeRobot datasets: per-frame parquet tables
+        "av>=12",           # LeRobot datasets: MP4 video (PyAV bundles FFmpeg: AV1 via dav1d, H.264, HEVC)
     ],
     extras_require={
         "dev": ["pytest>=8"],

@@ -89,12 +89,12 @@ def test_uncommitted_or_inconsistent_shards_are_never_read(setup):
 def test_cached_samples_never_decode_images(setup, monkeypatch):
     data, bcfg, backbone, collate, cache_dir = setup
     ds, keys, store, _ = build(data, bcfg, backbone, collate, cache_dir)
-    from vla_ds.data import dataset as dataset_module
+    from vla_ds.data import episodes as episodes_module
 
     def no_decoding(path):
         raise AssertionError(f"decoded {path}")
 
-    monkeypatch.setattr(dataset_module, "decode_image", no_decoding)
+    monkeypatch.setattr(episodes_module, "decode_image", no_decoding)
     batch = collate([cache.CachedFeatures(ds, keys, store)[i] for i in (1, 2)])
     assert batch[cache.VL_HIDDEN].shape == (2, backbone.hidden_size) and "input_ids" not in batch
 

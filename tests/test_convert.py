@@ -88,9 +88,10 @@ def test_policy_config_fills_the_built_sizes():
     run = RunConfig(stage="stage1").to_dict()
     run["vla_ds"]["data"]["sensor_window_size"] = 32
     state = {"action_expert.vl_proj.weight": torch.zeros(3072, 64)}
-    cfg = convert.policy_config(run, {"sensor_mean": [0.0] * 5}, state, fingerprint="f" * 16,
+    cfg = convert.policy_config(run, {"sensor_mean": [0.0] * 5, "action_mean": [0.0] * 6}, state, fingerprint="f" * 16,
                                 model_name_or_path="/base", source="/ckpt/global_step3", step=3)
     assert cfg["format"] == "vla_ds-policy" and cfg["format_version"] == 2 and cfg["stage"] == "stage1"
+    assert cfg["action_expert"]["action_dim"] == 6  # the data's action dimension, not the config default
     assert cfg["sensor_encoder"]["in_channels"] == 5 and cfg["sensor_encoder"]["window_size"] == 32
     assert cfg["action_expert"]["vl_hidden_size"] == 64
     assert cfg["action_expert"]["sensor_feature_dim"] == cfg["sensor_encoder"]["out_dim"]
@@ -100,7 +101,7 @@ def test_policy_config_fills_the_built_sizes():
     json.dumps(cfg)
     # A run config written before the head was configurable: the guide's epsilon head.
     del run["vla_ds"]["action_expert"]["objective"], run["vla_ds"]["action_expert"]["prediction_type"]
-    old = convert.policy_config(run, {"sensor_mean": [0.0] * 5}, state, fingerprint="f" * 16,
+    old = convert.policy_config(run, {"sensor_mean": [0.0] * 5, "action_mean": [0.0] * 7}, state, fingerprint="f" * 16,
                                 model_name_or_path="/base", source="/ckpt/global_step3", step=3)
     assert (old["action_expert"]["objective"], old["action_expert"]["prediction_type"]) == ("diffusion", "epsilon")
 

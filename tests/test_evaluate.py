@@ -18,7 +18,7 @@ from vla_ds.evaluate import (
 from vla_ds.evaluate import main as evaluate_main
 
 REPORT_KEYS = {"policy", "mean_baseline", "zero_baseline", "mse_ratio_to_mean_baseline", "smoothness", "episodes",
-               "samples"}
+               "samples", "action_names", "action_units"}
 ERROR_KEYS = {"mse", "mae", "mse_per_dim", "mae_per_dim"}
 VAL_SPLIT, SEED = 0.3, 5
 

@@ -77,8 +77,13 @@ def test_dict_round_trip_and_errors():
         np.testing.assert_array_equal(getattr(back, k), getattr(stats, k))
     with pytest.raises(CheckpointError, match="missing key 'sensor_std'"):
         NormStats.from_dict({k: v for k, v in d.items() if k != "sensor_std"})
-    with pytest.raises(CheckpointError, match=r"'action_mean' has shape \(6,\)"):
+    # Any action dimension D, but every action array must have it.
+    with pytest.raises(CheckpointError, match=r"'action_std' has shape \(7,\), expected \(6,\)"):
         NormStats.from_dict({**d, "action_mean": [0.0] * 6})
+    six = NormStats.from_dict({**d, "action_mean": [0.0] * 6, "action_std": [1.0] * 6, "action_names": list("abcdef")})
+    assert six.action_dim == 6 and six.action_names == list("abcdef")
+    with pytest.raises(CheckpointError, match="'action_names' must list 6 strings"):
+        NormStats.from_dict({**six.to_dict(), "action_names": ["a"]})
     assert back.action_min is None and "action_min" not in d  # stats written before the range existed
     ranged = NormStats(stats.action_mean, stats.action_std, stats.sensor_mean, stats.sensor_std,
                        np.full(7, -1.0), np.arange(7.0))

@@ -92,6 +92,13 @@ def assemble(cfg: RunConfig, world: int, rank: int, source: str = "config") -> R
     logger.info("%d optimizer steps per epoch, %d in this run", steps_per_epoch, total_steps)
 
     start, norm_stats = read_start(cfg, train_ds)
+    if norm_stats.action_dim != dataset.action_dim:
+        raise config_lib.ConfigError(
+            f"{cfg.data.dataset_dir}: {dataset.action_dim}-dimensional actions ({', '.join(dataset.action_names)}), but "
+            f"the checkpoint the run starts from predicts {norm_stats.action_dim}; train on data with its action "
+            "dimension (data.lerobot.actions) or start a new Stage 1")
+    # D follows the data (a LeRobot action's own dimension); config.json records it.
+    cfg.action_expert = dataclasses.replace(cfg.action_expert, action_dim=norm_stats.action_dim)
     policy, input_builder, fingerprint = build_policy(cfg, norm_stats, dataset.sensor_channels, start)
     if start.resume_states is not None:
         from vla_ds import checkpoint

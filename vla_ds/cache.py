@@ -93,8 +93,9 @@ def model_key(fingerprint: str, backbone_config, run_dtype: torch.dtype) -> tupl
 
 
 def sample_keys(dataset, dataset_dir: str) -> list[str]:
-    """One key per sample: instruction, views, and each view image's path (relative to the
-    dataset dir, so nodes that mount it elsewhere agree), size and mtime."""
+    """One key per sample: instruction, views, and each view's file (relative to the dataset
+    dir, so nodes that mount it elsewhere agree), size and mtime, plus the frame's place in
+    the file for a video (its time) or a parquet of images: a changed file recomputes."""
     root = Path(dataset_dir).resolve()
     stat_cache: dict[Path, tuple[int, int]] = {}
 
@@ -108,8 +109,9 @@ def sample_keys(dataset, dataset_dir: str) -> list[str]:
 
     keys = []
     for i in range(len(dataset)):
-        paths = dataset.image_paths(i)
-        ident = [dataset.instruction(i), [p.parent.name for p in paths], [identity(p) for p in paths]]
+        sources = dataset.view_sources(i)  # [(view, file, locator)]
+        ident = [dataset.instruction(i), [view for view, _, _ in sources],
+                 [identity(path) + ((locator,) if locator else ()) for _, path, locator in sources]]
         keys.append(hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:32])
     return keys
 

@@ -138,7 +138,8 @@ def policy_config(run_config: dict[str, Any], norm_stats: dict[str, Any], state:
     if vl_proj is None:
         raise CheckpointError("the checkpoint has no action_expert.vl_proj.weight (not a vla_ds policy?)")
     sensor, action = derived_head_configs(cfg.sensor_encoder, cfg.action_expert, len(norm_stats["sensor_mean"]),
-                                          cfg.data.sensor_window_size, int(vl_proj.shape[1]))
+                                          cfg.data.sensor_window_size, int(vl_proj.shape[1]),
+                                          action_dim=len(norm_stats["action_mean"]))
     backbone = {**dataclasses.asdict(cfg.backbone), "model_name_or_path": model_name_or_path,
                 "fingerprint": fingerprint}
     return {

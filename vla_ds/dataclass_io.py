@@ -52,6 +52,12 @@ def coerce(value: Any, annotation: Any, name: str) -> Any:
             if not isinstance(value, str):
                 raise ValueError(value)
             return value
+        if dataclasses.is_dataclass(annotation) and isinstance(annotation, type):
+            if isinstance(value, annotation):
+                return value
+            if isinstance(value, str):
+                value = yaml.safe_load(value)
+            return dataclass_from_dict(annotation, value, name + ".")
         if origin in (tuple, list):
             if isinstance(value, str):
                 value = yaml.safe_load(value)

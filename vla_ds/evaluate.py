@@ -25,6 +25,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,24 +44,26 @@ from vla_ds.batch import (
     SENSOR_WINDOW,
 )
 from vla_ds.data import DataConfig, VLADataset, split_train_val
-from vla_ds.data.dataset import ACTION_DIM
+from vla_ds.data.actions import ACTION_DIM, DELTA_POSE_NAMES, DELTA_POSE_UNITS
 from vla_ds.dataclass_io import dataclass_from_dict
 from vla_ds.errors import ConfigError, DatasetError
 
 logger = logging.getLogger(__name__)
 
-ACTION_NAMES = ("dx", "dy", "dz", "da", "db", "dr", "gripper")
-ACTION_UNITS = ("mm", "mm", "mm", "deg", "deg", "deg", "")
+ACTION_NAMES = DELTA_POSE_NAMES  # the defaults: SPEC's delta-pose actions
+ACTION_UNITS = DELTA_POSE_UNITS
 SPLITS = ("val", "all")
 REPORT_FILE = "report.json"
 PREDICTIONS_FILE = "predictions.npz"
 PLOTS_DIR = "plots"
 
 
-def action_label(d: int) -> str:
-    """``dx [mm]``, ``da [deg]``, ``gripper``: the axis label of action dimension d."""
-    unit = ACTION_UNITS[d]
-    return f"{ACTION_NAMES[d]} [{unit}]" if unit else ACTION_NAMES[d]
+def action_label(d: int, names=ACTION_NAMES, units=ACTION_UNITS) -> str:
+    """``dx [mm]``, ``da [deg]``, ``gripper``: the label of action dimension d (``names`` and
+    ``units`` of the dataset's action; a missing name is ``a[d]``)."""
+    name = names[d] if d < len(names) else f"a[{d}]"
+    unit = units[d] if d < len(units) else ""
+    return f"{name} [{unit}]" if unit else name
 
 
 # --------------------------------------------------------------------------- error maths
@@ -189,17 +192,34 @@ def load_eval_dataset(policy_config: dict[str, Any], dataset_dir: str, split: st
         raise DatasetError(f"{dataset_dir}: the validation split (val_split {fraction:g}, seed {seed}) of "
                            f"{len(dataset.episodes)} episodes has no samples; use --split all")
     logger.info("validation split (val_split %g, seed %d): %d episode(s), %d samples: %s", fraction, seed,
-                len(val.episodes), len(val), ", ".join(str(ep.path.relative_to(dataset_dir)) for ep in val.episodes))
+                len(val.episodes), len(val), ", ".join(os.path.relpath(ep.path, dataset_dir) for ep in val.episodes))
     return val
 
 
-def load_episode_dataset(policy_config: dict[str, Any], episode_dir: str | Path) -> VLADataset:
-    """The samples of one episode directory, cut as :func:`eval_data_config` says."""
+def load_episode_dataset(policy_config: dict[str, Any], episode_dir: str | Path,
+                         episode_index: int | None = None) -> VLADataset:
+    """The samples of one episode, cut as :func:`eval_data_config` says: an episode directory,
+    or episode ``episode_index`` (default: the first) of a LeRobot dataset root."""
+    from vla_ds.data.lerobot import is_lerobot_root, load_lerobot_episodes
+
     episode_dir = Path(episode_dir)
-    if not (episode_dir / "metadata.json").is_file():
-        raise DatasetError(f"{episode_dir}: not an episode directory (no metadata.json)")
     config = eval_data_config(policy_config, "")
-    return VLADataset(config, [episode_dir], sensor_channels=int(policy_config["sensor_encoder"]["in_channels"]))
+    channels = int(policy_config["sensor_encoder"]["in_channels"])
+    if is_lerobot_root(episode_dir):
+        episodes = load_lerobot_episodes(episode_dir, config.lerobot, episode_dir.name, on_bad_sample="skip")
+        chosen = [ep for ep in episodes if episode_index is None or ep.entry.index == episode_index][:1]
+        if not chosen:
+            raise DatasetError(f"{episode_dir}: no episode {episode_index} (episodes "
+                               f"{episodes[0].entry.index}..{episodes[-1].entry.index})")
+        chosen[0].index = 0
+        return VLADataset(config, chosen, sensor_channels=channels)
+    if episode_index is not None:
+        raise ConfigError(f"{episode_dir}: an episode index selects an episode of a LeRobot dataset root; "
+                          "this is an episode directory")
+    if not (episode_dir / "metadata.json").is_file():
+        raise DatasetError(f"{episode_dir}: not an episode directory (no metadata.json) nor a LeRobot dataset "
+                           "(no meta/info.json)")
+    return VLADataset(config, [episode_dir], sensor_channels=channels)
 
 
 def select_samples(episode_sizes: list[int], max_samples: int | None = None) -> list[list[int]]:
@@ -236,8 +256,9 @@ class EpisodePredictions:
         path, source, instruction, action_hz: the episode.
         start_time: its first robot-state time (plots count seconds from it).
         frame_time: (S,) sample times in seconds.
-        predicted, recorded: (S, H, 7) raw actions (recorded is 0 at padded steps).
+        predicted, recorded: (S, H, D) raw actions.
         is_pad: (S, H) bool, True past the episode end.
+        action_names, action_units: D names and units of the action dimensions.
     """
 
     path: Path
@@ -249,6 +270,8 @@ class EpisodePredictions:
     predicted: np.ndarray
     recorded: np.ndarray
     is_pad: np.ndarray
+    action_names: tuple = ACTION_NAMES
+    action_units: tuple = ACTION_UNITS
 
 
 @dataclass
@@ -287,7 +310,7 @@ def predict_samples(policy, dataset: VLADataset, max_samples: int | None = None,
                 [s[IMAGES] for s in samples], [s[INSTRUCTION] for s in samples],
                 np.stack([s[SENSOR_WINDOW] for s in samples]), num_inference_steps=num_inference_steps,
                 generator=generator, has_sensor=[bool(s[HAS_SENSOR]) for s in samples],
-                sensor_pad=[int(s[SENSOR_PAD]) for s in samples])  # (B, H, 7)
+                sensor_pad=[int(s[SENSOR_PAD]) for s in samples])  # (B, H, D)
             for (e, sample), chunk in zip(batch, predicted):
                 sample.pop(IMAGES)  # keep only what the report and plots need
                 sample.pop(SENSOR_WINDOW)
@@ -304,7 +327,7 @@ def predict_samples(policy, dataset: VLADataset, max_samples: int | None = None,
         ep = ds.episodes[0]
         out.append(EpisodePredictions(
             path=ep.path, source=ep.source, instruction=ep.instruction, action_hz=float(ep.action_hz),
-            start_time=float(ep.states.times[0]),
+            start_time=ep.start_time, action_names=tuple(dataset.action_names), action_units=tuple(dataset.action_units),
             frame_time=np.array([s[FRAME_TIME] for s in p.samples], dtype=np.float64),
             predicted=np.stack(p.predicted).astype(np.float32),
             recorded=np.stack([s[ACTIONS] for s in p.samples]).astype(np.float32),
@@ -352,6 +375,8 @@ def build_report(episodes: list[EpisodePredictions], action_mean) -> dict[str, A
                             "recorded": chunk_smoothness(np.concatenate([ep.recorded for ep in episodes]), is_pad)}
     report["episodes"] = len(episodes)
     report["samples"] = int(sum(len(ep.frame_time) for ep in episodes))
+    report["action_names"] = list(episodes[0].action_names) if episodes else list(ACTION_NAMES)
+    report["action_units"] = list(episodes[0].action_units) if episodes else list(ACTION_UNITS)
     return report
 
 
@@ -361,11 +386,14 @@ def format_report_table(report: dict[str, Any]) -> str:
     columns = [("policy", "policy"), ("mean_baseline", "mean"), ("zero_baseline", "zero")]
     head = f"{'dim':<14}" + "".join(f"{name + ' ' + m:>13}" for _, name in columns for m in ("MSE", "MAE"))
     lines = [head, "-" * len(head)]
+    names, units = report.get("action_names", ACTION_NAMES), report.get("action_units", ACTION_UNITS)
+    width = max([14] + [len(action_label(d, names, units)) + 2 for d in range(len(report["policy"]["mse_per_dim"]))])
+    lines = [f"{'dim':<{width}}" + head[14:], "-" * (width + len(head) - 14)]
     for d in range(len(report["policy"]["mse_per_dim"])):
         cells = "".join(f"{report[k][m + '_per_dim'][d]:>13.4g}" for k, _ in columns for m in ("mse", "mae"))
-        lines.append(f"{action_label(d):<14}{cells}")
+        lines.append(f"{action_label(d, names, units):<{width}}{cells}")
     cells = "".join(f"{report[k][m]:>13.4g}" for k, _ in columns for m in ("mse", "mae"))
-    lines.append(f"{'all':<14}{cells}")
+    lines.append(f"{'all':<{width}}{cells}")
     return "\n".join(lines)
 
 
@@ -385,8 +413,8 @@ def plot_episode(ep: EpisodePredictions, out_dir: str | Path, steps_label: str =
     ``<slug>_first_step.png``: the first step of each predicted chunk (what a receding-horizon
     controller would execute) and the recorded first step, over time.
     ``<slug>_chunks.png``: every predicted chunk drawn over its own H steps, on the recorded
-    actions of the same times. Padded steps are not drawn. ``action_mean`` (7,), when given,
-    is drawn as the mean-action baseline.
+    actions of the same times. Padded steps are not drawn. ``action_mean`` (D,), when given,
+    is drawn as the mean-action baseline. Panels are named by the dataset's action names.
     """
     import matplotlib
 
@@ -403,15 +431,21 @@ def plot_episode(ep: EpisodePredictions, out_dir: str | Path, steps_label: str =
     title = f"{ep.path.parent.name}/{ep.path.name}: \"{ep.instruction}\""
     paths = []
 
+    names, units = ep.action_names, ep.action_units
+    rows = (dims + 2) // 2  # two columns, one spare panel for the legend
+
     def figure(subtitle: str):
-        fig, axes = plt.subplots(4, 2, figsize=(12, 11), sharex=True)
+        fig, axes = plt.subplots(rows, 2, figsize=(12, 2.75 * rows), sharex=True, squeeze=False)
         fig.suptitle(f"{title}\n{subtitle}", fontsize=11)
         for d, ax in enumerate(axes.flat[:dims]):
-            ax.set_title(ACTION_NAMES[d], fontsize=10)
-            ax.set_ylabel(f"{ACTION_NAMES[d]} [{ACTION_UNITS[d]}/step]" if ACTION_UNITS[d] else ACTION_NAMES[d])
+            name = action_label(d, names, ())
+            ax.set_title(name, fontsize=10)
+            ax.set_ylabel(f"{name} [{units[d]}/step]" if d < len(units) and units[d] else name)
             ax.grid(True, alpha=0.3)
-        # The bottom panel of each column carries the time axis (the eighth panel is the legend).
-        for ax in (axes.flat[dims - 1], axes.flat[dims - 2]):
+        for ax in axes.flat[dims + 1:]:
+            ax.axis("off")
+        # The bottom panel of each column carries the time axis (the panel after the last is the legend).
+        for ax in axes.flat[max(0, dims - 2):dims]:
             ax.set_xlabel("time since episode start [s]")
             ax.tick_params(labelbottom=True)
         return fig, axes
@@ -449,7 +483,8 @@ def _legend_panel(ax, first_ax, ep: EpisodePredictions, kind: str) -> None:
     handles, labels = first_ax.get_legend_handles_labels()
     ax.legend(handles, labels, loc="upper left", frameon=False, fontsize=10)
     errors = masked_errors(ep.predicted, ep.recorded, ep.is_pad)
-    rows = "\n".join(f"{action_label(d):<12} {errors['mae_per_dim'][d]:.3g}" for d in range(len(ACTION_NAMES)))
+    rows = "\n".join(f"{action_label(d, ep.action_names, ep.action_units):<12} {errors['mae_per_dim'][d]:.3g}"
+                     for d in range(ep.predicted.shape[-1]))
     ax.text(0.0, 0.45, f"episode MAE (all chunk steps)\n{rows}", transform=ax.transAxes, va="top",
             family="monospace", fontsize=9)
 
@@ -473,7 +508,7 @@ def run_evaluation(policy, dataset_dir: str | Path, output_dir: str | Path, *, s
     """Evaluate ``policy`` (from :meth:`VLAPolicy.from_pretrained`) and write ``output_dir``::
 
         report.json       build_report(): policy / mean_baseline / zero_baseline errors
-        predictions.npz   per evaluated sample: predicted, recorded (S, H, 7), is_pad (S, H),
+        predictions.npz   per evaluated sample: predicted, recorded (S, H, D), is_pad (S, H),
                           frame_time (S,), episode (S,) index into the ``episodes`` array
         plots/*.png       plot_episode() for the first ``num_plot_episodes`` episodes
 
@@ -487,7 +522,7 @@ def run_evaluation(policy, dataset_dir: str | Path, output_dir: str | Path, *, s
     steps = expert.check_inference_steps(num_inference_steps)
     dataset = load_eval_dataset(config, str(dataset_dir), split, val_split, split_seed, where)
     episodes = predict_samples(policy, dataset, max_samples, steps, seed, batch_size, progress)
-    report_mean = policy.action_norm.mean.detach().cpu().numpy()  # (7,) training-split mean action
+    report_mean = policy.action_norm.mean.detach().cpu().numpy()  # (D,) training-split mean action
     report = build_report(episodes, report_mean)
 
     out = Path(output_dir)

@@ -15,13 +15,12 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
 import yaml
-from PIL import Image
 
 from vla_ds.batch import (
     ACTION_IS_PAD,
@@ -35,13 +34,20 @@ from vla_ds.batch import (
     SENSOR_PAD,
     SENSOR_WINDOW,
 )
-from vla_ds.data.episodes import TIME_EPS, Episode, find_episode_dirs, load_episode
+from vla_ds.data.actions import (  # noqa: F401  (re-exported: the sample maths' old home)
+    ACTION_DIM,
+    DELTA_POSE_NAMES,
+    DELTA_POSE_UNITS,
+    compute_action_chunk,
+    compute_action_chunks,
+    wrap_degrees,
+)
+from vla_ds.data.episodes import Episode, decode_image, find_episode_dirs, load_episode  # noqa: F401
+from vla_ds.data.lerobot import LeRobotConfig, is_lerobot_root, load_lerobot_episodes
 from vla_ds.errors import ConfigError, DatasetError
 
 logger = logging.getLogger(__name__)
 
-ACTION_DIM = 7  # [dx, dy, dz, da, db, dr, gripper]: mm, degrees, gripper value at step end
-ANGLE_DIMS = slice(3, 6)
 MIXTURE_FILE = "mixture.yaml"
 BAD_SAMPLE_POLICIES = ("error", "skip")
 
@@ -63,6 +69,8 @@ class DataConfig:
         num_workers: data-loader worker processes per rank.
         on_bad_sample: what an invalid sample does: "error" stops with a message naming
             the episode, view and time; "skip" drops it at indexing and counts it.
+        lerobot: how a LeRobot dataset's features become views, instruction, actions and
+            sensor stream (:class:`~vla_ds.data.lerobot.LeRobotConfig`; docs/lerobot.md).
     """
 
     dataset_dir: str = ""
@@ -73,6 +81,7 @@ class DataConfig:
     val_split: float = 0.1
     num_workers: int = 2
     on_bad_sample: str = "error"
+    lerobot: LeRobotConfig = field(default_factory=LeRobotConfig)
 
     def __post_init__(self):
         def is_int(v):
@@ -94,61 +103,11 @@ class DataConfig:
         if self.on_bad_sample not in BAD_SAMPLE_POLICIES:
             raise ConfigError(f"DataConfig.on_bad_sample must be one of {BAD_SAMPLE_POLICIES}, "
                               f"got {self.on_bad_sample!r}")
+        if isinstance(self.lerobot, Mapping):
+            self.lerobot = LeRobotConfig(**self.lerobot)
         if not isinstance(self.dataset_dir, (str, os.PathLike)):
             raise ConfigError(f"DataConfig.dataset_dir must be a path string, got {self.dataset_dir!r}")
         self.dataset_dir = os.fspath(self.dataset_dir)
-
-
-# --------------------------------------------------------------------------- sample maths
-
-
-def wrap_degrees(x: np.ndarray) -> np.ndarray:
-    """Wrap angles in degrees into (-180, 180]."""
-    return -((-np.asarray(x) + 180.0) % 360.0 - 180.0)
-
-
-def compute_action_chunk(times: np.ndarray, poses: np.ndarray, gripper: np.ndarray | None,
-                         t: float, horizon: int, hz: float) -> tuple[np.ndarray, np.ndarray]:
-    """The delta-pose action chunk at time t.
-
-    times (T,) increasing, poses (T, 6) with unwrapped angles, gripper (T,) or None.
-    With D = 1/hz, for k = 0..H-1: ``action[k, :6] = pose(t+(k+1)D) - pose(t+kD)`` (pose
-    linearly interpolated, angle deltas wrapped into (-180, 180]) and ``action[k, 6] =
-    gripper(t+(k+1)D)`` (1.0 without a gripper column). Step k is padded when t+(k+1)D
-    lies past the last state time; padded steps are zeros.
-    Returns (actions (H, 7) float32, is_pad (H,) bool).
-    """
-    actions, is_pad = compute_action_chunks(times, poses, gripper, np.array([t], dtype=np.float64), horizon, hz)
-    return actions[0], is_pad[0]
-
-
-def compute_action_chunks(times: np.ndarray, poses: np.ndarray, gripper: np.ndarray | None,
-                          ts: np.ndarray, horizon: int, hz: float) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`compute_action_chunk` at each of the times ``ts`` (S,) of one episode, in one
-    interpolation per column (the same values, element for element, as S separate calls).
-    Returns (actions (S, H, 7) float32, is_pad (S, H) bool)."""
-    dt = 1.0 / hz
-    query = ts[:, None] + dt * np.arange(horizon + 1)  # (S, H+1)
-    flat = query.ravel()
-    pose = np.stack([np.interp(flat, times, poses[:, c]) for c in range(6)], axis=1)  # (S*(H+1), 6)
-    pose = pose.reshape(len(ts), horizon + 1, 6)
-    actions = np.empty((len(ts), horizon, ACTION_DIM), dtype=np.float64)
-    actions[..., :6] = pose[:, 1:] - pose[:, :-1]
-    actions[..., ANGLE_DIMS] = wrap_degrees(actions[..., ANGLE_DIMS])
-    actions[..., 6] = 1.0 if gripper is None else np.interp(query[:, 1:], times, gripper)
-    is_pad = query[:, 1:] > times[-1] + 1e-9  # (S, H)
-    actions[is_pad] = 0.0
-    return actions.astype(np.float32), is_pad
-
-
-def decode_image(path: Path) -> np.ndarray:
-    """Decode one image file to uint8 (h, w, 3) RGB; a corrupt or truncated file is a DatasetError."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return np.array(img.convert("RGB"), dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise DatasetError(f"{path}: cannot decode image ({e})") from None
 
 
 # --------------------------------------------------------------------------- finding episodes
@@ -209,7 +168,8 @@ def _default_source(episode_dir: Path, root: Path | None) -> str:
 def scan_dataset(root: str | os.PathLike) -> tuple[list[tuple[Path, str]], dict[str, float] | None]:
     """Find the episodes a dataset directory uses, without loading them.
 
-    Returns ``([(episode_dir, source), ...] sorted by path, source_weights)``.
+    Returns ``([(episode_dir, source), ...] sorted by path, source_weights)``; a LeRobot
+    dataset root (``meta/info.json``) stands for all of its episodes.
     ``source_weights`` is None without mixture.yaml (every episode used, uniform sampling);
     with it only the listed sources are used.
     """
@@ -225,7 +185,7 @@ def scan_dataset(root: str | os.PathLike) -> tuple[list[tuple[Path, str]], dict[
         dirs = find_episode_dirs(root / name)
         if not dirs:
             raise DatasetError(f"{root / MIXTURE_FILE}: source '{name}' has no episodes "
-                               f"(no folder under {root / name} holds metadata.json)")
+                               f"(no folder under {root / name} holds metadata.json or meta/info.json)")
         for d in dirs:
             key = os.path.realpath(d)
             if key in owner:
@@ -236,15 +196,22 @@ def scan_dataset(root: str | os.PathLike) -> tuple[list[tuple[Path, str]], dict[
     return sorted(pairs), dict(mixture)
 
 
-def load_episodes(pairs: Sequence[tuple[Path, str]], max_threads: int = 16) -> list[Episode]:
-    """Load [(episode_dir, source), ...] in order, ``index`` = position. Threads overlap the
-    file-system latency (network storage); the first failing episode's error is raised."""
+def load_episodes(pairs: Sequence[tuple[Path, str]], max_threads: int = 16,
+                  lerobot: LeRobotConfig | None = None, on_bad_sample: str = "error") -> list:
+    """Load [(episode_dir or LeRobot root, source), ...] in order, ``index`` = position in the
+    result (a LeRobot root gives all its episodes). Threads overlap the file-system latency
+    (network storage); the first failing episode's error is raised."""
     def load(item):
-        index, (episode_dir, source) = item
-        return load_episode(episode_dir, source=source, index=index)
+        episode_dir, source = item
+        if is_lerobot_root(episode_dir):
+            return load_lerobot_episodes(episode_dir, lerobot or LeRobotConfig(), source, on_bad_sample)
+        return [load_episode(episode_dir, source=source)]
 
     with ThreadPoolExecutor(max_workers=max(1, min(max_threads, len(pairs)))) as pool:
-        return list(pool.map(load, enumerate(pairs)))
+        episodes = [ep for group in pool.map(load, pairs) for ep in group]
+    for index, ep in enumerate(episodes):
+        ep.index = index
+    return episodes
 
 
 # --------------------------------------------------------------------------- dataset
@@ -294,7 +261,7 @@ class VLADataset(torch.utils.data.Dataset):
 
     def __init__(self, config: DataConfig, episodes: Sequence[Episode | str | os.PathLike] | None = None,
                  source_weights: Mapping[str, float] | None = None, *, sensor_channels: int | None = None,
-                 num_views: int | None = None, allow_empty: bool = False):
+                 num_views: int | None = None, allow_empty: bool = False, action_spec: tuple | None = None):
         self.config = config
         root = Path(config.dataset_dir) if config.dataset_dir else None
         if episodes is None:
@@ -303,11 +270,12 @@ class VLADataset(torch.utils.data.Dataset):
             pairs, scanned_weights = scan_dataset(root)
             if not pairs:
                 raise DatasetError(f"{root}: no episodes found (no folder holds metadata.json)")
-            episodes = load_episodes(pairs)
+            episodes = load_episodes(pairs, lerobot=config.lerobot, on_bad_sample=config.on_bad_sample)
             if source_weights is None:
                 source_weights = scanned_weights
         self.episodes: list[Episode] = [
-            ep if isinstance(ep, Episode) else load_episode(ep, source=_default_source(Path(ep), root), index=i)
+            load_episode(ep, source=_default_source(Path(ep), root), index=i) if isinstance(ep, (str, os.PathLike))
+            else ep
             for i, ep in enumerate(episodes)
         ]
         self.source_weights = dict(source_weights) if source_weights is not None else None
@@ -315,7 +283,7 @@ class VLADataset(torch.utils.data.Dataset):
         if not self.episodes and not allow_empty:
             raise DatasetError(f"{where}: no episodes given")
 
-        self._check_episodes(num_views)
+        self._check_episodes(num_views, action_spec)
         self.sensor_channels = sensor_channels if sensor_channels is not None else self._read_sensor_channels()
         for ep in self.episodes:
             if ep.sensor is not None and ep.sensor.channels != self.sensor_channels:
@@ -352,17 +320,13 @@ class VLADataset(torch.utils.data.Dataset):
     def with_episodes(self, episodes: Sequence[Episode], allow_empty: bool = True) -> VLADataset:
         """A dataset over some of this dataset's episodes, with the same config, weights, C and V."""
         return VLADataset(self.config, list(episodes), self.source_weights, sensor_channels=self.sensor_channels,
-                          num_views=self.num_views, allow_empty=allow_empty)
+                          num_views=self.num_views, allow_empty=allow_empty,
+                          action_spec=(self.action_dim, self.action_names, self.action_units))
 
     # ---- construction helpers
 
-    def _check_episodes(self, num_views: int | None):
-        cfg = self.config
+    def _check_episodes(self, num_views: int | None, action_spec: tuple | None):
         for ep in self.episodes:
-            chunk_s = cfg.action_horizon / ep.action_hz
-            if ep.duration_s + 1e-9 < chunk_s:
-                raise DatasetError(f"{ep.path}: robot_states.csv spans {ep.duration_s:.3f} s, shorter than one "
-                                   f"action chunk ({cfg.action_horizon} steps at {ep.action_hz:g} Hz = {chunk_s:.3f} s)")
             if self.source_weights is not None and ep.source not in self.source_weights:
                 raise DatasetError(f"{ep.path}: source '{ep.source}' has no mixture weight")
         first = self.episodes[0] if self.episodes else None
@@ -373,6 +337,17 @@ class VLADataset(torch.utils.data.Dataset):
                     if first is not None and num_views is None else f"expected {self.num_views}"
                 raise DatasetError(f"{ep.path}: {len(ep.camera_views)} camera views "
                                    f"({', '.join(ep.camera_views)}) but {ref}; every episode needs the same number")
+        # D, the action dimension: the same for every episode (a mixture of formats must agree).
+        if action_spec is None:
+            action_spec = (first.action_dim, tuple(first.action_names), tuple(first.action_units)) if first \
+                else (ACTION_DIM, DELTA_POSE_NAMES, DELTA_POSE_UNITS)
+        self.action_dim, self.action_names, self.action_units = action_spec
+        for ep in self.episodes:
+            if ep.action_dim != self.action_dim:
+                ref = f"{first.path} has" if first is not None else "the dataset has"
+                raise DatasetError(f"{ep.path}: {ep.action_dim}-dimensional actions ({', '.join(ep.action_names)}), "
+                                   f"but {ref} {self.action_dim} ({', '.join(self.action_names)}); "
+                                   "every episode of a run needs the same action dimension")
 
     def _read_sensor_channels(self) -> int:
         ref = None
@@ -388,49 +363,27 @@ class VLADataset(torch.utils.data.Dataset):
 
     def _build_index(self):
         cfg = self.config
-        tol = cfg.view_tolerance_s + 1e-9
         ep_ids, times, frames, actions, is_pad = [], [], [], [], []
         self.invalid_samples: dict[str, int] = {}
         self.out_of_range_frames: dict[str, int] = {}
         for e, ep in enumerate(self.episodes):
-            if len(ep.frame_times[0]) == 0 and cfg.on_bad_sample == "error":
-                raise DatasetError(f"{ep.path / 'images' / ep.camera_views[0]}: no .jpg/.png frames "
-                                   f"(the first camera view sets the sample times)")
-            t, idx, dist = ep.match_frames(cfg.frame_stride, cfg.view_tolerance_s)  # (S,), (S, V), (S, V)
-            # Before the first state the pose would be held (zero deltas labelled valid), after
-            # the last every step is padding: such frames are not samples. Ends included.
-            state_t = ep.states.times
-            in_range = (t >= state_t[0] - TIME_EPS) & (t <= state_t[-1] + TIME_EPS)  # (S,)
-            if not in_range.all():
-                self.out_of_range_frames[str(ep.path)] = int((~in_range).sum())
-                t, idx, dist = t[in_range], idx[in_range], dist[in_range]
-            ok = (dist <= tol).all(axis=1)  # (S,)
-            if not ok.all():
-                s = int(np.flatnonzero(~ok)[0])
-                v = int(np.flatnonzero(dist[s] > tol)[0])
-                if cfg.on_bad_sample == "error":
-                    near = (f"nearest is {dist[s, v]:.3f} s away" if math.isfinite(dist[s, v])
-                            else "the view has no frames")
-                    raise DatasetError(f"{ep.path}: view '{ep.camera_views[v]}' has no frame within "
-                                       f"{cfg.view_tolerance_s:g} s of t={t[s]:.6f} ({near}); "
-                                       f"on_bad_sample='skip' drops such samples")
-                self.invalid_samples[str(ep.path)] = int((~ok).sum())
-            t, idx = t[ok], idx[ok]
-            ep_ids.append(np.full(len(t), e, dtype=np.int64))
-            times.append(t)
-            frames.append(idx)
-            # Every sample's action chunk, once: a sample then reads its row instead of
-            # interpolating the robot states again (about 35 us a sample, every epoch).
-            chunk, pad = compute_action_chunks(ep.states.times, ep.states.poses, ep.states.gripper,
-                                               t.astype(np.float64, copy=False), cfg.action_horizon, ep.action_hz)
-            actions.append(chunk)
-            is_pad.append(pad)
+            samples = ep.build_samples(cfg)
+            if samples.out_of_range:
+                self.out_of_range_frames[str(ep.path)] = samples.out_of_range
+            if samples.invalid:
+                self.invalid_samples[str(ep.path)] = samples.invalid
+            ep_ids.append(np.full(len(samples.times), e, dtype=np.int64))
+            times.append(samples.times)
+            frames.append(samples.frames)
+            actions.append(samples.actions)
+            is_pad.append(samples.is_pad)
         v, h = self.num_views, cfg.action_horizon
         self._sample_episode = np.concatenate(ep_ids) if ep_ids else np.zeros(0, np.int64)  # (N,)
         self._sample_time = np.concatenate(times) if times else np.zeros(0)  # (N,)
         self._sample_frames = np.concatenate(frames) if frames else np.zeros((0, v), np.int64)  # (N, V)
-        # 4 * 7 * H + H bytes a sample (232 at H = 8), shared by forked DataLoader workers.
-        self._actions = np.concatenate(actions) if actions else np.zeros((0, h, ACTION_DIM), np.float32)  # (N, H, 7)
+        # 4 * D * H + H bytes a sample (232 at D = 7, H = 8), shared by forked DataLoader workers.
+        self._actions = (np.concatenate(actions) if actions
+                         else np.zeros((0, h, self.action_dim), np.float32))  # (N, H, D)
         self._action_is_pad = np.concatenate(is_pad) if is_pad else np.zeros((0, h), np.bool_)  # (N, H)
 
     def _compute_sample_weights(self) -> np.ndarray:
@@ -469,18 +422,16 @@ class VLADataset(torch.utils.data.Dataset):
         ep = self.episodes[self._sample_episode[i]]
         t = float(self._sample_time[i])
         cfg = self.config
-        images = []
-        if with_images:
-            images = [decode_image(ep.image_path(v, self._sample_frames[i, v])) for v in range(self.num_views)]
+        images = ep.decode_views(self._sample_frames[i]) if with_images else []
         if ep.sensor is not None:
             sensor, sensor_pad = ep.sensor.padded_window(t, cfg.sensor_window_size)  # (W, C), rows of padding
         else:
             sensor = np.zeros((cfg.sensor_window_size, self.sensor_channels), dtype=np.float32)  # (W, C)
             sensor_pad = cfg.sensor_window_size
-        actions, is_pad = self.get_actions(i)  # (H, 7), (H,)
+        actions, is_pad = self.get_actions(i)  # (H, D), (H,)
         return {
             IMAGES: images,
-            INSTRUCTION: ep.instruction,
+            INSTRUCTION: ep.instruction_at(t),
             SENSOR_WINDOW: sensor,
             SENSOR_PAD: sensor_pad,
             HAS_SENSOR: ep.sensor is not None,
@@ -494,30 +445,34 @@ class VLADataset(torch.utils.data.Dataset):
     def describe_sample(self, i: int) -> str:
         """Sample i in words, for error messages: episode, time and the files it reads."""
         ep = self.episodes[self._sample_episode[i]]
-        files = [str(p) for p in self.image_paths(i)]
+        files = list(dict.fromkeys(str(path) for _, path, _ in self.view_sources(i)))
         if ep.sensor is not None:
             files.append(str(ep.sensor.path))
         return f"sample {i} ({ep.path} at t={float(self._sample_time[i]):.3f}: {', '.join(files)})"
 
+    def view_sources(self, i: int) -> list[tuple[str, Path, str]]:
+        """(view name, file, locator in the file: "" for an image file, the time for a video)
+        of each view's frame in sample i (no decoding)."""
+        return self.episodes[self._sample_episode[i]].view_sources(self._sample_frames[i])
+
     def image_paths(self, i: int) -> list[Path]:
-        """The image file of each view that sample i uses (no decoding)."""
-        ep = self.episodes[self._sample_episode[i]]
-        return [ep.image_path(v, self._sample_frames[i, v]) for v in range(self.num_views)]
+        """The file each view of sample i reads (an image, or a video holding the frame)."""
+        return [path for _, path, _ in self.view_sources(i)]
 
     def instruction(self, i: int) -> str:
-        return self.episodes[self._sample_episode[i]].instruction
+        return self.episodes[self._sample_episode[i]].instruction_at(float(self._sample_time[i]))
 
     def get_actions(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """Only the action chunk of sample i: (actions (H, 7) float32, action_is_pad (H,) bool).
+        """Only the action chunk of sample i: (actions (H, D) float32, action_is_pad (H,) bool).
         Cheap (no image or sensor reads), for statistics."""
         return self._actions[i].copy(), self._action_is_pad[i].copy()
 
     def action_range(self) -> tuple[np.ndarray, np.ndarray]:
-        """(min (7,), max (7,)) float64 over every non-padded action step of every sample
+        """(min (D,), max (D,)) float64 over every non-padded action step of every sample
         (zeros when there is none)."""
-        steps = self._actions[~self._action_is_pad]  # (n, 7)
+        steps = self._actions[~self._action_is_pad]  # (n, D)
         if len(steps) == 0:
-            return np.zeros(ACTION_DIM), np.zeros(ACTION_DIM)
+            return np.zeros(self.action_dim), np.zeros(self.action_dim)
         return steps.min(axis=0).astype(np.float64), steps.max(axis=0).astype(np.float64)
 
     # ---- reporting
@@ -592,7 +547,7 @@ def split_train_val(dataset_or_episodes: VLADataset | Sequence[Episode], val_spl
     if val_split > 0 and n >= 2:
         target = max(target, 1)
     by_source: dict[str, list[Episode]] = {}
-    for ep in sorted(episodes, key=lambda e: e.path):
+    for ep in sorted(episodes, key=lambda e: str(e.path)):
         by_source.setdefault(ep.source, []).append(ep)
     names = sorted(by_source)
     counts = _val_counts([len(by_source[s]) for s in names], target) if target else [0] * len(names)
@@ -622,7 +577,7 @@ def collate_numeric(samples: list[dict]) -> dict:
         SENSOR_WINDOW: torch.from_numpy(np.stack([s[SENSOR_WINDOW] for s in samples], dtype=np.float32)),  # (B, W, C)
         SENSOR_PAD: torch.tensor([int(s[SENSOR_PAD]) for s in samples], dtype=torch.long),  # (B,)
         HAS_SENSOR: torch.tensor([bool(s[HAS_SENSOR]) for s in samples], dtype=torch.bool),  # (B,)
-        ACTIONS: torch.from_numpy(np.stack([s[ACTIONS] for s in samples], dtype=np.float32)),  # (B, H, 7)
+        ACTIONS: torch.from_numpy(np.stack([s[ACTIONS] for s in samples], dtype=np.float32)),  # (B, H, D)
         ACTION_IS_PAD: torch.from_numpy(np.stack([s[ACTION_IS_PAD] for s in samples]).astype(np.bool_)),  # (B, H)
         CONFIDENCE: torch.tensor([float(s[CONFIDENCE]) for s in samples], dtype=torch.float32),  # (B,)
         EPISODE_INDEX: torch.tensor([int(s[EPISODE_INDEX]) for s in samples], dtype=torch.long),  # (B,)

@@ -33,7 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
+from vla_ds.data.actions import ACTION_DIM, DELTA_POSE_NAMES, DELTA_POSE_UNITS, EpisodeSamples, compute_action_chunks
+from vla_ds.data.lerobot import is_lerobot_root
 from vla_ds.errors import DatasetError
 
 logger = logging.getLogger(__name__)
@@ -79,11 +82,12 @@ UNPACKED_FALLBACK_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".ca
 
 
 def find_episode_dirs(root: str | os.PathLike) -> list[Path]:
-    """All episode directories (holding ``metadata.json``) under ``root``, any depth, sorted by path.
+    """All episode directories (holding ``metadata.json``) and LeRobot dataset roots (holding
+    ``meta/info.json``) under ``root``, any depth, sorted by path.
 
-    ``root`` itself counts if it holds ``metadata.json``. The walk does not descend
-    into an episode (its ``images/`` folders can hold thousands of files) and follows
-    symbolic links to folders, visiting each real folder once.
+    ``root`` itself counts if it is one. The walk does not descend into an episode or a
+    LeRobot root (their folders can hold thousands of files) and follows symbolic links to
+    folders, visiting each real folder once.
     """
     root = Path(root)
     if not root.is_dir():
@@ -96,7 +100,7 @@ def find_episode_dirs(root: str | os.PathLike) -> list[Path]:
             dirnames[:] = []
             continue
         seen.add(real)
-        if METADATA_FILE in filenames:
+        if METADATA_FILE in filenames or is_lerobot_root(dirpath):
             found.append(Path(dirpath))
             dirnames[:] = []
         else:
@@ -795,6 +799,73 @@ class Episode:
             idx, dist = zip(*(nearest_frames(ft, times) for ft in self.frame_times))
             self._match_cache[key] = (times, np.stack(idx, axis=1), np.stack(dist, axis=1))
         return self._match_cache[key]
+
+    # ---- the episode interface VLADataset uses (shared with LeRobotEpisode)
+
+    action_dim = ACTION_DIM
+    action_names = DELTA_POSE_NAMES
+    action_units = DELTA_POSE_UNITS
+
+    @property
+    def start_time(self) -> float:
+        return float(self.states.times[0])
+
+    def build_samples(self, config) -> EpisodeSamples:
+        """Every sample of this episode under ``config`` (a DataConfig): times, frames per view
+        and action chunks. Frames outside the robot_states time range are not samples
+        (counted in ``out_of_range``); a sample with a view lacking a frame within
+        ``view_tolerance_s`` is a DatasetError, or dropped and counted with on_bad_sample="skip"."""
+        cfg = config
+        chunk_s = cfg.action_horizon / self.action_hz
+        if self.duration_s + 1e-9 < chunk_s:
+            raise DatasetError(f"{self.path}: robot_states.csv spans {self.duration_s:.3f} s, shorter than one "
+                               f"action chunk ({cfg.action_horizon} steps at {self.action_hz:g} Hz = {chunk_s:.3f} s)")
+        if len(self.frame_times[0]) == 0 and cfg.on_bad_sample == "error":
+            raise DatasetError(f"{self.path / IMAGES_DIR / self.camera_views[0]}: no .jpg/.png frames "
+                               f"(the first camera view sets the sample times)")
+        tol = cfg.view_tolerance_s + 1e-9
+        t, idx, dist = self.match_frames(cfg.frame_stride, cfg.view_tolerance_s)  # (S,), (S, V), (S, V)
+        # Before the first state the pose would be held (zero deltas labelled valid), after
+        # the last every step is padding: such frames are not samples. Ends included.
+        state_t = self.states.times
+        in_range = (t >= state_t[0] - TIME_EPS) & (t <= state_t[-1] + TIME_EPS)  # (S,)
+        out_of_range = int((~in_range).sum())
+        t, idx, dist = t[in_range], idx[in_range], dist[in_range]
+        ok = (dist <= tol).all(axis=1)  # (S,)
+        if not ok.all() and cfg.on_bad_sample == "error":
+            s = int(np.flatnonzero(~ok)[0])
+            v = int(np.flatnonzero(dist[s] > tol)[0])
+            near = f"nearest is {dist[s, v]:.3f} s away" if math.isfinite(dist[s, v]) else "the view has no frames"
+            raise DatasetError(f"{self.path}: view '{self.camera_views[v]}' has no frame within "
+                               f"{cfg.view_tolerance_s:g} s of t={t[s]:.6f} ({near}); "
+                               f"on_bad_sample='skip' drops such samples")
+        t, idx = t[ok], idx[ok]
+        # Every sample's action chunk, once: a sample then reads its row instead of
+        # interpolating the robot states again (about 35 us a sample, every epoch).
+        actions, is_pad = compute_action_chunks(state_t, self.states.poses, self.states.gripper,
+                                                t.astype(np.float64, copy=False), cfg.action_horizon, self.action_hz)
+        return EpisodeSamples(t, idx, actions, is_pad, invalid=int((~ok).sum()), out_of_range=out_of_range)
+
+    def view_sources(self, frames: np.ndarray) -> list[tuple[str, Path, str]]:
+        """(view name, file, locator within the file) of each view's frame; images are whole files."""
+        return [(view, self.image_path(v, frames[v]), "") for v, view in enumerate(self.camera_views)]
+
+    def decode_views(self, frames: np.ndarray) -> list[np.ndarray]:
+        """Each view's frame (one row of the sample's frame indices) as uint8 (h, w, 3) RGB."""
+        return [decode_image(self.image_path(v, frames[v])) for v in range(len(self.camera_views))]
+
+    def instruction_at(self, t: float) -> str:
+        return self.meta.instruction
+
+
+def decode_image(path: Path) -> np.ndarray:
+    """Decode one image file to uint8 (h, w, 3) RGB; a corrupt or truncated file is a DatasetError."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return np.array(img.convert("RGB"), dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise DatasetError(f"{path}: cannot decode image ({e})") from None
 
 
 def load_episode(episode_dir: str | os.PathLike, source: str = "", index: int = -1) -> Episode:

@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from vla_ds.data.dataset import ACTION_DIM, VLADataset
+from vla_ds.data.dataset import VLADataset
 from vla_ds.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
 RANGE_KEYS = ("action_min", "action_max")
+NAME_KEYS = ("action_names", "action_units")
 MIN_STD = 1e-6  # dims with a smaller std are constant: their std is stored as 1.0
 MAX_SENSOR_ROWS = 50_000  # sensor rows sampled for stats, over all episodes
 
@@ -28,13 +29,16 @@ class NormStats:
     """Per-dimension mean and std of actions and sensor channels.
 
     Fields:
-        action_mean: (7,) mean of non-padded action steps.
-        action_std: (7,) their std; a constant dim gets 1.0 so it never divides by ~0.
+        action_mean: (D,) mean of non-padded action steps (D = 7 for delta-pose actions,
+            the dataset's own dimension for a LeRobot ``action`` feature).
+        action_std: (D,) their std; a constant dim gets 1.0 so it never divides by ~0.
         sensor_mean: (C,) mean of the sensor rows (0 when no episode has sensor data).
         sensor_std: (C,) their std; constant channels get 1.0.
-        action_min, action_max: (7,) range of the non-padded action steps: sampled chunks
+        action_min, action_max: (D,) range of the non-padded action steps: sampled chunks
             are clamped to it (``ActionExpertConfig.clip_to_data_range``). None in stats
             written before vla_ds recorded it.
+        action_names, action_units: D names and units of the action dimensions (for
+            reports and plots); None in stats written before vla_ds recorded them.
     """
 
     action_mean: np.ndarray
@@ -43,11 +47,21 @@ class NormStats:
     sensor_std: np.ndarray
     action_min: np.ndarray | None = field(default=None)
     action_max: np.ndarray | None = field(default=None)
+    action_names: list[str] | None = field(default=None)
+    action_units: list[str] | None = field(default=None)
 
     def to_dict(self) -> dict:
-        """JSON-able dict of float lists (the range only when known)."""
+        """JSON-able dict of float lists (the range and names only when known)."""
         keys = self._keys() + (RANGE_KEYS if self.action_min is not None else ())
-        return {k: [float(x) for x in getattr(self, k)] for k in keys}
+        d = {k: [float(x) for x in getattr(self, k)] for k in keys}
+        for k in NAME_KEYS:
+            if getattr(self, k) is not None:
+                d[k] = [str(x) for x in getattr(self, k)]
+        return d
+
+    @property
+    def action_dim(self) -> int:
+        return len(self.action_mean)
 
     @classmethod
     def from_dict(cls, d: dict) -> NormStats:
@@ -61,9 +75,17 @@ class NormStats:
         arrays = {k: np.asarray(d[k], dtype=np.float64) for k in keys}
         if len(keys) == len(cls._keys()) + 1:
             raise CheckpointError(f"norm stats: '{keys[-1]}' without its pair ({' and '.join(RANGE_KEYS)})")
-        for k in ("action_mean", "action_std") + keys[len(cls._keys()):]:
-            if arrays[k].shape != (ACTION_DIM,):
-                raise CheckpointError(f"norm stats: '{k}' has shape {arrays[k].shape}, expected ({ACTION_DIM},)")
+        dim = arrays["action_mean"].shape
+        if len(dim) != 1 or not dim[0]:
+            raise CheckpointError(f"norm stats: 'action_mean' must be a non-empty list, got shape {dim}")
+        for k in ("action_std",) + keys[len(cls._keys()):]:
+            if arrays[k].shape != dim:
+                raise CheckpointError(f"norm stats: '{k}' has shape {arrays[k].shape}, expected {dim}")
+        for k in NAME_KEYS:
+            if d.get(k) is not None:
+                if not isinstance(d[k], list) or len(d[k]) != dim[0]:
+                    raise CheckpointError(f"norm stats: '{k}' must list {dim[0]} strings, got {d[k]!r}")
+                arrays[k] = [str(x) for x in d[k]]
         if arrays["sensor_mean"].ndim != 1 or arrays["sensor_mean"].shape != arrays["sensor_std"].shape:
             raise CheckpointError(f"norm stats: 'sensor_mean' {arrays['sensor_mean'].shape} and 'sensor_std' "
                                   f"{arrays['sensor_std'].shape} must be equal 1-D shapes")
@@ -74,11 +96,11 @@ class NormStats:
         return ("action_mean", "action_std", "sensor_mean", "sensor_std")
 
     def normalize_actions(self, actions):
-        """(..., 7) raw actions -> normalised; numpy array or torch tensor."""
+        """(..., D) raw actions -> normalised; numpy array or torch tensor."""
         return _affine(actions, self.action_mean, self.action_std, inverse=False)
 
     def denormalize_actions(self, actions):
-        """(..., 7) normalised actions -> raw; numpy array or torch tensor."""
+        """(..., D) normalised actions -> raw; numpy array or torch tensor."""
         return _affine(actions, self.action_mean, self.action_std, inverse=True)
 
     def normalize_sensor(self, sensor):
@@ -126,10 +148,11 @@ def compute_norm_stats(dataset: VLADataset, max_samples: int = 2000, seed: int =
         indices = np.arange(n)
     steps = []
     for i in indices:
-        actions, is_pad = dataset.get_actions(int(i))  # (H, 7), (H,)
-        steps.append(actions[~is_pad])  # (h, 7)
-    action_rows = np.concatenate(steps) if steps else np.zeros((0, ACTION_DIM))
-    action_mean, action_std = _mean_std(action_rows, ACTION_DIM)
+        actions, is_pad = dataset.get_actions(int(i))  # (H, D), (H,)
+        steps.append(actions[~is_pad])  # (h, D)
+    dim = dataset.action_dim
+    action_rows = np.concatenate(steps) if steps else np.zeros((0, dim))
+    action_mean, action_std = _mean_std(action_rows, dim)
     action_min, action_max = dataset.action_range()  # every sample: a clamp must not cut real extremes
 
     # Sensor rows are merged one episode at a time (never all rows at once: 50k rows of
@@ -142,7 +165,8 @@ def compute_norm_stats(dataset: VLADataset, max_samples: int = 2000, seed: int =
     sensor_mean, sensor_std = moments.mean_std()
     logger.info("norm stats from %d action steps (%d samples) and %d sensor rows (%d episodes)",
                 len(action_rows), len(indices), moments.count, len(sensors))
-    return NormStats(action_mean, action_std, sensor_mean, sensor_std, action_min, action_max)
+    return NormStats(action_mean, action_std, sensor_mean, sensor_std, action_min, action_max,
+                     list(dataset.action_names), list(dataset.action_units))
 
 
 class _RunningMoments:

@@ -114,13 +114,15 @@ def _drop_tied_aliases(module: nn.Module, state_dict: dict, prefix: str, local_m
 
 
 def derived_head_configs(sensor_encoder_config: SensorEncoderConfig, action_expert_config: ActionExpertConfig,
-                         sensor_channels: int, sensor_window_size: int,
-                         vl_hidden_size: int) -> tuple[SensorEncoderConfig, ActionExpertConfig]:
+                         sensor_channels: int, sensor_window_size: int, vl_hidden_size: int,
+                         action_dim: int | None = None) -> tuple[SensorEncoderConfig, ActionExpertConfig]:
     """The head configs with the sizes that follow from the data and the other parts filled in
     (and re-validated by ``replace``): the sensor encoder's input channels and window, the
-    action expert's VL width and sensor feature width. The one place that rule is written."""
+    action expert's action dimension (the data's; None keeps the config's), VL width and
+    sensor feature width. The one place that rule is written."""
     sensor = dataclasses.replace(sensor_encoder_config, in_channels=sensor_channels, window_size=sensor_window_size)
-    action = dataclasses.replace(action_expert_config, vl_hidden_size=vl_hidden_size, sensor_feature_dim=sensor.out_dim)
+    action = dataclasses.replace(action_expert_config, vl_hidden_size=vl_hidden_size, sensor_feature_dim=sensor.out_dim,
+                                 action_dim=action_dim or action_expert_config.action_dim)
     return sensor, action
 
 
@@ -131,9 +133,10 @@ class VLAPolicy(nn.Module):
         backbone: the (frozen in Stage 1) Qwen2.5-VL wrapper; its ``hidden_size`` sizes the
             action expert's VL projection.
         sensor_encoder_config, action_expert_config: head sizes; ``in_channels``,
-            ``window_size``, ``vl_hidden_size`` and ``sensor_feature_dim`` are filled here
-            from the backbone, the data and the sensor encoder.
-        norm_stats: ``vla_ds.data.NormStats`` from the training split.
+            ``window_size``, ``action_dim``, ``vl_hidden_size`` and ``sensor_feature_dim``
+            are filled here from the backbone, the data and the sensor encoder.
+        norm_stats: ``vla_ds.data.NormStats`` from the training split; its length sets the
+            action dimension D.
         sensor_channels, sensor_window_size: from the dataset.
         sensor_loss_weight: loss weight of samples with sensor data (x confidence).
     """
@@ -150,7 +153,8 @@ class VLAPolicy(nn.Module):
     ):
         super().__init__()
         sensor_encoder_config, action_expert_config = derived_head_configs(
-            sensor_encoder_config, action_expert_config, sensor_channels, sensor_window_size, backbone.hidden_size)
+            sensor_encoder_config, action_expert_config, sensor_channels, sensor_window_size, backbone.hidden_size,
+            action_dim=len(norm_stats.action_mean))
         self.backbone = backbone
         self.sensor_encoder = SensorEncoder(sensor_encoder_config)
         self.action_expert = ActionExpert(action_expert_config)
@@ -383,6 +387,8 @@ class PolicyNormStats:
     sensor_std: np.ndarray
     action_min: np.ndarray | None = None
     action_max: np.ndarray | None = None
+    action_names: list[str] | None = None
+    action_units: list[str] | None = None
 
 
 def _read_json(path: Path) -> Any:
@@ -542,6 +548,11 @@ def read_norm_stats(path: str | os.PathLike, action_dim: int, sensor_channels: i
         arrays[key] = value
     if present and (arrays["action_min"] > arrays["action_max"]).any():
         raise CheckpointError(f"{path}: 'action_min' exceeds 'action_max'")
+    for key in ("action_names", "action_units"):
+        if raw.get(key) is not None:
+            if not isinstance(raw[key], list) or len(raw[key]) != action_dim:
+                raise CheckpointError(f"{path}: '{key}' must list {action_dim} strings")
+            arrays[key] = [str(x) for x in raw[key]]
     return PolicyNormStats(**arrays)
 
 
