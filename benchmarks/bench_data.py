@@ -24,6 +24,11 @@ while it reads 650 x 1026 windows, with the
 compressed members unpacked once to memory-mapped .npy files next to the dataset (the
 default) and decompressed in memory per worker (``UNPACK_COMPRESSED_SENSOR = False``, the
 behaviour before). Prints tables, writes JSON with ``--json``. Run by hand.
+
+``--lerobot``: LeRobot v3.0 datasets instead (written by tests/lerobot_writer.py from
+LeRobot's layout: 2 cameras at 480x640, 10 episodes of 60 frames, AV1 and H.264, several
+episodes per mp4): samples/s decoding them at each worker count, and ``data_share`` of
+short Stage 1 runs that decode every step (``--no-cache``, the Stage 2 input path).
 """
 
 from __future__ import annotations
@@ -84,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path)
     p.add_argument("--memory-only", action="store_true",
                    help="only the compressed-sensor memory table (about a minute)")
+    p.add_argument("--lerobot", action="store_true", help="LeRobot datasets (AV1, H.264) instead of vla_ds episodes")
     a = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
@@ -106,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         backbone = make_tiny_backbone(tmp / "tiny")
         builder = VLInputBuilder.from_pretrained(BackboneConfig(model_name_or_path=str(backbone)))
         collate = PolicyCollator(builder)
+        if a.lerobot:
+            results["lerobot"] = lerobot_rates(tmp, backbone, collate, a)
+            return _report(results, a.json)
         datasets = {"demo (20 episodes)": make_demo_dataset(tmp / "demo", (10, 10)),
                     "large (100 episodes)": make_demo_dataset(tmp / "large", (50, 50), seed=1)}
         for name, path in datasets.items():
@@ -130,7 +139,47 @@ def main(argv: list[str] | None = None) -> int:
     return _report(results, a.json)
 
 
+def lerobot_rates(tmp: Path, backbone: Path, collate, a) -> list[dict]:
+    """Decode rates and data_share on LeRobot v3.0 datasets, per codec."""
+    sys.path.insert(0, str(REPO / "tests"))  # the test suite's LeRobot writer (LeRobot's own layout)
+    from lerobot_writer import write_lerobot_dataset
+
+    from vla_ds.data import DataConfig, VLADataset, split_train_val
+
+    rows = []
+    for codec in ("av1", "h264"):
+        start = time.perf_counter()
+        root = write_lerobot_dataset(tmp / f"lerobot_{codec}", version="v3.0", codec=codec, num_episodes=10,
+                                     lengths=[60] * 10, image_hw=(480, 640), episodes_per_file=5).root
+        print(f"wrote the {codec} dataset in {time.perf_counter() - start:.0f} s", flush=True)
+        ds = VLADataset.from_config(DataConfig(dataset_dir=str(root), sensor_window_size=32))
+        train, _ = split_train_val(ds, 0.1, 42)
+        for workers in a.workers:
+            rate = loader_rate(train, collate, workers, a.batch_size, a.batches)
+            rows.append({"codec": codec, "kind": "loader", "workers": workers, "samples_per_s": rate})
+            print(f"{codec:<6} workers {workers}: {rate:8.1f} samples/s (2 views 480x640 decoded + prompt)", flush=True)
+        for workers in a.train_workers:
+            share = training_share(root, backbone, tmp / f"run_{codec}_{workers}", workers, ["--no-cache"])
+            rows.append({"codec": codec, "kind": "training", "workers": workers, **share})
+            print(f"{codec:<6} training, workers {workers}: data_share {share['data_share']:.3f}", flush=True)
+    return rows
+
+
 def _report(results: dict, json_path: Path | None) -> int:
+    if results.get("lerobot"):
+        print()
+        print(f"{'LeRobot v3.0, 2 x 480x640':<28}{'workers':>8}{'loader samples/s':>18}{'train data_share':>18}"
+              f"{'train samples/s':>17}")
+        for r in results["lerobot"]:
+            if r["kind"] == "loader":
+                print(f"{r['codec']:<28}{r['workers']:>8}{r['samples_per_s']:>18.1f}{'':>18}{'':>17}")
+            else:
+                print(f"{r['codec'] + ' (Stage 1, --no-cache)':<28}{r['workers']:>8}{'':>18}{r['data_share']:>18.3f}"
+                      f"{r['samples_per_s']:>17.1f}")
+        if json_path:
+            json_path.write_text(json.dumps(results, indent=2) + "\n")
+            print(f"wrote {json_path}")
+        return 0
     if results["loader"]:
         print()
         print(f"{'dataset':<22}{'workers':>8}{'images samples/s':>18}{'cached samples/s':>18}")

@@ -293,7 +293,8 @@ def test_nan_in_actions_is_refused_or_skipped(good_v3, tmp_path):
 # --------------------------------------------------------------------------- training and inference
 
 
-def test_two_rank_stage1_stage2_and_a_six_dimensional_policy(tiny_backbone_dir, lerobot_root, tmp_path, capsys):
+def test_two_rank_stage1_stage2_and_a_six_dimensional_policy(tiny_backbone_dir, lerobot_root, demo_dataset_dir,
+                                                              tmp_path, capsys):
     """A LeRobot v3.0 dataset (AV1, 6-D actions, the state as sensor stream) trains Stage 1 on
     two ranks (features cached from decoded video) and Stage 2 with LoRA (video decoded by the
     DataLoader workers); the exported policy predicts 6-D chunks and evaluate/predict name them."""
@@ -331,6 +332,12 @@ def test_two_rank_stage1_stage2_and_a_six_dimensional_policy(tiny_backbone_dir, 
                                   "--epochs", "1", "--lora-r", "4", "--stage1-checkpoint", str(s1),
                                   "--sensor-window-size", "4", "--num_workers", "2", *mapping)[2:]]) == 0
     assert [r for r in read_metrics(s2) if "train/loss" in r]
+    # The 6-D Stage 1 heads cannot continue on 7-D delta-pose data: one message, nothing trained.
+    capsys.readouterr()
+    assert train_main([*tiny_args(demo_dataset_dir, tiny_backbone_dir, tmp_path / "s2_7d", "--training-stage", "stage2",
+                                  "--stage1-checkpoint", str(s1))[2:]]) == 2
+    assert "7-dimensional actions (dx, dy, dz, da, db, dr, gripper), but the checkpoint the run starts from " \
+           "predicts 6" in capsys.readouterr().err
 
     policy_dir = tmp_path / "policy"
     assert convert_main([str(s2), str(policy_dir), "--to", "policy"]) == 0
