@@ -4,6 +4,7 @@ LeRobot's documented layout (not from our reader's assumptions)."""
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -298,7 +299,6 @@ def test_two_rank_stage1_stage2_and_a_six_dimensional_policy(tiny_backbone_dir, 
     """A LeRobot v3.0 dataset (AV1, 6-D actions, the state as sensor stream) trains Stage 1 on
     two ranks (features cached from decoded video) and Stage 2 with LoRA (video decoded by the
     DataLoader workers); the exported policy predicts 6-D chunks and evaluate/predict name them."""
-    import os
     import subprocess
     import sys
 
@@ -362,3 +362,19 @@ def test_two_rank_stage1_stage2_and_a_six_dimensional_policy(tiny_backbone_dir, 
     printed = capsys.readouterr().out
     assert "gripper.pos" in printed and "episode_000004" in printed
     assert len([line for line in printed.splitlines() if line.lstrip().startswith("recorded")]) == 8
+
+
+def test_feature_cache_keys_follow_the_video_file_and_frame_time(lerobot_root):
+    from vla_ds.cache import sample_keys
+
+    written = write_lerobot_dataset(lerobot_root / "keys", version="v2.1", codec="h264", num_episodes=2, lengths=[5, 6],
+                                    cameras=("observation.images.top",))
+    ds = dataset(written.root)
+    keys = sample_keys(ds, str(written.root))
+    assert len(set(keys)) == len(ds) == 11  # one key per frame time
+    video = written.root / written.episodes[1].video_files["observation.images.top"]
+    data = video.read_bytes()
+    video.write_bytes(data)  # rewritten (new mtime): its samples recompute, the other episode's do not
+    os.utime(video, ns=(video.stat().st_atime_ns, video.stat().st_mtime_ns + 10**9))
+    again = sample_keys(dataset(written.root), str(written.root))
+    assert again[:5] == keys[:5] and all(a != b for a, b in zip(again[5:], keys[5:]))
