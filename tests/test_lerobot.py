@@ -378,3 +378,14 @@ def test_feature_cache_keys_follow_the_video_file_and_frame_time(lerobot_root):
     os.utime(video, ns=(video.stat().st_atime_ns, video.stat().st_mtime_ns + 10**9))
     again = sample_keys(dataset(written.root), str(written.root))
     assert again[:5] == keys[:5] and all(a != b for a, b in zip(again[5:], keys[5:]))
+
+
+def test_damaged_parquet_and_unknown_task(good_v3, tmp_path):
+    root = broken_copy(good_v3, tmp_path)
+    data_file = root / good_v3.episodes[2].data_file
+    set_column(data_file, "task_index", 0, 7)
+    with pytest.raises(DatasetError, match=rf"^{data_file}: episode 2: task_index 7 is not in the dataset's tasks"):
+        dataset(root)
+    data_file.write_bytes(b"PAR1 not really")
+    with pytest.raises(DatasetError, match=rf"^{data_file}: cannot read parquet"):
+        dataset(root)

@@ -250,6 +250,16 @@ def _read_tasks(root: Path, version: str) -> dict[int, str]:
                     (str(t) for t in table.column(column).to_pylist())))
 
 
+def _schema_names(pq, path: Path) -> list[str]:
+    if not path.is_file():
+        raise DatasetError(f"{path}: not found")
+    try:
+        return pq.read_schema(path).names
+    except Exception as e:  # ArrowInvalid, OSError, ... for a damaged file
+        raise DatasetError(f"{path}: cannot read parquet ({type(e).__name__}: {' '.join(str(e).split())[:200]})") \
+            from None
+
+
 def _read_parquet(pq, path: Path, columns: list[str] | None = None, filters=None):
     if not path.is_file():
         raise DatasetError(f"{path}: not found")
@@ -285,7 +295,7 @@ def _read_episode_entries(root: Path, info: dict, video_keys: list[str]) -> list
         raise DatasetError(f"{root / 'meta/episodes'}: no episode metadata (chunk-XXX/file-XXX.parquet)")
     entries = []
     for path in files:
-        names = pq.read_schema(path).names if path.is_file() else []
+        names = _schema_names(pq, path)
         needed = ["episode_index", "length", "data/chunk_index", "data/file_index"] + [
             f"videos/{k}/{c}" for k in video_keys for c in ("chunk_index", "file_index", "from_timestamp")]
         missing = [c for c in needed if c not in names]
@@ -635,7 +645,7 @@ class LeRobotEpisode:
 
     def instruction_at(self, t: float) -> str:
         row = min(int(np.searchsorted(self.timestamps, t - 1e-9)), len(self.timestamps) - 1)
-        return self.tasks.get(int(self.task_index[row]), "")
+        return self.tasks[int(self.task_index[row])]
 
     def build_samples(self, config) -> EpisodeSamples:
         """A sample at every ``frame_stride``-th frame; its chunk is the next H actions
@@ -776,7 +786,7 @@ def load_lerobot_episodes(root: str | os.PathLike, config: LeRobotConfig, source
         if not data_file.is_file():
             raise DatasetError(f"{data_file}: data file not found (episode {file_entries[0].index}, "
                                f"from {INFO_FILE}'s data_path)")
-        schema = pq.read_schema(data_file).names
+        schema = _schema_names(pq, data_file)
         for column in ["timestamp", "frame_index", "episode_index", "task_index"] + used:
             if column not in schema:
                 raise DatasetError(f"{data_file}: no column '{column}'")
@@ -797,6 +807,10 @@ def load_lerobot_episodes(root: str | os.PathLike, config: LeRobotConfig, source
             times = times_all[lo:hi]
             if not np.isfinite(times).all() or (np.diff(times) <= 0).any():
                 raise DatasetError(f"{where}: timestamps are not finite and increasing")
+            unknown = sorted(set(np.unique(task_all[lo:hi]).tolist()) - set(tasks))
+            if unknown:
+                raise DatasetError(f"{where}: task_index {unknown[0]} is not in the dataset's tasks "
+                                   f"({'meta/tasks.jsonl' if info['codebase_version'] == 'v2.1' else 'meta/tasks.parquet'})")
             bad_rows = np.zeros(hi - lo, dtype=bool)
             for f, v in values.items():
                 nan = ~np.isfinite(v).all(axis=1)
