@@ -3,18 +3,72 @@
 DeepSpeed JIT-builds its C++ ops (fused Adam, the CPU shm comm op) on first use; every
 test process, launcher children included, shares one TORCH_EXTENSIONS_DIR so each op is
 built once per machine, not once per test.
+
+Two start-up costs that say nothing about vla_ds are paid once per session, not per run:
+
+- py-cpuinfo's answer (DeepSpeed asks it at every op load and every DeepSpeedCPUAdam, and
+  each question costs ~1.2 s of busy CPU): asked once, then served from a file, in this
+  process and, through tests/launched_site/sitecustomize.py, in every process a test starts;
+- the garbage collector's walk over the objects of the imported libraries (torch,
+  DeepSpeed, transformers: ~0.25 s per full collection, and DeepSpeed's BF16_Optimizer
+  collects four times per engine): they are moved out of its way with ``gc.freeze()``,
+  once after collection and again at the start of each test module.
 """
 
+import gc
+import json
 import os
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+LAUNCHED_SITE = Path(__file__).resolve().parent / "launched_site"
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "offline")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cpu_info_asked_once(tmp_path_factory):
+    """py-cpuinfo asked at most once per session (see tests/launched_site/sitecustomize.py),
+    by this process or by the first process a test starts."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("vla_ds_test_launched_site", LAUNCHED_SITE / "sitecustomize.py")
+    site = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(site)
+    path = str(tmp_path_factory.mktemp("cpu_info") / "cpu_info.json")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("VLA_DS_TEST_CPU_INFO", path)
+    mp.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(LAUNCHED_SITE), os.environ.get("PYTHONPATH")) if p))
+    cpuinfo = None
+    if importlib.util.find_spec("cpuinfo") is not None:
+        import cpuinfo
+
+        real = site.patch_cpuinfo(cpuinfo, path)
+    yield path
+    mp.undo()
+    if cpuinfo is not None:
+        cpuinfo.get_cpu_info = real
+        if "cpuinfo.cpuinfo" in sys.modules:
+            sys.modules["cpuinfo.cpuinfo"].get_cpu_info = real
+
+
+def pytest_collection_finish(session):
+    gc.collect()
+    gc.freeze()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _gc_freeze_what_is_alive():
+    """Collect the previous module's garbage, then freeze what is still alive (libraries
+    imported since, session fixtures): later collections walk only this module's objects."""
+    gc.collect()
+    gc.freeze()
+    yield
 
 
 @pytest.fixture(scope="session")
