@@ -13,9 +13,18 @@ from vla_ds import fault_drill as drill
 from vla_ds.errors import CheckpointError
 
 
+@pytest.fixture(scope="module")
+def feature_cache(tmp_path_factory):
+    """One Stage 1 VL feature cache for the module's runs (they all train on the session's
+    demo dataset), built by the first run that needs it instead of once per test."""
+    return tmp_path_factory.mktemp("fault_feature_cache")
+
+
 @pytest.fixture
-def ctx(tmp_path, tiny_backbone_dir, demo_dataset_dir):
-    return drill.Context(tmp_path, backbone=tiny_backbone_dir, data=demo_dataset_dir)
+def ctx(tmp_path, tiny_backbone_dir, demo_dataset_dir, feature_cache):
+    context = drill.Context(tmp_path, backbone=tiny_backbone_dir, data=demo_dataset_dir)
+    context.common = ["--set", f"cache.dir={feature_cache}"]
+    return context
 
 
 @pytest.mark.parametrize("scenario", ["kill_in_save", "kill_and_resume", "nan_forever",
@@ -32,19 +41,25 @@ ZERO = {"zero1": [],  # stage1.json: ZeRO-1 + bf16, DeepSpeed's BF16_Optimizer
 
 
 @pytest.mark.parametrize("zero,accum", [("zero1", 1), ("zero1", 2), ("zero2", 2), ("zero2_offload", 1)])
-def test_skipped_steps_are_counted_and_leave_the_weights(zero, accum, ctx):
+def test_skipped_steps_are_counted_and_leave_the_weights(zero, accum, ctx, monkeypatch, capsys):
     """NaN loss at steps 5-6: those two updates are skipped (counted in metrics.jsonl), the
     run goes on, and the weights after step 6 equal those after step 4. With accumulation 2
     the NaN is in step 5's last micro batch and step 6's first (under ZeRO-2, with one
     gradient reduction per step). With the optimizer offloaded (stage2_offload.json's
-    ZeRO-2), DeepSpeed alone would keep the NaN gradient and skip every later step."""
+    ZeRO-2), DeepSpeed alone would keep the NaN gradient and skip every later step.
+
+    The run is in this process, the NaN injected as ``fault_drill child --nan-steps`` injects
+    it (that child process itself runs in the nan_forever scenario)."""
     from vla_ds.metrics import read_metrics
+    from vla_ds.models.policy import VLAPolicy
+    from vla_ds.train import main
 
     out = ctx.root / "nan"
     args = drill.train_args(ctx.data, ctx.backbone, out, "--epochs", "1", "--save_steps", "2",
                             "--grad_accum", str(accum), *ZERO[zero], *ctx.common)
-    proc = drill.run_child(["--nan-steps", "5-6" if accum == 1 else "10-11"], args)  # forward calls
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    monkeypatch.setattr(VLAPolicy, "forward", VLAPolicy.forward)  # the real forward is back after the test
+    drill.inject_nan_steps(*((5, 6) if accum == 1 else (10, 11)))  # training forward calls
+    assert main(args) == 0, capsys.readouterr().err[-2000:]
     rows = {r["step"]: r for r in read_metrics(out) if "train/loss" in r}
     assert [rows[s]["train/skipped_steps"] for s in (4, 5, 6, 7)] == [0, 1, 2, 2]
     assert rows[5]["train/loss"] is None and rows[7]["train/loss"] is not None  # NaN written as null
