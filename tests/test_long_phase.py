@@ -3,8 +3,8 @@ share of the feature cache, rank 0 syncing a checkpoint) is waited for, while a 
 failed or stuck rank is still reported. Two real ranks (gloo), a 3-second collective
 timeout, one rank deliberately slow."""
 
+import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -44,38 +44,91 @@ RANK_SCRIPT = textwrap.dedent("""
 """)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# Starts every case's two ranks as forks of one process that has already imported what a
+# rank imports (deepspeed, vla_ds.engine: ~3 s of CPU that ten fresh processes would each
+# pay, on a 2-core machine), then waits for them as the fixture below describes and writes
+# each rank's exit code; each rank's stdout and stderr go to files next to it.
+FORK_SCRIPT = textwrap.dedent("""
+    import json, os, signal, socket, sys, traceback
+    import deepspeed.comm  # noqa: F401
+    from vla_ds import engine  # noqa: F401
+
+    script, out_dir, cases = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
+    with open(script) as f:
+        code = compile(f.read(), script, "exec")
 
 
-def start_ranks(case: str, script) -> list[subprocess.Popen]:
-    port = str(free_port())
-    procs = []
-    for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_SIZE="2",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, str(script), case], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
-    return procs
+    def free_port():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+
+    def run_rank(case, rank, port):  # in the forked child; never returns
+        status = 1
+        try:
+            os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_SIZE="2",
+                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+            for fd, name in ((1, "stdout"), (2, "stderr")):
+                target = os.open(os.path.join(out_dir, f"{case}.{rank}.{name}"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+                os.dup2(target, fd)
+                os.close(target)
+            sys.argv = [script, case]
+            try:
+                exec(code, {"__name__": "__main__", "__file__": script})
+                status = 0
+            except SystemExit as e:
+                status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            except BaseException:
+                traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(status)
+
+
+    started = {}
+    for case in cases:
+        port = free_port()
+        started[case] = []
+        for rank in range(2):
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                run_rank(case, rank, port)
+            started[case].append(pid)
+    codes = {}
+    for case, pids in started.items():
+        codes[case] = []
+        for rank, pid in enumerate(pids):
+            if case == "stuck" and rank == 1:
+                os.kill(pid, signal.SIGKILL)  # still "working": rank 0 has reported it
+            codes[case].append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+    with open(os.path.join(out_dir, "codes.json"), "w") as f:
+        json.dump(codes, f)
+""")
+CASES = ("collective", "slow", "dead", "failed", "stuck")
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> dict[str, list[subprocess.CompletedProcess]]:
-    """Every case's two ranks, all started at once (they mostly sleep)."""
-    script = tmp_path_factory.mktemp("long_phase") / "rank.py"
+    """Every case's two ranks, all started at once (they mostly sleep): forks of one process
+    (FORK_SCRIPT), each with its own RANK, WORLD_SIZE=2 and its case's MASTER_PORT."""
+    root = tmp_path_factory.mktemp("long_phase")
+    script, forker = root / "rank.py", root / "fork_ranks.py"
     script.write_text(RANK_SCRIPT)
-    started = {case: start_ranks(case, script) for case in ("collective", "slow", "dead", "failed", "stuck")}
-    results = {}
-    for case, procs in started.items():
-        results[case] = []
-        for rank, proc in enumerate(procs):
-            if case == "stuck" and rank == 1:
-                proc.kill()  # still "working": rank 0 has reported it
-            out, err = proc.communicate(timeout=180)
-            results[case].append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
-    return results
+    forker.write_text(FORK_SCRIPT)
+    args = [sys.executable, str(forker), str(script), str(root), ",".join(CASES)]
+    proc = subprocess.run(args, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    codes = json.loads((root / "codes.json").read_text())
+    return {case: [subprocess.CompletedProcess([*args[:2], str(script), case], codes[case][rank],
+                                               (root / f"{case}.{rank}.stdout").read_text(),
+                                               (root / f"{case}.{rank}.stderr").read_text())
+                   for rank in range(2)]
+            for case in CASES}
 
 
 def last_line(proc) -> str:  # DeepSpeed prints to stdout too
