@@ -16,7 +16,7 @@ INSTRUCTION = "instruction"        # str -> list of B str
 SENSOR_WINDOW = "sensor_window"    # float32 (W, C) raw values, zeros without sensor -> (B, W, C)
 SENSOR_PAD = "sensor_pad"          # int, the window's first rows that are front padding (W without sensor) -> int64 (B,)
 HAS_SENSOR = "has_sensor"          # bool -> bool (B,)
-ACTIONS = "actions"                # float32 (H, 7) raw deltas, zeros at padded steps -> (B, H, 7)
+ACTIONS = "actions"                # float32 (H, D) raw actions (D = 7 delta pose, or a LeRobot action's own) -> (B, H, D)
 ACTION_IS_PAD = "action_is_pad"    # bool (H,), True past the episode end -> bool (B, H)
 CONFIDENCE = "confidence"          # float, loss weight from metadata.json -> float32 (B,)
 EPISODE_INDEX = "episode_index"    # int, Episode.index -> int64 (B,)

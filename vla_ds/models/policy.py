@@ -16,10 +16,10 @@ Batch keys read by :meth:`VLAPolicy.forward` (produced by ``vla_ds.data.collate`
     sensor_window              (B, W, C)     raw sensor values
     sensor_pad                 (B,) long     optional: the window's first rows that are padding (no reading yet)
     has_sensor                 (B,) bool
-    actions                    (B, H, 7)     raw delta actions
+    actions                    (B, H, D)     raw actions (D = 7 delta pose, or the data's own)
     action_is_pad              (B, H) bool
     confidence                 (B,)
-    noise, timesteps           optional: fixed diffusion noise (B, H, 7) / steps (B,) for comparable validation
+    noise, timesteps           optional: fixed diffusion noise (B, H, D) / steps (B,) for comparable validation
 """
 
 from __future__ import annotations
@@ -206,7 +206,7 @@ class VLAPolicy(nn.Module):
         vl_hidden = self.vl_features(batch)  # (B, Hvl)
         has_sensor = batch[HAS_SENSOR].bool()
         sensor_features = self.sensor_features(batch[SENSOR_WINDOW], has_sensor, batch.get(SENSOR_PAD))
-        actions = self.action_norm.normalize(batch[ACTIONS])  # (B, H, 7)
+        actions = self.action_norm.normalize(batch[ACTIONS])  # (B, H, D)
         weight = batch[CONFIDENCE].float() * torch.where(
             has_sensor, torch.full_like(batch[CONFIDENCE].float(), self.sensor_loss_weight), 1.0
         )  # (B,)
@@ -238,8 +238,8 @@ class VLAPolicy(nn.Module):
         """De-normalised action chunks.
 
         Single form: ``images`` is one uint8 (h, w, 3) array per view, ``instruction`` a
-        string, ``sensor_window`` (W, C) raw values or None -> returns (H, 7). Batched form:
-        lists of those (sensor (B, W, C) or None) -> (B, H, 7).
+        string, ``sensor_window`` (W, C) raw values or None -> returns (H, D). Batched form:
+        lists of those (sensor (B, W, C) or None) -> (B, H, D).
 
         ``num_inference_steps`` sets the sampling steps (DDIM steps of a diffusion head,
         Euler steps of a flow-matching head; default the action expert's
@@ -293,7 +293,7 @@ class VLAPolicy(nn.Module):
         sensor_features = self.sensor_features(sensor, has_sensor, sensor_pad)
         actions = self.action_expert.sample(vl_hidden, sensor_features, num_inference_steps=num_inference_steps,
                                             method=method, generator=generator,
-                                            clip_range=self.action_norm.normalized_range())  # (B, H, 7) normalised
+                                            clip_range=self.action_norm.normalized_range())  # (B, H, D) normalised
         out = self.action_norm.denormalize(actions).cpu().numpy()
         return out[0] if single else out
 
