@@ -83,3 +83,53 @@ def demo_dataset_dir(tmp_path_factory) -> Path:
     from vla_ds.data.demo import make_demo_dataset
 
     return make_demo_dataset(tmp_path_factory.mktemp("demo") / "dataset")
+
+
+def stage1_flags(dataset, backbone, out, *extra) -> list[str]:
+    """scripts/train.py's flags for a tiny Stage 1 run (ds_configs/stage1.json, micro batch 8)."""
+    return ["--ds_config", str(REPO / "ds_configs" / "stage1.json"), "--dataset_dir", str(dataset), "--vl-model",
+            str(backbone), "--model-preset", "tiny", "--sensor-window-size", "32", "--num_workers", "0",
+            "--batch_size", "8", "--output_dir", str(out), "--set", "train.progress_bar=false", *extra]
+
+
+@pytest.fixture(scope="session")
+def stage1_run(tiny_backbone_dir, demo_dataset_dir, tmp_path_factory) -> Path:
+    """A finished tiny Stage 1 run (one rank, in this process, 2 epochs at lr 1e-3): what the
+    Stage 2 tests start from and tests/test_convert.py converts. Read it, never write into it."""
+    from vla_ds.train import main
+
+    out = tmp_path_factory.mktemp("stage1") / "run"
+    assert main(stage1_flags(demo_dataset_dir, tiny_backbone_dir, out, "--epochs", "2", "--lr", "1e-3")) == 0
+    return out
+
+
+LAUNCHED_STAGE1_EPOCHS = 4
+
+
+@pytest.fixture(scope="session")
+def launched_stage1_run(tiny_backbone_dir, demo_dataset_dir, tmp_path_factory):
+    """``deepspeed --num_gpus 2 scripts/train.py``: a tiny Stage 1 run on two ranks of one node
+    (``LAUNCHED_STAGE1_EPOCHS`` epochs, lr 1e-3), made once for tests/test_train.py (the
+    loss falls; resume) and tests/test_multinode.py (two one-rank nodes train the same).
+    ``flags(out, epochs)`` are its scripts/train.py flags with another output directory (and
+    epoch count). Tests that
+    write into the run (a resume, a removed shard) work on a copy of ``out``."""
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    def flags(out, epochs=LAUNCHED_STAGE1_EPOCHS):
+        return stage1_flags(demo_dataset_dir, tiny_backbone_dir, out, "--lr", "1e-3", "--epochs", str(epochs))
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path_factory.mktemp("launched_stage1") / "run"
+    launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
+    proc = subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(port), str(REPO / "scripts" / "train.py"),
+                           *flags(out)], env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"), cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return SimpleNamespace(out=out, flags=flags, epochs=LAUNCHED_STAGE1_EPOCHS, launcher=launcher)

@@ -125,24 +125,21 @@ def run_args(config, dataset, backbone, out, *extra):
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_backbone_dir, demo_dataset_dir, tmp_path_factory):
-    """Stage 1 (1 epoch, in-process on one rank: a launch costs ~25 s of start-up here), then
-    Stage 2 LoRA r=4 from it on 2 ranks through the DeepSpeed launcher (1 epoch = 2 steps).
-    The VL lr is high so the adapters move far enough to tell the base from base+adapter."""
-    from vla_ds.train import main
-
+def runs(stage1_run, tiny_backbone_dir, demo_dataset_dir, tmp_path_factory):
+    """Stage 1 (conftest's stage1_run: 2 epochs, in-process on one rank, as a launch costs
+    ~15 s of start-up here), then Stage 2 LoRA r=4 from it on 2 ranks through the DeepSpeed
+    launcher (1 epoch = 2 steps). The VL lr is high so the adapters move far enough to tell
+    the base from base+adapter."""
     root = tmp_path_factory.mktemp("convert")
     common = ["--set", f"cache.dir={root / 'cache'}"]
-    assert main(run_args("stage1.json", demo_dataset_dir, tiny_backbone_dir, root / "s1", *common,
-                         "--epochs", "1", "--lr", "1e-3")) == 0
     launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = [launcher, "--num_gpus", "2", "--master_port", str(free_port()), str(REPO / "scripts" / "train.py"),
            *run_args("stage2.json", demo_dataset_dir, tiny_backbone_dir, root / "s2", *common, "--stage1-checkpoint",
-                     str(root / "s1"), "--lora-r", "4", "--epochs", "1", "--vl-lr", "1e-2", "--lr", "1e-3")]
+                     str(stage1_run), "--lora-r", "4", "--epochs", "1", "--vl-lr", "1e-2", "--lr", "1e-3")]
     proc = subprocess.run(cmd, check=False, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return {"s1": root / "s1", "s2": root / "s2", "root": root}
+    return {"s1": stage1_run, "s2": root / "s2", "root": root}
 
 
 def convert_cli(*argv):
@@ -387,18 +384,19 @@ def test_plain_checkpoint_on_another_rank_count_points_to_universal(runs, tiny_b
                                   "unknown_format", "include_base_policy", "universal_not_empty", "universal_source"])
 def test_bad_arguments_are_one_line_and_exit_2(case, runs, tmp_path, capsys):
     out = tmp_path / "out"
+    tags = ", ".join(sorted((p.name for p in runs["s1"].glob("global_step*")),  # one per epoch, by step
+                            key=lambda name: int(name.removeprefix("global_step"))))
+    assert latest_tag_dir(runs["s1"]).name in tags
     if case == "missing":
         argv, expect = [tmp_path / "nope", out, "--to", "fp32"], [str(tmp_path / "nope"), "does not exist"]
     elif case == "no_latest":
         src = tmp_path / "run"
         shutil.copytree(runs["s1"], src, ignore=shutil.ignore_patterns("*optim_states.pt"))
         (src / "latest").unlink()
-        tag = latest_tag_dir(runs["s1"]).name
-        argv, expect = [src, out, "--to", "fp32"], [str(src), "no 'latest' file", f"available: {tag}"]
+        argv, expect = [src, out, "--to", "fp32"], [str(src), "no 'latest' file", f"available: {tags})"]
     elif case == "unknown_tag":
-        tag = latest_tag_dir(runs["s1"]).name
         argv, expect = [runs["s1"], out, "--to", "fp32", "--tag", "global_step999"], [
-            str(runs["s1"]), "no checkpoint tag 'global_step999'", f"available: {tag}"]
+            str(runs["s1"]), "no checkpoint tag 'global_step999'", f"available: {tags})"]
     elif case == "stage1_merge_lora":
         argv, expect = [runs["s1"], out, "--to", "policy", "--merge-lora"], [
             str(latest_tag_dir(runs["s1"])), "--merge-lora needs a LoRA checkpoint", "stage1"]

@@ -74,22 +74,24 @@ def convert_to_universal(src: Path, dst: Path) -> None:
     assert convert_main([str(src), str(dst), "--to", "universal"]) == 0
 
 
-def resume_on_one_rank(universal: Path, dataset, backbone, out: Path, cache: Path, steps: int) -> list[dict]:
+def resume_on_one_rank(universal: Path, dataset, backbone, out: Path, steps: int, epochs: int,
+                       *extra: str) -> list[dict]:
     """In-process, one rank, the two-rank run's global batch (8 x 2 x 1 = 8 x 1 x 2)."""
     from vla_ds.train import main
 
-    argv = train_args(dataset, backbone, out, "--grad_accum", "2", "--epochs", "3", "--max_steps", str(steps),
-                      "--resume", str(universal), "--set", f"cache.dir={cache}")[1:]
+    argv = train_args(dataset, backbone, out, "--grad_accum", "2", "--epochs", str(epochs), "--max_steps", str(steps),
+                      "--resume", str(universal), *extra)[1:]
     assert main(argv) == 0
     return [r for r in read_metrics(out) if "train/loss" in r]
 
 
-def test_two_node_launch_equals_one_node_and_resumes_on_one_rank(hostfile, tiny_backbone_dir, demo_dataset_dir,
-                                                                 tmp_path, capsys):
-    cache = tmp_path / "cache"
-    common = ["--epochs", "1", "--set", f"cache.dir={cache}"]
+def test_two_node_launch_equals_one_node_and_resumes_on_one_rank(hostfile, launched_stage1_run, tiny_backbone_dir,
+                                                                 demo_dataset_dir, tmp_path, capsys):
+    """The one-node run (`deepspeed --num_gpus 2`, two ranks) is conftest's launched_stage1_run,
+    shared with tests/test_train.py; the two-node launch here has its flags."""
+    run = launched_stage1_run
     two_nodes = tmp_path / "two_nodes"
-    procs = launch_two_nodes(hostfile, free_port(), train_args(demo_dataset_dir, tiny_backbone_dir, two_nodes, *common),
+    procs = launch_two_nodes(hostfile, free_port(), [str(REPO / "scripts" / "train.py"), *run.flags(two_nodes)],
                              tmp_path)
     codes = [p.wait(timeout=600) for p in procs]
     logs = [(tmp_path / f"node{i}.log").read_text() for i in (0, 1)]
@@ -97,11 +99,7 @@ def test_two_node_launch_equals_one_node_and_resumes_on_one_rank(hostfile, tiny_
     assert "2 rank(s) on 1 node(s)" in logs[0]  # the process-group report (both 'nodes' are this host)
 
     one_node = tmp_path / "one_node"
-    proc = subprocess.run([LAUNCHER, "--num_gpus", "2", "--master_port", str(free_port()),
-                           *train_args(demo_dataset_dir, tiny_backbone_dir, one_node, *common)],
-                          env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=REPO, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    shutil.copytree(run.out, one_node)  # a shard of it is removed below
     a, b = losses(two_nodes), losses(one_node)
     assert len(a) == len(b) > 5
     assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
@@ -131,10 +129,10 @@ def test_two_node_launch_equals_one_node_and_resumes_on_one_rank(hostfile, tiny_
     saved_step = int((two_nodes / "latest").read_text().strip().removeprefix("global_step"))
     universal = tmp_path / "universal"
     convert_to_universal(two_nodes, universal)
-    rows = resume_on_one_rank(universal, demo_dataset_dir, tiny_backbone_dir, tmp_path / "resumed", cache,
-                              saved_step + 3)
+    rows = resume_on_one_rank(universal, demo_dataset_dir, tiny_backbone_dir, tmp_path / "resumed", saved_step + 3,
+                              run.epochs + 2)
     assert [r["step"] for r in rows] == [saved_step + 1, saved_step + 2, saved_step + 3]
-    assert all(math.isfinite(r["train/loss"]) for r in rows) and rows[0]["epoch"] == 2
+    assert all(math.isfinite(r["train/loss"]) for r in rows) and rows[0]["epoch"] == run.epochs + 1
 
 
 def rank_pids(out: Path) -> dict[int, int]:
@@ -192,8 +190,8 @@ def test_killed_rank_ends_the_job_within_the_timeout_and_the_checkpoint_resumes(
     saved_step = int(latest.removeprefix("global_step"))
     universal = tmp_path / "universal"
     convert_to_universal(out, universal)
-    rows = resume_on_one_rank(universal, demo_dataset_dir, tiny_backbone_dir, tmp_path / "resumed", cache,
-                              saved_step + 2)
+    rows = resume_on_one_rank(universal, demo_dataset_dir, tiny_backbone_dir, tmp_path / "resumed", saved_step + 2,
+                              3, "--set", f"cache.dir={cache}")
     assert [r["step"] for r in rows] == [saved_step + 1, saved_step + 2]
 
 

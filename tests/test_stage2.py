@@ -36,10 +36,9 @@ def final_module(out):
 
 
 @pytest.fixture(scope="module")
-def stage1(tiny_backbone_dir, demo_dataset_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("stage1") / "run"
-    assert main(args("stage1.json", demo_dataset_dir, tiny_backbone_dir, out, "--epochs", "2", "--lr", "1e-3")) == 0
-    return out
+def stage1(stage1_run):
+    """conftest's Stage 1 run: this module's args("stage1.json", ..., "--epochs", "2", "--lr", "1e-3")."""
+    return stage1_run
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -118,19 +117,22 @@ def test_bad_input_is_one_message_and_exit_2(case, tiny_backbone_dir, demo_datas
         assert "/images/" in line and "Original" not in line
 
 
-def test_deepspeed_launcher_two_ranks_loss_falls_and_resumes(tiny_backbone_dir, demo_dataset_dir, tmp_path):
-    launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
+def test_deepspeed_launcher_two_ranks_loss_falls_and_resumes(launched_stage1_run, tmp_path):
+    """The 4-epoch run is conftest's launched_stage1_run (`deepspeed --num_gpus 2`, shared with
+    tests/test_multinode.py); its resume, a second launch, writes into a copy of it."""
+    run = launched_stage1_run
+    assert run.epochs == 4
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     out = tmp_path / "ds_run"
+    shutil.copytree(run.out, out)
 
-    def launch(*extra):
-        cmd = [launcher, "--num_gpus", "2", "--master_port", str(free_port()), str(REPO / "scripts" / "train.py"),
-               *tiny_args(demo_dataset_dir, tiny_backbone_dir, out, "--batch_size", "8", "--lr", "1e-3", *extra)]
+    def launch(epochs, *extra):
+        cmd = [run.launcher, "--num_gpus", "2", "--master_port", str(free_port()), str(REPO / "scripts" / "train.py"),
+               *run.flags(out, epochs), *extra]
         proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         return proc
 
-    launch("--epochs", "4")
     rows = read_metrics(out)
     train = [r for r in rows if "train/loss" in r]
     steps_per_epoch = len(train) // 4
@@ -149,7 +151,7 @@ def test_deepspeed_launcher_two_ranks_loss_falls_and_resumes(tiny_backbone_dir, 
     assert any(k.startswith("sensor_encoder.") for k in module) and any(k.startswith("action_expert.") for k in module)
 
     # Resume: the run continues at the next step with the saved state (no restart).
-    launch("--epochs", "5", "--resume", str(out))
+    launch(5, "--resume", str(out))
     rows = read_metrics(out)
     resumed = [r for r in rows if "train/loss" in r][len(train):]
     assert [r["step"] for r in resumed] == list(range(4 * steps_per_epoch + 1, 5 * steps_per_epoch + 1))
