@@ -4,6 +4,7 @@ weights-only ``--resume diffusion_epochN.pt``."""
 
 import json
 import os
+import runpy
 import shlex
 import shutil
 import socket
@@ -99,9 +100,12 @@ def test_guide_command_lines_run_under_torchrun(tiny_backbone_dir, demo_dataset_
 
     # The guide's "continue training": its .pt (convert_checkpoint.py makes one), --resume,
     # appended to the guide's "Example Training Run" Stage 2 command.
-    convert = subprocess.run([sys.executable, str(REPO / "scripts" / "convert_checkpoint.py"), "checkpoints/stage2",
-                              "checkpoints", "--to", "stage2"], cwd=tmp_path, capture_output=True, text=True)
-    assert convert.returncode == 0, convert.stderr[-2000:]
+    # The script runs in this process (its cwd is still tmp_path), as `python` would run it.
+    script = str(REPO / "scripts" / "convert_checkpoint.py")
+    monkeypatch.setattr(sys, "argv", [script, "checkpoints/stage2", "checkpoints", "--to", "stage2"])
+    with pytest.raises(SystemExit) as converted:
+        runpy.run_path(script, run_name="__main__")
+    assert converted.value.code == 0, capsys.readouterr().err[-2000:]
     pt = tmp_path / "checkpoints" / "diffusion_step3.pt"
     assert pt.is_file()
     proc = torchrun(tmp_path, [*guide_command(GUIDE_EXAMPLE_STAGE2, demo_dataset_dir),
