@@ -76,6 +76,7 @@ def test_wandb_logs_through_deepspeeds_monitor(tiny_backbone_dir, demo_dataset_d
     assert main(tiny_args(demo_dataset_dir, tiny_backbone_dir, out, "--batch_size", "8", "--max_steps", "3",
                           "--set", "wandb.enabled=true", "--set", "wandb.project=vla_ds_test")) == 0
     assert wandb.run is None  # finished
+    wandb.teardown()  # the wandb service writes the run file on its own time; stop it so the file is complete
     logs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(logs) == 1
     raw = logs[0].read_bytes()
