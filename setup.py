@@ -24,6 +24,8 @@ setup(
         "wandb>=0.17",      # the guide's monitoring, through DeepSpeed's "wandb" monitor config
         "pyarrow>=14",      # LeRobot datasets: per-frame parquet tables
         "av>=12",           # LeRobot datasets: MP4 video (PyAV bundles FFmpeg: AV1 via dav1d, H.264, HEVC)
+        "websockets>=13",   # the policy server and client (openpi's websocket protocol)
+        "msgpack>=1.0",     # their messages
     ],
     extras_require={
         "dev": ["pytest>=8"],
@@ -39,6 +41,7 @@ setup(
             "vla-estimate-memory=vla_ds.estimate_memory:main",
             "vla-make-demo-dataset=vla_ds.data.demo:main",
             "vla-make-tiny-backbone=vla_ds.tiny_backbone:main",
+            "vla-serve=vla_ds.serving.cli:main",
         ]
     },
 )

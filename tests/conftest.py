@@ -16,7 +16,6 @@ Two start-up costs that say nothing about vla_ds are paid once per session, not 
 """
 
 import gc
-import json
 import os
 from pathlib import Path
 

@@ -110,7 +110,11 @@ def write_policy_dir(policy: VLAPolicy, out_dir, *, stage: str = "stage1", data:
              "sensor_mean": policy.sensor_norm.mean, "sensor_std": policy.sensor_norm.std}
     if policy.action_norm.has_range:
         stats.update(action_min=policy.action_norm.low, action_max=policy.action_norm.high)
-    (out / "norm_stats.json").write_text(json.dumps({k: [float(x) for x in v] for k, v in stats.items()}) + "\n")
+    stats = {k: [float(x) for x in v] for k, v in stats.items()}
+    for key in ("action_names", "action_units", "camera_views", "instructions"):  # what convert copies too
+        if getattr(policy.norm_stats, key, None) is not None:
+            stats[key] = list(getattr(policy.norm_stats, key))
+    (out / "norm_stats.json").write_text(json.dumps(stats) + "\n")
 
     if finetune.mode == "lora":
         if with_adapter:

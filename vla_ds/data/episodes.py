@@ -766,6 +766,11 @@ class Episode:
         return self.meta.instruction
 
     @property
+    def instructions(self) -> list[str]:
+        """Every instruction of the episode (one for an episode folder)."""
+        return [self.meta.instruction]
+
+    @property
     def confidence(self) -> float:
         return self.meta.confidence
 

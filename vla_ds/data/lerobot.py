@@ -643,6 +643,11 @@ class LeRobotEpisode:
     def duration_s(self) -> float:
         return float(self.timestamps[-1] - self.timestamps[0])
 
+    @property
+    def instructions(self) -> list[str]:
+        """The distinct tasks of the episode's frames, in task_index order."""
+        return [self.tasks[int(i)] for i in np.unique(self.task_index)]
+
     def instruction_at(self, t: float) -> str:
         row = min(int(np.searchsorted(self.timestamps, t - 1e-9)), len(self.timestamps) - 1)
         return self.tasks[int(self.task_index[row])]

@@ -20,6 +20,8 @@ logger = logging.getLogger(__name__)
 
 RANGE_KEYS = ("action_min", "action_max")
 NAME_KEYS = ("action_names", "action_units")
+OBSERVATION_KEYS = ("camera_views", "instructions")
+MAX_INSTRUCTIONS = 32  # distinct training instructions recorded (a served policy's metadata lists them)
 MIN_STD = 1e-6  # dims with a smaller std are constant: their std is stored as 1.0
 MAX_SENSOR_ROWS = 50_000  # sensor rows sampled for stats, over all episodes
 
@@ -39,6 +41,10 @@ class NormStats:
             written before vla_ds recorded it.
         action_names, action_units: D names and units of the action dimensions (for
             reports and plots); None in stats written before vla_ds recorded them.
+        camera_views: the V camera view names of the training data, in the order the model
+            sees them; instructions: its distinct instructions, sorted (at most
+            ``MAX_INSTRUCTIONS``). What a served policy tells its clients to send; None in
+            stats written before vla_ds recorded them.
     """
 
     action_mean: np.ndarray
@@ -49,12 +55,14 @@ class NormStats:
     action_max: np.ndarray | None = field(default=None)
     action_names: list[str] | None = field(default=None)
     action_units: list[str] | None = field(default=None)
+    camera_views: list[str] | None = field(default=None)
+    instructions: list[str] | None = field(default=None)
 
     def to_dict(self) -> dict:
         """JSON-able dict of float lists (the range and names only when known)."""
         keys = self._keys() + (RANGE_KEYS if self.action_min is not None else ())
         d = {k: [float(x) for x in getattr(self, k)] for k in keys}
-        for k in NAME_KEYS:
+        for k in NAME_KEYS + OBSERVATION_KEYS:
             if getattr(self, k) is not None:
                 d[k] = [str(x) for x in getattr(self, k)]
         return d
@@ -86,6 +94,11 @@ class NormStats:
                 if not isinstance(d[k], list) or len(d[k]) != dim[0]:
                     raise CheckpointError(f"norm stats: '{k}' must list {dim[0]} strings, got {d[k]!r}")
                 arrays[k] = [str(x) for x in d[k]]
+        for k in OBSERVATION_KEYS:
+            if d.get(k) is not None:
+                if not isinstance(d[k], list) or not all(isinstance(x, str) for x in d[k]):
+                    raise CheckpointError(f"norm stats: '{k}' must be a list of strings, got {d[k]!r}")
+                arrays[k] = list(d[k])
         if arrays["sensor_mean"].ndim != 1 or arrays["sensor_mean"].shape != arrays["sensor_std"].shape:
             raise CheckpointError(f"norm stats: 'sensor_mean' {arrays['sensor_mean'].shape} and 'sensor_std' "
                                   f"{arrays['sensor_std'].shape} must be equal 1-D shapes")
@@ -166,7 +179,16 @@ def compute_norm_stats(dataset: VLADataset, max_samples: int = 2000, seed: int =
     logger.info("norm stats from %d action steps (%d samples) and %d sensor rows (%d episodes)",
                 len(action_rows), len(indices), moments.count, len(sensors))
     return NormStats(action_mean, action_std, sensor_mean, sensor_std, action_min, action_max,
-                     list(dataset.action_names), list(dataset.action_units))
+                     list(dataset.action_names), list(dataset.action_units), *observation_spec(dataset))
+
+
+def observation_spec(dataset: VLADataset) -> tuple[list[str] | None, list[str] | None]:
+    """The camera view names (of the first episode: every episode has as many) and up to
+    ``MAX_INSTRUCTIONS`` distinct instructions, sorted, of ``dataset``'s episodes."""
+    if not dataset.episodes:
+        return None, None
+    instructions = sorted({text for ep in dataset.episodes for text in ep.instructions})
+    return list(dataset.episodes[0].camera_views), instructions[:MAX_INSTRUCTIONS]
 
 
 class _RunningMoments:

@@ -428,6 +428,7 @@ def run_sampler(
     prediction_type: str = "epsilon",
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
+    initial_noise: Tensor | None = None,
 ) -> Tensor:
     """Reverse diffusion from Gaussian noise to a clean sample, in float32.
 
@@ -440,6 +441,8 @@ def run_sampler(
             (ancestral, all T steps; ``num_inference_steps`` is ignored).
         clip_sample: clamp for the predicted x0 at each step (:func:`clamp_x0`).
         generator: for the initial noise and the DDPM noise; must live on ``device``.
+        initial_noise: (shape) the starting noise instead of a draw from ``generator``
+            (DDIM is then fully determined by it).
 
     Returns:
         (shape) float32 clean sample.
@@ -448,7 +451,7 @@ def run_sampler(
         raise ValueError(f"method must be one of {SAMPLING_METHODS}, got {method!r}")
     device = schedule.betas.device if device is None else torch.device(device)
     B = shape[0]
-    x = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+    x = _start_noise(shape, generator, device, initial_noise)
 
     if method == "ddim":
         timesteps = schedule.ddim_timesteps(num_inference_steps)
@@ -465,6 +468,16 @@ def run_sampler(
     return x
 
 
+def _start_noise(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device,
+                 initial_noise: Tensor | None) -> Tensor:
+    """Float32 (shape) Gaussian noise on ``device``: ``initial_noise`` when given, else drawn."""
+    if initial_noise is None:
+        return torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+    if tuple(initial_noise.shape) != tuple(shape):
+        raise ValueError(f"initial_noise has shape {tuple(initial_noise.shape)}, expected {tuple(shape)}")
+    return initial_noise.to(device=device, dtype=torch.float32)
+
+
 def run_flow_sampler(
     velocity_fn: Callable[[Tensor, Tensor], Tensor],
     shape: tuple[int, ...],
@@ -473,18 +486,20 @@ def run_flow_sampler(
     clip_sample: ClipRange = 0.0,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
+    initial_noise: Tensor | None = None,
 ) -> Tensor:
     """Flow matching: integrate dx/dt = v(x, t) from t = 1 (Gaussian noise) to t = 0 in
     ``num_steps`` Euler steps of dt = -1/num_steps (pi0's sampler), in float32.
 
     ``velocity_fn``: ``(x_t (B, ...) float32, t (B,) float32 in (0, 1]) -> velocity``
     (noise - x0 along the straight path). The result is clamped by ``clip_sample``.
+    ``initial_noise`` (shape) replaces the draw from ``generator``.
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     device = torch.device(device)
     B = shape[0]
-    x = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+    x = _start_noise(shape, generator, device, initial_noise)
     dt = 1.0 / num_steps
     for i in range(num_steps):
         t = torch.full((B,), 1.0 - i * dt, device=device, dtype=torch.float32)
@@ -714,6 +729,7 @@ class ActionExpert(nn.Module):
         method: str | None = None,
         generator: torch.Generator | None = None,
         clip_range: tuple[Tensor, Tensor] | None = None,
+        initial_noise: Tensor | None = None,
     ) -> Tensor:
         """Sample normalised action chunks (B, H, A), float32, whatever the module dtype.
 
@@ -724,7 +740,9 @@ class ActionExpert(nn.Module):
         in normalised units: the training data's range) when given and
         ``config.clip_to_data_range``, else to +-``config.clip_sample``.
         ``generator`` seeds the initial noise (and DDPM's noise); it must live on the
-        module's device. Call ``eval()`` first so dropout is off.
+        module's device. ``initial_noise`` (B, H, A) is the starting noise instead of a draw
+        (each chunk then depends only on its own noise, not on the batch it is sampled in).
+        Call ``eval()`` first so dropout is off.
         """
         c = self.config
         steps = c.num_inference_steps if num_inference_steps is None else num_inference_steps
@@ -739,7 +757,8 @@ class ActionExpert(nn.Module):
             return clamp_x0(self.denoise(zeros, t, vl_hidden, sensor_features).float(), clip)
         if c.objective == "flow_matching":
             return run_flow_sampler(lambda x_t, t: self.denoise(x_t, t, vl_hidden, sensor_features), shape,
-                                    num_steps=steps, clip_sample=clip, generator=generator, device=device)
+                                    num_steps=steps, clip_sample=clip, generator=generator, device=device,
+                                    initial_noise=initial_noise)
         return run_sampler(
             self.schedule,
             lambda x_t, t: self.denoise(x_t, t, vl_hidden, sensor_features),
@@ -750,4 +769,5 @@ class ActionExpert(nn.Module):
             prediction_type=c.prediction_type,
             generator=generator,
             device=device,
+            initial_noise=initial_noise,
         )

@@ -162,6 +162,7 @@ class VLAPolicy(nn.Module):
                                       getattr(norm_stats, "action_min", None), getattr(norm_stats, "action_max", None))
         self.sensor_norm = Normalizer(norm_stats.sensor_mean, norm_stats.sensor_std)
         self.sensor_loss_weight = sensor_loss_weight
+        self.norm_stats = norm_stats  # what the training data was: names of actions and views, instructions
         self.input_builder: VLInputBuilder | None = None  # set for inference (predict_actions)
         self.policy_config: dict[str, Any] | None = None  # config.json, when loaded by from_pretrained
         self.policy_dir: Path | None = None
@@ -234,6 +235,7 @@ class VLAPolicy(nn.Module):
         generator: torch.Generator | None = None,
         has_sensor: bool | list[bool] | np.ndarray | None = None,
         sensor_pad: int | list[int] | np.ndarray | None = None,
+        initial_noise: np.ndarray | torch.Tensor | None = None,
     ) -> np.ndarray:
         """De-normalised action chunks.
 
@@ -253,6 +255,9 @@ class VLAPolicy(nn.Module):
         the learned no-sensor embedding, as in training. ``sensor_pad`` (an int, or one per
         sample) says how many of the window's first rows are padding because the stream
         started less than W samples ago; they are read as the training mean (default 0).
+        ``initial_noise`` ((H, D), or (B, H, D) in the batched form) is the sampler's starting
+        noise instead of a draw from ``generator``: a chunk then depends only on its own
+        inputs and noise, whatever else is in the batch (the policy server relies on it).
         """
         if self.input_builder is None:
             raise RuntimeError("predict_actions needs policy.input_builder (VLInputBuilder) to be set")
@@ -265,6 +270,8 @@ class VLAPolicy(nn.Module):
                 has_sensor = [bool(has_sensor)]
             if sensor_pad is not None:
                 sensor_pad = [int(sensor_pad)]
+            if initial_noise is not None:
+                initial_noise = torch.as_tensor(initial_noise)[None]
         device = next(self.action_expert.parameters()).device
         batch = {k: v.to(device) for k, v in self.input_builder(images, instruction).items()}
         bsz = len(instruction)
@@ -293,7 +300,9 @@ class VLAPolicy(nn.Module):
         sensor_features = self.sensor_features(sensor, has_sensor, sensor_pad)
         actions = self.action_expert.sample(vl_hidden, sensor_features, num_inference_steps=num_inference_steps,
                                             method=method, generator=generator,
-                                            clip_range=self.action_norm.normalized_range())  # (B, H, D) normalised
+                                            clip_range=self.action_norm.normalized_range(),
+                                            initial_noise=None if initial_noise is None
+                                            else torch.as_tensor(initial_noise))  # (B, H, D) normalised
         out = self.action_norm.denormalize(actions).cpu().numpy()
         return out[0] if single else out
 
@@ -389,6 +398,8 @@ class PolicyNormStats:
     action_max: np.ndarray | None = None
     action_names: list[str] | None = None
     action_units: list[str] | None = None
+    camera_views: list[str] | None = None
+    instructions: list[str] | None = None
 
 
 def _read_json(path: Path) -> Any:
@@ -553,6 +564,11 @@ def read_norm_stats(path: str | os.PathLike, action_dim: int, sensor_channels: i
             if not isinstance(raw[key], list) or len(raw[key]) != action_dim:
                 raise CheckpointError(f"{path}: '{key}' must list {action_dim} strings")
             arrays[key] = [str(x) for x in raw[key]]
+    for key in ("camera_views", "instructions"):
+        if raw.get(key) is not None:
+            if not isinstance(raw[key], list) or not all(isinstance(x, str) for x in raw[key]):
+                raise CheckpointError(f"{path}: '{key}' must be a list of strings")
+            arrays[key] = list(raw[key])
     return PolicyNormStats(**arrays)
 
 

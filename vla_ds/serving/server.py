@@ -1,0 +1,367 @@
+"""A websocket policy server that speaks openpi's protocol (docs/serving.md).
+
+On connect the server sends its metadata (one msgpack map); then each binary message from
+the client is one observation (:mod:`vla_ds.serving.spec`) and is answered with one
+msgpack map ``{"actions": float32 (H, D), "policy_timing": {...}, "server_timing": {...}}``.
+A request the server refuses is answered with a text frame holding one line that names the
+key and the problem (openpi's clients raise it as an error); the connection stays open
+and every other client is unaffected. ``GET /healthz`` answers 200 while the policy is
+loaded. Nothing received is ever unpickled (:mod:`vla_ds.serving.wire`).
+
+Batching: requests are queued and a single worker thread runs the model. Whatever has
+queued while the model was busy (up to ``max_batch_size``) goes into the next forward
+pass together, so N robots on one GPU cost one pass, not N in a row. ``batch_wait_ms``
+additionally holds the first request of a batch up to that long for others to join:
+more throughput under load, at most that much extra latency per request. Each request
+brings its own starting noise, so a chunk does not depend on what it was batched with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+import hmac
+import http
+import logging
+import secrets
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import websockets
+from websockets.asyncio.server import serve
+
+import vla_ds
+from vla_ds.errors import ConfigError
+from vla_ds.serving import wire
+from vla_ds.serving.spec import BadRequest, ObservationSpec, Request
+
+logger = logging.getLogger(__name__)
+
+HEALTH_PATH = "/healthz"
+TRANSPORT_LIMIT_FACTOR = 4  # messages above this x max_message_mb are cut off by the websocket layer
+
+
+@dataclasses.dataclass
+class ServeConfig:
+    """How the server listens and batches.
+
+    Fields:
+        host: interface to bind; 127.0.0.1 (this machine only) unless told otherwise.
+        port: TCP port (0: any free port).
+        api_key: when set, a client must send ``Authorization: Api-Key <key>`` (what
+            openpi-client's ``api_key`` sends) or is refused with HTTP 401.
+        max_batch_size: most requests per forward pass (1: no batching).
+        batch_wait_ms: how long the first request of a batch waits for more to join
+            (0: batch only what queued while the model was busy; no added latency).
+        max_message_mb: a request larger than this is refused with an error (the
+            connection stays open); one larger than 4x this is cut off by the websocket
+            layer before it is read (close code 1009), so no client can make the server
+            hold more.
+        ddim_steps: sampling steps (DDIM steps of a diffusion head, Euler steps of a flow
+            matching head); default the policy's ``num_inference_steps``.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    max_batch_size: int = 8
+    batch_wait_ms: float = 0.0
+    max_message_mb: float = 32.0
+    ddim_steps: int | None = None
+
+    def __post_init__(self):
+        if isinstance(self.max_batch_size, bool) or not isinstance(self.max_batch_size, int) \
+                or self.max_batch_size < 1:
+            raise ConfigError(f"max_batch_size must be an integer >= 1, got {self.max_batch_size!r}")
+        if not self.batch_wait_ms >= 0:
+            raise ConfigError(f"batch_wait_ms must be >= 0, got {self.batch_wait_ms!r}")
+        if not self.max_message_mb > 0:
+            raise ConfigError(f"max_message_mb must be > 0, got {self.max_message_mb!r}")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be in 0..65535, got {self.port!r}")
+        if self.api_key is not None and (not self.api_key or not self.api_key.isascii()
+                                         or any(c.isspace() for c in self.api_key)):
+            raise ConfigError("api_key must be a non-empty ASCII string without spaces")
+
+    @property
+    def max_message_bytes(self) -> int:
+        return int(self.max_message_mb * 2 ** 20)
+
+
+def observation_spec(policy, views: list[str] | None = None) -> ObservationSpec:
+    """The request layout of a loaded policy: its camera views (``views`` overrides them; a
+    policy exported before vla_ds recorded them needs it), training instructions, sensor
+    window and action chunk."""
+    stats = policy.norm_stats
+    recorded = getattr(stats, "camera_views", None)
+    if views is None:
+        if recorded is None:
+            where = getattr(policy, "policy_dir", None) or "the policy"
+            raise ConfigError(f"{where}: norm_stats.json does not record the camera views (exported before vla_ds "
+                              "recorded them); name them in the order the policy was trained on with "
+                              "--views NAME [NAME ...]")
+        views = list(recorded)
+    elif recorded is not None and len(views) != len(recorded):
+        raise ConfigError(f"--views names {len(views)} view(s), but the policy was trained on {len(recorded)} "
+                          f"({', '.join(recorded)})")
+    if len(set(views)) != len(views) or not all(isinstance(v, str) and v for v in views):
+        raise ConfigError(f"camera view names must be distinct non-empty strings, got {views!r}")
+    sensor, expert = policy.sensor_encoder.config, policy.action_expert.config
+    return ObservationSpec(views=list(views), instructions=list(getattr(stats, "instructions", None) or []),
+                           window_size=sensor.window_size, channels=sensor.in_channels, horizon=expert.horizon,
+                           action_dim=expert.action_dim)
+
+
+def server_metadata(policy, spec: ObservationSpec, config: ServeConfig, steps: int) -> dict[str, Any]:
+    """What a client is sent on connect: the request layout, the reply's chunk, the sampler,
+    and which policy this is."""
+    stored = policy.policy_config or {}
+    backbone = stored.get("backbone", {})
+    stats = policy.norm_stats
+    expert = policy.action_expert.config
+    return {
+        "server": "vla_ds",
+        "vla_ds_version": vla_ds.__version__,
+        "camera_views": spec.views,
+        "instruction": spec.instruction,
+        "instructions": spec.instructions,
+        "sensor_window_size": spec.window_size,
+        "sensor_channels": spec.channels,
+        "action_horizon": spec.horizon,
+        "action_dim": spec.action_dim,
+        "action_names": list(getattr(stats, "action_names", None) or [f"a{d}" for d in range(spec.action_dim)]),
+        "action_units": list(getattr(stats, "action_units", None) or [""] * spec.action_dim),
+        "ddim_steps": steps,
+        "sampler": expert.sampler_description(steps),
+        "observation": spec.describe(),
+        "policy": {
+            "stage": stored.get("stage"),
+            "step": stored.get("step"),
+            "weights": stored.get("weights"),
+            "finetune": stored.get("finetune", {}).get("mode"),
+            "objective": expert.objective,
+            "backbone": backbone.get("model_name_or_path"),
+            "backbone_fingerprint": backbone.get("fingerprint"),
+        },
+        "max_batch_size": config.max_batch_size,
+        "batch_wait_ms": config.batch_wait_ms,
+        "max_message_bytes": config.max_message_bytes,
+    }
+
+
+@dataclasses.dataclass
+class _Pending:
+    request: Request
+    future: asyncio.Future
+    received: float  # time.monotonic() when the message arrived
+
+
+class PolicyServer:
+    """Serves one loaded :class:`~vla_ds.models.policy.VLAPolicy`.
+
+    ``serve_forever()`` blocks (the command line); ``running()`` serves from a background
+    thread for the ``with`` block and yields the bound port (tests, benchmarks, notebooks).
+    ``counters`` tallies requests, refused requests and forward passes.
+    """
+
+    def __init__(self, policy, config: ServeConfig | None = None, views: list[str] | None = None):
+        self.policy = policy
+        self.config = config or ServeConfig()
+        self.steps = policy.action_expert.config.check_inference_steps(self.config.ddim_steps)
+        self.spec = observation_spec(policy, views)
+        self.metadata = server_metadata(policy, self.spec, self.config, self.steps)
+        self.counters = {"connections": 0, "requests": 0, "bad_requests": 0, "failed": 0, "batches": 0}
+        # Starting noise of requests without a seed: unpredictable across server starts.
+        self._generator = torch.Generator().manual_seed(secrets.randbits(63))
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vla-serve-model")
+        self._queue: asyncio.Queue[_Pending] | None = None
+        self._stop: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.port: int | None = None
+
+    # -- running ------------------------------------------------------------------------
+
+    def serve_forever(self) -> None:
+        asyncio.run(self.serve())
+
+    async def serve(self, ready: threading.Event | None = None) -> None:
+        """Serve until :meth:`stop` (or cancellation); sets ``self.port`` and ``ready`` once listening."""
+        self._loop = asyncio.get_running_loop()
+        self._queue, self._stop = asyncio.Queue(), asyncio.Event()
+        async with serve(self._handle, self.config.host, self.config.port, process_request=self._process_request,
+                         max_size=TRANSPORT_LIMIT_FACTOR * self.config.max_message_bytes, compression=None) as server:
+            self.port = server.sockets[0].getsockname()[1]
+            logger.info("serving %s on ws://%s:%d (%s; batches of up to %d, wait %g ms)%s",
+                        getattr(self.policy, "policy_dir", None) or "a policy", self.config.host, self.port,
+                        self.metadata["sampler"], self.config.max_batch_size, self.config.batch_wait_ms,
+                        ", API key required" if self.config.api_key else "")
+            batcher = asyncio.create_task(self._batch_loop())
+            if ready is not None:
+                ready.set()
+            try:
+                await self._stop.wait()
+            finally:
+                batcher.cancel()
+                server.close()
+
+    def stop(self) -> None:
+        """Stop serving (from any thread)."""
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+
+    @contextlib.contextmanager
+    def running(self):
+        """Serve from a background thread for the ``with`` block; yields the bound port."""
+        ready, failure = threading.Event(), []
+
+        def run():
+            try:
+                asyncio.run(self.serve(ready))
+            except BaseException as e:  # e.g. the port is taken: re-raised in the caller
+                failure.append(e)
+                ready.set()
+
+        thread = threading.Thread(target=run, name="vla-serve", daemon=True)
+        thread.start()
+        ready.wait()
+        if failure:
+            raise failure[0]
+        try:
+            yield self.port
+        finally:
+            self.stop()
+            thread.join(timeout=30)
+
+    # -- HTTP: health check and API key -------------------------------------------------
+
+    def _process_request(self, connection, request):
+        if request.path == HEALTH_PATH:
+            return connection.respond(http.HTTPStatus.OK, "OK\n")
+        key = self.config.api_key
+        if key is not None:
+            given = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode("utf-8", "replace"), f"Api-Key {key}".encode()):
+                logger.warning("refused a connection from %s: missing or wrong API key", connection.remote_address)
+                return connection.respond(http.HTTPStatus.UNAUTHORIZED,
+                                          "missing or wrong API key (send the header 'Authorization: Api-Key KEY')\n")
+        return None
+
+    # -- one connection -----------------------------------------------------------------
+
+    async def _handle(self, ws) -> None:
+        peer = ws.remote_address
+        self.counters["connections"] += 1
+        logger.info("client %s connected", peer)
+        prev_total_ms = None
+        try:
+            await ws.send(wire.packb(self.metadata))
+            async for message in ws:
+                received = time.monotonic()
+                self.counters["requests"] += 1
+                try:
+                    request = self._parse(message)
+                except BadRequest as e:
+                    self.counters["bad_requests"] += 1
+                    logger.warning("bad request from %s: %s", peer, e)
+                    await ws.send(f"bad request: {e}")
+                    continue
+                pending = _Pending(request, asyncio.get_running_loop().create_future(), received)
+                await self._queue.put(pending)
+                try:
+                    actions, timing = await pending.future
+                except _InferenceFailed as e:
+                    await ws.send(f"inference failed: {e}")
+                    continue
+                server_timing = {"infer_ms": (time.monotonic() - received) * 1000, **timing.pop("server")}
+                if prev_total_ms is not None:
+                    server_timing["prev_total_ms"] = prev_total_ms
+                await ws.send(wire.packb({"actions": actions, "policy_timing": timing,
+                                          "server_timing": server_timing}))
+                prev_total_ms = (time.monotonic() - received) * 1000
+        except websockets.ConnectionClosed as e:
+            logger.info("client %s: connection closed (%s)", peer, e)
+        else:
+            logger.info("client %s disconnected", peer)
+
+    def _parse(self, message: bytes | str) -> Request:
+        if isinstance(message, str):
+            raise BadRequest("a request must be a binary msgpack message, got a text frame")
+        if len(message) > self.config.max_message_bytes:
+            raise BadRequest(f"the message has {len(message)} bytes, more than this server's limit of "
+                             f"{self.config.max_message_bytes} (--max-message-mb {self.config.max_message_mb:g})")
+        try:
+            obs = wire.unpackb(message)
+        except wire.WireError as e:
+            raise BadRequest(str(e)) from None
+        return self.spec.parse(obs, self._generator)
+
+    # -- batching and the model ---------------------------------------------------------
+
+    async def _batch_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        wait_s = self.config.batch_wait_ms / 1000
+        while True:
+            batch = [await self._queue.get()]
+            deadline = loop.time() + wait_s
+            while len(batch) < self.config.max_batch_size:
+                if not self._queue.empty():
+                    batch.append(self._queue.get_nowait())
+                    continue
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                await asyncio.sleep(min(remaining, 0.0005))  # (a timed queue.get could drop an item)
+            started = time.monotonic()
+            results = await loop.run_in_executor(self._executor, self._predict, [p.request for p in batch])
+            self.counters["batches"] += 1
+            infer_ms = (time.monotonic() - started) * 1000
+            for pending, result in zip(batch, results):
+                if pending.future.done():  # the client went away
+                    continue
+                if isinstance(result, Exception):
+                    self.counters["failed"] += 1
+                    pending.future.set_exception(_InferenceFailed(f"{type(result).__name__}: {result}"))
+                else:
+                    pending.future.set_result((result, {
+                        "infer_ms": infer_ms, "batch_size": len(batch),
+                        "server": {"queue_ms": (started - pending.received) * 1000}}))
+
+    def _predict(self, requests: list[Request]) -> list[np.ndarray | Exception]:
+        """(H, D) float32 chunks of ``requests`` in one forward pass; if that pass fails, each
+        request alone, so one request the model cannot take fails only itself."""
+        try:
+            return list(self._predict_batch(requests))
+        except Exception as e:
+            if len(requests) == 1:
+                logger.exception("inference failed")
+                return [e]
+        out: list[np.ndarray | Exception] = []
+        for request in requests:
+            try:
+                out.append(self._predict_batch([request])[0])
+            except Exception as e:
+                logger.exception("inference failed")
+                out.append(e)
+        return out
+
+    def _predict_batch(self, requests: list[Request]) -> np.ndarray:
+        spec = self.spec
+        has_sensor = [r.sensor is not None for r in requests]
+        sensor = None
+        if any(has_sensor):
+            sensor = np.stack([r.sensor if r.sensor is not None else np.zeros((spec.window_size, spec.channels),
+                                                                              np.float32) for r in requests])
+        chunks = self.policy.predict_actions(
+            [r.images for r in requests], [r.prompt for r in requests], sensor,
+            num_inference_steps=self.steps, has_sensor=has_sensor, sensor_pad=[r.sensor_pad for r in requests],
+            initial_noise=torch.stack([r.noise for r in requests]))  # (B, H, D)
+        return chunks.astype(np.float32)
+
+
+class _InferenceFailed(Exception):
+    pass

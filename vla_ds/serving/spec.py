@@ -1,0 +1,170 @@
+"""What a served policy expects in a request, and what it tells a client on connect.
+
+A request is one observation, a msgpack map (docs/serving.md)::
+
+    {"images": {"<view>": uint8 (H, W, 3), ...},   # one per camera view, named as in the metadata
+     "prompt": "pick up the cup",                  # optional when the policy has one instruction
+     "sensor": float32 (W, C),                     # optional: without it the no-sensor embedding is used
+     "sensor_pad": int,                            # optional: rows at the window's front that are padding
+     "seed": int}                                  # optional: fixes the sampler's starting noise
+
+:meth:`ObservationSpec.parse` turns it into a :class:`Request` or raises :class:`BadRequest`
+naming the key and the problem. Unknown keys are refused rather than ignored: a misspelt
+``"sensor"`` must not silently become "no sensor".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import torch
+
+IMAGES, PROMPT, SENSOR, SENSOR_PAD, SEED = "images", "prompt", "sensor", "sensor_pad", "seed"
+REQUEST_KEYS = (IMAGES, PROMPT, SENSOR, SENSOR_PAD, SEED)
+MAX_PROMPT_CHARS = 4096
+MAX_IMAGE_SIDE = 8192
+
+
+class BadRequest(ValueError):
+    """A request the server refuses; the message names the key and the problem."""
+
+
+@dataclasses.dataclass
+class Request:
+    """One validated observation, ready for ``VLAPolicy.predict_actions``."""
+
+    images: list[np.ndarray]     # V x (h, w, 3) uint8, in the policy's view order
+    prompt: str
+    sensor: np.ndarray | None    # (W, C) float32, or None: no sensor data
+    sensor_pad: int
+    noise: torch.Tensor          # (H, D) float32: the sampler's starting noise
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, np.ndarray):
+        return f"a {value.dtype} array of shape {tuple(value.shape)}"
+    return f"a {type(value).__name__}" if not isinstance(value, (str, int, float)) else repr(value)[:60]
+
+
+@dataclasses.dataclass
+class ObservationSpec:
+    """The request layout of one policy.
+
+    Fields:
+        views: camera view names, in the order the model sees them.
+        instructions: the distinct training instructions (may be empty when unknown).
+        window_size, channels: the sensor window (W, C).
+        horizon, action_dim: the reply's action chunk (H, D).
+    """
+
+    views: list[str]
+    instructions: list[str]
+    window_size: int
+    channels: int
+    horizon: int
+    action_dim: int
+
+    @property
+    def instruction(self) -> str | None:
+        """The instruction a request without ``"prompt"`` gets: the only one it was trained with."""
+        return self.instructions[0] if len(self.instructions) == 1 else None
+
+    def describe(self) -> dict[str, Any]:
+        """The request keys, as the metadata tells clients."""
+        return {
+            IMAGES: {view: "uint8 (H, W, 3)" for view in self.views},
+            PROMPT: "str" + (" (optional: default the policy's instruction)" if self.instruction else ""),
+            SENSOR: f"float32 ({self.window_size}, {self.channels}), optional: without it the policy uses its "
+                    "learned no-sensor embedding",
+            SENSOR_PAD: f"int 0..{self.window_size}, optional: rows at the front of the window that are padding",
+            SEED: "int >= 0, optional: fixes the sampler's starting noise (the same seed, the same chunk)",
+        }
+
+    def parse(self, obs: Any, generator: torch.Generator) -> Request:
+        """The :class:`Request` in ``obs`` (a decoded message); ``generator`` draws the starting
+        noise of a request without ``"seed"``."""
+        if not isinstance(obs, dict):
+            raise BadRequest(f"a request must be a map of {', '.join(REQUEST_KEYS)}; got {_describe(obs)}")
+        unknown = sorted(str(k) for k in obs if k not in REQUEST_KEYS)
+        if unknown:
+            raise BadRequest(f"unknown key(s) {', '.join(repr(k) for k in unknown)}; a request has "
+                             f"{', '.join(repr(k) for k in REQUEST_KEYS)}")
+        images = self._images(obs.get(IMAGES))
+        prompt = self._prompt(obs.get(PROMPT))
+        sensor = self._sensor(obs.get(SENSOR))
+        pad = obs.get(SENSOR_PAD)
+        if pad is None:
+            pad = 0
+        elif isinstance(pad, np.generic) and pad.dtype.kind in "iu":
+            pad = int(pad)
+        if isinstance(pad, bool) or not isinstance(pad, int) or not 0 <= pad <= self.window_size:
+            raise BadRequest(f"'{SENSOR_PAD}': must be an int in 0..{self.window_size}, got {_describe(pad)}")
+        seed = obs.get(SEED)
+        if isinstance(seed, np.generic) and seed.dtype.kind in "iu":
+            seed = int(seed)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63):
+            raise BadRequest(f"'{SEED}': must be an int in 0..2**63-1, got {_describe(seed)}")
+        if seed is not None:
+            generator = torch.Generator().manual_seed(seed)
+        noise = torch.randn((self.horizon, self.action_dim), generator=generator)  # (H, D)
+        return Request(images, prompt, sensor, pad, noise)
+
+    def _images(self, images: Any) -> list[np.ndarray]:
+        if images is None:
+            raise BadRequest(f"missing '{IMAGES}': a map of {len(self.views)} view(s) "
+                             f"{', '.join(repr(v) for v in self.views)} to uint8 (H, W, 3) arrays")
+        if not isinstance(images, dict):
+            raise BadRequest(f"'{IMAGES}': must be a map of view name to uint8 (H, W, 3) array, got {_describe(images)}")
+        missing = [v for v in self.views if v not in images]
+        extra = sorted(str(v) for v in images if v not in self.views)
+        if missing or extra:
+            what = (f"missing view(s) {', '.join(repr(v) for v in missing)}" if missing else "") + \
+                   ("; " if missing and extra else "") + \
+                   (f"unknown view(s) {', '.join(repr(v) for v in extra)}" if extra else "")
+            raise BadRequest(f"'{IMAGES}': {what}; this policy's views are {', '.join(repr(v) for v in self.views)}")
+        out = []
+        for view in self.views:
+            image = images[view]
+            key = f"'{IMAGES}/{view}'"
+            if not isinstance(image, np.ndarray):
+                raise BadRequest(f"{key}: must be a uint8 (H, W, 3) array, got {_describe(image)}")
+            if image.dtype != np.uint8:
+                raise BadRequest(f"{key}: must be uint8 (0..255 RGB), got dtype {image.dtype}")
+            if image.ndim != 3 or image.shape[2] != 3:
+                raise BadRequest(f"{key}: must have shape (H, W, 3), got {tuple(image.shape)}")
+            if not (2 <= image.shape[0] <= MAX_IMAGE_SIDE and 2 <= image.shape[1] <= MAX_IMAGE_SIDE):
+                raise BadRequest(f"{key}: height and width must be 2..{MAX_IMAGE_SIDE}, got {tuple(image.shape)}")
+            out.append(image)
+        return out
+
+    def _prompt(self, prompt: Any) -> str:
+        if prompt is None:
+            if self.instruction is None:
+                raise BadRequest(f"missing '{PROMPT}': this policy was trained with "
+                                 f"{len(self.instructions) or 'unrecorded'} instructions, so a request must say one")
+            return self.instruction
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise BadRequest(f"'{PROMPT}': must be a non-empty string, got {_describe(prompt)}")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise BadRequest(f"'{PROMPT}': {len(prompt)} characters, more than the {MAX_PROMPT_CHARS} allowed")
+        return prompt
+
+    def _sensor(self, sensor: Any) -> np.ndarray | None:
+        if sensor is None:
+            return None
+        expected = (self.window_size, self.channels)
+        if not isinstance(sensor, np.ndarray):
+            raise BadRequest(f"'{SENSOR}': must be a float32 {expected} array, got {_describe(sensor)}")
+        if sensor.dtype.kind != "f":
+            raise BadRequest(f"'{SENSOR}': must be float32 (or another float dtype), got dtype {sensor.dtype}")
+        if tuple(sensor.shape) != expected:
+            raise BadRequest(f"'{SENSOR}': must have shape {expected} (sensor window size, channels), "
+                             f"got {tuple(sensor.shape)}")
+        sensor = sensor.astype(np.float32)
+        if not np.isfinite(sensor).all():
+            bad = np.argwhere(~np.isfinite(sensor))[0]
+            raise BadRequest(f"'{SENSOR}': {int((~np.isfinite(sensor)).sum())} NaN or inf value(s), the first at "
+                             f"row {int(bad[0])}, channel {int(bad[1])}")
+        return sensor
