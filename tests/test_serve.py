@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 import venv
@@ -28,7 +29,7 @@ from vla_ds.models.policy import VLAPolicy
 from vla_ds.serving import wire
 from vla_ds.serving.cli import main as serve_main
 from vla_ds.serving.client import ActionChunker, PolicyClient, PolicyServerError
-from vla_ds.serving.server import PolicyServer, ServeConfig
+from vla_ds.serving.server import TRANSPORT_LIMIT_FACTOR, PolicyServer, ServeConfig
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 3  # DDIM steps: cheap on CPU, enough to exercise the sampler
@@ -175,6 +176,8 @@ def test_wire_round_trip_and_openpi_layout():
     (msgpack.packb({"x": {b"__ndarray__": True, b"data": b"\0" * 7, b"dtype": "<f4", b"shape": [2]}}), "holds 7 bytes"),
     (msgpack.packb({"x": {b"__ndarray__": True, b"data": b"", b"dtype": "<f4", b"shape": [-1]}}), "shape"),
     (msgpack.packb({"x": msgpack.ExtType(1, b"\x00")}), "extension type 1"),
+    (msgpack.packb({"x": {b"__npgeneric__": True, b"data": 300, b"dtype": "|u1"}}), "does not fit"),
+    (msgpack.packb({"x": {b"__ndarray__": True, b"data": b"", b"dtype": "(,)f4", b"shape": [0]}}), "unknown array dtype"),
     (pickle.dumps({"images": np.zeros(3)}), "msgpack"),
     (b"\xc1\xff garbage", "msgpack"),
 ])
@@ -214,6 +217,8 @@ def _bad_requests(spec):
         (b"\x93\x01\x02\x03", "a request must be a map"),
         (b"\xde\xad\xbe\xef garbage", "msgpack"),
         (pickle.dumps(good), "msgpack"),  # a pickled request is never unpickled
+        (msgpack.packb({"extra": {b"__npgeneric__": True, b"data": 2 ** 64 - 1, b"dtype": "<i8"}}), "does not fit"),
+        (msgpack.packb({"x": {b"__ndarray__": True, b"data": b"", b"dtype": "(,)f4", b"shape": [0]}}), "dtype"),
         (wire.packb({**{k: v for k, v in good.items() if k != "images"}, "images": {
             view: {b"__ndarray__": True, b"data": b"\0" * 8, b"dtype": "|O", b"shape": [1]}}}), "not allowed"),
         (b"\x00" * int(LIMIT_MB * 2 ** 20 + 10), "more than this server's limit"),
@@ -246,7 +251,7 @@ def test_a_message_past_the_transport_limit_closes_only_that_connection(server, 
     other = PolicyClient("127.0.0.1", server.port)
     with connect(f"ws://127.0.0.1:{server.port}", max_size=None) as ws:
         wire.unpackb(ws.recv())
-        ws.send(b"\x00" * int(4 * LIMIT_MB * 2 ** 20 + 1))  # never read whole: memory stays bounded
+        ws.send(b"\x00" * int(TRANSPORT_LIMIT_FACTOR * LIMIT_MB * 2 ** 20 + 1))  # never read whole
         with pytest.raises(websockets.ConnectionClosedError) as closed:
             ws.recv()
         assert closed.value.rcvd.code == 1009  # "message too big"
@@ -259,11 +264,13 @@ def test_a_message_past_the_transport_limit_closes_only_that_connection(server, 
 # ------------------------------------------------------------------ batching
 
 
-def test_concurrent_clients_are_batched_and_each_gets_its_own_chunk(policy):
-    """Six robots at once: requests that wait for the model share forward passes, and every
-    chunk equals predict_actions on that robot's own observation (prompts, image sizes and
-    sensor presence differ within a batch)."""
-    srv = PolicyServer(policy, ServeConfig(port=0, ddim_steps=STEPS, max_batch_size=4, batch_wait_ms=100))
+@pytest.mark.parametrize("wait_ms", [0, 100])
+def test_concurrent_clients_are_batched_and_each_gets_its_own_chunk(policy, wait_ms):
+    """Six robots at once: requests that wait for the model share forward passes (also with
+    no batch wait: what queued while the model was busy), and every chunk equals
+    predict_actions on that robot's own observation (prompts, image sizes and sensor
+    presence differ within a batch)."""
+    srv = PolicyServer(policy, ServeConfig(port=0, ddim_steps=STEPS, max_batch_size=4, batch_wait_ms=wait_ms))
     spec = srv.spec
     observations = [observation(spec, 20 + i, prompt=f"task number {i}" + " please" * i, with_sensor=i % 2 == 0,
                                 size=(32 + 8 * i, 48)) for i in range(6)]
@@ -318,15 +325,40 @@ class _TickPolicy:
     (5, 0, [0, 5, 10, 15]),
     (None, 3, [0, 5, 10, 15]),   # chunk k+1 asked 3 ticks before chunk k runs out, entered at index 3
     (6, 2, [0, 4, 8, 12, 16]),
+    (5, 3, [0, 2, 5, 7, 10, 12, 15, 17]),  # a prefetched chunk starts past the prefetch point: ask at once
 ])
 def test_action_chunker_hands_out_the_action_of_each_tick(execute, prefetch, asked):
     policy = _TickPolicy()
     chunker = ActionChunker(policy, execute=execute, prefetch=prefetch)
     actions = [chunker.act({"tick": t}) for t in range(20)]
     assert [a.tolist() for a in actions] == [[t, t] for t in range(20)]
-    assert policy.asked == asked and chunker.requests == len(asked)
-    chunker.reset()
+    sent = chunker.requests
+    chunker.reset()  # waits for a prefetch in flight
+    assert policy.asked == asked and sent == len(asked)
     assert chunker.act({"tick": 100}).tolist() == [100, 100] and policy.asked[-1] == 100
+
+
+def test_action_chunker_reset_waits_for_the_request_in_flight():
+    """The connection takes one request at a time: a reset while a prefetch is out must not
+    send the next request beside it."""
+    busy = threading.Lock()
+
+    class Slow(_TickPolicy):
+        def infer(self, obs):
+            assert busy.acquire(blocking=False), "two requests at once on one connection"
+            try:
+                time.sleep(0.2)
+                return super().infer(obs)
+            finally:
+                busy.release()
+
+    policy = Slow()
+    with ActionChunker(policy, prefetch=3) as chunker:
+        for t in range(6):  # tick 5 sends the prefetch
+            chunker.act({"tick": t})
+        chunker.reset()
+        assert chunker.act({"tick": 50}).tolist() == [50, 50]
+    assert policy.asked == [0, 5, 50]
 
 
 def test_action_chunker_refuses_a_prefetch_it_cannot_keep():
@@ -370,6 +402,55 @@ def test_healthz_api_key_and_default_binding(policy):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
 
 
+def test_stopping_answers_the_request_in_the_model_and_ends_promptly(policy):
+    srv = PolicyServer(policy, ServeConfig(port=0, ddim_steps=STEPS))
+    real = srv._predict_batch
+
+    def slow(requests):
+        time.sleep(1.5)
+        return real(requests)
+
+    srv._predict_batch = slow
+    outcome = []
+    with srv.running() as port:
+        client = PolicyClient("127.0.0.1", port)
+
+        def robot():
+            try:
+                outcome.append(client.infer(observation(srv.spec, 14)))
+            except (PolicyServerError, websockets.ConnectionClosed) as e:
+                outcome.append(e)
+
+        thread = threading.Thread(target=robot)
+        thread.start()
+        time.sleep(0.3)  # the request is in the model now
+        stopping = time.monotonic()
+    assert time.monotonic() - stopping < 10  # running() raises if the server thread did not end
+    thread.join(timeout=10)
+    assert not thread.is_alive() and len(outcome) == 1
+    reply = outcome[0]
+    assert isinstance(reply, websockets.ConnectionClosed) or "the server is stopping" in str(reply), reply
+
+
+def test_more_clients_than_max_connections_are_refused(policy):
+    srv = PolicyServer(policy, ServeConfig(port=0, ddim_steps=STEPS, max_connections=1))
+    with srv.running() as port:
+        with PolicyClient("127.0.0.1", port) as first:
+            with pytest.raises(websockets.InvalidStatus) as refused:
+                PolicyClient("127.0.0.1", port, connect_timeout_s=0)
+            assert refused.value.response.status_code == 503 and b"at most 1 clients" in refused.value.response.body
+            assert first.infer(observation(srv.spec, 15))["actions"].shape == (8, 7)
+        deadline = time.monotonic() + 10
+        while True:  # the first one's slot frees once the server has seen it close
+            try:
+                with PolicyClient("127.0.0.1", port, connect_timeout_s=0) as second:
+                    assert second.metadata["action_dim"] == 7
+                break
+            except websockets.InvalidStatus:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+
+
 def test_serve_command_line(policy_dir, tmp_path):
     """scripts/serve.py as a user starts it: /healthz, a request, Ctrl-C."""
     proc = subprocess.Popen([sys.executable, str(REPO / "scripts" / "serve.py"), "--policy", str(policy_dir),
@@ -389,7 +470,7 @@ def test_serve_command_line(policy_dir, tmp_path):
         with PolicyClient("127.0.0.1", port) as client:
             assert client.metadata["ddim_steps"] == STEPS
             assert client.infer(observation(_spec_of(client.metadata), 13))["actions"].shape == (8, 7)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGINT)  # Ctrl-C (handled even when started as a background job, SIGINT ignored)
         assert proc.wait(timeout=60) == 0
     finally:
         proc.kill()

@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "many clients, up to this much added latency (default 0)")
     p.add_argument("--max-message-mb", "--max_message_mb", dest="max_message_mb", type=float, default=32.0,
                    help="refuse requests larger than this (default 32 MiB)")
+    p.add_argument("--max-connections", "--max_connections", dest="max_connections", type=int, default=32,
+                   help="refuse more simultaneous clients than this (HTTP 503; default 32)")
     p.add_argument("--views", nargs="+", default=None,
                    help="camera view names in training order, for a policy exported before vla_ds recorded them")
     return p
@@ -49,7 +51,7 @@ def make_server(args: argparse.Namespace):
 
     config = ServeConfig(host=args.host, port=args.port, api_key=args.api_key, max_batch_size=args.max_batch_size,
                          batch_wait_ms=args.batch_wait_ms, max_message_mb=args.max_message_mb,
-                         ddim_steps=args.ddim_steps)
+                         max_connections=args.max_connections, ddim_steps=args.ddim_steps)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     policy = VLAPolicy.from_pretrained(args.policy, vl_model=args.vl_model, device=device, dtype=args.dtype)
     return PolicyServer(policy, config, views=args.views)
@@ -61,8 +63,7 @@ def run(args: argparse.Namespace) -> None:
         server.serve_forever()
     except OSError as e:  # the port is taken, the address is not ours, ...
         raise ConfigError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
-    except KeyboardInterrupt:
-        logger.info("stopped")
+    logger.info("stopped")
 
 
 def main(argv: list[str] | None = None) -> int:

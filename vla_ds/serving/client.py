@@ -108,19 +108,22 @@ class ActionChunker:
 
     def reset(self) -> None:
         """Forget the current chunk (a new episode): the next :meth:`act` asks for a new one."""
+        pending = getattr(self, "_next", None)
+        if pending is not None:  # let a request in flight finish: the connection takes one at a time
+            concurrent.futures.wait([pending[0]])
         self._tick = 0
         self._chunk: np.ndarray | None = None
         self._chunk_tick = 0
         self._next: tuple[concurrent.futures.Future, int] | None = None
-        self.requests = 0
+        self.requests = 0  # sent since the last reset, a prefetch in flight included
 
     def _request(self, obs: dict[str, Any]) -> np.ndarray:
-        self.requests += 1
         return np.asarray(self.policy.infer(obs)["actions"])
 
     def act(self, obs: dict[str, Any]) -> np.ndarray:
         """The (D,) action for this tick, given this tick's observation."""
         if self._chunk is None:
+            self.requests += 1
             self._chunk, self._chunk_tick = self._request(obs), self._tick
         execute = self.execute or len(self._chunk)
         if self.prefetch >= execute:
@@ -132,9 +135,22 @@ class ActionChunker:
                 self._next = None
                 self._chunk, self._chunk_tick = future.result(), tick
             else:
+                self.requests += 1
                 self._chunk, self._chunk_tick = self._request(obs), self._tick
             index = self._tick - self._chunk_tick
-        if self.prefetch and self._next is None and index == execute - self.prefetch:
+        if self.prefetch and self._next is None and index >= execute - self.prefetch:
+            self.requests += 1
             self._next = (self._pool.submit(self._request, obs), self._tick)
         self._tick += 1
         return self._chunk[index]
+
+    def close(self) -> None:
+        """Wait for a request in flight and stop the background thread (not the policy's connection)."""
+        self.reset()
+        self._pool.shutdown()
+
+    def __enter__(self) -> ActionChunker:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

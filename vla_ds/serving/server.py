@@ -26,6 +26,7 @@ import hmac
 import http
 import logging
 import secrets
+import signal
 import threading
 import time
 from typing import Any
@@ -43,7 +44,7 @@ from vla_ds.serving.spec import BadRequest, ObservationSpec, Request
 logger = logging.getLogger(__name__)
 
 HEALTH_PATH = "/healthz"
-TRANSPORT_LIMIT_FACTOR = 4  # messages above this x max_message_mb are cut off by the websocket layer
+TRANSPORT_LIMIT_FACTOR = 2  # messages above this x max_message_mb are cut off by the websocket layer
 
 
 @dataclasses.dataclass
@@ -59,9 +60,11 @@ class ServeConfig:
         batch_wait_ms: how long the first request of a batch waits for more to join
             (0: batch only what queued while the model was busy; no added latency).
         max_message_mb: a request larger than this is refused with an error (the
-            connection stays open); one larger than 4x this is cut off by the websocket
-            layer before it is read (close code 1009), so no client can make the server
-            hold more.
+            connection stays open); one larger than 2x this is cut off by the websocket
+            layer before it is read (close code 1009). A connection buffers at most one
+            message beyond the one being answered, so the server holds at most about
+            ``max_connections`` x 2 x 2 x this in requests.
+        max_connections: more simultaneous clients are refused (HTTP 503).
         ddim_steps: sampling steps (DDIM steps of a diffusion head, Euler steps of a flow
             matching head); default the policy's ``num_inference_steps``.
     """
@@ -72,6 +75,7 @@ class ServeConfig:
     max_batch_size: int = 8
     batch_wait_ms: float = 0.0
     max_message_mb: float = 32.0
+    max_connections: int = 32
     ddim_steps: int | None = None
 
     def __post_init__(self):
@@ -80,6 +84,9 @@ class ServeConfig:
             raise ConfigError(f"max_batch_size must be an integer >= 1, got {self.max_batch_size!r}")
         if not self.batch_wait_ms >= 0:
             raise ConfigError(f"batch_wait_ms must be >= 0, got {self.batch_wait_ms!r}")
+        if isinstance(self.max_connections, bool) or not isinstance(self.max_connections, int) \
+                or self.max_connections < 1:
+            raise ConfigError(f"max_connections must be an integer >= 1, got {self.max_connections!r}")
         if not self.max_message_mb > 0:
             raise ConfigError(f"max_message_mb must be > 0, got {self.max_message_mb!r}")
         if not 0 <= self.port <= 65535:
@@ -154,7 +161,7 @@ def server_metadata(policy, spec: ObservationSpec, config: ServeConfig, steps: i
     }
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # hashed by identity: kept in a set while it waits
 class _Pending:
     request: Request
     future: asyncio.Future
@@ -178,7 +185,9 @@ class PolicyServer:
         self.counters = {"connections": 0, "requests": 0, "bad_requests": 0, "failed": 0, "batches": 0}
         # Starting noise of requests without a seed: unpredictable across server starts.
         self._generator = torch.Generator().manual_seed(secrets.randbits(63))
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vla-serve-model")
+        self._open = 0  # connections now
+        self._waiting: set[_Pending] = set()  # queued or in the model: failed, not forgotten, at stop
+        self._batcher: asyncio.Task | None = None
         self._queue: asyncio.Queue[_Pending] | None = None
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -187,27 +196,47 @@ class PolicyServer:
     # -- running ------------------------------------------------------------------------
 
     def serve_forever(self) -> None:
-        asyncio.run(self.serve())
+        """Serve until SIGINT (Ctrl-C) or SIGTERM, then stop cleanly (waiting requests are answered)."""
+        asyncio.run(self.serve(handle_signals=True))
 
-    async def serve(self, ready: threading.Event | None = None) -> None:
-        """Serve until :meth:`stop` (or cancellation); sets ``self.port`` and ``ready`` once listening."""
+    async def serve(self, ready: threading.Event | None = None, handle_signals: bool = False) -> None:
+        """Serve until :meth:`stop` (or cancellation, or with ``handle_signals`` SIGINT/SIGTERM);
+        sets ``self.port`` and ``ready`` once listening."""
         self._loop = asyncio.get_running_loop()
         self._queue, self._stop = asyncio.Queue(), asyncio.Event()
+        if handle_signals:  # also when the process was started with SIGINT ignored (a background job)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._loop.add_signal_handler(sig, self._stop.set)
+        executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vla-serve-model")
+        # max_queue=1: a client has one request in flight; the websocket layer stops reading
+        # from a connection that sends more, instead of buffering up to 16 messages.
         async with serve(self._handle, self.config.host, self.config.port, process_request=self._process_request,
-                         max_size=TRANSPORT_LIMIT_FACTOR * self.config.max_message_bytes, compression=None) as server:
+                         max_size=TRANSPORT_LIMIT_FACTOR * self.config.max_message_bytes, max_queue=1,
+                         compression=None) as server:
             self.port = server.sockets[0].getsockname()[1]
             logger.info("serving %s on ws://%s:%d (%s; batches of up to %d, wait %g ms)%s",
                         getattr(self.policy, "policy_dir", None) or "a policy", self.config.host, self.port,
                         self.metadata["sampler"], self.config.max_batch_size, self.config.batch_wait_ms,
                         ", API key required" if self.config.api_key else "")
-            batcher = asyncio.create_task(self._batch_loop())
+            self._batcher = asyncio.create_task(self._batch_loop(executor))
+            self._batcher.add_done_callback(self._batcher_ended)
             if ready is not None:
                 ready.set()
             try:
                 await self._stop.wait()
             finally:
-                batcher.cancel()
+                self._batcher.cancel()
+                for pending in list(self._waiting):  # their handlers answer and end
+                    if not pending.future.done():
+                        pending.future.set_exception(_InferenceFailed("the server is stopping"))
+                self._waiting.clear()
                 server.close()
+        executor.shutdown(wait=False, cancel_futures=True)
+
+    def _batcher_ended(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:  # a bug: say so and stop, never hang clients
+            logger.error("the batching loop failed; stopping the server", exc_info=task.exception())
+            self._stop.set()
 
     def stop(self) -> None:
         """Stop serving (from any thread)."""
@@ -236,12 +265,21 @@ class PolicyServer:
         finally:
             self.stop()
             thread.join(timeout=30)
+            if thread.is_alive():
+                raise RuntimeError("the policy server did not stop within 30 s")
 
     # -- HTTP: health check and API key -------------------------------------------------
 
     def _process_request(self, connection, request):
         if request.path == HEALTH_PATH:
+            if self._batcher is None or self._batcher.done():
+                return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "not serving\n")
             return connection.respond(http.HTTPStatus.OK, "OK\n")
+        if self._open >= self.config.max_connections:
+            logger.warning("refused a connection from %s: %d clients already connected (--max-connections)",
+                           connection.remote_address, self._open)
+            return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE,
+                                      f"this server takes at most {self.config.max_connections} clients at once\n")
         key = self.config.api_key
         if key is not None:
             given = request.headers.get("Authorization", "")
@@ -256,6 +294,7 @@ class PolicyServer:
     async def _handle(self, ws) -> None:
         peer = ws.remote_address
         self.counters["connections"] += 1
+        self._open += 1
         logger.info("client %s connected", peer)
         prev_total_ms = None
         try:
@@ -265,18 +304,24 @@ class PolicyServer:
                 self.counters["requests"] += 1
                 try:
                     request = self._parse(message)
-                except BadRequest as e:
+                except Exception as e:  # BadRequest, or a check that missed a case: never drop the client
+                    if not isinstance(e, BadRequest):
+                        logger.exception("unexpected error reading a request from %s", peer)
+                        e = BadRequest(f"could not read the request ({type(e).__name__}: {e})")
                     self.counters["bad_requests"] += 1
                     logger.warning("bad request from %s: %s", peer, e)
                     await ws.send(f"bad request: {e}")
                     continue
                 pending = _Pending(request, asyncio.get_running_loop().create_future(), received)
+                self._waiting.add(pending)
                 await self._queue.put(pending)
                 try:
                     actions, timing = await pending.future
                 except _InferenceFailed as e:
                     await ws.send(f"inference failed: {e}")
                     continue
+                finally:
+                    self._waiting.discard(pending)
                 server_timing = {"infer_ms": (time.monotonic() - received) * 1000, **timing.pop("server")}
                 if prev_total_ms is not None:
                     server_timing["prev_total_ms"] = prev_total_ms
@@ -287,6 +332,8 @@ class PolicyServer:
             logger.info("client %s: connection closed (%s)", peer, e)
         else:
             logger.info("client %s disconnected", peer)
+        finally:
+            self._open -= 1
 
     def _parse(self, message: bytes | str) -> Request:
         if isinstance(message, str):
@@ -302,7 +349,7 @@ class PolicyServer:
 
     # -- batching and the model ---------------------------------------------------------
 
-    async def _batch_loop(self) -> None:
+    async def _batch_loop(self, executor: concurrent.futures.Executor) -> None:
         loop = asyncio.get_running_loop()
         wait_s = self.config.batch_wait_ms / 1000
         while True:
@@ -317,7 +364,7 @@ class PolicyServer:
                     break
                 await asyncio.sleep(min(remaining, 0.0005))  # (a timed queue.get could drop an item)
             started = time.monotonic()
-            results = await loop.run_in_executor(self._executor, self._predict, [p.request for p in batch])
+            results = await loop.run_in_executor(executor, self._predict, [p.request for p in batch])
             self.counters["batches"] += 1
             infer_ms = (time.monotonic() - started) * 1000
             for pending, result in zip(batch, results):
@@ -335,7 +382,10 @@ class PolicyServer:
         """(H, D) float32 chunks of ``requests`` in one forward pass; if that pass fails, each
         request alone, so one request the model cannot take fails only itself."""
         try:
-            return list(self._predict_batch(requests))
+            chunks = self._predict_batch(requests)
+            if len(chunks) != len(requests):
+                raise RuntimeError(f"the policy returned {len(chunks)} chunks for {len(requests)} requests")
+            return list(chunks)
         except Exception as e:
             if len(requests) == 1:
                 logger.exception("inference failed")

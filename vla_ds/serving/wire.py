@@ -55,7 +55,7 @@ def _dtype(value: Any) -> np.dtype:
         raise WireError(f"array dtype must be a string like '<f4', got {value!r}")
     try:
         dtype = np.dtype(value)
-    except TypeError:
+    except Exception:  # TypeError, and SyntaxError/ValueError from numpy's parser of comma strings
         raise WireError(f"unknown array dtype {value!r}") from None
     if dtype.kind not in DTYPE_KINDS or dtype.fields is not None or dtype.subdtype is not None:
         raise WireError(f"array dtype {value!r} is not allowed (bool, integer and float arrays only)")
@@ -78,7 +78,10 @@ def _object_hook(d: dict) -> Any:
         dtype, value = _dtype(_get(d, "dtype")), _get(d, "data")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise WireError(f"numpy scalar data must be a number, got {value!r}")
-        return dtype.type(value)
+        try:
+            return dtype.type(value)
+        except (OverflowError, ValueError):
+            raise WireError(f"numpy scalar {value!r} does not fit dtype {dtype.str}") from None
     return d
 
 
@@ -95,5 +98,5 @@ def unpackb(data: bytes) -> Any:
         raise
     except msgpack.ExtraData:
         raise WireError("not one msgpack message (bytes left over after the first object)") from None
-    except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as e:
+    except Exception as e:  # whatever the bytes make msgpack or numpy raise is a bad message
         raise WireError(f"not a msgpack message ({type(e).__name__}: {e})") from None
