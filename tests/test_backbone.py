@@ -109,6 +109,21 @@ def test_builder_shapes_pads_and_prompt(builder):
     assert ids[0, : lengths[0]].tolist() == tok(expected, add_special_tokens=False)["input_ids"]
 
 
+def test_views_processed_one_sample_at_a_time_batch_the_same(builder):
+    """What the policy server does (each request's views processed on arrival, batched later)
+    gives exactly the batch the builder makes from all images at once."""
+    images = [[_image(0, 64, 80), _image(1, 100, 60)], [_image(2, 30, 30), _image(3, 120, 90)],
+              [_image(4, 48, 48), _image(5, 64, 64)]]
+    instructions = [SHORT, LONG, SHORT]
+    whole = builder(images, instructions)
+    piecewise = builder.batch_processed([builder.process_views(views) for views in images], instructions)
+    assert whole.keys() == piecewise.keys()
+    for key in whole:
+        assert whole[key].dtype == piecewise[key].dtype and torch.equal(whole[key], piecewise[key]), key
+    with pytest.raises(ValueError, match="2 samples and 3 instructions"):
+        builder.batch_processed([builder.process_views(v) for v in images[:2]], instructions)
+
+
 def test_builder_truncates_instruction_and_keeps_special_text_as_text(tiny_dir):
     config = BackboneConfig(model_name_or_path=str(tiny_dir), dtype="float32", max_text_tokens=3)
     builder = VLInputBuilder.from_pretrained(config)

@@ -203,6 +203,8 @@ def _bad_requests(spec):
         ({**good, "images": {**images, view: images[view][..., :2]}}, f"'images/{view}': must have shape"),
         ({**good, "images": {**images, view: images[view][0]}}, f"'images/{view}': must have shape"),
         ({**good, "images": {**images, view: "a jpeg"}}, f"'images/{view}': must be a uint8"),
+        ({**good, "images": {**images, view: np.zeros((2, 500, 3), np.uint8)}},  # Qwen's resize: aspect <= 200
+         "'images': the image processor failed on them (ValueError: absolute aspect ratio"),
         ({**good, "sensor": good["sensor"][:-1]}, "'sensor': must have shape"),
         ({**good, "sensor": good["sensor"].astype(np.int32)}, "'sensor': must be float32"),
         ({**good, "sensor": nan_sensor}, "'sensor': 1 NaN or inf value(s), the first at row 3, channel 1"),

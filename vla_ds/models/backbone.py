@@ -414,12 +414,32 @@ class VLInputBuilder:
         processed = self.image_processor(flat, return_tensors="pt", input_data_format="channels_last")
         pixel_values = processed["pixel_values"].to(torch.float32)  # (sum_patches, patch_dim)
         image_grid_thw = processed["image_grid_thw"].to(torch.long)  # (N, 3)
+        return self._batch(pixel_values, image_grid_thw, [len(views) for views in images], instructions)
 
+    def process_views(self, views: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One sample's views as the image processor makes them: ``(pixel_values (patches,
+        patch_dim) float32, image_grid_thw (V, 3) long)``. :meth:`batch_processed` joins such
+        pairs into the same batch ``__call__`` builds from the images (the processor treats
+        each image on its own), so views can be processed as they arrive, e.g. by a server."""
+        processed = self.image_processor([np.asarray(v) for v in views], return_tensors="pt",
+                                         input_data_format="channels_last")
+        return processed["pixel_values"].to(torch.float32), processed["image_grid_thw"].to(torch.long)
+
+    def batch_processed(self, processed: list[tuple[torch.Tensor, torch.Tensor]],
+                        instructions: list[str]) -> dict[str, torch.Tensor]:
+        """The batch of samples whose views :meth:`process_views` made."""
+        if len(processed) != len(instructions) or not processed:
+            raise ValueError(f"got processed views of {len(processed)} samples and {len(instructions)} instructions")
+        return self._batch(torch.cat([p for p, _ in processed]), torch.cat([g for _, g in processed]),
+                           [len(g) for _, g in processed], instructions)
+
+    def _batch(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, views_per_sample: list[int],
+               instructions: list[str]) -> dict[str, torch.Tensor]:
         sequences: list[list[int]] = []
         view_index = 0
-        for views, instruction in zip(images, instructions):
-            tokens_per_view = [self.num_image_tokens(image_grid_thw[view_index + v]) for v in range(len(views))]
-            view_index += len(views)
+        for n_views, instruction in zip(views_per_sample, instructions):
+            tokens_per_view = [self.num_image_tokens(image_grid_thw[view_index + v]) for v in range(n_views)]
+            view_index += n_views
             sequences.append(self.prompt_ids(tokens_per_view, instruction))
 
         max_len = max(len(s) for s in sequences)

@@ -236,6 +236,7 @@ class VLAPolicy(nn.Module):
         has_sensor: bool | list[bool] | np.ndarray | None = None,
         sensor_pad: int | list[int] | np.ndarray | None = None,
         initial_noise: np.ndarray | torch.Tensor | None = None,
+        vl_inputs: dict[str, torch.Tensor] | None = None,
     ) -> np.ndarray:
         """De-normalised action chunks.
 
@@ -258,6 +259,9 @@ class VLAPolicy(nn.Module):
         ``initial_noise`` ((H, D), or (B, H, D) in the batched form) is the sampler's starting
         noise instead of a draw from ``generator``: a chunk then depends only on its own
         inputs and noise, whatever else is in the batch (the policy server relies on it).
+        ``vl_inputs``: the backbone inputs of these samples built ahead of time
+        (``input_builder.batch_processed`` of each sample's ``process_views``, e.g. in
+        another thread while the model was busy); ``images`` is then not read.
         """
         if self.input_builder is None:
             raise RuntimeError("predict_actions needs policy.input_builder (VLInputBuilder) to be set")
@@ -273,7 +277,9 @@ class VLAPolicy(nn.Module):
             if initial_noise is not None:
                 initial_noise = torch.as_tensor(initial_noise)[None]
         device = next(self.action_expert.parameters()).device
-        batch = {k: v.to(device) for k, v in self.input_builder(images, instruction).items()}
+        if vl_inputs is None:
+            vl_inputs = self.input_builder(images, instruction)
+        batch = {k: v.to(device) for k, v in vl_inputs.items()}
         bsz = len(instruction)
         w, c = self.sensor_encoder.config.window_size, self.sensor_encoder.config.in_channels
         if sensor_window is None:

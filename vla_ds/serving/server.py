@@ -8,9 +8,10 @@ key and the problem (openpi's clients raise it as an error); the connection stay
 and every other client is unaffected. ``GET /healthz`` answers 200 while the policy is
 loaded. Nothing received is ever unpickled (:mod:`vla_ds.serving.wire`).
 
-Batching: requests are queued and a single worker thread runs the model. Whatever has
-queued while the model was busy (up to ``max_batch_size``) goes into the next forward
-pass together, so N robots on one GPU cost one pass, not N in a row. ``batch_wait_ms``
+Batching: a request's images go through the image processor as soon as it arrives (a few
+threads, beside the model), then it is queued, and a single worker thread runs the model.
+Whatever has queued while the model was busy (up to ``max_batch_size``) goes into the next
+forward pass together, so N robots on one GPU cost one pass, not N in a row. ``batch_wait_ms``
 additionally holds the first request of a batch up to that long for others to join:
 more throughput under load, at most that much extra latency per request. Each request
 brings its own starting noise, so a chunk does not depend on what it was batched with.
@@ -25,6 +26,7 @@ import dataclasses
 import hmac
 import http
 import logging
+import os
 import secrets
 import signal
 import threading
@@ -39,12 +41,13 @@ from websockets.asyncio.server import serve
 import vla_ds
 from vla_ds.errors import ConfigError
 from vla_ds.serving import wire
-from vla_ds.serving.spec import BadRequest, ObservationSpec, Request
+from vla_ds.serving.spec import IMAGES, BadRequest, ObservationSpec, Request
 
 logger = logging.getLogger(__name__)
 
 HEALTH_PATH = "/healthz"
 TRANSPORT_LIMIT_FACTOR = 2  # messages above this x max_message_mb are cut off by the websocket layer
+PREP_THREADS = min(4, os.cpu_count() or 1)  # image preprocessing of arriving requests, beside the model
 
 
 @dataclasses.dataclass
@@ -188,6 +191,7 @@ class PolicyServer:
         self._open = 0  # connections now
         self._waiting: set[_Pending] = set()  # queued or in the model: failed, not forgotten, at stop
         self._batcher: asyncio.Task | None = None
+        self._prep: concurrent.futures.ThreadPoolExecutor | None = None
         self._queue: asyncio.Queue[_Pending] | None = None
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -208,6 +212,7 @@ class PolicyServer:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._loop.add_signal_handler(sig, self._stop.set)
         executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vla-serve-model")
+        self._prep = concurrent.futures.ThreadPoolExecutor(PREP_THREADS, thread_name_prefix="vla-serve-prep")
         # max_queue=1: a client has one request in flight; the websocket layer stops reading
         # from a connection that sends more, instead of buffering up to 16 messages.
         async with serve(self._handle, self.config.host, self.config.port, process_request=self._process_request,
@@ -232,6 +237,7 @@ class PolicyServer:
                 self._waiting.clear()
                 server.close()
         executor.shutdown(wait=False, cancel_futures=True)
+        self._prep.shutdown(wait=False, cancel_futures=True)
 
     def _batcher_ended(self, task: asyncio.Task) -> None:
         if not task.cancelled() and task.exception() is not None:  # a bug: say so and stop, never hang clients
@@ -304,6 +310,7 @@ class PolicyServer:
                 self.counters["requests"] += 1
                 try:
                     request = self._parse(message)
+                    request.views = await self._process_views(request)
                 except Exception as e:  # BadRequest, or a check that missed a case: never drop the client
                     if not isinstance(e, BadRequest):
                         logger.exception("unexpected error reading a request from %s", peer)
@@ -346,6 +353,15 @@ class PolicyServer:
         except wire.WireError as e:
             raise BadRequest(str(e)) from None
         return self.spec.parse(obs, self._generator)
+
+    async def _process_views(self, request: Request) -> tuple:
+        """The image processor's output for the request's images, made in the preprocessing
+        threads while the model works on earlier requests."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._prep, self.policy.input_builder.process_views, request.images)
+        except Exception as e:
+            raise BadRequest(f"'{IMAGES}': the image processor failed on them ({type(e).__name__}: {e})") from None
 
     # -- batching and the model ---------------------------------------------------------
 
@@ -406,9 +422,10 @@ class PolicyServer:
         if any(has_sensor):
             sensor = np.stack([r.sensor if r.sensor is not None else np.zeros((spec.window_size, spec.channels),
                                                                               np.float32) for r in requests])
+        prompts = [r.prompt for r in requests]
+        vl_inputs = self.policy.input_builder.batch_processed([r.views for r in requests], prompts)
         chunks = self.policy.predict_actions(
-            [r.images for r in requests], [r.prompt for r in requests], sensor,
-            num_inference_steps=self.steps, has_sensor=has_sensor, sensor_pad=[r.sensor_pad for r in requests],
+            None, prompts, sensor, vl_inputs=vl_inputs, num_inference_steps=self.steps, has_sensor=has_sensor, sensor_pad=[r.sensor_pad for r in requests],
             initial_noise=torch.stack([r.noise for r in requests]))  # (B, H, D)
         return chunks.astype(np.float32)
 

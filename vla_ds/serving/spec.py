@@ -40,6 +40,7 @@ class Request:
     sensor: np.ndarray | None    # (W, C) float32, or None: no sensor data
     sensor_pad: int
     noise: torch.Tensor          # (H, D) float32: the sampler's starting noise
+    views: tuple | None = None   # the image processor's output for the images (server: made on arrival)
 
 
 def _describe(value: Any) -> str:
