@@ -176,10 +176,7 @@ def _report(results: dict, json_path: Path | None) -> int:
             else:
                 print(f"{r['codec'] + ' (Stage 1, --no-cache)':<28}{r['workers']:>8}{'':>18}{r['data_share']:>18.3f}"
                       f"{r['samples_per_s']:>17.1f}")
-        if json_path:
-            json_path.write_text(json.dumps(results, indent=2) + "\n")
-            print(f"wrote {json_path}")
-        return 0
+        return write_json(results, json_path)
     if results["loader"]:
         print()
         print(f"{'dataset':<22}{'workers':>8}{'images samples/s':>18}{'cached samples/s':>18}")
@@ -203,6 +200,10 @@ def _report(results: dict, json_path: Path | None) -> int:
     for r in results["compressed_sensor_memory"]:
         print(f"{r['mode']:<44}{r['workers']:>8}{r['stream_mb']:>12.0f}{r['private_growth_mb']:>13.0f}"
               f"{r['peak_rss_growth_mb']:>14.0f}")
+    return write_json(results, json_path)
+
+
+def write_json(results: dict, json_path: Path | None) -> int:
     if json_path:
         json_path.write_text(json.dumps(results, indent=2) + "\n")
         print(f"wrote {json_path}")

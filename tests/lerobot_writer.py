@@ -760,20 +760,11 @@ def write_lerobot_dataset(
     # ---- features (user features first, then DEFAULT_FEATURES, as LeRobotDatasetMetadata.create) ----
     features: dict[str, dict] = {}
     gens: dict[str, Callable[[int, int], np.ndarray]] = {}
-    if action_dim:
-        features["action"] = {
-            "dtype": "float32",
-            "shape": [action_dim],
-            "names": list(action_names) if action_names else default_motor_names(action_dim),
-        }
-        gens["action"] = lambda e, t: random_walk(seed, "action", e, t, action_dim)
-    if state_dim:
-        features["observation.state"] = {
-            "dtype": "float32",
-            "shape": [state_dim],
-            "names": list(state_names) if state_names else default_motor_names(state_dim),
-        }
-        gens["observation.state"] = lambda e, t: random_walk(seed, "observation.state", e, t, state_dim)
+    for key, dim, names in (("action", action_dim, action_names), ("observation.state", state_dim, state_names)):
+        if dim:
+            features[key] = {"dtype": "float32", "shape": [dim],
+                             "names": list(names) if names else default_motor_names(dim)}
+            gens[key] = lambda e, t, key=key, dim=dim: random_walk(seed, key, e, t, dim)
     for name, spec in (extra_features or {}).items():
         if "/" in name:
             raise ValueError("feature names must not contain '/' (LeRobot _validate_feature_names)")

@@ -179,10 +179,10 @@ def compute_norm_stats(dataset: VLADataset, max_samples: int = 2000, seed: int =
     logger.info("norm stats from %d action steps (%d samples) and %d sensor rows (%d episodes)",
                 len(action_rows), len(indices), moments.count, len(sensors))
     return NormStats(action_mean, action_std, sensor_mean, sensor_std, action_min, action_max,
-                     list(dataset.action_names), list(dataset.action_units), *observation_spec(dataset))
+                     list(dataset.action_names), list(dataset.action_units), *_views_and_instructions(dataset))
 
 
-def observation_spec(dataset: VLADataset) -> tuple[list[str] | None, list[str] | None]:
+def _views_and_instructions(dataset: VLADataset) -> tuple[list[str] | None, list[str] | None]:
     """The camera view names (of the first episode: every episode has as many) and up to
     ``MAX_INSTRUCTIONS`` distinct instructions, sorted, of ``dataset``'s episodes."""
     if not dataset.episodes:

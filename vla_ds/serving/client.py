@@ -104,17 +104,17 @@ class ActionChunker:
         self.execute = execute
         self.prefetch = prefetch
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vla-chunker")
+        self._next: tuple[concurrent.futures.Future, int] | None = None  # prefetch in flight, its tick
         self.reset()
 
     def reset(self) -> None:
         """Forget the current chunk (a new episode): the next :meth:`act` asks for a new one."""
-        pending = getattr(self, "_next", None)
-        if pending is not None:  # let a request in flight finish: the connection takes one at a time
-            concurrent.futures.wait([pending[0]])
+        if self._next is not None:  # let a request in flight finish: the connection takes one at a time
+            concurrent.futures.wait([self._next[0]])
         self._tick = 0
         self._chunk: np.ndarray | None = None
         self._chunk_tick = 0
-        self._next: tuple[concurrent.futures.Future, int] | None = None
+        self._next = None
         self.requests = 0  # sent since the last reset, a prefetch in flight included
 
     def _request(self, obs: dict[str, Any]) -> np.ndarray:

@@ -167,8 +167,17 @@ def server_metadata(policy, spec: ObservationSpec, config: ServeConfig, steps: i
 @dataclasses.dataclass(eq=False)  # hashed by identity: kept in a set while it waits
 class _Pending:
     request: Request
-    future: asyncio.Future
+    future: asyncio.Future  # -> ((H, D) chunk, _Forward)
     received: float  # time.monotonic() when the message arrived
+
+
+@dataclasses.dataclass
+class _Forward:
+    """The forward pass a request was in."""
+
+    started: float  # time.monotonic()
+    infer_ms: float
+    batch_size: int
 
 
 class PolicyServer:
@@ -323,17 +332,18 @@ class PolicyServer:
                 self._waiting.add(pending)
                 await self._queue.put(pending)
                 try:
-                    actions, timing = await pending.future
+                    actions, forward = await pending.future
                 except _InferenceFailed as e:
                     await ws.send(f"inference failed: {e}")
                     continue
                 finally:
                     self._waiting.discard(pending)
-                server_timing = {"infer_ms": (time.monotonic() - received) * 1000, **timing.pop("server")}
+                server_timing = {"infer_ms": (time.monotonic() - received) * 1000,
+                                 "queue_ms": (forward.started - received) * 1000}
                 if prev_total_ms is not None:
                     server_timing["prev_total_ms"] = prev_total_ms
-                await ws.send(wire.packb({"actions": actions, "policy_timing": timing,
-                                          "server_timing": server_timing}))
+                await ws.send(wire.packb({"actions": actions, "server_timing": server_timing, "policy_timing": {
+                    "infer_ms": forward.infer_ms, "batch_size": forward.batch_size}}))
                 prev_total_ms = (time.monotonic() - received) * 1000
         except websockets.ConnectionClosed as e:
             logger.info("client %s: connection closed (%s)", peer, e)
@@ -382,7 +392,7 @@ class PolicyServer:
             started = time.monotonic()
             results = await loop.run_in_executor(executor, self._predict, [p.request for p in batch])
             self.counters["batches"] += 1
-            infer_ms = (time.monotonic() - started) * 1000
+            forward = _Forward(started, (time.monotonic() - started) * 1000, len(batch))
             for pending, result in zip(batch, results):
                 if pending.future.done():  # the client went away
                     continue
@@ -390,9 +400,7 @@ class PolicyServer:
                     self.counters["failed"] += 1
                     pending.future.set_exception(_InferenceFailed(f"{type(result).__name__}: {result}"))
                 else:
-                    pending.future.set_result((result, {
-                        "infer_ms": infer_ms, "batch_size": len(batch),
-                        "server": {"queue_ms": (started - pending.received) * 1000}}))
+                    pending.future.set_result((result, forward))
 
     def _predict(self, requests: list[Request]) -> list[np.ndarray | Exception]:
         """(H, D) float32 chunks of ``requests`` in one forward pass; if that pass fails, each
@@ -403,17 +411,10 @@ class PolicyServer:
                 raise RuntimeError(f"the policy returned {len(chunks)} chunks for {len(requests)} requests")
             return list(chunks)
         except Exception as e:
-            if len(requests) == 1:
-                logger.exception("inference failed")
-                return [e]
-        out: list[np.ndarray | Exception] = []
-        for request in requests:
-            try:
-                out.append(self._predict_batch([request])[0])
-            except Exception as e:
-                logger.exception("inference failed")
-                out.append(e)
-        return out
+            if len(requests) > 1:
+                return [result for request in requests for result in self._predict([request])]
+            logger.exception("inference failed")
+            return [e]
 
     def _predict_batch(self, requests: list[Request]) -> np.ndarray:
         spec = self.spec

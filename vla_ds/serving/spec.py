@@ -49,6 +49,15 @@ def _describe(value: Any) -> str:
     return f"a {type(value).__name__}" if not isinstance(value, (str, int, float)) else repr(value)[:60]
 
 
+def _int_in(value: Any, key: str, high: int) -> int:
+    """``value`` (a Python or numpy integer) as an int in 0..high, else :class:`BadRequest`."""
+    if isinstance(value, np.generic) and value.dtype.kind in "iu":
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
+        raise BadRequest(f"'{key}': must be an int in 0..{high}, got {_describe(value)}")
+    return value
+
+
 @dataclasses.dataclass
 class ObservationSpec:
     """The request layout of one policy.
@@ -96,19 +105,10 @@ class ObservationSpec:
         prompt = self._prompt(obs.get(PROMPT))
         sensor = self._sensor(obs.get(SENSOR))
         pad = obs.get(SENSOR_PAD)
-        if pad is None:
-            pad = 0
-        elif isinstance(pad, np.generic) and pad.dtype.kind in "iu":
-            pad = int(pad)
-        if isinstance(pad, bool) or not isinstance(pad, int) or not 0 <= pad <= self.window_size:
-            raise BadRequest(f"'{SENSOR_PAD}': must be an int in 0..{self.window_size}, got {_describe(pad)}")
+        pad = 0 if pad is None else _int_in(pad, SENSOR_PAD, self.window_size)
         seed = obs.get(SEED)
-        if isinstance(seed, np.generic) and seed.dtype.kind in "iu":
-            seed = int(seed)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63):
-            raise BadRequest(f"'{SEED}': must be an int in 0..2**63-1, got {_describe(seed)}")
         if seed is not None:
-            generator = torch.Generator().manual_seed(seed)
+            generator = torch.Generator().manual_seed(_int_in(seed, SEED, 2 ** 63 - 1))
         noise = torch.randn((self.horizon, self.action_dim), generator=generator)  # (H, D)
         return Request(images, prompt, sensor, pad, noise)
 
@@ -163,7 +163,7 @@ class ObservationSpec:
         if tuple(sensor.shape) != expected:
             raise BadRequest(f"'{SENSOR}': must have shape {expected} (sensor window size, channels), "
                              f"got {tuple(sensor.shape)}")
-        sensor = sensor.astype(np.float32)
+        sensor = sensor.astype(np.float32, copy=False)
         if not np.isfinite(sensor).all():
             bad = np.argwhere(~np.isfinite(sensor))[0]
             raise BadRequest(f"'{SENSOR}': {int((~np.isfinite(sensor)).sum())} NaN or inf value(s), the first at "
