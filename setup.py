@@ -30,6 +30,9 @@ setup(
     extras_require={
         "dev": ["pytest>=8"],
         "monitor": ["tensorboard"],
+        # Closed-loop evaluation (vla_ds.sim): Meta-World 3.1 and its MuJoCo / gymnasium; headless
+        # rendering also needs EGL or OSMesa from the system (docs/sim.md).
+        "sim": ["metaworld>=3.1", "gymnasium>=1.0", "mujoco>=3.1", "packaging"],
     },
     entry_points={
         "console_scripts": [
@@ -42,6 +45,8 @@ setup(
             "vla-make-demo-dataset=vla_ds.data.demo:main",
             "vla-make-tiny-backbone=vla_ds.tiny_backbone:main",
             "vla-serve=vla_ds.serving.cli:main",
+            "vla-eval-sim=vla_ds.sim.cli:eval_main",
+            "vla-record-sim=vla_ds.sim.cli:record_main",
         ]
     },
 )

@@ -46,9 +46,7 @@ frames handed to the encoder (or PNG-encoded for ``camera_dtype="image"``).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -63,7 +61,23 @@ import av
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
+
+from vla_ds.data.lerobot_writer import (  # the helpers this reference writer shares with vla_ds's writer
+    DEFAULT_FEATURES,
+    DEFAULT_QUANTILES,
+    aggregate_stats,
+    episode_table,
+    feature_stats,
+    pandas_tasks_table,
+    png_bytes,
+    quiet_svt,
+    sample_images,
+    serialize_stats,
+    update_chunk_file_indices,
+    video_duration_s,
+    video_info,
+    write_json,
+)
 
 # ------------------------------------------------------------------------------------------------
 # Constants copied from LeRobot
@@ -91,25 +105,11 @@ V30_EPISODES_PATH = "meta/episodes/" + CHUNK_FILE_PATTERN + ".parquet"
 V30_DATA_PATH = "data/" + CHUNK_FILE_PATTERN + ".parquet"
 V30_VIDEO_PATH = "videos/{video_key}/" + CHUNK_FILE_PATTERN + ".mp4"
 
-# utils/constants.py DEFAULT_FEATURES (identical in v2.1 and v3.0); appended after user features.
-DEFAULT_FEATURES = {
-    "timestamp": {"dtype": "float32", "shape": [1], "names": None},
-    "frame_index": {"dtype": "int64", "shape": [1], "names": None},
-    "episode_index": {"dtype": "int64", "shape": [1], "names": None},
-    "index": {"dtype": "int64", "shape": [1], "names": None},
-    "task_index": {"dtype": "int64", "shape": [1], "names": None},
-}
-
-# compute_stats.DEFAULT_QUANTILES (v3 main only; v2.1 and the v3.0 release have no quantiles)
-DEFAULT_QUANTILES = [0.01, 0.10, 0.50, 0.90, 0.99]
-
 # SO-100/SO-101 follower motor names, as in current recordings (`f"{motor}.pos"`).
 SO101_MOTORS = ["shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll", "gripper"]
 
 DEFAULT_TASKS = ["Pick up the red cube.", "Put the cube in the box."]
 
-# Versions written into the parquet metadata as the libraries that LeRobot uses would.
-_PANDAS_VERSION = "2.3.3"
 
 # Codec name -> (PyAV encoder, default crf, default preset). LeRobot's defaults (configs/video.py):
 # libsvtav1, crf=30, g=2, svtav1 preset 12 (h264 preset: x264's default). "ultrafast" is used for
@@ -232,96 +232,6 @@ def default_motor_names(dim: int) -> list[str]:
 # ------------------------------------------------------------------------------------------------
 
 
-def _quantile_from_hist(hist: np.ndarray, edges: np.ndarray, target: float) -> float:
-    # RunningQuantileStats._compute_single_quantile
-    cumsum = np.cumsum(hist)
-    idx = np.searchsorted(cumsum, target)
-    if idx == 0:
-        return edges[0]
-    if idx >= len(cumsum):
-        return edges[-1]
-    before = cumsum[idx - 1]
-    in_bin = cumsum[idx] - before
-    if in_bin == 0:
-        return edges[idx]
-    return edges[idx] + (target - before) / in_bin * (edges[idx + 1] - edges[idx])
-
-
-def _running_stats_one_batch(batch: np.ndarray, quantiles: Sequence[float], num_bins: int = 5000) -> dict:
-    """v3 main ``RunningQuantileStats().update(batch); get_statistics()`` for a single batch."""
-    batch = batch.reshape(-1, batch.shape[-1])
-    batch = batch.astype(np.result_type(batch.dtype, np.float32), copy=False)
-    n = batch.shape[0]
-    mean = np.mean(batch, axis=0)
-    mean_sq = np.mean(batch**2, axis=0)
-    mn, mx = np.min(batch, axis=0), np.max(batch, axis=0)
-    stats = {
-        "min": mn.copy(),
-        "max": mx.copy(),
-        "mean": mean.copy(),
-        "std": np.sqrt(np.maximum(0, mean_sq - mean**2)),
-        "count": np.array([n]),
-    }
-    hists, edges = [], []
-    for i in range(batch.shape[1]):
-        e = np.linspace(mn[i] - 1e-10, mx[i] + 1e-10, num_bins + 1)
-        hists.append(np.histogram(batch[:, i], bins=e)[0].astype(np.float64))
-        edges.append(e)
-    for q in quantiles:
-        stats[f"q{int(q * 100):02d}"] = np.array([_quantile_from_hist(h, e, q * n) for h, e in zip(hists, edges)])
-    return stats
-
-
-def _sample_images(frames: np.ndarray) -> np.ndarray:
-    """compute_stats.sample_images on (T, H, W, 3) frames -> (N, 3, h, w) uint8: every frame for
-    T <= 100, else ``max(100, min(int(T**0.75), 10000))`` evenly spaced ones; frames whose longer
-    side is >= 300 px are subsampled by ``int(side / 150)``."""
-    t = len(frames)
-    num = max(min(100, t), min(int(t**0.75), 10_000))
-    idx = np.round(np.linspace(0, t - 1, num)).astype(int)
-    chw = frames[idx].transpose(0, 3, 1, 2)
-    h, w = chw.shape[2:]
-    if max(h, w) >= 300:
-        f = int(w / 150) if w > h else int(h / 150)
-        chw = chw[:, :, ::f, ::f]
-    return np.ascontiguousarray(chw)  # LeRobot stacks the samples into a fresh array
-
-
-def _feature_stats_v30(data: np.ndarray, is_image: bool, quantiles: Sequence[float]) -> dict:
-    """compute_stats.compute_episode_stats / get_feature_stats (v3 main)."""
-    if is_image:  # data: (N, C, H, W) uint8
-        n, c = data.shape[0], data.shape[1]
-        reshaped = data.transpose(0, 2, 3, 1).reshape(-1, c)
-        sample_count = n
-    else:
-        reshaped = data.reshape(-1, 1) if data.ndim == 1 else data
-        sample_count = data.shape[0]
-    if reshaped.shape[0] < 2:
-        st = {
-            "min": np.min(reshaped, axis=0),
-            "max": np.max(reshaped, axis=0),
-            "mean": np.mean(reshaped, axis=0),
-            "std": np.std(reshaped, axis=0),
-            "count": np.array([sample_count]),
-        }
-        for q in quantiles:
-            st[f"q{int(q * 100):02d}"] = st["mean"].copy()
-    else:
-        st = _running_stats_one_batch(reshaped, quantiles)
-        st["count"] = np.array([sample_count])
-    out = {}
-    for k, v in st.items():
-        if k == "count":
-            out[k] = v
-        elif is_image:  # keepdims -> (1, C, 1, 1), then / 255 and squeeze(0) -> (C, 1, 1)
-            out[k] = np.squeeze(v.reshape(1, -1, 1, 1) / 255.0, axis=0)
-        elif data.ndim == 1:  # keepdims for 1-D data -> shape (1,)
-            out[k] = v.reshape(1)
-        else:
-            out[k] = v
-    return out
-
-
 def _feature_stats_v21(data: np.ndarray, is_image: bool) -> dict:
     """compute_stats.get_feature_stats / compute_episode_stats (v2.1)."""
     axis, keepdims = ((0, 2, 3), True) if is_image else (0, data.ndim == 1)
@@ -337,152 +247,9 @@ def _feature_stats_v21(data: np.ndarray, is_image: bool) -> dict:
     return st
 
 
-def aggregate_stats(stats_list: list[dict]) -> dict:
-    """compute_stats.aggregate_stats (count-weighted mean, parallel variance, min/max envelope,
-    quantile envelope: min for q<=50, max above)."""
-    keys: list[str] = []
-    for s in stats_list:
-        keys += [k for k in s if k not in keys]
-    out = {}
-    for key in keys:
-        fts = [s[key] for s in stats_list if key in s]
-        means = np.stack([s["mean"] for s in fts])
-        variances = np.stack([s["std"] ** 2 for s in fts])
-        counts = np.stack([s["count"] for s in fts])
-        total = counts.sum(axis=0)
-        while counts.ndim < means.ndim:
-            counts = np.expand_dims(counts, axis=-1)
-        mean = (means * counts).sum(axis=0) / total
-        var = ((variances + (means - mean) ** 2) * counts).sum(axis=0) / total
-        agg = {
-            "min": np.min(np.stack([s["min"] for s in fts]), axis=0),
-            "max": np.max(np.stack([s["max"] for s in fts]), axis=0),
-            "mean": mean,
-            "std": np.sqrt(var),
-            "count": total,
-        }
-        for qk in [k for k in fts[0] if k.startswith("q") and k[1:].isdigit()]:
-            if all(qk in s for s in fts):
-                vals = np.stack([s[qk] for s in fts])
-                agg[qk] = np.min(vals, axis=0) if int(qk[1:]) <= 50 else np.max(vals, axis=0)
-        out[key] = agg
-    return out
-
-
-def _serialize(stats: dict) -> dict:
-    return {k: _serialize(v) if isinstance(v, dict) else np.asarray(v).tolist() for k, v in stats.items()}
-
-
 # ------------------------------------------------------------------------------------------------
 # Parquet helpers
 # ------------------------------------------------------------------------------------------------
-
-
-def _hf_feature(ft: dict, version: str) -> tuple[pa.DataType, dict]:
-    """(arrow type, HF ``datasets`` feature dict) of ``feature_utils.get_hf_features_from_features``.
-
-    shape (1,) -> ``Value(dtype)``: a plain scalar column.
-    shape (N,) -> ``Sequence(length=N, feature=Value(dtype))``: HF ``datasets`` maps it to
-    ``pa.list_(value_type, N)``, i.e. ``fixed_size_list<item: dtype>[N]`` (checked against
-    ``datasets`` 4.8.5 output). In datasets<=3.6 (LeRobot v2.1) the feature serialises as
-    ``"_type": "Sequence"``, in datasets>=4 as ``"_type": "List"``. NOTE: files rewritten through
-    pandas (e.g. the v2.1->v3.0 converter's ``pd.concat(...).to_parquet``) hold plain
-    ``list<item: dtype>`` instead; readers should accept both.
-    image -> ``datasets.Image()``: ``struct<bytes: binary, path: string>``.
-    """
-    if ft["dtype"] == "image":
-        return pa.struct({"bytes": pa.binary(), "path": pa.string()}), {"_type": "Image"}
-    value_type = pa.from_numpy_dtype(np.dtype(ft["dtype"]))
-    value_dict = {"dtype": ft["dtype"], "_type": "Value"}
-    shape = list(ft["shape"])
-    if shape == [1]:
-        return value_type, value_dict
-    if len(shape) == 1:
-        list_type = "Sequence" if version == "v2.1" else "List"
-        return pa.list_(value_type, shape[0]), {"feature": value_dict, "length": shape[0], "_type": list_type}
-    raise NotImplementedError(f"only 0-D/1-D features are supported by this test writer, got {ft}")
-
-
-def _hf_schema(features: dict, version: str, fingerprint: str | None) -> pa.Schema:
-    """Arrow schema of a LeRobot data table, with the ``huggingface`` metadata that ``datasets``
-    attaches (v3: table from ``Dataset.map`` -> ArrowWriter adds a ``fingerprint``; v2.1:
-    ``Dataset.to_parquet`` uses ``features.arrow_schema`` which has none)."""
-    fields, hf = [], {}
-    for key, ft in features.items():
-        if ft["dtype"] == "video":
-            continue
-        t, d = _hf_feature(ft, version)
-        fields.append(pa.field(key, t))
-        hf[key] = d
-    meta: dict[str, Any] = {"info": {"features": hf}}
-    if fingerprint is not None:
-        meta["fingerprint"] = fingerprint
-    return pa.schema(fields).with_metadata({"huggingface": json.dumps(meta)})
-
-
-def _png_bytes(img: np.ndarray, compress_level: int = 6) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG", compress_level=compress_level)
-    return buf.getvalue()
-
-
-def _episode_table(ep_data: dict[str, Any], features: dict, version: str, fingerprint: str | None) -> pa.Table:
-    schema = _hf_schema(features, version, fingerprint)
-    arrays = []
-    for f in schema:
-        v = ep_data[f.name]
-        if pa.types.is_fixed_size_list(f.type):
-            flat = pa.array(np.ascontiguousarray(v).reshape(-1), type=f.type.value_type)
-            arrays.append(pa.FixedSizeListArray.from_arrays(flat, f.type.list_size))
-        elif pa.types.is_struct(f.type):
-            arrays.append(pa.array(v, type=f.type))
-        else:
-            arrays.append(pa.array(np.asarray(v), type=f.type))
-    return pa.Table.from_arrays(arrays, schema=schema)
-
-
-def _pandas_tasks_table(tasks: list[str]) -> pa.Table:
-    """What ``pd.DataFrame({"task_index": idx}, index=pd.Index(tasks, name="task")).to_parquet(p)``
-    writes (``io_utils.write_tasks``): the named index becomes a trailing ``task`` column and the
-    ``pandas`` schema metadata records it in ``index_columns``. Byte-compared with pandas 2.3.3."""
-    pandas_meta = {
-        "index_columns": ["task"],
-        "column_indexes": [
-            {
-                "name": None,
-                "field_name": None,
-                "pandas_type": "unicode",
-                "numpy_type": "object",
-                "metadata": {"encoding": "UTF-8"},
-            }
-        ],
-        "columns": [
-            {
-                "name": "task_index",
-                "field_name": "task_index",
-                "pandas_type": "int64",
-                "numpy_type": "int64",
-                "metadata": None,
-            },
-            {"name": "task", "field_name": "task", "pandas_type": "unicode", "numpy_type": "object", "metadata": None},
-        ],
-        "attributes": {},
-        "creator": {"library": "pyarrow", "version": pa.__version__},
-        "pandas_version": _PANDAS_VERSION,
-    }
-    schema = pa.schema([("task_index", pa.int64()), ("task", pa.string())]).with_metadata(
-        {"pandas": json.dumps(pandas_meta)}
-    )
-    return pa.Table.from_arrays(
-        [pa.array(np.arange(len(tasks), dtype=np.int64)), pa.array(tasks, type=pa.string())], schema=schema
-    )
-
-
-def _write_json(obj: Any, path: Path) -> None:
-    # utils/io_utils.write_json: indent=4, ensure_ascii=False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=4, ensure_ascii=False)
 
 
 def _append_jsonl(obj: Any, path: Path) -> None:
@@ -492,29 +259,9 @@ def _append_jsonl(obj: Any, path: Path) -> None:
         f.write(json.dumps(obj, ensure_ascii=False) + "\n")
 
 
-def update_chunk_file_indices(chunk_idx: int, file_idx: int, chunks_size: int) -> tuple[int, int]:
-    """utils.update_chunk_file_indices (v3)."""
-    if file_idx == chunks_size - 1:
-        return chunk_idx + 1, 0
-    return chunk_idx, file_idx + 1
-
-
 # ------------------------------------------------------------------------------------------------
 # Video (video_utils.py)
 # ------------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _quiet_svt():
-    # SVT-AV1 prints its whole config to stderr at every encoder start unless SVT_LOG is low.
-    old = os.environ.get("SVT_LOG")
-    if old is None:
-        os.environ["SVT_LOG"] = "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("SVT_LOG", None)
 
 
 def _codec_options(encoder: str, g: int, crf: Any, preset: Any) -> dict[str, str]:
@@ -553,7 +300,7 @@ def encode_video(path: Path, frames: np.ndarray, fps: int, encoder: str, options
         _SVT_POOL.submit(encode_video, Path(path), np.asarray(frames), fps, encoder, dict(options)).result()
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _quiet_svt(), av.open(str(path), "w") as out:
+    with quiet_svt(), av.open(str(path), "w") as out:
         stream = out.add_stream(encoder, fps, options=options)
         stream.pix_fmt = "yuv420p"
         stream.width = frames.shape[2]
@@ -593,39 +340,6 @@ def concatenate_videos(inputs: list[Path], output: Path) -> None:
     finally:
         Path(lst).unlink(missing_ok=True)
         Path(tmp_out).unlink(missing_ok=True)
-
-
-def video_duration_s(path: Path) -> float:
-    """video_utils.get_video_duration_in_s."""
-    with av.open(str(path)) as c:
-        s = c.streams.video[0]
-        if s.duration is not None:
-            return float(s.duration * s.time_base)
-        return float(c.duration / av.time_base)
-
-
-def _video_info(path: Path, version: str, encoder_cfg: dict) -> dict:
-    """video_utils.get_video_info (+ dataset_metadata.update_video_info on v3 main)."""
-    info: dict[str, Any] = {}
-    with av.open(str(path)) as c:
-        s = c.streams.video[0]
-        info["video.height"] = s.height
-        info["video.width"] = s.width
-        info["video.codec"] = s.codec.canonical_name
-        info["video.pix_fmt"] = s.pix_fmt
-        if version == "v2.1":
-            info["video.is_depth_map"] = False
-        info["video.fps"] = int(s.base_rate)
-        info["video.channels"] = len(av.VideoFormat(s.pix_fmt).components)
-        has_audio = len(c.streams.audio) > 0
-    info["has_audio"] = has_audio
-    if version != "v2.1":
-        # main: encoder config fields recorded as video.<field> (vcodec skipped, pix_fmt kept from
-        # the stream), then the canonical depth marker.
-        for k in ("pix_fmt", "g", "crf", "preset", "fast_decode", "video_backend", "extra_options"):
-            info.setdefault(f"video.{k}", encoder_cfg[k])
-        info["is_depth_map"] = False
-    return info
 
 
 # ------------------------------------------------------------------------------------------------
@@ -845,7 +559,7 @@ def write_lerobot_dataset(
                 buf[key] = ep.columns[key]
             elif key in image_keys:
                 buf[key] = [
-                    {"bytes": _png_bytes(ep.frames[key][k]), "path": png_name.format(k)} for k in range(t_len)
+                    {"bytes": png_bytes(ep.frames[key][k]), "path": png_name.format(k)} for k in range(t_len)
                 ]
             elif key == "timestamp":
                 buf[key] = ep._ts64  # type: ignore[attr-defined]
@@ -862,8 +576,8 @@ def write_lerobot_dataset(
         qs = DEFAULT_QUANTILES if quantiles else []
         for key, ft in features.items():
             is_img = ft["dtype"] in ("video", "image")
-            data = _sample_images(ep.frames[key]) if is_img else buf[key]
-            stats[key] = _feature_stats_v30(data, is_img, qs) if is_v3 else _feature_stats_v21(data, is_img)
+            data = sample_images(ep.frames[key]) if is_img else buf[key]
+            stats[key] = feature_stats(data, is_img, qs) if is_v3 else _feature_stats_v21(data, is_img)
         ep_stats_list.append(stats)
 
     if is_v3:
@@ -920,7 +634,7 @@ def _write_v21(root, features, episodes, tables, stats_list, task_list, *, fps, 
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         # Dataset.to_parquet (datasets 3.6): ParquetWriter(schema=features.arrow_schema), default
         # options, batches of 1000 rows (100 when an Image feature is present).
-        table = _episode_table(buf, features, "v2.1", None)
+        table = episode_table(buf, features, "v2.1", None)
         has_img = any(ft["dtype"] == "image" for ft in features.values())
         pq.write_table(table, root / rel, row_group_size=100 if has_img else 1000)
         ep.data_file = rel
@@ -932,14 +646,14 @@ def _write_v21(root, features, episodes, tables, stats_list, task_list, *, fps, 
             ep.video_to_timestamp[vk] = video_duration_s(root / vrel)
         _append_jsonl({"episode_index": ep.episode_index, "tasks": ep.tasks, "length": ep.length},
                       root / V21_EPISODES_PATH)
-        _append_jsonl({"episode_index": ep.episode_index, "stats": _serialize(stats)}, root / V21_EPISODES_STATS_PATH)
+        _append_jsonl({"episode_index": ep.episode_index, "stats": serialize_stats(stats)}, root / V21_EPISODES_STATS_PATH)
     for i, tk in enumerate(task_list):
         _append_jsonl({"task_index": i, "task": tk}, root / V21_TASKS_PATH)
     for vk in video_keys:  # update_video_info: probed from episode 0's video
-        features[vk]["info"] = _video_info(root / episodes[0].video_files[vk], "v2.1", {})
+        features[vk]["info"] = video_info(root / episodes[0].video_files[vk], "v2.1", {})
     if stats_json:
-        _write_json(_serialize(aggregate_stats(stats_list)), root / "meta/stats.json")
-    _write_json(info, root / V21_INFO_PATH)
+        write_json(serialize_stats(aggregate_stats(stats_list)), root / "meta/stats.json")
+    write_json(info, root / V21_INFO_PATH)
     return info
 
 
@@ -959,7 +673,7 @@ def _write_v30(root, features, episodes, tables, stats_list, task_list, *, fps, 
             writer = None
             chunk_idx, file_idx = update_chunk_file_indices(chunk_idx, file_idx, chunks_size)
         fingerprint = hashlib.sha256(f"{seed}/{ep.episode_index}".encode()).hexdigest()[:16]
-        table = _episode_table(buf, features, "v3.0", fingerprint)
+        table = episode_table(buf, features, "v3.0", fingerprint)
         rel = Path(V30_DATA_PATH.format(chunk_index=chunk_idx, file_index=file_idx))
         if writer is None:
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -1009,7 +723,7 @@ def _write_v30(root, features, episodes, tables, stats_list, task_list, *, fps, 
                     f"videos/{vk}/to_timestamp": to_ts,
                 })
             # update_video_info probes videos/<key>/chunk-000/file-000.mp4
-            features[vk]["info"] = _video_info(
+            features[vk]["info"] = video_info(
                 root / V30_VIDEO_PATH.format(video_key=vk, chunk_index=0, file_index=0), "v3.0", encoder_cfg
             )
     finally:
@@ -1046,13 +760,13 @@ def _write_v30(root, features, episodes, tables, stats_list, task_list, *, fps, 
         ep_writer.close()
 
     # ---- tasks.parquet (pandas DataFrame indexed by task string) ----
-    pq.write_table(_pandas_tasks_table(task_list), root / V30_TASKS_PATH)
+    pq.write_table(pandas_tasks_table(task_list), root / V30_TASKS_PATH)
 
     # ---- stats.json: running aggregate over episodes ----
     agg = None
     for st in stats_list:
         agg = st if agg is None else aggregate_stats([agg, st])
-    _write_json(_serialize(agg or {}), root / V30_STATS_PATH)
+    write_json(serialize_stats(agg or {}), root / V30_STATS_PATH)
 
     # ---- info.json (DatasetInfo.to_dict field order) ----
     if feature_fps:
@@ -1074,7 +788,7 @@ def _write_v30(root, features, episodes, tables, stats_list, task_list, *, fps, 
         "robot_type": robot_type,
         "splits": {"train": f"0:{n}"},
     }
-    _write_json(info, root / V30_INFO_PATH)
+    write_json(info, root / V30_INFO_PATH)
     return info
 
 

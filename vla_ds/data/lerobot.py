@@ -561,8 +561,8 @@ class FrameSensor:
         return self.rows[idx].astype(np.float64)
 
 
-def _sensor_rows(config: LeRobotConfig, values: dict[str, np.ndarray], names: dict[str, list[str]],
-                 info_path: Path) -> tuple[np.ndarray, list[str]]:
+def sensor_rows(config: LeRobotConfig, values: dict[str, np.ndarray], names: dict[str, list[str]],
+                info_path: Path | str) -> tuple[np.ndarray, list[str]]:
     """The per-frame sensor features concatenated, angles re-encoded: ((T, C) float32, names)."""
     angles: dict[str, set[int]] = collections.defaultdict(set)
     for entry in config.sensor_angles:
@@ -585,6 +585,52 @@ def _sensor_rows(config: LeRobotConfig, values: dict[str, np.ndarray], names: di
                 columns.append(x[:, c])
                 channel_names.append(name)
     return np.stack(columns, axis=1).astype(np.float32), channel_names
+
+
+class FrameHistory:
+    """A policy's inputs from LeRobot frames as they arrive (a simulator, a robot), made by the
+    code that makes training samples from a recorded dataset, so the two cannot differ: views
+    by feature name, the sensor stream's rows from :func:`sensor_rows` (features concatenated
+    in order, angles encoded) and the window of the last W rows from
+    :meth:`FrameSensor.padded_window` (front zero-padded, the padding counted).
+
+    Args:
+        config: the policy's ``data.lerobot`` settings (sensor features and angle encoding).
+        features: the frames' features, as in ``meta/info.json`` (for the components' names).
+        window_size: W, the policy's sensor window.
+        fps: frames per second (the rows' timestamps).
+    """
+
+    def __init__(self, config: LeRobotConfig, features: dict, window_size: int, fps: float):
+        where = "the environment's features"
+        self.config = config
+        self.names = {f: component_names(f, _numeric_feature(f, features, where, "data.lerobot.sensor_features entry"))
+                      for f in config.sensor_features}
+        self.window_size = window_size
+        self.fps = float(fps)
+        self.values: dict[str, list[np.ndarray]] = {f: [] for f in config.sensor_features}
+
+    @property
+    def has_sensor(self) -> bool:
+        return bool(self.config.sensor_features)
+
+    def reset(self) -> None:
+        self.values = {f: [] for f in self.config.sensor_features}
+
+    def append(self, frame: dict) -> None:
+        """Add the next frame (its sensor features; other keys are not kept)."""
+        for f in self.config.sensor_features:
+            self.values[f].append(np.asarray(frame[f], dtype=np.float64).reshape(-1))
+
+    def sensor_window(self) -> tuple[np.ndarray, int] | tuple[None, int]:
+        """((W, C) float32, padded rows) ending at the last frame added; (None, 0) without a
+        sensor stream."""
+        if not self.has_sensor:
+            return None, 0
+        values = {f: np.stack(v) for f, v in self.values.items()}
+        rows, channel_names = sensor_rows(self.config, values, self.names, "the environment's features")
+        times = np.arange(len(rows)) / self.fps
+        return FrameSensor(Path("."), times, rows, channel_names).padded_window(float(times[-1]), self.window_size)
 
 
 # --------------------------------------------------------------------------- episodes
@@ -854,7 +900,7 @@ def load_lerobot_episodes(root: str | os.PathLike, config: LeRobotConfig, source
                 poses, actions = None, values[config.actions].astype(np.float32)
             sensor = None
             if config.sensor_features:
-                rows, channel_names = _sensor_rows(config, values, names, info_path)
+                rows, channel_names = sensor_rows(config, values, names, info_path)
                 sensor = FrameSensor(data_file, times, rows, channel_names)
             episodes.append(LeRobotEpisode(
                 root, entry, source, fps, views, times, task_all[lo:hi].astype(np.int64), tasks, actions, poses,

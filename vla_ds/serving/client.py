@@ -115,10 +115,28 @@ class ActionChunker:
         self._chunk: np.ndarray | None = None
         self._chunk_tick = 0
         self._next = None
+        self._last: tuple[np.ndarray, int] | None = None
         self.requests = 0  # sent since the last reset, a prefetch in flight included
 
     def _request(self, obs: dict[str, Any]) -> np.ndarray:
         return np.asarray(self.policy.infer(obs)["actions"])
+
+    def needs_observation(self) -> bool:
+        """Whether the next :meth:`act` sends its observation to the policy (a new chunk now,
+        or a prefetch); on the other ticks ``act`` does not read it, so a robot (or a
+        simulator) may skip capturing and encoding its cameras there."""
+        if self._chunk is None:
+            return True
+        execute = self.execute or len(self._chunk)
+        index = self._tick - self._chunk_tick
+        if index >= execute:
+            if self._next is None:
+                return True
+            index = self._tick - self._next[1]  # the prefetched chunk takes over
+            prefetching = False
+        else:
+            prefetching = self._next is not None
+        return bool(self.prefetch) and not prefetching and index >= execute - self.prefetch
 
     def act(self, obs: dict[str, Any]) -> np.ndarray:
         """The (D,) action for this tick, given this tick's observation."""
@@ -142,7 +160,14 @@ class ActionChunker:
             self.requests += 1
             self._next = (self._pool.submit(self._request, obs), self._tick)
         self._tick += 1
+        self._last = (self._chunk, index)
         return self._chunk[index]
+
+    @property
+    def current_chunk(self) -> tuple[np.ndarray, int] | None:
+        """The chunk the last :meth:`act` took its action from and that action's index in it
+        (None before the first act of an episode)."""
+        return self._last
 
     def close(self) -> None:
         """Wait for a request in flight and stop the background thread (not the policy's connection)."""

@@ -149,6 +149,7 @@ def server_metadata(policy, spec: ObservationSpec, config: ServeConfig, steps: i
         "ddim_steps": steps,
         "sampler": expert.sampler_description(steps),
         "observation": spec.describe(),
+        "lerobot": lerobot_mapping(stored),
         "policy": {
             "stage": stored.get("stage"),
             "step": stored.get("step"),
@@ -162,6 +163,21 @@ def server_metadata(policy, spec: ObservationSpec, config: ServeConfig, steps: i
         "batch_wait_ms": config.batch_wait_ms,
         "max_message_bytes": config.max_message_bytes,
     }
+
+
+# The data.lerobot settings that say how a LeRobot frame becomes a request's sensor window.
+LEROBOT_MAPPING_KEYS = ("sensor_features", "sensor_angles", "sensor_angle_encoding", "angle_unit")
+
+
+def lerobot_mapping(policy_config: dict[str, Any]) -> dict[str, Any] | None:
+    """How the policy's training data made its sensor stream from LeRobot features (its
+    ``data.lerobot`` settings), so that a client holding LeRobot frames (the simulation
+    evaluator, a LeRobot robot) builds the same window; None when config.json has none."""
+    data = policy_config.get("data")
+    section = data.get("lerobot") if isinstance(data, dict) else None
+    if not isinstance(section, dict):
+        return None
+    return {k: section[k] for k in LEROBOT_MAPPING_KEYS if k in section}
 
 
 @dataclasses.dataclass(eq=False)  # hashed by identity: kept in a set while it waits
@@ -417,18 +433,27 @@ class PolicyServer:
             return [e]
 
     def _predict_batch(self, requests: list[Request]) -> np.ndarray:
-        spec = self.spec
-        has_sensor = [r.sensor is not None for r in requests]
-        sensor = None
-        if any(has_sensor):
-            sensor = np.stack([r.sensor if r.sensor is not None else np.zeros((spec.window_size, spec.channels),
-                                                                              np.float32) for r in requests])
-        prompts = [r.prompt for r in requests]
-        vl_inputs = self.policy.input_builder.batch_processed([r.views for r in requests], prompts)
-        chunks = self.policy.predict_actions(
-            None, prompts, sensor, vl_inputs=vl_inputs, num_inference_steps=self.steps, has_sensor=has_sensor, sensor_pad=[r.sensor_pad for r in requests],
-            initial_noise=torch.stack([r.noise for r in requests]))  # (B, H, D)
-        return chunks.astype(np.float32)
+        return predict_requests(self.policy, self.spec, requests, self.steps)
+
+
+def predict_requests(policy, spec: ObservationSpec, requests: list[Request], steps: int) -> np.ndarray:
+    """(B, H, D) float32 chunks of validated requests in one forward pass: the server's model
+    step, and the in-process simulation evaluator's (the same inputs give the same chunks).
+    A request's images go through the image processor here unless ``views`` already holds them."""
+    for r in requests:
+        if r.views is None:
+            r.views = policy.input_builder.process_views(r.images)
+    has_sensor = [r.sensor is not None for r in requests]
+    sensor = None
+    if any(has_sensor):
+        sensor = np.stack([r.sensor if r.sensor is not None else np.zeros((spec.window_size, spec.channels),
+                                                                          np.float32) for r in requests])
+    prompts = [r.prompt for r in requests]
+    vl_inputs = policy.input_builder.batch_processed([r.views for r in requests], prompts)
+    chunks = policy.predict_actions(
+        None, prompts, sensor, vl_inputs=vl_inputs, num_inference_steps=steps, has_sensor=has_sensor,
+        sensor_pad=[r.sensor_pad for r in requests], initial_noise=torch.stack([r.noise for r in requests]))
+    return chunks.astype(np.float32)  # (B, H, D)
 
 
 class _InferenceFailed(Exception):

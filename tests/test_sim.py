@@ -1,0 +1,173 @@
+"""Closed-loop evaluation in Meta-World (vla_ds.sim): the recorder's LeRobot dataset, the
+observation contract against the dataset reader, a policy trained a few steps on the
+recording and evaluated in-process and through the policy server, the baselines, the
+report layout, videos and seeds that reproduce. Small: 64 px images, fast rendering."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+pytest.importorskip("metaworld")  # the "sim" extra; .ci/run installs it
+
+from conftest import REPO
+
+from vla_ds.data import DataConfig, VLADataset
+from vla_ds.data.lerobot import FrameHistory, LeRobotConfig, load_lerobot_episodes
+from vla_ds.sim import metaworld
+from vla_ds.sim.cli import eval_main, record_main
+from vla_ds.sim.envs import EnvPool
+
+SIZE = "64"
+COMMON = ["--image-size", SIZE, "--rendering", "fast", "--no-progress"]
+WINDOW = 3
+
+
+@pytest.fixture(scope="module")
+def recording(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sim") / "reach_demos"
+    assert record_main(["--output", str(out), "--tasks", "reach", "--episodes", "2", "--seed", "5",
+                        "--n-envs", "2", *COMMON]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def policy_dir(recording, tiny_backbone_dir, tmp_path_factory):
+    """A tiny Stage 1 policy trained a few steps on the recording, the state as its sensor stream."""
+    from vla_ds.convert import main as convert_main
+    from vla_ds.train import main as train_main
+
+    run = tmp_path_factory.mktemp("sim_run") / "stage1"
+    assert train_main(["--ds_config", str(REPO / "ds_configs" / "stage1.json"), "--dataset_dir", str(recording),
+                       "--vl-model", str(tiny_backbone_dir), "--model-preset", "tiny", "--sensor-window-size",
+                       str(WINDOW), "--num_workers", "0", "--batch_size", "8", "--epochs", "1", "--val_split", "0",
+                       "--lr", "1e-3", "--output_dir", str(run), "--set", "train.progress_bar=false",
+                       "--set", 'data.lerobot.sensor_features=["observation.state"]']) == 0
+    out = run.parent / "policy"
+    assert convert_main([str(run), str(out), "--to", "policy"]) == 0
+    return out
+
+
+def test_task_names_and_groups():
+    assert metaworld.task_name("reach") == metaworld.task_name("metaworld-reach-v3") == "reach-v3"
+    tasks = metaworld.resolve_tasks("reach-v3,easy,button-press")
+    assert tasks[0] == ("reach-v3", "reach-v3") and ("easy", "reach-v3") in tasks
+    assert len([t for g, t in tasks if g == "easy"]) == 28 and tasks[-1] == ("button-press-v3", "button-press-v3")
+    assert len(metaworld.resolve_tasks("mt50")) == 50 and len(metaworld.resolve_tasks("mt10")) == 10
+    assert metaworld.expert_policy("peg-insert-side").__class__.__name__ == "SawyerPegInsertionSideV3Policy"
+
+
+def test_recording_is_a_lerobot_dataset_that_replays(recording):
+    info = json.loads((recording / "meta/info.json").read_text())
+    assert info["codebase_version"] == "v3.0" and info["fps"] == metaworld.FPS and info["total_episodes"] == 2
+    # lerobot/metaworld_mt50's features (the camera as a video), then LeRobot's defaults.
+    assert list(info["features"])[:7] == ["observation.image", "observation.state", "observation.environment_state",
+                                          "action", "next.reward", "next.success", "task_id"]
+    assert info["features"]["observation.image"]["shape"] == [64, 64, 3]
+    summary = json.loads((recording / "meta/vla_ds_recording.json").read_text())
+    seeds = summary["tasks"]["reach-v3"]["saved_seeds"]
+    assert sorted(seeds) == seeds[:2] and all(5 <= s < metaworld.EVAL_START_SEED for s in seeds)
+    episodes = load_lerobot_episodes(recording, LeRobotConfig(sensor_features=["observation.state"]))
+    assert [e.instruction for e in episodes] == ["Reach a goal position"] * 2
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(recording / "data/chunk-000/file-000.parquet").to_pydict()
+    # Replaying the recorded actions from each saved seed gives the recorded states, frame by frame,
+    # and the same window the training samples cut (the evaluator's FrameHistory is the reader's code).
+    data = VLADataset(DataConfig(dataset_dir=str(recording), sensor_window_size=WINDOW, action_horizon=4,
+                                 lerobot=LeRobotConfig(sensor_features=["observation.state"])))
+    with EnvPool("reach-v3", 1, 64, "fast") as pool:
+        for e, (episode, seed) in enumerate(zip(episodes, seeds)):
+            rows = [i for i, ep in enumerate(table["episode_index"]) if ep == e]
+            actions = np.array([table["action"][i] for i in rows], dtype=np.float32)
+            assert table["next.success"][rows[-1]] and not any(table["next.success"][i] for i in rows[:-1])
+            history = FrameHistory(LeRobotConfig(sensor_features=["observation.state"]),
+                                   metaworld.dataset_features(64), WINDOW, metaworld.FPS)
+            (obs, image), = pool.reset([seed], render={0})
+            for k, i in enumerate(rows):
+                frame = metaworld.lerobot_frame(obs, image)
+                np.testing.assert_array_equal(frame["observation.state"], table["observation.state"][i])
+                history.append(frame)
+                window, pad = history.sensor_window()
+                sample = data[sum(len(ep.timestamps) for ep in episodes[:e]) + k]
+                np.testing.assert_array_equal(window, sample["sensor_window"])
+                assert pad == sample["sensor_pad"] == max(0, WINDOW - 1 - k)
+                result = pool.step({0: actions[k]})[0]
+                obs, image = result.obs, None
+            assert result.success  # the same episode, to its success
+
+
+def test_baselines_expert_succeeds_zero_fails(tmp_path):
+    out = tmp_path / "expert"
+    assert eval_main(["--policy", "expert", "--tasks", "reach-v3", "--episodes", "2", "--videos", "0",
+                      "--output", str(out), *COMMON]) == 0
+    info = json.loads((out / "eval_info.json").read_text())
+    assert info["overall"]["pc_success"] == 100.0 and info["per_task"][0]["metrics"]["seeds"] == [1000, 1001]
+    out = tmp_path / "zero"
+    assert eval_main(["--policy", "zero", "--tasks", "reach-v3", "--episodes", "1", "--max-steps", "30",
+                      "--videos", "0", "--output", str(out), *COMMON]) == 0
+    info = json.loads((out / "eval_info.json").read_text())
+    assert info["overall"]["pc_success"] == 0.0 and info["per_task"][0]["metrics"]["steps"] == [30]
+
+
+def _eval(out, *who, episodes="2", n_envs="1", videos="1"):
+    args = [*who, "--tasks", "reach-v3", "--episodes", episodes, "--n-envs", n_envs, "--max-steps", "20",
+            "--execute-steps", "4", "--videos", videos, "--output", str(out), *COMMON]
+    assert eval_main(args) == 0
+    return json.loads((out / "eval_info.json").read_text())
+
+
+def test_policy_in_process_report_video_and_seeds(policy_dir, tmp_path, capsys):
+    import av
+
+    info = _eval(tmp_path / "a", "--policy", str(policy_dir))
+    printed = capsys.readouterr().out
+    assert "reach-v3" in printed and "95% interval" in printed
+    task = info["per_task"][0]
+    assert task["task_group"] == "reach-v3" and task["task"] == "reach-v3" and task["n_episodes"] == 2
+    metrics = task["metrics"]
+    assert metrics["seeds"] == [1000, 1001] and metrics["steps"] == [20, 20] and len(metrics["successes"]) == 2
+    assert task["pc_success"] == 50.0 * sum(metrics["successes"])
+    for agg in (info["per_group"]["reach-v3"], info["overall"]):
+        assert agg["n_episodes"] == 2 and math.isclose(agg["avg_sum_reward"], np.mean(metrics["sum_rewards"]))
+        assert agg["avg_max_reward"] == np.mean(metrics["max_rewards"])
+        lo, hi = agg["pc_success_ci95"]
+        assert 0 <= lo <= agg["pc_success"] <= hi <= 100
+    assert info["overall"]["eval_s"] > 0 and info["overall"]["eval_ep_s"] == info["overall"]["eval_s"] / 2
+    assert (tmp_path / "a" / "success.png").stat().st_size > 0
+    (video,) = info["overall"]["video_paths"]
+    with av.open(video) as c:
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    assert len(frames) == 21  # 20 steps and the last observation
+    assert frames[0].shape[0] >= 256 and frames[0].shape[1] > frames[0].shape[0]  # view + chunk panel
+    assert np.abs(frames[1].astype(int) - frames[10]).mean() > 0  # the arm moves
+    # The same seeds give the same episodes.
+    again = _eval(tmp_path / "b", "--policy", str(policy_dir), videos="0")
+    assert again["per_task"][0]["metrics"]["sum_rewards"] == metrics["sum_rewards"]
+
+
+def test_server_gives_the_in_process_result(policy_dir, tmp_path):
+    from vla_ds.models.policy import VLAPolicy
+    from vla_ds.serving.server import PolicyServer, ServeConfig
+
+    local = _eval(tmp_path / "local", "--policy", str(policy_dir), videos="0")
+    server = PolicyServer(VLAPolicy.from_pretrained(policy_dir), ServeConfig(port=0))
+    assert server.metadata["lerobot"]["sensor_features"] == ["observation.state"]
+    with server.running() as port:
+        served = _eval(tmp_path / "served", "--server", f"127.0.0.1:{port}", videos="0")
+        assert server.counters["requests"] == 2 * 5  # 20 steps, 4 actions per chunk
+    for key in ("sum_rewards", "max_rewards", "successes", "steps"):
+        assert served["per_task"][0]["metrics"][key] == local["per_task"][0]["metrics"][key], key
+
+
+def test_bad_input_is_one_line(recording, tmp_path, capsys):
+    assert eval_main(["--policy", "zero", "--tasks", "reach-v3,nope", "--output", str(tmp_path / "x")]) == 2
+    assert "unknown Meta-World task 'nope'" in capsys.readouterr().err
+    assert eval_main(["--server", "127.0.0.1:1", "--connect-timeout", "0", "--output", str(tmp_path / "y"),
+                      *COMMON]) == 2
+    assert "--server 127.0.0.1:1: cannot connect" in capsys.readouterr().err
+    assert record_main(["--output", str(recording), "--episodes", "1", *COMMON]) == 2
+    assert f"{recording}: exists and is not an empty directory" in capsys.readouterr().err
+    assert record_main(["--output", str(tmp_path / "z"), "--episodes", "400", *COMMON]) == 2
+    assert "reach the evaluation seeds" in capsys.readouterr().err

@@ -1,0 +1,232 @@
+"""What acts in a rollout: a vla_ds policy (in this process, or behind a policy server), the
+scripted expert, or zero actions, behind one small interface.
+
+A rollout ticks every active environment at once. At each tick a policy says which
+environments it needs a camera image for (:meth:`RolloutPolicy.needs_image`), is handed
+their frames (:func:`vla_ds.sim.metaworld.lerobot_frame`) and returns one action each.
+
+vla_ds policies act through :class:`vla_ds.serving.client.ActionChunker`, the robot side's
+own chunk logic, one per environment: a chunk of H actions per request, the first
+``execute`` of them used, optionally the next one asked for ``prefetch`` ticks early. A request
+is exactly what a robot sends the server (:mod:`vla_ds.serving.spec`): the views, the task's
+instruction, the sensor window that the training data's settings make from the frames
+(:class:`vla_ds.data.lerobot.FrameHistory`) and a seed for the sampler's noise, drawn from
+the episode's seed and the request's number. In this process the requests of one tick go
+through one forward pass (:func:`vla_ds.serving.server.predict_requests`, the server's own
+model step); through a server, each environment has its own connection and the server
+batches what arrives together. The same seeds therefore give the same chunks either way.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import queue
+from typing import Any
+
+import numpy as np
+
+from vla_ds.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+EXPERT, ZERO = "expert", "zero"
+
+
+def request_seed(episode_seed: int, request: int) -> int:
+    """The sampler seed of an episode's ``request``-th chunk (0 <= seed < 2**63)."""
+    state = np.random.SeedSequence([int(episode_seed) & 0xFFFFFFFF, int(request)]).generate_state(2, np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1]))
+
+
+class RolloutPolicy:
+    """The interface a rollout drives (see the module docstring)."""
+
+    name = "policy"
+    metadata: dict[str, Any] = {}
+
+    def begin_task(self, task: str, description: str, n_envs: int) -> None:
+        """A new task, evaluated in ``n_envs`` environments at once."""
+
+    def begin_episode(self, env: int, seed: int) -> None:
+        """Environment ``env`` starts an episode from ``seed``."""
+
+    def needs_image(self, env: int) -> bool:
+        """Whether this tick's action of ``env`` reads the camera image."""
+        return False
+
+    def act(self, frames: dict[int, dict], raw_obs: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+        """One (D,) action per environment of ``frames`` (each env's frame of this tick)."""
+        raise NotImplementedError
+
+    def chunk(self, env: int) -> tuple[np.ndarray, int] | None:
+        """The chunk ``env`` is executing and the index of this tick's action in it (videos);
+        a policy without chunks executes its last action."""
+        last = getattr(self, "_last", {}).get(env)
+        return None if last is None else (last[None], 0)
+
+    def close(self) -> None:
+        pass
+
+
+class ZeroPolicy(RolloutPolicy):
+    """Zero actions: the arm stays where it is (a baseline every report shows)."""
+
+    name = ZERO
+
+    def act(self, frames, raw_obs):
+        self._last = {i: np.zeros(4, dtype=np.float32) for i in frames}
+        return self._last
+
+
+class ExpertPolicy(RolloutPolicy):
+    """Meta-World's scripted expert of the task, on the full 39-D observation: the
+    evaluator's own check (it should succeed nearly always) and the recorder's demonstrator."""
+
+    name = EXPERT
+
+    def begin_task(self, task, description, n_envs):
+        from vla_ds.sim.metaworld import expert_policy
+
+        self.experts = [expert_policy(task) for _ in range(n_envs)]
+
+    def act(self, frames, raw_obs):
+        self._last = {i: np.asarray(self.experts[i].get_action(raw_obs[i]), dtype=np.float32) for i in frames}
+        return self._last
+
+
+class _Handoff:
+    """An openpi-style policy whose ``infer`` hands back chunks computed ahead of time in one
+    batched forward pass (one queue per environment: at most one request is outstanding)."""
+
+    def __init__(self, metadata: dict):
+        self.metadata = metadata
+        self.replies: queue.SimpleQueue = queue.SimpleQueue()
+
+    def infer(self, obs: dict) -> dict:
+        return self.replies.get_nowait()
+
+
+class LocalModel:
+    """A loaded :class:`~vla_ds.models.policy.VLAPolicy` answering requests in this process
+    through the server's own request checks and model step."""
+
+    def __init__(self, policy, steps: int | None = None):
+        import torch
+
+        from vla_ds.serving.server import ServeConfig, observation_spec, server_metadata
+
+        self.policy = policy
+        self.steps = policy.action_expert.config.check_inference_steps(steps)
+        self.spec = observation_spec(policy)
+        self.metadata = server_metadata(policy, self.spec, ServeConfig(max_batch_size=1), self.steps)
+        self._generator = torch.Generator().manual_seed(0)  # unused: every request has a seed
+
+    def infer_batch(self, observations: list[dict]) -> list[dict]:
+        from vla_ds.serving.server import predict_requests
+
+        requests = [self.spec.parse(obs, self._generator) for obs in observations]
+        chunks = predict_requests(self.policy, self.spec, requests, self.steps)
+        return [{"actions": chunk} for chunk in chunks]
+
+
+class ChunkingPolicy(RolloutPolicy):
+    """A vla_ds policy, in this process (``model``: :class:`LocalModel`) or behind a policy
+    server (``connect``: returns a new :class:`~vla_ds.serving.client.PolicyClient`)."""
+
+    def __init__(self, name: str, model: LocalModel | None = None, connect=None, execute: int | None = None,
+                 prefetch: int = 0):
+        from vla_ds.serving.client import ActionChunker
+
+        if (model is None) == (connect is None):
+            raise ValueError("ChunkingPolicy needs a local model or a server connection")
+        self.name = name
+        self.model, self.connect = model, connect
+        self.execute, self.prefetch = execute, prefetch
+        self.clients: list = []
+        self.metadata = model.metadata if model is not None else self._client(0).metadata
+        ActionChunker(_Handoff(self.metadata), execute=execute, prefetch=prefetch).close()  # refuses bad settings now
+        self.views = list(self.metadata["camera_views"])
+        self.horizon = int(self.metadata["action_horizon"])
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def _client(self, i: int):
+        while len(self.clients) <= i:
+            self.clients.append(self.connect())
+        return self.clients[i]
+
+    def begin_task(self, task, description, n_envs):
+        from vla_ds.data.lerobot import FrameHistory, LeRobotConfig
+        from vla_ds.serving.client import ActionChunker
+        from vla_ds.sim import metaworld
+
+        missing = [v for v in self.views if v != metaworld.IMAGE_KEY]
+        if missing:
+            raise ConfigError(f"the policy reads camera view(s) {', '.join(missing)}; Meta-World renders one, "
+                              f"'{metaworld.IMAGE_KEY}' (a policy trained on LeRobot's Meta-World data, or on "
+                              "vla-record-sim's, has exactly that view)")
+        known = self.metadata.get("instructions") or []
+        if known and description not in known:
+            logger.warning("%s: the policy was not trained with the instruction %r (it knows %d, e.g. %r)", task,
+                           description, len(known), known[0])
+        config = LeRobotConfig(**(self.metadata.get("lerobot") or {}))
+        if not config.sensor_features:
+            logger.info("the policy was trained without a LeRobot sensor stream: requests carry no sensor window")
+        window = int(self.metadata["sensor_window_size"])
+        self.description = description
+        self.histories = [FrameHistory(config, metaworld.dataset_features(8), window, metaworld.FPS)
+                          for _ in range(n_envs)]
+        if self.model is not None:
+            self.handoffs = [_Handoff(self.metadata) for _ in range(n_envs)]
+            targets = self.handoffs
+        else:
+            targets = [self._client(i) for i in range(n_envs)]
+        self.chunkers = [ActionChunker(t, execute=self.execute, prefetch=self.prefetch) for t in targets]
+        self.seeds = [0] * n_envs
+        if self._pool is None and self.model is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(max(1, n_envs), thread_name_prefix="vla-eval-sim")
+
+    def begin_episode(self, env, seed):
+        self.chunkers[env].reset()
+        self.histories[env].reset()
+        self.seeds[env] = seed
+
+    def needs_image(self, env):
+        return self.chunkers[env].needs_observation()
+
+    def _request(self, env: int, frame: dict) -> dict:
+        chunker = self.chunkers[env]
+        obs: dict[str, Any] = {"images": {v: frame[v] for v in self.views}, "prompt": self.description,
+                               "seed": request_seed(self.seeds[env], chunker.requests)}
+        window, pad = self.histories[env].sensor_window()
+        if window is not None:
+            obs["sensor"], obs["sensor_pad"] = window, pad
+        return obs
+
+    def act(self, frames, raw_obs):
+        for i, frame in frames.items():
+            self.histories[i].append(frame)
+        asking = [i for i in frames if self.chunkers[i].needs_observation()]
+        requests = {i: self._request(i, frames[i]) for i in asking}
+        if self.model is not None:
+            if asking:
+                for i, reply in zip(asking, self.model.infer_batch([requests[i] for i in asking])):
+                    self.handoffs[i].replies.put(reply)
+            return {i: np.asarray(self.chunkers[i].act(requests.get(i)), dtype=np.float32) for i in frames}
+        futures = {i: self._pool.submit(self.chunkers[i].act, requests[i]) for i in asking}  # the server batches
+        actions = {i: np.asarray(self.chunkers[i].act(None), dtype=np.float32) for i in frames if i not in futures}
+        actions.update({i: np.asarray(f.result(), dtype=np.float32) for i, f in futures.items()})
+        return actions
+
+    def chunk(self, env):
+        return self.chunkers[env].current_chunk
+
+    def close(self):
+        for chunker in getattr(self, "chunkers", []):
+            chunker.close()
+        for client in self.clients:
+            client.close()
+        self.clients = []
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
