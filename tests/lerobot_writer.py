@@ -63,8 +63,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vla_ds.data.lerobot_writer import (  # the helpers this reference writer shares with vla_ds's writer
+    DATA_PATH as V30_DATA_PATH,
     DEFAULT_FEATURES,
     DEFAULT_QUANTILES,
+    EPISODES_PATH as V30_EPISODES_PATH,
+    INFO_PATH as V30_INFO_PATH,
+    STATS_PATH as V30_STATS_PATH,
+    TASKS_PATH as V30_TASKS_PATH,
+    VIDEO_PATH as V30_VIDEO_PATH,
     aggregate_stats,
     episode_table,
     feature_stats,
@@ -95,15 +101,6 @@ V21_INFO_PATH = "meta/info.json"
 V21_EPISODES_PATH = "meta/episodes.jsonl"
 V21_EPISODES_STATS_PATH = "meta/episodes_stats.jsonl"
 V21_TASKS_PATH = "meta/tasks.jsonl"
-
-# v3.0 (main utils.py)
-CHUNK_FILE_PATTERN = "chunk-{chunk_index:03d}/file-{file_index:03d}"
-V30_INFO_PATH = "meta/info.json"
-V30_STATS_PATH = "meta/stats.json"
-V30_TASKS_PATH = "meta/tasks.parquet"
-V30_EPISODES_PATH = "meta/episodes/" + CHUNK_FILE_PATTERN + ".parquet"
-V30_DATA_PATH = "data/" + CHUNK_FILE_PATTERN + ".parquet"
-V30_VIDEO_PATH = "videos/{video_key}/" + CHUNK_FILE_PATTERN + ".mp4"
 
 # SO-100/SO-101 follower motor names, as in current recordings (`f"{motor}.pos"`).
 SO101_MOTORS = ["shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll", "gripper"]

@@ -111,9 +111,20 @@ def test_baselines_expert_succeeds_zero_fails(tmp_path):
     assert info["overall"]["pc_success"] == 0.0 and info["per_task"][0]["metrics"]["steps"] == [30]
 
 
-def _eval(out, *who, episodes="2", n_envs="1", videos="1"):
+def test_blind_replay_of_a_recorded_seed_succeeds_again(recording, tmp_path):
+    """Replaying recorded actions from the seeds they were recorded at succeeds (the physics is
+    deterministic); from other seeds it need not."""
+    seeds = json.loads((recording / "meta/vla_ds_recording.json").read_text())["tasks"]["reach-v3"]["saved_seeds"]
+    out = tmp_path / "replay"
+    assert eval_main(["--policy", f"replay:{recording}", "--tasks", "reach-v3", "--episodes", "2", "--seed",
+                      str(seeds[0]), "--videos", "0", "--output", str(out), *COMMON]) == 0
+    info = json.loads((out / "eval_info.json").read_text())
+    assert seeds == [5, 6] and info["per_task"][0]["metrics"]["successes"] == [True, True]
+
+
+def _eval(out, *who, episodes="2", n_envs="1", videos="1", baselines="none"):
     args = [*who, "--tasks", "reach-v3", "--episodes", episodes, "--n-envs", n_envs, "--max-steps", "20",
-            "--execute-steps", "4", "--videos", videos, "--output", str(out), *COMMON]
+            "--execute-steps", "4", "--videos", videos, "--baselines", baselines, "--output", str(out), *COMMON]
     assert eval_main(args) == 0
     return json.loads((out / "eval_info.json").read_text())
 
@@ -121,9 +132,15 @@ def _eval(out, *who, episodes="2", n_envs="1", videos="1"):
 def test_policy_in_process_report_video_and_seeds(policy_dir, tmp_path, capsys):
     import av
 
-    info = _eval(tmp_path / "a", "--policy", str(policy_dir))
-    printed = capsys.readouterr().out
-    assert "reach-v3" in printed and "95% interval" in printed
+    info = _eval(tmp_path / "a", "--policy", str(policy_dir), baselines="zero,replay")
+    printed = capsys.readouterr().out.splitlines()
+    header = next(line for line in printed if line.startswith("task"))
+    assert header.split()[-2:] == ["zero", "replay"] and "95% interval" in header
+    for name in ("zero", "replay"):  # the baselines on the same tasks and seeds, beside the policy
+        assert info["baselines"][name]["per_task"]["reach-v3"]["n_episodes"] == 2
+        assert json.loads((tmp_path / "a" / "baselines" / name / "eval_info.json").read_text())["per_task"][0][
+            "metrics"]["seeds"] == [1000, 1001]
+    assert info["baselines"]["zero"]["overall"]["pc_success"] == 0.0
     task = info["per_task"][0]
     assert task["task_group"] == "reach-v3" and task["task"] == "reach-v3" and task["n_episodes"] == 2
     metrics = task["metrics"]

@@ -20,8 +20,9 @@ def build_eval_parser() -> argparse.ArgumentParser:
         description="Closed-loop success of a policy in simulation (Meta-World, LeRobot's observation protocol): "
                     "eval_info.json in lerobot-eval's layout, videos and a plot.")
     who = p.add_mutually_exclusive_group(required=True)
-    who.add_argument("--policy", help="exported policy directory (run in this process), or 'expert' (Meta-World's "
-                                      "scripted expert) or 'zero' (zero actions): the baselines")
+    who.add_argument("--policy", help="exported policy directory (run in this process); or a baseline: 'expert' "
+                                      "(Meta-World's scripted expert), 'zero' (zero actions) or 'replay:DATASET' "
+                                      "(blind replay of the dataset's recorded actions of the task)")
     who.add_argument("--server", help="HOST:PORT of a running policy server (scripts/serve.py): the robot's path, "
                                       "through PolicyClient and ActionChunker")
     p.add_argument("--api-key", default=None, help="the server's API key, if it needs one")
@@ -52,8 +53,12 @@ def build_eval_parser() -> argparse.ArgumentParser:
                    help="lerobot: Meta-World's scene as LeRobot renders it (default); fast: no shadows or "
                         "reflections, 3-4x faster on a CPU (use what the training data was recorded with)")
     p.add_argument("--videos", type=int, default=2, help="episodes filmed per task (default 2)")
+    p.add_argument("--baselines", default="expert,zero",
+                   help="baselines run on the same tasks and seeds beside a policy and shown in its table: "
+                        "comma-separated of expert, zero, replay (the policy's training data) or replay:DATASET; "
+                        "'none' for none (default expert,zero)")
     p.add_argument("--output", "--output_dir", "--output-dir", dest="output", required=True,
-                   help="directory for eval_info.json, success.png and videos/")
+                   help="directory for eval_info.json, success.png, videos/ and baselines/")
     p.add_argument("--steps", type=int, default=None,
                    help="sampling steps of the policy (default: its num_inference_steps)")
     p.add_argument("--vl-model", "--vl_model", dest="vl_model", default=None,
@@ -91,7 +96,7 @@ def check_recording(config: dict, image_size: int, rendering: str) -> None:
 
 def make_rollout_policy(args: argparse.Namespace):
     """The :class:`~vla_ds.sim.policies.RolloutPolicy` the flags name."""
-    from vla_ds.sim.policies import EXPERT, ZERO, ChunkingPolicy, ExpertPolicy, LocalModel, ZeroPolicy
+    from vla_ds.sim.policies import ChunkingPolicy, LocalModel
 
     if args.server:
         import websockets
@@ -110,10 +115,9 @@ def make_rollout_policy(args: argparse.Namespace):
 
         return ChunkingPolicy(f"server {args.server}", connect=connect, execute=args.execute_steps,
                               prefetch=args.prefetch)
-    if args.policy == EXPERT:
-        return ExpertPolicy()
-    if args.policy == ZERO:
-        return ZeroPolicy()
+    baseline = baseline_policy(args.policy)
+    if baseline is not None:
+        return baseline
     import torch
 
     from vla_ds.models.policy import VLAPolicy, read_policy_config
@@ -126,18 +130,60 @@ def make_rollout_policy(args: argparse.Namespace):
                           prefetch=args.prefetch)
 
 
+def baseline_policy(name: str, training_data: str | None = None):
+    """The baseline ``name`` names (expert, zero, replay:DATASET; ``replay`` alone replays
+    ``training_data``), or None when it is none of them."""
+    from vla_ds.sim.policies import EXPERT, REPLAY, ZERO, ExpertPolicy, ReplayPolicy, ZeroPolicy
+
+    if name == EXPERT:
+        return ExpertPolicy()
+    if name == ZERO:
+        return ZeroPolicy()
+    if name.startswith(REPLAY + ":"):
+        return ReplayPolicy(name[len(REPLAY) + 1:])
+    if name == REPLAY:
+        if not training_data:
+            raise ConfigError("--baselines replay replays the policy's training data, which its config.json does "
+                              "not name: give replay:DATASET")
+        return ReplayPolicy(training_data)
+    return None
+
+
 def run_eval(args: argparse.Namespace) -> dict:
-    from vla_ds.sim.evaluate import evaluate_policy
+    from vla_ds.sim.evaluate import EVAL_INFO_FILE, evaluate_policy
     from vla_ds.sim.metaworld import resolve_tasks
+    from vla_ds.sim.policies import EXPERT, REPLAY, ZERO
 
     tasks = resolve_tasks(args.tasks)  # a bad name is reported before a policy loads
+    names = [] if args.baselines.strip() in ("", "none") else [b.strip() for b in args.baselines.split(",")]
     rollout_policy = make_rollout_policy(args)
+    is_baseline = args.policy is not None and (args.policy in (EXPERT, ZERO) or args.policy.startswith(REPLAY + ":"))
+    training_data = None
+    if not is_baseline and args.policy:
+        from vla_ds.models.policy import read_policy_config
+
+        training_data = (read_policy_config(args.policy).get("data") or {}).get("dataset_dir")
+    baselines = [] if is_baseline else [(n, baseline_policy(n, training_data)) for n in names]
+    unknown = [n for n, b in baselines if b is None]
+    if unknown:
+        raise ConfigError(f"--baselines: unknown {', '.join(unknown)} (expert, zero, replay, replay:DATASET, none)")
     settings = {"env": args.env, "tasks": args.tasks, "execute_steps": args.execute_steps, "prefetch": args.prefetch,
                 "sampling_steps": args.steps}
-    return evaluate_policy(rollout_policy, tasks, args.output, episodes=args.episodes, seed=args.seed,
-                           n_envs=args.n_envs, image_size=args.image_size, rendering=args.rendering,
-                           max_steps=args.max_steps,
-                           videos=args.videos, settings=settings, progress=args.progress)
+    common = {"episodes": args.episodes, "seed": args.seed, "n_envs": args.n_envs, "image_size": args.image_size,
+              "rendering": args.rendering, "max_steps": args.max_steps, "progress": args.progress}
+    info = evaluate_policy(rollout_policy, tasks, args.output, videos=args.videos, settings=settings, **common)
+    if baselines:
+        info["baselines"] = {}
+        for name, policy in baselines:
+            other = evaluate_policy(policy, tasks, Path(args.output) / "baselines" / name.split(":")[0], videos=0,
+                                    settings=settings, **common)
+            info["baselines"][name] = {"per_task": {t["task"]: {k: t[k] for k in ("pc_success", "pc_success_ci95",
+                                                                                  "n_episodes")}
+                                                    for t in other["per_task"]},
+                                       "overall": {k: other["overall"][k] for k in ("pc_success", "pc_success_ci95",
+                                                                                     "n_episodes")}}
+        (Path(args.output) / EVAL_INFO_FILE).write_text(json.dumps(info, indent=2))
+    return info
 
 
 def eval_main(argv: list[str] | None = None) -> int:

@@ -59,6 +59,17 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     return (100 * max(0.0, center - half), 100 * min(1.0, center + half))
 
 
+def check_settings(**values: int) -> None:
+    """Refuse a rollout setting that is not an integer in range, naming its flag."""
+    lowest = {"videos": 0, "seed": 0, "image_size": 16}
+    for name, value in values.items():
+        low = lowest.get(name, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
+    if values.get("image_size", 0) % 2:
+        raise ConfigError(f"--image-size must be even (videos are yuv420p), got {values['image_size']}")
+
+
 # --------------------------------------------------------------------------- videos
 
 
@@ -178,8 +189,8 @@ class VideoObserver(RolloutObserver):
         from vla_ds.sim.metaworld import IMAGE_KEY
 
         if env in self.writers:
-            self.writers[env].add(frame[IMAGE_KEY], chunk, step, totals[0] - result.reward, totals[2] and not
-                                  result.success)
+            # The frame before the step: its reward and success are not in yet (success ends an episode).
+            self.writers[env].add(frame[IMAGE_KEY], chunk, step, totals[0] - result.reward, False)
 
     def end(self, env, episode, last_image, chunk):
         writer = self.writers.pop(env, None)
@@ -189,11 +200,14 @@ class VideoObserver(RolloutObserver):
             episode.video = str(writer.path)
 
 
-def run_episodes(pool, policy, group: str, task: str, seeds: list[int], first_episode: int, limit: int,
+def run_episodes(pool, policy, group: str, task: str, seeds: list[int], limit: int,
                  observers: list[RolloutObserver] = (), progress=None) -> tuple[list[EpisodeResult], int]:
     """Episodes of ``task`` from ``seeds`` in ``pool``'s environments (``pool.n`` at a time,
     in lockstep), driven by ``policy``; returns their results and the environment steps taken."""
     from vla_ds.sim import metaworld
+
+    def wanted(envs):  # the environments whose next observation needs its camera image
+        return {i for i in envs if policy.needs_image(i) or any(o.wants_images(i) for o in observers)}
 
     results: list[EpisodeResult] = []
     env_steps = 0
@@ -202,11 +216,7 @@ def run_episodes(pool, policy, group: str, task: str, seeds: list[int], first_ep
         for i, seed in enumerate(batch):
             policy.begin_episode(i, seed)
             for o in observers:
-                o.begin(i, task, seed, first_episode + start + i)
-
-        def wanted(envs):
-            return {i for i in envs if policy.needs_image(i) or any(o.wants_images(i) for o in observers)}
-
+                o.begin(i, task, seed, start + i)
         obs, images = {}, {}
         for i, (o, image) in enumerate(pool.reset(batch, render=wanted(range(len(batch))))):
             obs[i], images[i] = o, image
@@ -314,12 +324,8 @@ def evaluate_policy(policy, tasks: list[tuple[str, str]], output: str | Path, *,
     from vla_ds.sim.envs import EnvPool
     from vla_ds.sim.metaworld import TASK_DESCRIPTIONS
 
-    for name, value, low in (("episodes", episodes, 1), ("n_envs", n_envs, 1), ("image_size", image_size, 16),
-                             ("max_steps", max_steps, 1), ("videos", videos, 0), ("seed", seed, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
-    if image_size % 2:
-        raise ConfigError(f"--image-size must be even (videos are yuv420p), got {image_size}")
+    check_settings(episodes=episodes, n_envs=n_envs, image_size=image_size, max_steps=max_steps, videos=videos,
+                   seed=seed)
     output = Path(output)
     try:
         output.mkdir(parents=True, exist_ok=True)
@@ -335,7 +341,7 @@ def evaluate_policy(policy, tasks: list[tuple[str, str]], output: str | Path, *,
             with EnvPool(task, min(n_envs, episodes), image_size, rendering) as pool:
                 limit = min(max_steps, pool.max_episode_steps)
                 policy.begin_task(task, TASK_DESCRIPTIONS[task], pool.n)
-                done, steps = run_episodes(pool, policy, group, task, seeds, 0, limit,
+                done, steps = run_episodes(pool, policy, group, task, seeds, limit,
                                            [VideoObserver(output, videos, limit)], progress=bar)
             results += done
             env_steps += steps
@@ -353,19 +359,27 @@ def evaluate_policy(policy, tasks: list[tuple[str, str]], output: str | Path, *,
 
 
 def format_table(info: dict) -> str:
-    """The per-task table printed at the end (success with its 95% interval and episode count)."""
-    rows = [("task", "success", "95% interval", "episodes", "avg sum reward", "avg max reward", "mean steps")]
+    """The per-task table printed at the end: success with its 95% interval and episode
+    count, reward and steps, and the baselines' success when they ran beside the policy."""
+    baselines = info.get("baselines", {})
+    rows = [("task", "success", "95% interval", "episodes", "avg sum reward", "avg max reward", "mean steps",
+             *baselines)]
+
+    def row(name, agg, steps):
+        lo, hi = agg["pc_success_ci95"]
+        return (name, f"{agg['pc_success']:.1f}%", f"{lo:.0f}-{hi:.0f}%", str(agg["n_episodes"]),
+                f"{agg['avg_sum_reward']:.1f}", f"{agg['avg_max_reward']:.2f}", steps)
+
     for t in info["per_task"]:
-        lo, hi = t["pc_success_ci95"]
-        rows.append((t["task"], f"{t['pc_success']:.1f}%", f"{lo:.0f}-{hi:.0f}%", str(t["n_episodes"]),
-                     f"{t['avg_sum_reward']:.1f}", f"{t['avg_max_reward']:.2f}",
-                     f"{np.mean(t['metrics']['steps']):.0f}"))
-    if len(info["per_group"]) > 1 or len(info["per_task"]) > 1:
-        for name, agg in [*(("group " + g, a) for g, a in info["per_group"].items() if len(info["per_task"]) > 1
-                            and g not in {t["task"] for t in info["per_task"]}), ("overall", info["overall"])]:
-            lo, hi = agg["pc_success_ci95"]
-            rows.append((name, f"{agg['pc_success']:.1f}%", f"{lo:.0f}-{hi:.0f}%", str(agg["n_episodes"]),
-                         f"{agg['avg_sum_reward']:.1f}", f"{agg['avg_max_reward']:.2f}", ""))
+        rows.append(row(t["task"], t, f"{np.mean(t['metrics']['steps']):.0f}")
+                    + tuple(f"{b['per_task'][t['task']]['pc_success']:.1f}%" for b in baselines.values()))
+    if len(info["per_task"]) > 1:
+        tasks = {t["task"] for t in info["per_task"]}
+        for group, agg in info["per_group"].items():
+            if group not in tasks:  # a group named on the command line (easy, mt10, ...)
+                rows.append(row("group " + group, agg, "") + ("",) * len(baselines))
+        rows.append(row("overall", info["overall"], "")
+                    + tuple(f"{b['overall']['pc_success']:.1f}%" for b in baselines.values()))
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) if c == 0 else cell.rjust(w) for c, (cell, w) in enumerate(zip(r, widths)))
              for r in rows]

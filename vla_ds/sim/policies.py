@@ -30,7 +30,7 @@ from vla_ds.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-EXPERT, ZERO = "expert", "zero"
+EXPERT, ZERO, REPLAY = "expert", "zero", "replay"
 
 
 def request_seed(episode_seed: int, request: int) -> int:
@@ -92,6 +92,43 @@ class ExpertPolicy(RolloutPolicy):
 
     def act(self, frames, raw_obs):
         self._last = {i: np.asarray(self.experts[i].get_action(raw_obs[i]), dtype=np.float32) for i in frames}
+        return self._last
+
+
+class ReplayPolicy(RolloutPolicy):
+    """Blind replay: the k-th episode of a task executes the actions of the task's k-th
+    recorded episode (cycling through them) in order, whatever it observes, then zeros. What a
+    policy that memorised the demonstrations' motions without looking would score: the blind
+    baseline beside zero actions."""
+
+    def __init__(self, dataset_dir: str):
+        from vla_ds.data.lerobot import LeRobotConfig, load_lerobot_episodes
+
+        self.name = f"{REPLAY}:{dataset_dir}"
+        self.sequences: dict[str, list[np.ndarray]] = {}
+        for episode in load_lerobot_episodes(dataset_dir, LeRobotConfig()):
+            self.sequences.setdefault(episode.instruction, []).append(np.asarray(episode.actions, dtype=np.float32))
+        self.dataset_dir = dataset_dir
+
+    def begin_task(self, task, description, n_envs):
+        if description not in self.sequences:
+            raise ConfigError(f"{self.dataset_dir}: no recorded episode of {task} (task {description!r}) to replay")
+        self.task_sequences = self.sequences[description]
+        self.begun = 0
+        self.playing: list[np.ndarray | None] = [None] * n_envs
+        self.t = [0] * n_envs
+
+    def begin_episode(self, env, seed):
+        self.playing[env] = self.task_sequences[self.begun % len(self.task_sequences)]
+        self.begun += 1
+        self.t[env] = 0
+
+    def act(self, frames, raw_obs):
+        self._last = {}
+        for i in frames:
+            sequence, t = self.playing[i], self.t[i]
+            self._last[i] = sequence[t] if t < len(sequence) else np.zeros(sequence.shape[1], dtype=np.float32)
+            self.t[i] += 1
         return self._last
 
 

@@ -26,7 +26,7 @@ import numpy as np
 
 import vla_ds
 from vla_ds.errors import ConfigError
-from vla_ds.sim.evaluate import RolloutObserver, run_episodes
+from vla_ds.sim.evaluate import RolloutObserver, check_settings, run_episodes
 
 logger = logging.getLogger(__name__)
 
@@ -80,12 +80,8 @@ def record_demos(tasks: list[str], output: str | Path, *, episodes: int, seed: i
     from vla_ds.sim.envs import EnvPool
     from vla_ds.sim.policies import ExpertPolicy
 
-    for name, value, low in (("episodes", episodes, 1), ("n_envs", n_envs, 1), ("image_size", image_size, 16),
-                             ("max_steps", max_steps, 1), ("seed", seed, 0), ("max_attempts", max_attempts, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
-    if image_size % 2:
-        raise ConfigError(f"--image-size must be even (yuv420p video), got {image_size}")
+    check_settings(episodes=episodes, n_envs=n_envs, image_size=image_size, max_steps=max_steps, seed=seed,
+                   max_attempts=max_attempts)
     last_seed = seed + max_attempts * episodes - 1
     if last_seed >= metaworld.EVAL_START_SEED:
         raise ConfigError(f"recording seeds {seed}..{last_seed} (--seed, --episodes x --max-attempts) reach the "
@@ -111,7 +107,7 @@ def record_demos(tasks: list[str], output: str | Path, *, episodes: int, seed: i
                     batch = list(range(next_seed, min(next_seed + pool.n, seed + max_attempts * episodes)))
                     next_seed += len(batch)
                     before = len(recorder.saved)
-                    _, n = run_episodes(pool, expert, task, task, batch, 0, limit, [recorder])
+                    _, n = run_episodes(pool, expert, task, task, batch, limit, [recorder])
                     steps += n
                     bar.update(len(recorder.saved) - before)
             if len(recorder.saved) < episodes:
