@@ -115,7 +115,7 @@ def closed_loop(a, work: Path, name: str, who: list[str], extra: list[str] = (),
     shutil.rmtree(out, ignore_errors=True)
     seconds = _run([str(REPO / "scripts" / "eval_sim.py"), *who, "--tasks", tasks or a.tasks, "--episodes",
                     str(episodes or a.episodes), "--image-size", str(a.image_size), "--rendering", a.rendering,
-                    "--n-envs", str(a.n_envs), "--output", str(out), "--no-progress", *extra],
+                    "--n-envs", str(a.n_envs), "--output", str(out), "--baselines", "none", "--no-progress", *extra],
                    work / f"eval_{name}.log")
     return json.loads((out / "eval_info.json").read_text()), seconds
 

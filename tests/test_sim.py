@@ -178,9 +178,14 @@ def test_server_gives_the_in_process_result(policy_dir, tmp_path):
         assert served["per_task"][0]["metrics"][key] == local["per_task"][0]["metrics"][key], key
 
 
-def test_bad_input_is_one_line(recording, tmp_path, capsys):
+def test_bad_input_is_one_line(recording, policy_dir, tmp_path, capsys):
     assert eval_main(["--policy", "zero", "--tasks", "reach-v3,nope", "--output", str(tmp_path / "x")]) == 2
     assert "unknown Meta-World task 'nope'" in capsys.readouterr().err
+    assert eval_main(["--policy", "zero", "--max-steps", "501", "--output", str(tmp_path / "x"), *COMMON]) == 2
+    assert "--max-steps must be at most 500" in capsys.readouterr().err
+    assert eval_main(["--policy", str(policy_dir), "--execute-steps", "9", "--output", str(tmp_path / "x"),
+                      *COMMON]) == 2
+    assert "--execute-steps must be in 1..8" in capsys.readouterr().err
     assert eval_main(["--server", "127.0.0.1:1", "--connect-timeout", "0", "--output", str(tmp_path / "y"),
                       *COMMON]) == 2
     assert "--server 127.0.0.1:1: cannot connect" in capsys.readouterr().err

@@ -167,8 +167,15 @@ def run_eval(args: argparse.Namespace) -> dict:
     unknown = [n for n, b in baselines if b is None]
     if unknown:
         raise ConfigError(f"--baselines: unknown {', '.join(unknown)} (expert, zero, replay, replay:DATASET, none)")
+    steps = args.steps
+    if args.server:
+        ignored = [flag for flag, value in (("--steps", args.steps), ("--device", args.device),
+                                            ("--dtype", args.dtype), ("--vl-model", args.vl_model)) if value]
+        if ignored:
+            logger.warning("%s: set on the server (scripts/serve.py), not here; ignored", ", ".join(ignored))
+        steps = rollout_policy.metadata.get("ddim_steps")
     settings = {"env": args.env, "tasks": args.tasks, "execute_steps": args.execute_steps, "prefetch": args.prefetch,
-                "sampling_steps": args.steps}
+                "sampling_steps": steps}
     common = {"episodes": args.episodes, "seed": args.seed, "n_envs": args.n_envs, "image_size": args.image_size,
               "rendering": args.rendering, "max_steps": args.max_steps, "progress": args.progress}
     info = evaluate_policy(rollout_policy, tasks, args.output, videos=args.videos, settings=settings, **common)

@@ -67,6 +67,9 @@ def _worker(conn, env_name: str, task: str, image_size: int, rendering: str) -> 
         text = f"{type(e).__name__}: {e}"
         if any(s in text for s in ("EGL", "OSMesa", "GLFW", "OpenGL", "gladLoadGL", "mujoco.FatalError")):
             text += f" ({HEADLESS_HINT})"
+        elif isinstance(e, AssertionError) and "rgb_array" in text:  # gymnasium and Meta-World disagree
+            text += (" (this gymnasium's MuJoCo environments refuse Meta-World's render modes: install a gymnasium "
+                     "your Meta-World supports; vla_ds is tested with metaworld 3.1.1 and gymnasium 1.4.0)")
         try:
             conn.send(("error", text, traceback.format_exc()))
         except (BrokenPipeError, OSError):
@@ -124,35 +127,44 @@ class EnvPool:
             raise SimError(f"the {self.task} environment failed while {doing}: {reply[1]}")
         return reply[1]
 
+    def _send(self, i: int, command: tuple) -> None:
+        try:
+            self._conns[i].send(command)
+        except (BrokenPipeError, ConnectionResetError, EOFError):
+            raise SimError(f"the {self.task} environment process {i} is gone (exit code {self._procs[i].exitcode})") \
+                from None
+
     def reset(self, seeds: list[int | None], render: set[int] | frozenset = frozenset()) -> list:
         """Reset environments 0..len(seeds)-1; returns [(obs, image or None), ...]."""
         for i, seed in enumerate(seeds):
-            self._conns[i].send(("reset", seed, i in render))
+            self._send(i, ("reset", seed, i in render))
         return [self._receive(i, f"resetting with seed {seed}") for i, seed in enumerate(seeds)]
 
     def step(self, actions: dict[int, np.ndarray], render: set[int] | frozenset = frozenset()) -> dict[int, StepResult]:
         for i, action in actions.items():
-            self._conns[i].send(("step", np.asarray(action, dtype=np.float32), i in render))
+            self._send(i, ("step", np.asarray(action, dtype=np.float32), i in render))
         return {i: self._receive(i, "stepping") for i in actions}
 
     def render(self, ids) -> dict[int, np.ndarray]:
         for i in ids:
-            self._conns[i].send(("render",))
+            self._send(i, ("render",))
         return {i: self._receive(i, "rendering") for i in ids}
 
     def close(self) -> None:
+        """Stop every worker: asked to, and its pipe closed so that one still sending an
+        answer nobody reads (after another worker failed) stops at once too."""
         for conn in self._conns:
             try:
                 conn.send(("close",))
-            except (BrokenPipeError, OSError):
+            except (BrokenPipeError, ConnectionResetError, OSError):
                 pass
+        for conn in self._conns:
+            conn.close()
         for proc in self._procs:
             proc.join(timeout=10)
             if proc.is_alive():
                 proc.kill()
                 proc.join()
-        for conn in self._conns:
-            conn.close()
         self._conns, self._procs = [], []
 
     def __enter__(self) -> EnvPool:

@@ -61,11 +61,16 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
 
 def check_settings(**values: int) -> None:
     """Refuse a rollout setting that is not an integer in range, naming its flag."""
+    from vla_ds.sim.metaworld import MAX_EPISODE_STEPS
+
     lowest = {"videos": 0, "seed": 0, "image_size": 16}
     for name, value in values.items():
         low = lowest.get(name, 1)
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
+    if values.get("max_steps", 0) > MAX_EPISODE_STEPS:
+        raise ConfigError(f"--max-steps must be at most {MAX_EPISODE_STEPS}, Meta-World's episode length, got "
+                          f"{values['max_steps']}")
     if values.get("image_size", 0) % 2:
         raise ConfigError(f"--image-size must be even (videos are yuv420p), got {values['image_size']}")
 
@@ -169,18 +174,18 @@ class RolloutObserver:
 
 
 class VideoObserver(RolloutObserver):
-    """MP4s of the first ``count`` episodes of each task (videos/<task>/eval_episode_<k>.mp4)."""
+    """MP4s of the first ``count`` episodes of a task in ``directory`` (eval_episode_<k>.mp4)."""
 
-    def __init__(self, output: Path, count: int, limit: int):
-        self.output, self.count, self.limit = output, count, limit
+    def __init__(self, directory: Path, count: int, limit: int):
+        self.directory, self.count, self.limit = directory, count, limit
         self.writers: dict[int, _EpisodeVideo] = {}
 
     def begin(self, env, task, seed, episode):
         from vla_ds.sim.metaworld import FPS
 
         if episode < self.count:
-            self.writers[env] = _EpisodeVideo(self.output / VIDEOS_DIR / task / f"eval_episode_{episode}.mp4", FPS,
-                                              task, seed, self.limit)
+            self.writers[env] = _EpisodeVideo(self.directory / f"eval_episode_{episode}.mp4", FPS, task, seed,
+                                              self.limit)
 
     def wants_images(self, env):
         return env in self.writers
@@ -261,6 +266,7 @@ def _aggregate(episodes: list[EpisodeResult]) -> dict[str, Any]:
         "pc_success_ci95": list(wilson_interval(k, n)),
         "n_episodes": n,
         "video_paths": [e.video for e in episodes if e.video],
+        "predicted_video_paths": [],  # lerobot-eval's key for world-model policies; none here
     }
 
 
@@ -276,8 +282,9 @@ def eval_info(episodes: list[EpisodeResult], eval_s: float, env_steps: int, sett
             "task_group": group, "task_id": task_id, "task": task,
             "metrics": {"sum_rewards": [e.sum_reward for e in mine], "max_rewards": [e.max_reward for e in mine],
                         "successes": [e.success for e in mine], "video_paths": [e.video for e in mine if e.video],
-                        "seeds": [e.seed for e in mine], "steps": [e.steps for e in mine]},
-            **{k: v for k, v in _aggregate(mine).items() if k != "video_paths"},
+                        "predicted_video_paths": [], "seeds": [e.seed for e in mine],
+                        "steps": [e.steps for e in mine]},
+            **{k: v for k, v in _aggregate(mine).items() if not k.endswith("video_paths")},
         })
         groups.setdefault(group, []).extend(mine)
     overall = _aggregate(episodes)
@@ -337,12 +344,12 @@ def evaluate_policy(policy, tasks: list[tuple[str, str]], output: str | Path, *,
     bar = tqdm(total=len(tasks) * episodes, desc=f"eval {policy.name}", unit="episode", disable=not progress,
                dynamic_ncols=True)
     try:
-        for group, task in tasks:
+        for k, (group, task) in enumerate(tasks):
+            task_id = sum(1 for g, _ in tasks[:k] if g == group)  # lerobot-eval's videos/<group>_<task_id>/
             with EnvPool(task, min(n_envs, episodes), image_size, rendering) as pool:
-                limit = min(max_steps, pool.max_episode_steps)
                 policy.begin_task(task, TASK_DESCRIPTIONS[task], pool.n)
-                done, steps = run_episodes(pool, policy, group, task, seeds, limit,
-                                           [VideoObserver(output, videos, limit)], progress=bar)
+                films = VideoObserver(output / VIDEOS_DIR / f"{group}_{task_id}", videos, max_steps)
+                done, steps = run_episodes(pool, policy, group, task, seeds, max_steps, [films], progress=bar)
             results += done
             env_steps += steps
             logger.info("%s: %d/%d successes, %.1f steps per episode", task, sum(e.success for e in done),

@@ -14,7 +14,8 @@ instruction, the sensor window that the training data's settings make from the f
 the episode's seed and the request's number. In this process the requests of one tick go
 through one forward pass (:func:`vla_ds.serving.server.predict_requests`, the server's own
 model step); through a server, each environment has its own connection and the server
-batches what arrives together. The same seeds therefore give the same chunks either way.
+batches what arrives together. A chunk depends only on its request (the seed fixes the
+noise), up to the float rounding of the batch it was computed in.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ import queue
 from typing import Any
 
 import numpy as np
+import websockets
 
 from vla_ds.errors import ConfigError
+from vla_ds.sim.envs import SimError
 
 logger = logging.getLogger(__name__)
 
@@ -173,19 +176,24 @@ class ChunkingPolicy(RolloutPolicy):
 
     def __init__(self, name: str, model: LocalModel | None = None, connect=None, execute: int | None = None,
                  prefetch: int = 0):
-        from vla_ds.serving.client import ActionChunker
-
         if (model is None) == (connect is None):
             raise ValueError("ChunkingPolicy needs a local model or a server connection")
         self.name = name
         self.model, self.connect = model, connect
         self.execute, self.prefetch = execute, prefetch
         self.clients: list = []
+        self.chunkers: list = []
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.metadata = model.metadata if model is not None else self._client(0).metadata
-        ActionChunker(_Handoff(self.metadata), execute=execute, prefetch=prefetch).close()  # refuses bad settings now
         self.views = list(self.metadata["camera_views"])
         self.horizon = int(self.metadata["action_horizon"])
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        if execute is not None and not 1 <= execute <= self.horizon:
+            self.close()
+            raise ConfigError(f"--execute-steps must be in 1..{self.horizon} (the policy's chunk length), got {execute}")
+        if not 0 <= prefetch < (execute or self.horizon):
+            self.close()
+            raise ConfigError(f"--prefetch must be in 0..{(execute or self.horizon) - 1} (less than the actions "
+                              f"executed per chunk), got {prefetch}")
 
     def _client(self, i: int):
         while len(self.clients) <= i:
@@ -206,13 +214,24 @@ class ChunkingPolicy(RolloutPolicy):
         if known and description not in known:
             logger.warning("%s: the policy was not trained with the instruction %r (it knows %d, e.g. %r)", task,
                            description, len(known), known[0])
-        config = LeRobotConfig(**(self.metadata.get("lerobot") or {}))
-        if not config.sensor_features:
-            logger.info("the policy was trained without a LeRobot sensor stream: requests carry no sensor window")
+        mapping = self.metadata.get("lerobot")
+        config = LeRobotConfig(**(mapping or {}))
         window = int(self.metadata["sensor_window_size"])
+        features = metaworld.dataset_features(metaworld.DEFAULT_IMAGE_SIZE)
+        if config.sensor_features:  # the windows this evaluation builds must have the policy's channels
+            probe = FrameHistory(config, features, window, metaworld.FPS)
+            probe.append(metaworld.lerobot_frame(np.zeros(metaworld.ENV_STATE_DIM), None))
+            channels = probe.sensor_window()[0].shape[1]
+            if channels != int(self.metadata["sensor_channels"]):
+                raise ConfigError(f"the policy's sensor features {config.sensor_features} make {channels} channels "
+                                  f"from Meta-World's frames, but it takes {self.metadata['sensor_channels']}")
+        elif mapping is None:
+            logger.warning("the policy (or its server) does not say how its sensor stream was made from LeRobot "
+                           "features: requests carry no sensor window and it uses its no-sensor embedding")
         self.description = description
-        self.histories = [FrameHistory(config, metaworld.dataset_features(8), window, metaworld.FPS)
-                          for _ in range(n_envs)]
+        self.histories = [FrameHistory(config, features, window, metaworld.FPS) for _ in range(n_envs)]
+        for chunker in self.chunkers:  # the previous task's
+            chunker.close()
         if self.model is not None:
             self.handoffs = [_Handoff(self.metadata) for _ in range(n_envs)]
             targets = self.handoffs
@@ -245,22 +264,33 @@ class ChunkingPolicy(RolloutPolicy):
             self.histories[i].append(frame)
         asking = [i for i in frames if self.chunkers[i].needs_observation()]
         requests = {i: self._request(i, frames[i]) for i in asking}
+        from vla_ds.serving.spec import BadRequest
+
         if self.model is not None:
             if asking:
-                for i, reply in zip(asking, self.model.infer_batch([requests[i] for i in asking])):
+                try:
+                    replies = self.model.infer_batch([requests[i] for i in asking])
+                except BadRequest as e:
+                    raise SimError(f"the policy refused the evaluator's request: {e}") from None
+                for i, reply in zip(asking, replies):
                     self.handoffs[i].replies.put(reply)
             return {i: np.asarray(self.chunkers[i].act(requests.get(i)), dtype=np.float32) for i in frames}
         futures = {i: self._pool.submit(self.chunkers[i].act, requests[i]) for i in asking}  # the server batches
         actions = {i: np.asarray(self.chunkers[i].act(None), dtype=np.float32) for i in frames if i not in futures}
-        actions.update({i: np.asarray(f.result(), dtype=np.float32) for i, f in futures.items()})
+        for i, future in futures.items():
+            try:
+                actions[i] = np.asarray(future.result(), dtype=np.float32)
+            except (RuntimeError, OSError, websockets.exceptions.WebSocketException) as e:  # PolicyServerError too
+                raise SimError(f"{self.name}: {type(e).__name__}: {e}") from None
         return actions
 
     def chunk(self, env):
         return self.chunkers[env].current_chunk
 
     def close(self):
-        for chunker in getattr(self, "chunkers", []):
+        for chunker in self.chunkers:
             chunker.close()
+        self.chunkers = []
         for client in self.clients:
             client.close()
         self.clients = []

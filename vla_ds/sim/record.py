@@ -34,7 +34,8 @@ RECORDING_FILE = "meta/vla_ds_recording.json"
 
 
 class _Recorder(RolloutObserver):
-    """Buffers every environment's episode; a successful one goes to the writer."""
+    """Buffers every environment's episode; after each batch of environments, the successful
+    ones go to the writer in seed order (so what is saved does not depend on --n-envs)."""
 
     def __init__(self, writer, task: str, wanted: int):
         from vla_ds.sim.metaworld import TASK_DESCRIPTIONS, TASK_NAME_TO_ID
@@ -42,6 +43,7 @@ class _Recorder(RolloutObserver):
         self.writer, self.wanted = writer, wanted
         self.description, self.task_id = TASK_DESCRIPTIONS[task], TASK_NAME_TO_ID[task]
         self.buffers: dict[int, list[dict]] = {}
+        self.finished: list[tuple[int, bool, list[dict]]] = []  # (seed, success, frames) of this batch
         self.saved: list[int] = []
         self.dropped: list[int] = []
 
@@ -57,15 +59,19 @@ class _Recorder(RolloutObserver):
                                   "task_id": np.int16(self.task_id), "task": self.description})
 
     def end(self, env, episode, last_image, chunk):
-        frames = self.buffers.pop(env)
-        if not episode.success or len(self.saved) >= self.wanted:
-            if not episode.success:
-                self.dropped.append(episode.seed)
-            return
-        for frame in frames:
-            self.writer.add_frame(frame)
-        self.writer.save_episode()
-        self.saved.append(episode.seed)
+        self.finished.append((episode.seed, episode.success, self.buffers.pop(env)))
+
+    def flush(self) -> None:
+        """Save the batch's successful episodes, lowest seed first, up to the number wanted."""
+        for seed, success, frames in sorted(self.finished, key=lambda f: f[0]):
+            if not success:
+                self.dropped.append(seed)
+            elif len(self.saved) < self.wanted:
+                for frame in frames:
+                    self.writer.add_frame(frame)
+                self.writer.save_episode()
+                self.saved.append(seed)
+        self.finished = []
 
 
 def record_demos(tasks: list[str], output: str | Path, *, episodes: int, seed: int = 0, n_envs: int = 1,
@@ -101,13 +107,13 @@ def record_demos(tasks: list[str], output: str | Path, *, episodes: int, seed: i
             next_seed, steps = seed, 0
             task_started = time.monotonic()
             with EnvPool(task, min(n_envs, episodes), image_size, rendering) as pool:
-                limit = min(max_steps, pool.max_episode_steps)
                 expert.begin_task(task, metaworld.TASK_DESCRIPTIONS[task], pool.n)
                 while len(recorder.saved) < episodes and next_seed < seed + max_attempts * episodes:
                     batch = list(range(next_seed, min(next_seed + pool.n, seed + max_attempts * episodes)))
                     next_seed += len(batch)
                     before = len(recorder.saved)
-                    _, n = run_episodes(pool, expert, task, task, batch, limit, [recorder])
+                    _, n = run_episodes(pool, expert, task, task, batch, max_steps, [recorder])
+                    recorder.flush()
                     steps += n
                     bar.update(len(recorder.saved) - before)
             if len(recorder.saved) < episodes:
