@@ -1,5 +1,5 @@
 """What acts in a rollout: a vla_ds policy (in this process, or behind a policy server), the
-scripted expert, or zero actions, behind one small interface.
+scripted expert, zero actions or blind replay of recorded actions, behind one small interface.
 
 A rollout ticks every active environment at once. At each tick a policy says which
 environments it needs a camera image for (:meth:`RolloutPolicy.needs_image`), is handed
@@ -260,12 +260,12 @@ class ChunkingPolicy(RolloutPolicy):
         return obs
 
     def act(self, frames, raw_obs):
+        from vla_ds.serving.spec import BadRequest
+
         for i, frame in frames.items():
             self.histories[i].append(frame)
         asking = [i for i in frames if self.chunkers[i].needs_observation()]
         requests = {i: self._request(i, frames[i]) for i in asking}
-        from vla_ds.serving.spec import BadRequest
-
         if self.model is not None:
             if asking:
                 try:
