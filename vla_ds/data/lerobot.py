@@ -601,10 +601,12 @@ class FrameHistory:
         fps: frames per second (the rows' timestamps).
     """
 
+    WHERE = "the frames' features"  # what messages name in place of a dataset file
+
     def __init__(self, config: LeRobotConfig, features: dict, window_size: int, fps: float):
-        where = "the environment's features"
         self.config = config
-        self.names = {f: component_names(f, _numeric_feature(f, features, where, "data.lerobot.sensor_features entry"))
+        self.names = {f: component_names(f, _numeric_feature(f, features, self.WHERE,
+                                                             "data.lerobot.sensor_features entry"))
                       for f in config.sensor_features}
         self.window_size = window_size
         self.fps = float(fps)
@@ -628,7 +630,7 @@ class FrameHistory:
         if not self.has_sensor:
             return None, 0
         values = {f: np.stack(v) for f, v in self.values.items()}
-        rows, channel_names = sensor_rows(self.config, values, self.names, "the environment's features")
+        rows, channel_names = sensor_rows(self.config, values, self.names, self.WHERE)
         times = np.arange(len(rows)) / self.fps
         return FrameSensor(Path("."), times, rows, channel_names).padded_window(float(times[-1]), self.window_size)
 

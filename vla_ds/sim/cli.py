@@ -96,7 +96,7 @@ def check_recording(config: dict, image_size: int, rendering: str) -> None:
 
 def make_rollout_policy(args: argparse.Namespace):
     """The :class:`~vla_ds.sim.policies.RolloutPolicy` the flags name."""
-    from vla_ds.sim.policies import ChunkingPolicy, LocalModel
+    from vla_ds.sim.policies import ChunkingPolicy, LocalModel, is_baseline
 
     if args.server:
         import websockets
@@ -115,9 +115,8 @@ def make_rollout_policy(args: argparse.Namespace):
 
         return ChunkingPolicy(f"server {args.server}", connect=connect, execute=args.execute_steps,
                               prefetch=args.prefetch)
-    baseline = baseline_policy(args.policy)
-    if baseline is not None:
-        return baseline
+    if is_baseline(args.policy):
+        return baseline_policy(args.policy, flag="--policy")
     import torch
 
     from vla_ds.models.policy import VLAPolicy, read_policy_config
@@ -130,9 +129,9 @@ def make_rollout_policy(args: argparse.Namespace):
                           prefetch=args.prefetch)
 
 
-def baseline_policy(name: str, training_data: str | None = None):
+def baseline_policy(name: str, training_data: str | None = None, flag: str = "--baselines"):
     """The baseline ``name`` names (expert, zero, replay:DATASET; ``replay`` alone replays
-    ``training_data``), or None when it is none of them."""
+    ``training_data``)."""
     from vla_ds.sim.policies import EXPERT, REPLAY, ZERO, ExpertPolicy, ReplayPolicy, ZeroPolicy
 
     if name == EXPERT:
@@ -141,32 +140,28 @@ def baseline_policy(name: str, training_data: str | None = None):
         return ZeroPolicy()
     if name.startswith(REPLAY + ":"):
         return ReplayPolicy(name[len(REPLAY) + 1:])
-    if name == REPLAY:
-        if not training_data:
-            raise ConfigError("--baselines replay replays the policy's training data, which its config.json does "
-                              "not name: give replay:DATASET")
-        return ReplayPolicy(training_data)
-    return None
+    if not training_data:
+        raise ConfigError(f"{flag} replay replays the policy's training data, which is not known here: give "
+                          "replay:DATASET")
+    return ReplayPolicy(training_data)
 
 
 def run_eval(args: argparse.Namespace) -> dict:
     from vla_ds.sim.evaluate import EVAL_INFO_FILE, evaluate_policy
     from vla_ds.sim.metaworld import resolve_tasks
-    from vla_ds.sim.policies import EXPERT, REPLAY, ZERO
+    from vla_ds.sim.policies import ChunkingPolicy, is_baseline
 
-    tasks = resolve_tasks(args.tasks)  # a bad name is reported before a policy loads
+    tasks = resolve_tasks(args.tasks)  # bad names are reported before a policy loads
     names = [] if args.baselines.strip() in ("", "none") else [b.strip() for b in args.baselines.split(",")]
-    rollout_policy = make_rollout_policy(args)
-    is_baseline = args.policy is not None and (args.policy in (EXPERT, ZERO) or args.policy.startswith(REPLAY + ":"))
-    training_data = None
-    if not is_baseline and args.policy:
-        from vla_ds.models.policy import read_policy_config
-
-        training_data = (read_policy_config(args.policy).get("data") or {}).get("dataset_dir")
-    baselines = [] if is_baseline else [(n, baseline_policy(n, training_data)) for n in names]
-    unknown = [n for n, b in baselines if b is None]
+    unknown = [n for n in names if not is_baseline(n)]
     if unknown:
         raise ConfigError(f"--baselines: unknown {', '.join(unknown)} (expert, zero, replay, replay:DATASET, none)")
+    rollout_policy = make_rollout_policy(args)
+    baselines = []
+    if isinstance(rollout_policy, ChunkingPolicy):  # a baseline evaluated on its own gets none beside it
+        local = rollout_policy.model
+        training_data = (local.policy.policy_config.get("data") or {}).get("dataset_dir") if local else None
+        baselines = [(n, baseline_policy(n, training_data)) for n in names]
     steps = args.steps
     if args.server:
         ignored = [flag for flag, value in (("--steps", args.steps), ("--device", args.device),

@@ -256,6 +256,11 @@ def run_episodes(pool, policy, group: str, task: str, seeds: list[int], limit: i
     return results, env_steps
 
 
+def task_id(tasks: list[tuple[str, str]], k: int) -> int:
+    """lerobot-eval's task_id of the k-th (group, task): its index within its group."""
+    return sum(1 for g, _ in tasks[:k] if g == tasks[k][0])
+
+
 def _aggregate(episodes: list[EpisodeResult]) -> dict[str, Any]:
     n = len(episodes)
     k = sum(e.success for e in episodes)
@@ -277,9 +282,8 @@ def eval_info(episodes: list[EpisodeResult], eval_s: float, env_steps: int, sett
     order = list(dict.fromkeys((e.group, e.task) for e in episodes))
     for group, task in order:
         mine = [e for e in episodes if (e.group, e.task) == (group, task)]
-        task_id = sum(1 for g, _ in order[:order.index((group, task))] if g == group)
         per_task.append({
-            "task_group": group, "task_id": task_id, "task": task,
+            "task_group": group, "task_id": task_id(order, order.index((group, task))), "task": task,
             "metrics": {"sum_rewards": [e.sum_reward for e in mine], "max_rewards": [e.max_reward for e in mine],
                         "successes": [e.success for e in mine], "video_paths": [e.video for e in mine if e.video],
                         "predicted_video_paths": [], "seeds": [e.seed for e in mine],
@@ -345,10 +349,9 @@ def evaluate_policy(policy, tasks: list[tuple[str, str]], output: str | Path, *,
                dynamic_ncols=True)
     try:
         for k, (group, task) in enumerate(tasks):
-            task_id = sum(1 for g, _ in tasks[:k] if g == group)  # lerobot-eval's videos/<group>_<task_id>/
             with EnvPool(task, min(n_envs, episodes), image_size, rendering) as pool:
                 policy.begin_task(task, TASK_DESCRIPTIONS[task], pool.n)
-                films = VideoObserver(output / VIDEOS_DIR / f"{group}_{task_id}", videos, max_steps)
+                films = VideoObserver(output / VIDEOS_DIR / f"{group}_{task_id(tasks, k)}", videos, max_steps)
                 done, steps = run_episodes(pool, policy, group, task, seeds, max_steps, [films], progress=bar)
             results += done
             env_steps += steps

@@ -36,6 +36,11 @@ logger = logging.getLogger(__name__)
 EXPERT, ZERO, REPLAY = "expert", "zero", "replay"
 
 
+def is_baseline(name: str) -> bool:
+    """Whether ``name`` (a --policy or --baselines value) names a baseline rather than a policy."""
+    return name in (EXPERT, ZERO, REPLAY) or name.startswith(REPLAY + ":")
+
+
 def request_seed(episode_seed: int, request: int) -> int:
     """The sampler seed of an episode's ``request``-th chunk (0 <= seed < 2**63)."""
     state = np.random.SeedSequence([int(episode_seed) & 0xFFFFFFFF, int(request)]).generate_state(2, np.uint32)
@@ -46,7 +51,6 @@ class RolloutPolicy:
     """The interface a rollout drives (see the module docstring)."""
 
     name = "policy"
-    metadata: dict[str, Any] = {}
 
     def begin_task(self, task: str, description: str, n_envs: int) -> None:
         """A new task, evaluated in ``n_envs`` environments at once."""
