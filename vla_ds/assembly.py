@@ -97,8 +97,9 @@ def assemble(cfg: RunConfig, world: int, rank: int, source: str = "config") -> R
             f"{cfg.data.dataset_dir}: {dataset.action_dim}-dimensional actions ({', '.join(dataset.action_names)}), but "
             f"the checkpoint the run starts from predicts {norm_stats.action_dim}; train on data with its action "
             "dimension (data.lerobot.actions) or start a new Stage 1")
-    # D follows the data (a LeRobot action's own dimension); config.json records it.
-    cfg.action_expert = dataclasses.replace(cfg.action_expert, action_dim=norm_stats.action_dim)
+    # D and the camera views follow the data (a LeRobot action's own dimension); config.json records them.
+    cfg.action_expert = dataclasses.replace(cfg.action_expert, action_dim=norm_stats.action_dim,
+                                            num_views=dataset.num_views)
     policy, input_builder, fingerprint = build_policy(cfg, norm_stats, dataset.sensor_channels, start)
     if start.resume_states is not None:
         from vla_ds import checkpoint
@@ -235,12 +236,16 @@ def log_tokens_per_sample(dataset, input_builder, max_pixels) -> None:
     logger.info("LM tokens per sample: %d (%s; backbone.max_pixels %s)", total, views, max_pixels)
 
 
-def continue_head(stored: dict[str, str], cfg: RunConfig, source: str) -> None:
-    """Stage 2 and ``--resume`` continue heads trained for one objective: train them towards
-    another and they start from scratch. ``cfg.action_expert`` takes the checkpoint's
-    objective and prediction_type; a config that asked for another head is told so."""
-    keys = ["objective"] + (["prediction_type"] if stored["objective"] == "diffusion" else [])
-    config_head = {k: getattr(cfg.action_expert, k) for k in ("objective", "prediction_type")}
+def continue_head(stored: dict[str, Any], cfg: RunConfig, source: str) -> None:
+    """Stage 2 and ``--resume`` continue heads trained for one objective and one VL
+    conditioning: train them towards another and they start from scratch (and the weights of
+    another conditioning do not fit). ``cfg.action_expert`` takes the checkpoint's objective,
+    prediction_type and vl_conditioning (with its grid); a config that asked for another head
+    is told so."""
+    keys = (["objective"] + (["prediction_type"] if stored["objective"] == "diffusion" else [])
+            + ["vl_conditioning"] + (["vl_grid"] if stored["vl_conditioning"] == "tokens" else []))
+    config_head = {k: getattr(cfg.action_expert, k)
+                   for k in ("objective", "prediction_type", "vl_conditioning", "vl_grid")}
     if all(stored[k] == config_head[k] for k in keys):
         return
     logger.warning("%s trained an action expert with %s; continuing with it, not with the config's %s",
@@ -248,7 +253,10 @@ def continue_head(stored: dict[str, str], cfg: RunConfig, source: str) -> None:
     cfg.action_expert = dataclasses.replace(cfg.action_expert, **{k: stored[k] for k in keys})
 
 
-def _describe_head(head: dict[str, str]) -> str:
+def _describe_head(head: dict[str, Any]) -> str:
+    out = f"objective {head['objective']}"
     if head["objective"] == "diffusion":
-        return f"objective diffusion (prediction_type {head['prediction_type']})"
-    return f"objective {head['objective']}"
+        out = f"objective diffusion (prediction_type {head['prediction_type']})"
+    if head["vl_conditioning"] == "tokens":
+        return f"{out} on VL tokens ({head['vl_grid']}x{head['vl_grid']} per view)"
+    return f"{out} on the pooled VL vector"

@@ -28,7 +28,8 @@ ATTENTION_MASK = "attention_mask"  # int64 (B, L)
 PIXEL_VALUES = "pixel_values"      # float32 (sum of patches over B x V, 1176) flattened image patches
 IMAGE_GRID_THW = "image_grid_thw"  # int64 (B x V, 3) patch grid of each image
 VL_INPUT_KEYS = (INPUT_IDS, ATTENTION_MASK, PIXEL_VALUES, IMAGE_GRID_THW)
-VL_HIDDEN = "vl_hidden"            # float32 (hidden,) pooled VL feature from the Stage 1 cache -> (B, hidden)
+VL_HIDDEN = "vl_hidden"            # float32 VL features from the Stage 1 cache: (hidden,) pooled -> (B, hidden),
+                                   # or (T, hidden) tokens -> (B, T, hidden)
 
 # Loading bookkeeping (vla_ds.data.loading), removed before the batch reaches the model.
 BAD_SAMPLE = "bad_sample"          # str: "<file>: <problem>" for a sample that could not be loaded
@@ -36,14 +37,17 @@ SAMPLE_INDEX = "sample_index"      # int: the sample's index in the wrapped data
 
 
 def random_batch(batch_size: int, window: int, channels: int, horizon: int, hidden: int | None = None,
-                 action_dim: int = 7, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                 action_dim: int = 7, generator: torch.Generator | None = None,
+                 vl_tokens: int | None = None) -> dict[str, torch.Tensor]:
     """A micro batch of random values with the training batch's numeric keys and shapes (and
-    ``VL_HIDDEN`` features when ``hidden`` is given): synthetic batches for benchmarks and tests."""
+    ``VL_HIDDEN`` features when ``hidden`` is given: (B, hidden), or (B, vl_tokens, hidden)
+    for the tokens conditioning): synthetic batches for benchmarks and tests."""
     batch = {SENSOR_WINDOW: torch.randn(batch_size, window, channels, generator=generator),
              HAS_SENSOR: torch.ones(batch_size, dtype=torch.bool),
              ACTIONS: torch.randn(batch_size, horizon, action_dim, generator=generator),
              ACTION_IS_PAD: torch.zeros(batch_size, horizon, dtype=torch.bool),
              CONFIDENCE: torch.ones(batch_size)}
     if hidden is not None:
-        batch = {VL_HIDDEN: torch.randn(batch_size, hidden, generator=generator), **batch}
+        shape = (batch_size, hidden) if vl_tokens is None else (batch_size, vl_tokens, hidden)
+        batch = {VL_HIDDEN: torch.randn(*shape, generator=generator), **batch}
     return batch

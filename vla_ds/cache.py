@@ -1,12 +1,13 @@
 """Stage 1 VL feature cache: run the frozen backbone once per sample, reuse it every epoch.
 
-In Stage 1 the backbone is frozen, so a sample's pooled VL feature depends only on the
-backbone, the processor settings, the prompt template, its images and its instruction.
+In Stage 1 the backbone is frozen, so a sample's VL features depend only on the backbone,
+the processor settings, the prompt template, the conditioning (one pooled vector, or
+tokens on a g x g grid per view), its images and its instruction.
 Those make up the keys, so a stale feature cannot be read:
 
 * the *model key* (one directory per key) hashes the backbone fingerprint (config + base
-  weights), its load dtype, ``PROMPT_TEMPLATE_VERSION``, min/max pixels and the
-  instruction token budget;
+  weights), its load dtype, ``PROMPT_TEMPLATE_VERSION``, min/max pixels, the
+  instruction token budget and the conditioning (``vl_conditioning`` and its grid);
 * the *sample key* hashes the instruction, the camera views and, for each view's image
   file, its path, size and modification time.
 
@@ -14,7 +15,8 @@ Layout (a few large files, read through memory mapping)::
 
     <cache_dir>/<model_key>/
       meta.json                     what the model key was made of (for people)
-      shard-<id>.npy                float32 (n, hidden) features
+      shard-<id>.npy                pooled: float32 (n, hidden); tokens: bfloat16 bits as
+                                    uint16 (n, T, hidden), half the disk of float32
       shard-<id>.keys               n sample keys, one per line: written last, the commit mark
 
 A shard is written to temporary names and renamed, ``.npy`` first and ``.keys`` last, so
@@ -73,9 +75,11 @@ class CacheConfig:
             raise ConfigError("cache.build_batch_size and cache.shard_rows must be >= 1")
 
 
-def model_key(fingerprint: str, backbone_config, run_dtype: torch.dtype) -> tuple[str, dict[str, Any]]:
-    """(key, its parts) for a backbone, the dtype it runs in (the engine may cast it) and
-    its input settings."""
+def model_key(fingerprint: str, backbone_config, run_dtype: torch.dtype,
+              grid: int | None = None) -> tuple[str, dict[str, Any]]:
+    """(key, its parts) for a backbone, the dtype it runs in (the engine may cast it), its
+    input settings and what is stored: one pooled vector (``grid`` None) or tokens on a
+    ``grid`` x ``grid`` grid per view."""
     from vla_ds.models.backbone import PROMPT_TEMPLATE_VERSION
 
     parts = {
@@ -87,7 +91,10 @@ def model_key(fingerprint: str, backbone_config, run_dtype: torch.dtype) -> tupl
         "min_pixels": backbone_config.min_pixels,
         "max_pixels": backbone_config.max_pixels,
         "max_text_tokens": backbone_config.max_text_tokens,
+        "vl_conditioning": "pooled" if grid is None else "tokens",
     }
+    if grid is not None:
+        parts["vl_grid"] = grid
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
     return digest, parts
 
@@ -155,10 +162,11 @@ class FeatureStore:
         return key in self.index
 
     def get(self, key: str) -> np.ndarray:
+        """The sample's features as float32: (hidden,) pooled or (T, hidden) tokens (a copy)."""
         shard, row = self.index[key]
         if shard not in self._maps:
             self._maps[shard] = np.load(self.root / self.shards[shard], mmap_mode="r")
-        return np.asarray(self._maps[shard][row], dtype=np.float32)  # (hidden,) a copy of one row
+        return from_stored(self._maps[shard][row])
 
 
 class ShardWriter:
@@ -183,7 +191,7 @@ class ShardWriter:
         npy, keys = self.root / f"{name}.npy", self.root / f"{name}.keys"
         tmp_npy, tmp_keys = self.root / f".{name}.npy.tmp", self.root / f".{name}.keys.tmp"
         with open(tmp_npy, "wb") as f:
-            np.save(f, np.stack(self.rows).astype(np.float32))
+            np.save(f, to_stored(np.stack(self.rows)))
             f.flush()
             os.fsync(f.fileno())
         with open(tmp_keys, "w") as f:
@@ -194,6 +202,22 @@ class ShardWriter:
         os.replace(tmp_keys, keys)  # the commit: only now do readers see the shard
         self.written += len(self.keys)
         self.keys, self.rows = [], []
+
+
+def to_stored(features: np.ndarray) -> np.ndarray:
+    """float32 features as a shard stores them: pooled (n, hidden) as float32; tokens
+    (n, T, hidden) as bfloat16 (round to nearest even) in uint16, which numpy can map."""
+    features = np.ascontiguousarray(features, dtype=np.float32)
+    if features.ndim == 2:
+        return features
+    return torch.from_numpy(features).to(torch.bfloat16).view(torch.uint16).numpy()
+
+
+def from_stored(row: np.ndarray) -> np.ndarray:
+    """One stored row back as float32 (a copy; bfloat16 widens exactly)."""
+    if row.dtype == np.uint16:
+        return torch.from_numpy(np.array(row)).view(torch.bfloat16).float().numpy()
+    return np.array(row, dtype=np.float32)
 
 
 def cache_root(cache_config: CacheConfig, dataset_dir: str, key: str, parts: dict[str, Any]) -> Path:
@@ -214,11 +238,13 @@ def cache_root(cache_config: CacheConfig, dataset_dir: str, key: str, parts: dic
 
 @torch.no_grad()
 def build(store: FeatureStore, datasets: list, keys: list[list[str]], backbone, collate, cache_config: CacheConfig,
-          num_workers: int, rank: int, world_size: int, device, on_bad_sample: str = "error") -> int:
-    """Compute the features of every sample whose key is missing. Collective: each rank
-    takes a disjoint share, then all ranks wait and re-read the store. Returns the number
-    of features this rank computed. With ``on_bad_sample="skip"`` a sample that cannot be
-    loaded gets no feature (training then skips it and counts it)."""
+          num_workers: int, rank: int, world_size: int, device, on_bad_sample: str = "error",
+          grid: int | None = None) -> int:
+    """Compute the features of every sample whose key is missing (``grid``: as
+    ``VLBackbone.forward`` takes it). Collective: each rank takes a disjoint share, then all
+    ranks wait and re-read the store. Returns the number of features this rank computed.
+    With ``on_bad_sample="skip"`` a sample that cannot be loaded gets no feature (training
+    then skips it and counts it)."""
     import deepspeed.comm as dist
     from torch.utils.data import DataLoader, Subset
 
@@ -253,7 +279,7 @@ def build(store: FeatureStore, datasets: list, keys: list[list[str]], backbone, 
                     if SAMPLE_INDEX not in batch:  # only bad samples (on_bad_sample="skip")
                         continue
                     inputs = [batch[k].to(device) for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")]
-                    features = backbone(*inputs).float().cpu().numpy()  # (B, hidden)
+                    features = backbone(*inputs, grid=grid).float().cpu().numpy()  # (B, hidden) / (B, T, hidden)
                     writer.add([key_of[i] for i in batch[SAMPLE_INDEX]], features)  # bad samples were dropped
             writer.flush()
             backbone.train(was_training)

@@ -46,7 +46,7 @@ from torch import nn
 
 from vla_ds.ema import ema_weights
 from vla_ds.errors import CheckpointError
-from vla_ds.models.action_expert import LEGACY_HEAD, stored_section
+from vla_ds.models.action_expert import LEGACY_HEAD, ActionExpertConfig, stored_section
 from vla_ds.models.policy import state_dict_problems
 
 logger = logging.getLogger(__name__)
@@ -301,7 +301,7 @@ class WeightsFile(NamedTuple):
     stage: str                                    # the run that saved it: stage1 or stage2
     state: dict[str, torch.Tensor]                # VLAPolicy.state_dict() names
     norm_stats: dict[str, Any] | None
-    head: dict[str, str]                          # the head's objective and prediction_type
+    head: dict[str, Any]                          # head_settings: objective, prediction_type, conditioning
 
 
 def read_weights_file(path: str | Path, what: str = "checkpoint") -> WeightsFile:
@@ -363,14 +363,19 @@ class Stage1Weights(NamedTuple):
     source: Path                                  # the file read
     parts: dict[str, dict[str, torch.Tensor]]     # part name -> its state dict
     norm_stats: dict[str, Any] | None             # NormStats.to_dict(), when the source has them
-    head: dict[str, str]                          # the head's objective and prediction_type
+    head: dict[str, Any]                          # head_settings: objective, prediction_type, conditioning
 
 
-def head_settings(action_expert_section: dict[str, Any] | None) -> dict[str, str]:
-    """``{"objective", "prediction_type"}`` of a stored action-expert config section; a
-    section written before they existed (or none) is the guide's DDPM epsilon head."""
+def head_settings(action_expert_section: dict[str, Any] | None) -> dict[str, Any]:
+    """``{"objective", "prediction_type", "vl_conditioning"[, "vl_grid"]}`` of a stored
+    action-expert config section (or a ``.pt``'s ``head``); a section written before they
+    existed (or none) is the guide's DDPM epsilon head on the pooled vector."""
     section = stored_section(action_expert_section or {})
-    return {k: section.get(k, LEGACY_HEAD[k]) for k in LEGACY_HEAD}
+    head = {k: section.get(k, LEGACY_HEAD[k]) for k in LEGACY_HEAD}
+    head["vl_conditioning"] = section["vl_conditioning"]
+    if head["vl_conditioning"] == "tokens":
+        head["vl_grid"] = section.get("vl_grid", ActionExpertConfig.vl_grid)
+    return head
 
 
 def read_stage1(path: str | Path) -> Stage1Weights:

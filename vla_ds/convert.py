@@ -9,7 +9,7 @@ source is a training output dir (its ``latest``, or ``--tag global_stepN``) or o
                                         the frozen base model under its VLAPolicy names
     stage1      OUT (a .pt path, or a dir -> OUT/diffusion_step<N>.pt): the guide's
                 {"sensor_encoder": sd, "action_expert": sd, "training_stage": "stage1", "norm_stats": dict,
-                 "head": {"objective", "prediction_type"}}
+                 "head": {"objective", "prediction_type", "vl_conditioning"[, "vl_grid"]}}
     stage2      same naming: {"model_state_dict": sd, "training_stage": "stage2", "norm_stats": dict, "head": dict},
                 sd = the trainable state (LoRA + heads + normalisation buffers; + the base with include_base)
     policy      OUT/ as docs/policy_format.md: config.json, model.safetensors, norm_stats.json,

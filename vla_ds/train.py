@@ -162,12 +162,13 @@ def build_feature_cache(cfg, engine, fingerprint: str, datasets: list, collate, 
     from vla_ds import cache
 
     backbone = engine.module.backbone
-    key, parts = cache.model_key(fingerprint, cfg.backbone, next(backbone.parameters()).dtype)
+    grid = engine.module.action_expert.config.vl_grid_size  # what the built policy reads
+    key, parts = cache.model_key(fingerprint, cfg.backbone, next(backbone.parameters()).dtype, grid)
     root = cache.cache_root(cfg.cache, cfg.data.dataset_dir, key, parts)
     store = cache.FeatureStore(root)
     keys = [cache.sample_keys(ds, cfg.data.dataset_dir) for ds in datasets]
     computed = cache.build(store, datasets, keys, backbone, collate, cfg.cache, cfg.data.num_workers,
-                           rank, world, engine.device, on_bad_sample=cfg.data.on_bad_sample)
+                           rank, world, engine.device, on_bad_sample=cfg.data.on_bad_sample, grid=grid)
     logger.info("VL feature cache %s: %d features (%d computed now by this rank); images are not decoded in training",
                 root, len(store.index), computed)
     return [cache.CachedFeatures(ds, k, store) for ds, k in zip(datasets, keys)]

@@ -153,7 +153,7 @@ def _unpack_batch(buffer, layout, rest: dict) -> dict:
 class PolicyCollator:
     """DataLoader collate: numeric fields stacked, images + instruction turned into
     backbone inputs (tokenised prompt, processed patches), or, for samples from the VL
-    feature cache, the cached features stacked (``vl_hidden`` (B, hidden)) and no prompt
+    feature cache, the cached features stacked (``vl_hidden`` (B, hidden) or (B, T, hidden)) and no prompt
     built at all. Runs in the workers; picklable."""
 
     def __init__(self, input_builder):
@@ -169,7 +169,7 @@ class PolicyCollator:
         batch = collate_numeric(samples)
         images, instructions = batch.pop(IMAGES), batch.pop(INSTRUCTION)
         if VL_HIDDEN in batch:
-            batch[VL_HIDDEN] = torch.from_numpy(np.stack(batch[VL_HIDDEN]))  # (B, hidden)
+            batch[VL_HIDDEN] = torch.from_numpy(np.stack(batch[VL_HIDDEN]))  # (B, hidden) or (B, T, hidden)
         else:
             batch.update(self.input_builder(images, instructions))
         batch[BAD_SAMPLE] = bad

@@ -47,11 +47,14 @@ from vla_ds.errors import ConfigError
 from vla_ds.models._checks import check_transformer, require_positive_int
 
 OBJECTIVES = ("diffusion", "flow_matching", "regression")
+VL_CONDITIONINGS = ("tokens", "pooled")
 BETA_SCHEDULES = ("cosine", "linear")
 PREDICTION_TYPES = ("epsilon", "sample")
 SAMPLING_METHODS = ("ddim", "ddpm")
 # What a stored config without these fields (vla_ds before they existed) trained with.
 LEGACY_HEAD = {"objective": "diffusion", "prediction_type": "epsilon"}
+# ...and what one without ``vl_conditioning`` was conditioned on: one pooled vector.
+LEGACY_CONDITIONING = {"vl_conditioning": "pooled"}
 # Flow time t in [0, 1] enters the sinusoidal timestep embedding as t * FLOW_TIME_SCALE,
 # so its frequencies span the same range as diffusion timesteps 0..1000 do.
 FLOW_TIME_SCALE = 1000.0
@@ -64,8 +67,10 @@ def stored_section(section: dict) -> dict:
     """An ``action_expert`` section as stored by a run or an export (a policy's config.json, a
     checkpoint's run config), with the head it was trained with made explicit: one written
     before ``objective`` existed trained the DDPM epsilon head (``LEGACY_HEAD``), whatever
-    today's defaults are."""
-    return section if "objective" in section else {**section, **LEGACY_HEAD}
+    today's defaults are, and one written before ``vl_conditioning`` existed was conditioned on
+    the pooled vector (``LEGACY_CONDITIONING``)."""
+    section = section if "objective" in section else {**section, **LEGACY_HEAD}
+    return {**LEGACY_CONDITIONING, **section}
 
 
 # A clamp for predicted clean chunks: a symmetric bound (0 = none) or per-dimension (lo, hi).
@@ -106,6 +111,15 @@ class ActionExpertConfig:
             leaves only ``clip_sample``.
         flow_beta_alpha, flow_beta_beta: flow matching's training times t ~ Beta(alpha,
             beta) (t = 1 is pure noise); pi0's Beta(1.5, 1) favours the noisier half.
+        vl_conditioning: what of the backbone's last hidden layer the expert attends to.
+            "tokens" (the default): per sample 2 + num_views * vl_grid**2 tokens, the masked
+            mean over the whole prompt, the mean over the instruction's tokens, and each
+            view's image tokens average-pooled to a vl_grid x vl_grid grid (where things are;
+            docs/conditioning.md). "pooled": the masked mean alone, one token (the guide's
+            head; policies and checkpoints written before this field existed are this).
+        vl_grid: cells per side of each view's token grid ("tokens" only).
+        num_views: camera views per sample; filled from the data at build time ("tokens"
+            only: it sizes the per-view, per-cell token embeddings).
         snr_gamma: diffusion only: Min-SNR-gamma loss weighting (Hang et al. 2023), 0 = off.
             Epsilon prediction weights the clean chunk's error by SNR(t) = alpha_bar / (1 -
             alpha_bar), so nearly all of its loss comes from the low-noise steps, where the
@@ -134,16 +148,19 @@ class ActionExpertConfig:
     flow_beta_alpha: float = 1.5
     flow_beta_beta: float = 1.0
     snr_gamma: float = 0.0
+    vl_conditioning: str = "tokens"
+    vl_grid: int = 4
+    num_views: int = 2
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
         for name in ("action_dim", "horizon", "vl_hidden_size", "vl_feature_dim",
                      "sensor_feature_dim", "d_model", "num_layers", "num_heads",
-                     "dim_feedforward", "num_train_timesteps", "num_inference_steps"):
+                     "dim_feedforward", "num_train_timesteps", "num_inference_steps", "vl_grid", "num_views"):
             require_positive_int(owner, name, getattr(self, name))
         check_transformer(owner, self.d_model, self.num_heads, self.dropout)
         for name, allowed in (("objective", OBJECTIVES), ("beta_schedule", BETA_SCHEDULES),
-                              ("prediction_type", PREDICTION_TYPES)):
+                              ("prediction_type", PREDICTION_TYPES), ("vl_conditioning", VL_CONDITIONINGS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{owner}.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.objective == "diffusion" and self.num_inference_steps > self.num_train_timesteps:
@@ -167,6 +184,16 @@ class ActionExpertConfig:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
             raise ConfigError(f"{owner}.snr_gamma must be a number >= 0 (0 disables), got {v!r}")
 
+    @property
+    def vl_grid_size(self) -> int | None:
+        """The grid the backbone pools each view's image tokens to, None for one pooled vector."""
+        return self.vl_grid if self.vl_conditioning == "tokens" else None
+
+    @property
+    def num_vl_tokens(self) -> int:
+        """VL tokens per sample: 1 pooled, or whole prompt + instruction + every view's grid."""
+        return 1 if self.vl_conditioning == "pooled" else vl_token_count(self.num_views, self.vl_grid)
+
     def check_inference_steps(self, steps: int | None) -> int:
         """``steps`` (None: ``num_inference_steps``) if this head can sample with that many,
         else a ConfigError saying the valid range (1..T for DDIM, any >= 1 for Euler)."""
@@ -187,6 +214,12 @@ class ActionExpertConfig:
             return f"{steps} Euler steps (flow matching)"
         return "one forward pass (regression)"
 
+
+
+def vl_token_count(num_views: int, grid: int) -> int:
+    """VL tokens of the "tokens" conditioning: the prompt's mean, the instruction's mean, and
+    ``grid`` x ``grid`` cells per view (the order ``VLBackbone.forward`` returns them in)."""
+    return 2 + num_views * grid * grid
 
 
 # --------------------------------------------------------------------------- schedule
@@ -510,6 +543,22 @@ def run_flow_sampler(
 # --------------------------------------------------------------------------- denoiser
 
 
+def check_vl_features(config: ActionExpertConfig, vl_hidden: Tensor, batch_size: int | None = None) -> None:
+    """A ValueError naming both shapes when ``vl_hidden`` is not what ``config``'s conditioning
+    reads: (B, vl_hidden_size) pooled, (B, num_vl_tokens, vl_hidden_size) tokens."""
+    B = vl_hidden.shape[0] if batch_size is None else batch_size
+    c = config
+    if c.vl_conditioning == "pooled":
+        expected, names = (B, c.vl_hidden_size), "batch, vl_hidden_size: one pooled vector"
+    else:
+        expected = (B, c.num_vl_tokens, c.vl_hidden_size)
+        names = (f"batch, tokens, vl_hidden_size: 2 + {c.num_views} views x {c.vl_grid}x{c.vl_grid} tokens")
+    if tuple(vl_hidden.shape) != expected:
+        raise ValueError(f"VL features must be {expected} ({names}; vl_conditioning {c.vl_conditioning!r}), "
+                         f"got {tuple(vl_hidden.shape)}")
+
+
+
 def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
     """(B,) timesteps -> (B, dim) float32 sinusoidal embedding (Vaswani et al.).
 
@@ -535,7 +584,10 @@ class ActionExpert(nn.Module):
     feature cache store the backbone's pooled hidden state, which stage 1 never changes.
 
     Tokens, each d_model wide:
-        [ vl | sensor | timestep | action_1 ... action_H ]
+        [ vl_1 .. vl_T | sensor | timestep | action_1 ... action_H ]
+    T = 1 for the pooled conditioning; for "tokens", T = 2 + V g^2 backbone tokens (prompt
+    mean, instruction mean, each view's g x g cells), each through the same projection plus
+    a learned embedding of its place (``vl_embed``: which view and cell, or which summary).
     A pre-norm Transformer encoder (full attention) mixes them; a head on the H action
     tokens predicts (B, H, A): the noise or the clean chunk (diffusion), the velocity
     (flow matching) or the chunk (regression). The objective changes what the network is
@@ -550,6 +602,10 @@ class ActionExpert(nn.Module):
 
         self.vl_proj = nn.Linear(c.vl_hidden_size, c.vl_feature_dim)
         self.vl_cond = nn.Linear(c.vl_feature_dim, c.d_model)
+        # Which view and cell (or summary) a VL token is: a pooled head has none, so its
+        # state dict is the guide's.
+        self.vl_embed = nn.Parameter(torch.zeros(1, c.num_vl_tokens, c.d_model)) \
+            if c.vl_conditioning == "tokens" else None
         self.sensor_cond = nn.Linear(c.sensor_feature_dim, c.d_model)
         self.time_mlp = nn.Sequential(
             nn.Linear(c.d_model, c.d_model),
@@ -569,6 +625,8 @@ class ActionExpert(nn.Module):
         self.head = nn.Linear(c.d_model, c.action_dim)
 
         nn.init.normal_(self.action_pos, std=0.02)
+        if self.vl_embed is not None:
+            nn.init.normal_(self.vl_embed, std=0.02)
         # Small init: the first predictions are ~0, so the starting loss is ~E[target^2],
         # yet the output still depends on the inputs (a zero head would hide them).
         nn.init.normal_(self.head.weight, std=0.02)
@@ -586,7 +644,8 @@ class ActionExpert(nn.Module):
             noisy_actions: (B, H, A) x_t (zeros for regression).
             timesteps: (B,) long diffusion steps in [0, T), or float flow times in [0, 1]
                 (embedded as t * FLOW_TIME_SCALE).
-            vl_hidden: (B, vl_hidden_size) pooled backbone hidden state.
+            vl_hidden: backbone hidden states, (B, vl_hidden_size) pooled or
+                (B, num_vl_tokens, vl_hidden_size) tokens, as ``vl_conditioning`` says.
             sensor_features: (B, sensor_feature_dim) sensor encoder output.
 
         Returns:
@@ -600,11 +659,7 @@ class ActionExpert(nn.Module):
                 f"noisy_actions must be (B, {c.horizon}, {c.action_dim}) (horizon, action_dim), "
                 f"got {tuple(noisy_actions.shape)}"
             )
-        if vl_hidden.shape != (B, c.vl_hidden_size):
-            raise ValueError(
-                f"vl_hidden must be ({B}, {c.vl_hidden_size}) (vl_hidden_size), "
-                f"got {tuple(vl_hidden.shape)}"
-            )
+        check_vl_features(c, vl_hidden, B)
         if sensor_features.shape != (B, c.sensor_feature_dim):
             raise ValueError(
                 f"sensor_features must be ({B}, {c.sensor_feature_dim}) (sensor_feature_dim), "
@@ -614,13 +669,14 @@ class ActionExpert(nn.Module):
         if timesteps.is_floating_point() and c.objective == "flow_matching":
             timesteps = timesteps.float() * FLOW_TIME_SCALE
 
-        vl = self.vl_cond(self.vl_proj(vl_hidden.to(dtype)))                 # (B, D)
+        vl = self.vl_cond(self.vl_proj(vl_hidden.to(dtype)))                 # (B, D) or (B, T, D)
+        vl = vl[:, None] if self.vl_embed is None else vl + self.vl_embed    # (B, T, D)
         sensor = self.sensor_cond(sensor_features.to(dtype))                  # (B, D)
         time = self.time_mlp(timestep_embedding(timesteps, c.d_model).to(dtype))  # (B, D)
-        cond = torch.stack([vl, sensor, time], dim=1)                         # (B, 3, D)
+        cond = torch.cat([vl, torch.stack([sensor, time], dim=1)], dim=1)     # (B, T+2, D)
         actions = self.action_in(noisy_actions.to(dtype)) + self.action_pos   # (B, H, D)
 
-        x = self.transformer(torch.cat([cond, actions], dim=1))               # (B, 3+H, D)
+        x = self.transformer(torch.cat([cond, actions], dim=1))               # (B, T+2+H, D)
         x = self.final_norm(x[:, cond.shape[1]:])                             # (B, H, D)
         return self.head(x)                                                   # (B, H, A)
 

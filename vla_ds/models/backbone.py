@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vla_ds.batch import ATTENTION_MASK, IMAGE_GRID_THW, INPUT_IDS, PIXEL_VALUES
@@ -459,6 +460,12 @@ class VLInputBuilder:
 # --------------------------------------------------------------------------------------
 # Model
 
+
+def _masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, L, H) over the positions where ``mask`` (B, L) is true -> (B, H); 0 where none is."""
+    weights = mask.to(hidden.dtype).unsqueeze(-1)  # (B, L, 1)
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
 # Config keys that do not change what the weights compute (paths, versions, runtime switches).
 _VOLATILE_CONFIG_KEYS = frozenset(
     {
@@ -543,6 +550,8 @@ class VLBackbone(nn.Module):
         self.model = model
         self.hidden_size: int = int(hf_config.text_config.hidden_size)
         self.image_token_id: int = int(hf_config.image_token_id)
+        self.vision_end_token_id: int = int(hf_config.vision_end_token_id)
+        self.merge_size: int = int(hf_config.vision_config.spatial_merge_size)
         logger.info(
             "loaded VL backbone %s (%s, hidden %d, %.1fM parameters)",
             path, config.dtype, self.hidden_size, sum(p.numel() for p in model.parameters()) / 1e6,
@@ -562,8 +571,15 @@ class VLBackbone(nn.Module):
         attention_mask: torch.Tensor,
         pixel_values: torch.Tensor,
         image_grid_thw: torch.Tensor,
+        grid: int | None = None,
     ) -> torch.Tensor:
-        """Pooled features (B, hidden_size) float32 from a :class:`VLInputBuilder` batch."""
+        """VL features of a :class:`VLInputBuilder` batch, float32, from the last hidden layer.
+
+        ``grid`` None: one pooled vector per sample, the masked mean over the real tokens,
+        (B, hidden_size). ``grid`` g: (B, 2 + V g^2, hidden_size) tokens: that mean, the mean
+        over the instruction (every real token after the last image), then for each view in
+        order its image tokens laid out on their merged patch grid and average-pooled to g x g
+        cells (row-major; a grid smaller than g is repeated, one larger is averaged)."""
         inner = self.vl_model
         pixel_values = pixel_values.to(inner.visual.dtype)  # (sum_patches, patch_dim)
         # 1 marks image tokens: without it transformers falls back to 1-D positions (no mrope).
@@ -578,8 +594,30 @@ class VLBackbone(nn.Module):
             return_dict=True,
         )
         hidden = outputs.last_hidden_state.float()  # (B, L, H)
-        mask = attention_mask.to(hidden.dtype).unsqueeze(-1)  # (B, L, 1)
-        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)  # (B, H)
+        pooled = _masked_mean(hidden, attention_mask.bool())  # (B, H)
+        if grid is None:
+            return pooled
+        B, L = input_ids.shape
+        positions = torch.arange(L, device=input_ids.device)  # (L,)
+        last_image_end = torch.where(input_ids == self.vision_end_token_id, positions, -1).amax(dim=1)  # (B,)
+        instruction = _masked_mean(hidden, attention_mask.bool() & (positions[None] > last_image_end[:, None]))
+        cells = self.view_cells(hidden[input_ids == self.image_token_id], image_grid_thw, grid)  # (B*V, g*g, H)
+        if cells.shape[0] % B:
+            raise ValueError(f"{cells.shape[0]} camera views for {B} samples: every sample needs the same views")
+        cells = cells.reshape(B, -1, hidden.shape[-1])  # (B, V*g*g, H)
+        return torch.cat([pooled[:, None], instruction[:, None], cells], dim=1)  # (B, 2 + V*g*g, H)
+
+    def view_cells(self, image_tokens: torch.Tensor, image_grid_thw: torch.Tensor, grid: int) -> torch.Tensor:
+        """(N, g*g, H): each of the N views' LM image tokens (sample-major, view order, as the
+        prompt holds them: ``(sum of tokens, H)``) on its merged (t, h/m, w/m) grid, averaged
+        over t and pooled to g x g."""
+        m = self.merge_size
+        sizes = [(int(t), int(h) // m, int(w) // m) for t, h, w in image_grid_thw.tolist()]
+        out = []
+        for (t, h, w), tokens in zip(sizes, image_tokens.split([t * h * w for t, h, w in sizes])):
+            view = tokens.reshape(t, h, w, -1).mean(dim=0).permute(2, 0, 1)  # (H, h, w)
+            out.append(F.adaptive_avg_pool2d(view, grid).flatten(1).transpose(0, 1))  # (g*g, H)
+        return torch.stack(out)
 
     def freeze(self) -> None:
         """Stage 1: no backbone parameter is trained."""

@@ -12,7 +12,8 @@ Batch keys read by :meth:`VLAPolicy.forward` (produced by ``vla_ds.data.collate`
     input_ids, attention_mask  (B, L)        prompt tokens (one user turn: views, then the instruction)
     pixel_values               (P, D)        patches of every view of every sample
     image_grid_thw             (B*V, 3)
-    vl_hidden                  (B, Hvl)      optional: cached pooled backbone features (replaces the four above)
+    vl_hidden                  (B, Hvl)      optional: cached backbone features (replaces the four above);
+                               (B, T, Hvl)   (B, T, Hvl) with action_expert.vl_conditioning "tokens"
     sensor_window              (B, W, C)     raw sensor values
     sensor_pad                 (B,) long     optional: the window's first rows that are padding (no reading yet)
     has_sensor                 (B,) bool
@@ -48,7 +49,7 @@ from vla_ds.batch import (
 )
 from vla_ds.dataclass_io import dataclass_from_dict
 from vla_ds.errors import CheckpointError, VLAError
-from vla_ds.models.action_expert import ActionExpert, ActionExpertConfig, stored_section
+from vla_ds.models.action_expert import ActionExpert, ActionExpertConfig, check_vl_features, stored_section
 from vla_ds.models.backbone import BackboneConfig, VLBackbone, VLInputBuilder
 from vla_ds.models.finetune import FinetuneConfig
 from vla_ds.models.sensor_encoder import SensorEncoder, SensorEncoderConfig
@@ -171,13 +172,16 @@ class VLAPolicy(nn.Module):
     # -- features ---------------------------------------------------------------------
 
     def vl_features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Pooled backbone hidden state (B, Hvl) fp32, from the cache when the batch has it."""
+        """The backbone features the action expert reads, fp32, from the cache when the batch
+        has them: (B, Hvl) pooled, or (B, T, Hvl) tokens (``action_expert.vl_conditioning``)."""
         if VL_HIDDEN in batch:
-            return batch[VL_HIDDEN].float()
+            features = batch[VL_HIDDEN].float()
+            check_vl_features(self.action_expert.config, features)
+            return features
         # A frozen backbone needs no graph: skipping it saves the activations of 36 layers.
         frozen = not any(p.requires_grad for p in self.backbone.parameters())
         with torch.no_grad() if frozen else contextlib.nullcontext():
-            return self.backbone(*(batch[k] for k in VL_INPUT_KEYS))
+            return self.backbone(*(batch[k] for k in VL_INPUT_KEYS), grid=self.action_expert.config.vl_grid_size)
 
     def sensor_features(self, sensor_window: torch.Tensor, has_sensor: torch.Tensor,
                         sensor_pad: torch.Tensor | None = None) -> torch.Tensor:
@@ -277,7 +281,13 @@ class VLAPolicy(nn.Module):
             if initial_noise is not None:
                 initial_noise = torch.as_tensor(initial_noise)[None]
         device = next(self.action_expert.parameters()).device
+        expert_config = self.action_expert.config
         if vl_inputs is None:
+            if expert_config.vl_conditioning == "tokens":
+                for b, views in enumerate(images):
+                    if len(views) != expert_config.num_views:
+                        raise ValueError(f"sample {b} has {len(views)} camera views, but this policy reads "
+                                         f"{expert_config.num_views} (one token grid per view; vl_conditioning tokens)")
             vl_inputs = self.input_builder(images, instruction)
         batch = {k: v.to(device) for k, v in vl_inputs.items()}
         bsz = len(instruction)

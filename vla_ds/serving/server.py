@@ -156,6 +156,8 @@ def server_metadata(policy, spec: ObservationSpec, config: ServeConfig, steps: i
             "weights": stored.get("weights"),
             "finetune": stored.get("finetune", {}).get("mode"),
             "objective": expert.objective,
+            "vl_conditioning": expert.vl_conditioning,
+            "vl_grid": expert.vl_grid_size,
             "backbone": backbone.get("model_name_or_path"),
             "backbone_fingerprint": backbone.get("fingerprint"),
         },
