@@ -1,14 +1,16 @@
 """Does the policy learn what the data says? Held-out open-loop error per head, per task.
 
-    python benchmarks/bench_learning.py [--tasks sensor image instruction]
-        [--heads epsilon sample flow regression] [--ema off on] [--steps 1000]
+    python benchmarks/bench_learning.py [--tasks sensor image instruction position]
+        [--heads epsilon sample flow regression] [--conditioning tokens pooled tokens2]
+        [--ema off on] [--steps 1000]
         [--batch-size 16] [--lr 1e-3] [--episodes 50] [--sampling-steps 10 100] [--jobs 2]
         [--workdir DIR] [--json out.json]
 
 Each task is a generated dataset whose action chunks are exactly predictable from one kind
-of observation (``vla_ds.data.synthetic``: the sensor stream, the image, the instruction;
-in all of them three rotation dimensions are exactly 0 and, in two, the gripper switches
-once). For every (task, head, EMA, step budget) cell: Stage 1 with the shipped
+of observation (``vla_ds.data.synthetic``: the sensor stream, the image's tint, the
+instruction, where a square sits in the image; in all of them three rotation dimensions
+are exactly 0 and, in two, the gripper switches once). For every (task, conditioning,
+head, EMA, step budget) cell: Stage 1 with the shipped
 ``ds_configs/stage1.json`` and the tiny preset (one process, feature cache, bf16), exactly
 ``--steps`` optimizer steps (the warmup + cosine schedule spans them), the checkpoint
 exported with ``convert_checkpoint.py --to policy`` and scored with ``vla_ds.evaluate`` on
@@ -22,10 +24,15 @@ the held-out episodes (20% of them), as ``scripts/evaluate.py`` would:
 - ``per_dim``: that ratio per action dimension (the absolute MSE where the baseline is 0:
   dimensions that never move);
 - ``smooth``: mean |a[k+1] - a[k]| within predicted chunks, next to the recorded chunks';
-- ``vs_regression``: ratio / the regression head's ratio in the same task and budget. The
+- ``vs_regression``: ratio / the regression head's ratio in the same task, conditioning and
+  budget. The
   regression head (plain MSE through the same conditioning path) is the ceiling of what
   the conditioning can tell; a generative head far above it cannot reproduce what the
   conditioning sees.
+
+``--conditioning``: what of the backbone the expert reads (``action_expert.vl_conditioning``):
+``tokens`` (each view's image tokens on a 4x4 grid, the default), ``tokensN`` (an N x N
+grid), ``pooled`` (one mean vector, the guide's).
 
 With ``--stage2-steps N``, each task's first Stage 1 cell then continues in Stage 2
 (``stage2.json``: LoRA on the backbone, no cache, heads lr = ``--lr`` / 10, backbone lr
@@ -66,6 +73,27 @@ HEADS = {
     "regression": {"action_expert.objective": "regression"},
 }
 VAL_SPLIT = 0.2
+
+
+# Episodes per task as a multiple of --episodes: the position task's signal is one place per
+# episode (10-14 frames each), and a map from place to motion is learnt from many places.
+EPISODE_FACTOR = {"position": 5}
+
+
+def conditioning_settings(name: str) -> dict:
+    """``--set`` values of a ``--conditioning`` name: pooled, tokens (the default grid), tokensN."""
+    if name == "pooled":
+        return {"action_expert.vl_conditioning": "pooled"}
+    if name == "tokens":
+        return {"action_expert.vl_conditioning": "tokens"}
+    if name.startswith("tokens") and name[6:].isdigit() and int(name[6:]) > 0:
+        return {"action_expert.vl_conditioning": "tokens", "action_expert.vl_grid": int(name[6:])}
+    raise argparse.ArgumentTypeError(f"--conditioning {name!r}: expected pooled, tokens or tokensN (N x N grid)")
+
+
+def _conditioning_name(name: str) -> str:
+    conditioning_settings(name)  # refuse a bad name at parse time
+    return name
 SEED = 42
 WINDOW = 32
 
@@ -105,7 +133,8 @@ def run_cell(cell: dict) -> dict:
     out = Path(cell["out"])
     shutil.rmtree(out, ignore_errors=True)  # a cell of an earlier run in the same --workdir
     steps, spe = cell["steps"], cell["steps_per_epoch"]
-    extra = {**HEADS[cell["head"]], "ema.enabled": str(cell["ema"]).lower(), "train.max_steps": steps,
+    extra = {**HEADS[cell["head"]], **conditioning_settings(cell["conditioning"]), **cell.get("set", {}),
+             "ema.enabled": str(cell["ema"]).lower(), "train.max_steps": steps,
              "scheduler.params.total_num_steps": steps,
              "scheduler.params.warmup_num_steps": max(1, round(0.05 * steps))}
     config, lr = "stage1.json", cell["lr"]
@@ -133,7 +162,8 @@ def run_cell(cell: dict) -> dict:
     pol = np.asarray(first["policy"]["mse_per_dim"])
     per_dim = np.where(base > 0, pol / np.where(base > 0, base, 1.0), pol)
     return {
-        "task": cell["task"], "stage": cell["stage"], "head": cell["head"], "ema": cell["ema"], "steps": steps,
+        "task": cell["task"], "stage": cell["stage"], "conditioning": cell["conditioning"], "head": cell["head"],
+        "ema": cell["ema"], "steps": steps,
         "ratio": {str(k): evals[(k, 0)]["mse_ratio_to_mean_baseline"] for k in sampling},
         "seed_noise": abs(evals[(sampling[0], 1)]["mse_ratio_to_mean_baseline"]
                           - evals[(sampling[0], 0)]["mse_ratio_to_mean_baseline"]),
@@ -156,8 +186,9 @@ def _cell_in_subprocess(cell: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def prepare_task(task: str, work: Path, backbone: Path, episodes: int) -> tuple[Path, Path]:
-    """The task's dataset and its feature cache, built once (cells then only read it)."""
+def prepare_task(task: str, work: Path, backbone: Path, episodes: int, conditionings: list[str]) -> tuple[Path, Path]:
+    """The task's dataset and its feature caches (one per conditioning), built once (cells then
+    only read them)."""
     from vla_ds.data.synthetic import make_learning_dataset
     from vla_ds.train import build_cache
     from vla_ds.train import main as train_main
@@ -165,16 +196,18 @@ def prepare_task(task: str, work: Path, backbone: Path, episodes: int) -> tuple[
     data = work / f"data_{task}"
     cache = work / f"cache_{task}"
     if not (data / ".vla_ds_synthetic").is_file():
-        make_learning_dataset(data, task, episodes=episodes, overwrite=True)
-    code = train_main(train_argv(data, backbone, cache, work / f"cache_run_{task}", 16, 1e-3, 1, {}), action=build_cache)
-    if code != 0:
-        raise SystemExit(f"building the feature cache of {task} failed (exit {code})")
+        make_learning_dataset(data, task, episodes=episodes * EPISODE_FACTOR.get(task, 1), overwrite=True)
+    for name in conditionings:
+        code = train_main(train_argv(data, backbone, cache, work / f"cache_run_{task}", 16, 1e-3, 1,
+                                     conditioning_settings(name)), action=build_cache)
+        if code != 0:
+            raise SystemExit(f"building the {name} feature cache of {task} failed (exit {code})")
     return data, cache
 
 
 def print_table(results: list[dict], sampling_steps: list[int]) -> None:
     dims = ("dx", "dy", "dz", "da", "db", "dr", "grip")
-    head = (f"{'task':<12}{'stage':<6}{'head':<15}{'ema':<5}{'steps':>6}"
+    head = (f"{'task':<12}{'stage':<6}{'vl':<9}{'head':<15}{'ema':<5}{'steps':>6}"
             + "".join(f"{'ratio@' + str(k):>11}" for k in sampling_steps)
             + f"{'seed±':>8}{'vs reg':>8}{'smooth':>8}{'rec.':>7}  per-dim ratio ({' '.join(dims)}; abs MSE if never moving)")
     print(head)
@@ -183,27 +216,34 @@ def print_table(results: list[dict], sampling_steps: list[int]) -> None:
         ratios = "".join(f"{r['ratio'].get(str(k), r['ratio'].get('1', float('nan'))):>11.3f}" for k in sampling_steps)
         per_dim = " ".join(f"{v:.2g}" + ("*" if z else "") for v, z in zip(r["per_dim"], r["baseline_is_zero"]))
         vs = f"{r['vs_regression']:.2f}x" if r.get("vs_regression") is not None else "-"  # no ceiling to compare
-        print(f"{r['task']:<12}{r['stage']:<6}{r['head']:<15}{'on' if r['ema'] else 'off':<5}{r['steps']:>6}{ratios}"
+        print(f"{r['task']:<12}{r['stage']:<6}{r['conditioning']:<9}{r['head']:<15}{'on' if r['ema'] else 'off':<5}{r['steps']:>6}{ratios}"
               f"{r['seed_noise']:>8.3f}{vs:>8}{r['smooth']:>8.3f}{r['smooth_recorded']:>7.3f}  {per_dim}")
-    print("ratio: policy MSE / mean-action MSE on held-out episodes (lower is better); seed±: |change| of the first "
-          "ratio with another sampler seed; vs reg: ratio / the regression head's (same task, EMA and steps; - where that "
+    print("vl: what of the backbone the expert reads (tokens: each view on a 4x4 grid, tokensN: N x N, pooled: one "
+          "mean vector); ratio: policy MSE / mean-action MSE on held-out episodes (lower is better); seed±: |change| of "
+          "the first ratio with another sampler seed; vs reg: ratio / the regression head's (same task, vl, EMA and "
+          "steps; - where that "
           "is ~0); smooth: "
           "mean |a[k+1]-a[k]| of predicted chunks (rec.: recorded); * = absolute MSE of a dimension that never moves")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tasks", nargs="+", default=["sensor", "image", "instruction"])
+    p.add_argument("--tasks", nargs="+", default=["sensor", "image", "instruction", "position"])
+    p.add_argument("--conditioning", nargs="+", default=["tokens"], type=_conditioning_name,
+                   help="VL conditionings: pooled, tokens (4x4 per view), tokensN (N x N)")
     p.add_argument("--heads", nargs="+", default=[h for h in HEADS if h != "epsilon-clip5"], choices=list(HEADS))
     p.add_argument("--ema", nargs="+", default=["off", "on"], choices=["off", "on"])
     p.add_argument("--steps", nargs="+", type=int, default=[1000], help="optimizer-step budgets")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--episodes", type=int, default=50, help="episodes per task (20%% held out)")
+    p.add_argument("--episodes", type=int, default=50,
+                   help="episodes per task (20%% held out; the position task: 5x as many, shorter)")
     p.add_argument("--sampling-steps", nargs="+", type=int, default=[10, 100])
     p.add_argument("--stage2-steps", type=int, default=0,
                    help="also run Stage 2 (LoRA, stage2.json) for this many steps from each task's first Stage 1 "
                         "cell, once per --ema setting (0: Stage 1 only)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a train.py --set for every cell (repeatable)")
     p.add_argument("--jobs", type=int, default=2, help="cells run in parallel (one process each)")
     p.add_argument("--workdir", type=Path, help="keep datasets, caches and runs here (default: a temp dir)")
     p.add_argument("--json", type=Path)
@@ -226,22 +266,26 @@ def main(argv: list[str] | None = None) -> int:
             make_tiny_backbone(backbone)
         cells = []
         for task in a.tasks:
-            data, cache = prepare_task(task, work, backbone, a.episodes)
+            data, cache = prepare_task(task, work, backbone, a.episodes, a.conditioning)
             spe = steps_per_epoch(data, a.batch_size)
             for steps in a.steps:
                 for ema in a.ema:
-                    for head in a.heads:
-                        name = f"{task}_{head}_ema{ema}_{steps}"
-                        cells.append({"name": name, "task": task, "stage": 1, "head": head, "ema": ema == "on",
-                                      "steps": steps, "steps_per_epoch": spe, "data": str(data), "cache": str(cache),
-                                      "backbone": str(backbone), "out": str(work / "cells" / name),
-                                      "batch_size": a.batch_size, "lr": a.lr, "sampling_steps": a.sampling_steps})
+                    for conditioning in a.conditioning:
+                        for head in a.heads:
+                            name = f"{task}_{conditioning}_{head}_ema{ema}_{steps}"
+                            cells.append({"name": name, "task": task, "stage": 1, "conditioning": conditioning,
+                                          "head": head, "ema": ema == "on",
+                                          "steps": steps, "steps_per_epoch": spe, "data": str(data),
+                                          "cache": str(cache), "backbone": str(backbone),
+                                          "out": str(work / "cells" / name), "batch_size": a.batch_size, "lr": a.lr,
+                                          "sampling_steps": a.sampling_steps,
+                                          "set": dict(item.split("=", 1) for item in a.set)})
         # Stage 2 (LoRA) from each task's first Stage 1 cell of the first head, EMA on and off.
         stage2 = []
         for task in a.tasks if a.stage2_steps else []:
             source = next(c for c in cells if c["task"] == task)
             for ema in a.ema:
-                name = f"{task}_stage2_{source['head']}_ema{ema}_{a.stage2_steps}"
+                name = f"{task}_stage2_{source['conditioning']}_{source['head']}_ema{ema}_{a.stage2_steps}"
                 stage2.append({**source, "name": name, "stage": 2, "ema": ema == "on", "steps": a.stage2_steps,
                                "stage1_run": str(Path(source["out"]) / "run"), "out": str(work / "cells" / name)})
         start = time.perf_counter()
@@ -252,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         wall = time.perf_counter() - start
     for r in results:
         ref = next((x for x in results if x["head"] == "regression" and x["task"] == r["task"]
-                    and x["ema"] == r["ema"] and x["steps"] == r["steps"] and x["stage"] == 1), None)
+                    and x["conditioning"] == r["conditioning"] and x["ema"] == r["ema"] and x["steps"] == r["steps"]
+                    and x["stage"] == 1), None)
         first = r["ratio"].get(str(a.sampling_steps[0]), r["ratio"].get("1"))
         # Against a ceiling of ~0 (the regression head nailed it) a ratio says nothing.
         r["vs_regression"] = first / ref["ratio"]["1"] if ref and ref["ratio"]["1"] > 0.002 else None

@@ -1,8 +1,9 @@
 """What do vla_ds policies make a robot do? Closed-loop success in Meta-World, from scratch.
 
     python benchmarks/bench_sim.py [--tasks reach-v3,button-press-topdown-v3,...] [--demos 50]
-        [--episodes 30] [--steps 3000] [--image-size 128] [--rendering fast] [--window 4]
-        [--execute-steps 8] [--n-envs 2] [--speed-n-envs 1 2 4] [--workdir DIR] [--json out.json]
+        [--episodes 30] [--steps 3000] [--conditioning tokens pooled] [--image-size 128]
+        [--rendering fast] [--window 4] [--execute-steps 8] [--n-envs 2] [--speed-n-envs 1 2 4]
+        [--set KEY=VALUE ...] [--workdir DIR] [--json out.json]
 
 Phases, each timed:
 
@@ -12,13 +13,15 @@ Phases, each timed:
 2. **train**: Stage 1 with the shipped ``ds_configs/stage1.json`` and the tiny preset on the
    CPU (one process, feature cache), the 4-D state as a ``--window``-frame sensor stream,
    exactly ``--steps`` optimizer steps (warmup + cosine over them), 10% of the episodes held
-   out; exported with ``convert_checkpoint.py --to policy``.
+   out; exported with ``convert_checkpoint.py --to policy``. Once per ``--conditioning``
+   (``action_expert.vl_conditioning``: ``tokens``, ``tokensN`` for an N x N grid, ``pooled``),
+   with any ``--set`` on top.
 3. **open loop**: ``vla_ds.evaluate`` on the held-out episodes: policy MSE / mean-action MSE.
 4. **closed loop**: ``vla-eval-sim`` on ``--episodes`` held-out seeds per task (1000, 1001,
    ...) for the scripted expert, zero actions, blind replay of the recorded actions
-   (``replay:DATASET``) and the policy, all through the same loop and rendering.
+   (``replay:DATASET``) and each policy, all through the same loop and rendering.
 5. **speed**: environment steps per second of the policy's rollouts with ``--speed-n-envs``
-   environments at once (``--max-steps 100`` episodes of the first task).
+   environments at once (``--max-steps 100`` episodes of the first task; the first policy).
 
 Prints one table (success per task with 95% intervals, beside the open-loop ratio) and
 writes JSON. ``--workdir`` keeps the recording, the run and every report; a phase whose
@@ -69,14 +72,29 @@ def record(a, work: Path) -> tuple[Path, float]:
     return data, seconds
 
 
-def train(a, work: Path, data: Path, backbone: Path) -> tuple[Path, float]:
+def conditioning_settings(name: str) -> list[str]:
+    """``--set`` arguments of a ``--conditioning`` name: pooled, tokens (the default grid), tokensN."""
+    if name in ("pooled", "tokens"):
+        return ["--set", f"action_expert.vl_conditioning={name}"]
+    if name.startswith("tokens") and name[6:].isdigit() and int(name[6:]) > 0:
+        return ["--set", "action_expert.vl_conditioning=tokens", "--set", f"action_expert.vl_grid={int(name[6:])}"]
+    raise argparse.ArgumentTypeError(f"--conditioning {name!r}: expected pooled, tokens or tokensN (N x N grid)")
+
+
+def _conditioning_name(name: str) -> str:
+    conditioning_settings(name)
+    return name
+
+
+def train(a, work: Path, data: Path, backbone: Path, conditioning: str) -> tuple[Path, float]:
     from vla_ds.data import DataConfig, VLADataset, split_train_val
     from vla_ds.data.lerobot import LeRobotConfig
 
-    policy = work / "policy"
+    policy = work / f"policy_{conditioning}"
+    seconds_file = work / f"train_seconds_{conditioning}.json"
     if (policy / "model.safetensors").is_file():
-        return policy, json.loads((work / "train_seconds.json").read_text())["seconds"]
-    run = work / "run"
+        return policy, json.loads(seconds_file.read_text())["seconds"]
+    run = work / f"run_{conditioning}"
     shutil.rmtree(run, ignore_errors=True)
     lerobot = LeRobotConfig(sensor_features=["observation.state"])
     ds = VLADataset(DataConfig(dataset_dir=str(data), sensor_window_size=a.window, lerobot=lerobot))
@@ -90,19 +108,21 @@ def train(a, work: Path, data: Path, backbone: Path) -> tuple[Path, float]:
             "--set", "train.progress_bar=false", "--set", f"train.max_steps={a.steps}",
             "--set", f"scheduler.params.total_num_steps={a.steps}",
             "--set", f"scheduler.params.warmup_num_steps={max(1, round(0.05 * a.steps))}",
-            "--set", 'data.lerobot.sensor_features=["observation.state"]']
-    seconds = _run(argv, work / "train.log")
+            "--set", 'data.lerobot.sensor_features=["observation.state"]', *conditioning_settings(conditioning)]
+    for item in a.set:
+        argv += ["--set", item]
+    seconds = _run(argv, work / f"train_{conditioning}.log")
     seconds += _run([str(REPO / "scripts" / "convert_checkpoint.py"), str(run), str(policy), "--to", "policy"],
-                    work / "convert.log")
-    (work / "train_seconds.json").write_text(json.dumps({"seconds": seconds}))
+                    work / f"convert_{conditioning}.log")
+    seconds_file.write_text(json.dumps({"seconds": seconds}))
     return policy, seconds
 
 
-def open_loop(policy: Path, work: Path) -> dict:
-    out = work / "open_loop"
+def open_loop(policy: Path, work: Path, conditioning: str) -> dict:
+    out = work / f"open_loop_{conditioning}"
     if not (out / "report.json").is_file():
         _run([str(REPO / "scripts" / "evaluate.py"), "--policy", str(policy), "--output", str(out), "--plots", "0",
-              "--no-progress"], work / "open_loop.log")
+              "--no-progress"], work / f"open_loop_{conditioning}.log")
     return json.loads((out / "report.json").read_text())
 
 
@@ -133,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--demos", type=int, default=50, help="recorded expert episodes per task")
     p.add_argument("--episodes", type=int, default=30, help="evaluation episodes per task (seeds 1000, 1001, ...)")
     p.add_argument("--steps", type=int, default=3000, help="Stage 1 optimizer steps")
+    p.add_argument("--conditioning", nargs="+", type=_conditioning_name, default=["tokens", "pooled"],
+                   help="a policy per VL conditioning: tokens (4x4 per view), tokensN (N x N), pooled")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a train.py --set for every policy (repeatable)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--window", type=int, default=4, help="sensor window: the last W states")
@@ -160,40 +184,46 @@ def main(argv: list[str] | None = None) -> int:
         phases: dict[str, float] = {}
         data, phases["record"] = record(a, work)
         print(f"record: {phases['record']:.0f} s", flush=True)
-        policy, phases["train"] = train(a, work, data, backbone)
-        print(f"train + export: {phases['train']:.0f} s", flush=True)
-        report = open_loop(policy, work)
         execute = ["--execute-steps", str(a.execute_steps)] if a.execute_steps else []
-        infos = {}
-        for name, who, extra in (("expert", ["--policy", "expert"], []), ("zero", ["--policy", "zero"], []),
-                                 ("replay", ["--policy", f"replay:{data}"], []),
-                                 ("policy", ["--policy", str(policy)], execute + ["--videos", "2"])):
+        infos, reports, policies = {}, {}, {}
+        for conditioning in a.conditioning:
+            name = f"policy_{conditioning}"
+            policies[name], phases[f"train {conditioning}"] = train(a, work, data, backbone, conditioning)
+            print(f"train + export ({conditioning}): {phases[f'train {conditioning}']:.0f} s", flush=True)
+            reports[name] = open_loop(policies[name], work, conditioning)
+        runs = [("expert", ["--policy", "expert"], []), ("zero", ["--policy", "zero"], []),
+                ("replay", ["--policy", f"replay:{data}"], [])]
+        runs += [(name, ["--policy", str(policy)], execute + ["--videos", "2"]) for name, policy in policies.items()]
+        for name, who, extra in runs:
             infos[name], phases[f"eval {name}"] = closed_loop(a, work, name, who, ["--videos", "0", *extra])
             print(f"eval {name}: {infos[name]['overall']['pc_success']:.1f}% in {phases[f'eval {name}']:.0f} s",
                   flush=True)
         speed = {}
+        first = next(iter(policies.values()))
         for n in a.speed_n_envs:
             info, _ = closed_loop(argparse.Namespace(**{**vars(a), "n_envs": n}), work, f"speed_{n}",
-                                  ["--policy", str(policy)], ["--videos", "0", "--max-steps", "100", *execute],
+                                  ["--policy", str(first)], ["--videos", "0", "--max-steps", "100", *execute],
                                   episodes=max(4, n), tasks=tasks[0])
             speed[n] = info["overall"]["env_steps_per_s"]
 
     by_task = {name: {t["task"]: t for t in info["per_task"]} for name, info in infos.items()}
-    rows = [("task", "expert", "zero", "blind replay", "policy", "policy steps")]
+    columns = ["expert", "zero", "replay", *policies]
+    rows = [("task", "expert", "zero", "blind replay", *(f"policy ({n.removeprefix('policy_')})" for n in policies))]
     for task in tasks:
-        rows.append((task, *(_cell(by_task[n].get(task)) for n in ("expert", "zero", "replay", "policy")),
-                     f"{sum(by_task['policy'][task]['metrics']['steps']) / a.episodes:.0f}"))
-    rows.append(("all", *(_cell(infos[n]["overall"]) for n in ("expert", "zero", "replay", "policy")), ""))
+        rows.append((task, *(_cell(by_task[n].get(task)) for n in columns)))
+    rows.append(("all", *(_cell(infos[n]["overall"]) for n in columns)))
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     print(f"\nMeta-World closed loop: {a.demos} expert demos per task ({a.image_size} px, {a.rendering} rendering), "
-          f"Stage 1 tiny preset, {a.steps} steps, state window {a.window}; {a.episodes} held-out seeds per task "
+          f"Stage 1 tiny preset, {a.steps} steps, state window {a.window}"
+          + (f", {' '.join(a.set)}" if a.set else "") + f"; {a.episodes} held-out seeds per task "
           f"(1000+), success % (95% interval)")
     for k, r in enumerate(rows):
         print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
         if k == 0:
             print("  ".join("-" * w for w in widths))
-    print(f"\nopen loop on the held-out episodes: policy MSE / mean-action MSE = "
-          f"{report['mse_ratio_to_mean_baseline']:.3f} ({report['samples']} samples of {report['episodes']} episodes)")
+    print("\nopen loop on the held-out episodes, policy MSE / mean-action MSE: " + ", ".join(
+        f"{n.removeprefix('policy_')} {r['mse_ratio_to_mean_baseline']:.3f}" for n, r in reports.items())
+        + f" ({next(iter(reports.values()))['samples']} samples of {next(iter(reports.values()))['episodes']} episodes)")
     print("seconds per phase: " + ", ".join(f"{k} {v:.0f}" for k, v in phases.items()))
     print("policy rollouts, environment steps/s: " + ", ".join(f"--n-envs {n}: {v:.0f}" for n, v in speed.items()))
     if a.json:
@@ -203,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                                     ["pc_success"]}
                         for name in infos},
             "success_ci95": {name: {t: by_task[name][t]["pc_success_ci95"] for t in tasks} for name in infos},
-            "open_loop_ratio": report["mse_ratio_to_mean_baseline"], "phases_s": phases,
+            "open_loop_ratio": {n.removeprefix("policy_"): r["mse_ratio_to_mean_baseline"] for n, r in reports.items()},
+            "phases_s": phases,
             "env_steps_per_s": {str(n): v for n, v in speed.items()},
         }, indent=2) + "\n")
         print(f"wrote {a.json}")

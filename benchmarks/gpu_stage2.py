@@ -174,9 +174,12 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.reset_peak_memory_stats()
     cfg, engine, _ = build("stage1.json", backbone_dir, micro, preset, window, extra)
     hidden = engine.module.backbone.hidden_size
+    expert = engine.module.action_expert.config
+    vl_shape = (micro, hidden) if expert.vl_conditioning == "pooled" else (micro, expert.num_vl_tokens, hidden)
+    features = torch.randn(*vl_shape)
     host = {**numeric_batch(micro, window, cfg.sensor_encoder.in_channels, cfg.action_expert.horizon,
                             pin=device.type == "cuda"),
-            VL_HIDDEN: torch.randn(micro, hidden).pin_memory() if device.type == "cuda" else torch.randn(micro, hidden)}
+            VL_HIDDEN: features.pin_memory() if device.type == "cuda" else features}
     times = timed_steps(engine, lambda: host, a.warmup, a.steps, device)  # micro_step copies it to the GPU
     step = statistics.median(times)
     rows.append({"stage": "stage1_cached", "micro_batch": micro, "step_s": step, "samples_per_s": micro / step,

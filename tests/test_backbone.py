@@ -192,6 +192,45 @@ def test_different_images_give_different_features(backbone, builder):
     assert (features[0] - features[1]).abs().max() > 1e-4
 
 
+def test_view_cells_pool_each_views_token_grid_in_raster_order(backbone):
+    """Token (t, r, c) of view v holds (v, r, c): each cell must be the mean of its block."""
+    m = backbone.merge_size
+    grids = torch.tensor([[1, 4 * m, 8 * m], [2, 2 * m, 2 * m]])  # a 4x8 token grid, and 2 frames of 2x2
+    tokens = []
+    for v, (t, h, w) in enumerate(grids.tolist()):
+        r, c = torch.meshgrid(torch.arange(h // m), torch.arange(w // m), indexing="ij")
+        grid = torch.stack([torch.full_like(r, v), r, c], dim=-1).float()  # (h', w', 3)
+        tokens.append(grid.reshape(1, -1, 3).expand(t, -1, -1).reshape(-1, 3))
+    cells = backbone.view_cells(torch.cat(tokens), grids, grid=2)  # (2 views, 4 cells, 3)
+    assert cells.shape == (2, 4, 3)
+    # view 0: rows 0-1 / 2-3, columns 0-3 / 4-7 -> block means (0.5 or 2.5, 1.5 or 5.5)
+    torch.testing.assert_close(cells[0], torch.tensor([[0, 0.5, 1.5], [0, 0.5, 5.5], [0, 2.5, 1.5], [0, 2.5, 5.5]]))
+    # view 1: a 2x2 grid is its own cells, the two frames averaged
+    torch.testing.assert_close(cells[1], torch.tensor([[1, 0, 0], [1, 0, 1], [1, 1, 0], [1, 1, 1.0]]))
+    up = backbone.view_cells(tokens[1], grids[1:], grid=4)  # a grid finer than the tokens repeats them
+    assert up.shape == (1, 16, 3) and torch.equal(up[0, 0], up[0, 1]) and not torch.equal(up[0, 0], up[0, 2])
+
+
+def test_tokens_are_the_pooled_vector_the_instruction_and_where_things_are(backbone, builder):
+    """Tokens mode: token 0 is the pooled feature; token 1 changes with the instruction only;
+    moving a square from one corner of view 0 to the other changes that view's cells there most."""
+    def square(x, y):
+        image = np.full((112, 112, 3), 90, dtype=np.uint8)
+        image[y:y + 28, x:x + 28] = (240, 20, 20)
+        return image
+
+    images = [[square(0, 0), _image(5, 56, 56)], [square(84, 84), _image(5, 56, 56)], [square(0, 0), _image(5, 56, 56)]]
+    batch = builder(images, [SHORT, SHORT, LONG])
+    with torch.no_grad():
+        pooled = backbone(**batch)
+        tokens = backbone(**batch, grid=4)
+    assert tokens.shape == (3, 2 + 2 * 16, backbone.hidden_size) and tokens.dtype == torch.float32
+    torch.testing.assert_close(tokens[:, 0], pooled, atol=1e-6, rtol=0)
+    assert (tokens[2, 1] - tokens[0, 1]).abs().max() > 1e-3  # another instruction
+    change = (tokens[1, 2:18] - tokens[0, 2:18]).norm(dim=-1).reshape(4, 4)  # view 0's cells
+    assert change[0, 0] > change[1:3, 1:3].max() and change[3, 3] > change[1:3, 1:3].max(), change
+
+
 def test_bfloat16_load_returns_float32(tiny_dir, builder):
     model = VLBackbone(BackboneConfig(model_name_or_path=str(tiny_dir), dtype="bfloat16"))
     assert model.vl_model.visual.dtype == torch.bfloat16

@@ -29,14 +29,34 @@ def setup(tiny_backbone_dir, demo_dataset_dir, tmp_path):
     return data, bcfg, backbone, collate, tmp_path / "cache"
 
 
-def build(data, bcfg, backbone, collate, cache_dir):
+def build(data, bcfg, backbone, collate, cache_dir, grid=None):
     ds = VLADataset.from_config(DataConfig(dataset_dir=str(data), sensor_window_size=32))
-    key, parts = cache.model_key(backbone.fingerprint(), bcfg, torch.float32)
+    key, parts = cache.model_key(backbone.fingerprint(), bcfg, torch.float32, grid)
     ccfg = cache.CacheConfig(dir=str(cache_dir), build_batch_size=16, shard_rows=64)
     store = cache.FeatureStore(cache.cache_root(ccfg, str(data), key, parts))
     keys = cache.sample_keys(ds, str(data))
-    computed = cache.build(store, [ds], [keys], backbone, collate, ccfg, 0, 0, 1, "cpu")
+    computed = cache.build(store, [ds], [keys], backbone, collate, ccfg, 0, 0, 1, "cpu", grid=grid)
     return ds, keys, store, computed
+
+
+def test_tokens_are_cached_in_bfloat16_under_their_own_key(setup):
+    """The tokens conditioning stores (T, hidden) per sample as bf16 (half of float32) in its
+    own key directory, next to the pooled features: a pooled cache is never read as tokens."""
+    data, bcfg, backbone, collate, cache_dir = setup
+    ds, keys, pooled, _ = build(data, bcfg, backbone, collate, cache_dir)
+    _, _, tokens, computed = build(data, bcfg, backbone, collate, cache_dir, grid=4)
+    _, _, coarse, _ = build(data, bcfg, backbone, collate, cache_dir, grid=2)
+    assert computed == len(set(keys)) and len({pooled.root, tokens.root, coarse.root}) == 3
+    shard = np.load(next(tokens.root.glob("shard-*.npy")), mmap_mode="r")
+    assert shard.dtype == np.uint16 and shard.shape[1:] == (2 + 2 * 16, backbone.hidden_size)
+    batch = collate([ds[i] for i in (0, 5, 300)])
+    with torch.no_grad():
+        live = backbone(*(batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")), grid=4)
+    cached = np.stack([tokens.get(keys[i]) for i in (0, 5, 300)])
+    assert cached.dtype == np.float32 and cached.shape == tuple(live.shape)
+    np.testing.assert_array_equal(cached, live.to(torch.bfloat16).float().numpy())  # bf16 rounding, nothing else
+    assert coarse.get(keys[0]).shape == (2 + 2 * 4, backbone.hidden_size)
+    assert pooled.get(keys[0]).shape == (backbone.hidden_size,)
 
 
 def test_features_match_the_backbone_and_are_reused(setup):

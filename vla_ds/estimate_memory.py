@@ -96,14 +96,16 @@ def _pixel_bounds(project: dict[str, Any], vl_model: str | None) -> tuple[int, i
     return int(bounds["min_pixels"]), int(bounds["max_pixels"])
 
 
-def _head_configs(project: dict[str, Any], vl_hidden: int):
+def _head_configs(project: dict[str, Any], vl_hidden: int, views: int):
     """Sensor encoder and action expert configs of the JSON's project section, parsed as a run
-    parses it (preset, then its sections) and sized as the policy sizes them."""
+    parses it (preset, then its sections) and sized as the policy sizes them (``views``
+    camera views: the VL tokens the expert attends to)."""
     from vla_ds.config import project_config
     from vla_ds.models.policy import derived_head_configs
 
     cfg = project_config(project)
-    return derived_head_configs(cfg.sensor_encoder, cfg.action_expert, cfg.sensor_encoder.in_channels,
+    action = dataclasses.replace(cfg.action_expert, num_views=views)
+    return derived_head_configs(cfg.sensor_encoder, action, cfg.sensor_encoder.in_channels,
                                 cfg.data.sensor_window_size, vl_hidden)
 
 
@@ -146,7 +148,7 @@ class Estimator:
         ft = self.finetune(raw)
         zero = memory.ZeroSettings.from_ds_config(raw)
         text, vision = self.hf_config.text_config, self.hf_config.vision_config
-        sensor_cfg, action_cfg = _head_configs(project, text.hidden_size)
+        sensor_cfg, action_cfg = _head_configs(project, text.hidden_size, self.args.views)
         key = (ft.mode, ft.lora_r, tuple(ft.lora_target_modules), ft.lora_vision, ft.unfreeze_last_n,
                repr(sensor_cfg), repr(action_cfg))
         if key not in self._counts:
@@ -165,7 +167,8 @@ class Estimator:
         est = memory.estimate(counts, zero, self.num_gpus, micro, shape, ft.gradient_checkpointing,
                               ema=_ema_enabled(project))
         return {"finetune": ft, "zero": zero, "counts": counts, "view": view, "lm_tokens": lm_tokens,
-                "micro_batch": micro, "estimate": est}
+                "micro_batch": micro, "estimate": est, "action_expert": action_cfg,
+                "cache_bytes_per_sample": memory.cache_bytes_per_sample(action_cfg, text.hidden_size)}
 
 
 def _ema_enabled(project: dict[str, Any]) -> bool:
@@ -202,7 +205,18 @@ def _header(path: str, raw: dict[str, Any], r: dict[str, Any], est_obj: Estimato
         f"  tokens: {est_obj.args.views} view(s) x {est_obj.width}x{est_obj.height} -> {view.resized_width}x"
         f"{view.resized_height}, {view.tokens} LM tokens ({view.patches} vision patches) per view; "
         f"{r['lm_tokens']} LM tokens per sample ({text.num_hidden_layers} layers, hidden {text.hidden_size})",
+        f"  action expert: {_describe_conditioning(r['action_expert'])}, "
+        f"{r['action_expert'].num_vl_tokens + 2 + r['action_expert'].horizon} tokens per sample; Stage 1 feature cache "
+        f"{r['cache_bytes_per_sample'] / 1e3:,.1f} kB per sample ({r['cache_bytes_per_sample'] / 1e3:,.0f} GB per "
+        "million samples)",
     ])
+
+
+def _describe_conditioning(action_cfg) -> str:
+    if action_cfg.vl_conditioning == "pooled":
+        return "one pooled VL vector"
+    g = action_cfg.vl_grid
+    return f"{action_cfg.num_vl_tokens} VL tokens (2 + {action_cfg.num_views} views x {g}x{g})"
 
 
 def run(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
@@ -240,6 +254,9 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         "micro_batch": main_result["micro_batch"],
         "lm_tokens_per_sample": main_result["lm_tokens"],
         "image_tokens_per_view": dataclasses.asdict(main_result["view"]),
+        "vl_conditioning": main_result["action_expert"].vl_conditioning,
+        "vl_tokens_per_sample": main_result["action_expert"].num_vl_tokens,
+        "cache_bytes_per_sample": main_result["cache_bytes_per_sample"],
         "finetune": dataclasses.asdict(main_result["finetune"]),
         "zero": dataclasses.asdict(main_result["zero"]),
         "parameters": {k: v for k, v in dataclasses.asdict(main_result["counts"]).items() if k != "param_numels"}

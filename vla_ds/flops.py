@@ -37,8 +37,8 @@ def backbone_forward_flops(hf_config, lm_tokens: int, patches_per_view: int, vie
 def heads_forward_flops(sensor_encoder, action_expert, horizon: int) -> int:
     """Forward FLOPs of one sample through the sensor encoder and action expert modules:
     2 x parameters x the tokens each sees (the sensor encoder's downsampled sequence; the
-    action expert's horizon + its conditioning tokens)."""
+    action expert's horizon + its conditioning tokens: the VL tokens, sensor and timestep)."""
     se_tokens = sensor_encoder.config.downsampled_length
     se = 2 * sum(p.numel() for p in sensor_encoder.parameters()) * se_tokens
-    ae = 2 * sum(p.numel() for p in action_expert.parameters()) * (horizon + 3)
+    ae = 2 * sum(p.numel() for p in action_expert.parameters()) * (horizon + action_expert.config.num_vl_tokens + 2)
     return se + ae

@@ -354,10 +354,19 @@ def head_activation_bytes_per_sample(sensor_config, action_config) -> int:
     total += length * se.d_model * (BF16_BYTES + 1)  # + positions, dropout mask
     total += se.num_layers * transformer_layer_activation_bytes(length, 1, se.d_model, se.num_heads, sdpa=False)
     total += 3 * se.out_dim * BF16_BYTES  # pooled -> MLP
-    tokens = 3 + ae.horizon  # [vl, sensor, timestep] + actions
-    total += 4 * (ae.vl_feature_dim + ae.d_model) * BF16_BYTES  # conditioning projections
+    tokens = ae.num_vl_tokens + 2 + ae.horizon  # [vl tokens, sensor, timestep] + actions
+    total += 4 * ae.num_vl_tokens * (ae.vl_feature_dim + ae.d_model) * BF16_BYTES  # VL projections
+    total += 4 * 2 * ae.d_model * BF16_BYTES  # sensor and timestep projections
     total += ae.num_layers * transformer_layer_activation_bytes(tokens, 1, ae.d_model, ae.num_heads, sdpa=False)
     return int(total)
+
+
+def cache_bytes_per_sample(action_config, hidden_size: int) -> int:
+    """Disk (and page cache) of one sample's Stage 1 cached VL features: one float32 pooled
+    vector, or the tokens conditioning's tokens in bfloat16 (``vla_ds.cache``)."""
+    if action_config.vl_conditioning == "pooled":
+        return hidden_size * FP32_BYTES
+    return action_config.num_vl_tokens * hidden_size * BF16_BYTES
 
 
 def activation_bytes(shape: ActivationShape, micro_batch: int, checkpointing: bool) -> int:

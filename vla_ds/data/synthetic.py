@@ -20,6 +20,11 @@ unless the task says otherwise:
 ``instruction``  two instructions, two behaviours: "push the block forward" moves +x with
                  the gripper open (1), "pull the block back" moves -x and -z with it
                  closed (0); no sensor file, images are noise.
+``position``     velocity (dx, dy) in [-1, 1] mm per step given by *where* a red square
+                 sits in the front view (112x112: its centre's x and y, scaled), dz = 0,
+                 the gripper open throughout; the grey texture around it is new noise in
+                 every frame, so the image's mean colour says almost nothing. What a mean over the
+                 image tokens loses (issue 26); no sensor file.
 
 Layout of one dataset::
 
@@ -28,7 +33,7 @@ Layout of one dataset::
       <task>/episode_NNN/
         metadata.json                     instruction, camera_views, action {delta_pose, 10 Hz}
         robot_states.csv                  50 Hz: timestamp, pose_x..pose_r, gripper
-        images/front/<t>.png, images/wrist/<t>.png   10 Hz, 32x24
+        images/front/<t>.png, images/wrist/<t>.png   10 Hz, 32x24 (position: front 112x112)
         sensor_data.npz                   "sensor" task only: timestamps (N,), data (N, 8)
 
 Deterministic from ``seed``.
@@ -45,7 +50,7 @@ from PIL import Image
 
 from vla_ds.errors import DatasetError
 
-TASKS = ("sensor", "image", "instruction")
+TASKS = ("sensor", "image", "instruction", "position")
 MARKER = ".vla_ds_synthetic"
 FRAME_HZ = 10.0
 STATE_HZ = 50.0
@@ -53,6 +58,14 @@ SENSOR_HZ = 100.0
 SENSOR_CHANNELS = 8
 SENSOR_NOISE = 0.05
 IMAGE_W, IMAGE_H = 32, 24
+POSITION_IMAGE = 112  # the position task's front view: 4x4 merged tokens of the tiny backbone
+SQUARE = 16           # ...and its red square's side, in pixels
+SQUARE_RGB = (230, 30, 30)
+# ...on grey texture, 128 +- this, new in every frame. Low contrast because the tiny backbone's
+# random vision tower is no trained detector: a linear probe of its 4x4 token cells finds the
+# square's place at R^2 0.91 on +-8 texture, 0.79 on +-16, 0.35 on +-30 (a trained ViT sees a
+# red square in any texture); the mean over tokens stays at 0.0-0.3 on all of them.
+POSITION_TEXTURE = 10
 T0 = 1_760_000_000.0
 ANGLES = (10.0, -5.0, 179.5)  # constant pose_a, pose_b, pose_r: the rotation deltas are exactly 0
 BEHAVIOURS = (
@@ -62,8 +75,8 @@ BEHAVIOURS = (
 )
 
 
-def _noise_image(rng: np.random.Generator) -> np.ndarray:
-    return rng.integers(60, 196, size=(IMAGE_H, IMAGE_W, 3), dtype=np.uint8)
+def _noise_image(rng: np.random.Generator, h: int = IMAGE_H, w: int = IMAGE_W) -> np.ndarray:
+    return rng.integers(60, 196, size=(h, w, 3), dtype=np.uint8)
 
 
 def _countdown(t: np.ndarray, t_switch: float) -> np.ndarray:
@@ -72,12 +85,18 @@ def _countdown(t: np.ndarray, t_switch: float) -> np.ndarray:
 
 
 def _write_episode(ep_dir: Path, task: str, rng: np.random.Generator, t0: float, behaviour: int) -> None:
-    n_frames = int(rng.integers(40, 61))
+    # The position task's signal is a place, one per episode: it needs many short episodes.
+    n_frames = int(rng.integers(10, 15)) if task == "position" else int(rng.integers(40, 61))
     duration = (n_frames - 1) / FRAME_HZ
+    square = None
     if task == "instruction":
         instruction, velocity, grip = BEHAVIOURS[behaviour]
         v = np.asarray(velocity, dtype=np.float64)  # (3,) mm per step
         t_switch = None
+    elif task == "position":
+        instruction, grip, t_switch = "move the tool", 1.0, None
+        square = rng.integers(0, POSITION_IMAGE - SQUARE + 1, size=2)  # top-left (x, y)
+        v = np.array([*(2.0 * square / (POSITION_IMAGE - SQUARE) - 1.0), 0.0])  # centre -> [-1, 1]
     else:
         instruction = "move the tool"
         v = rng.uniform(-1.0, 1.0, size=3)
@@ -103,6 +122,11 @@ def _write_episode(ep_dir: Path, task: str, rng: np.random.Generator, t0: float,
         (ep_dir / "images" / view).mkdir(parents=True)
     for k, t in enumerate(frame_tau):
         front, wrist = _noise_image(rng), _noise_image(rng)
+        if square is not None:
+            front = rng.integers(128 - POSITION_TEXTURE, 129 + POSITION_TEXTURE, size=(POSITION_IMAGE, POSITION_IMAGE, 3),
+                                 dtype=np.uint8)
+            x, y = square
+            front[y:y + SQUARE, x:x + SQUARE] = SQUARE_RGB
         if task == "image":
             front = np.clip(front.astype(np.int16) // 4 + 96 + np.round(100 * v).astype(np.int16), 0, 255)
             level = 40 + 180 * _countdown(np.array([t]), t_switch)[0]

@@ -48,13 +48,14 @@ from vla_ds.models._checks import check_transformer, require_positive_int
 
 OBJECTIVES = ("diffusion", "flow_matching", "regression")
 VL_CONDITIONINGS = ("tokens", "pooled")
+VL_ATTENTIONS = ("joint", "prefix", "cross")
 BETA_SCHEDULES = ("cosine", "linear")
 PREDICTION_TYPES = ("epsilon", "sample")
 SAMPLING_METHODS = ("ddim", "ddpm")
 # What a stored config without these fields (vla_ds before they existed) trained with.
 LEGACY_HEAD = {"objective": "diffusion", "prediction_type": "epsilon"}
 # ...and what one without ``vl_conditioning`` was conditioned on: one pooled vector.
-LEGACY_CONDITIONING = {"vl_conditioning": "pooled"}
+LEGACY_CONDITIONING = {"vl_conditioning": "pooled", "vl_attention": "joint"}
 # Flow time t in [0, 1] enters the sinusoidal timestep embedding as t * FLOW_TIME_SCALE,
 # so its frequencies span the same range as diffusion timesteps 0..1000 do.
 FLOW_TIME_SCALE = 1000.0
@@ -120,6 +121,12 @@ class ActionExpertConfig:
         vl_grid: cells per side of each view's token grid ("tokens" only).
         num_views: camera views per sample; filled from the data at build time ("tokens"
             only: it sizes the per-view, per-cell token embeddings).
+        vl_attention: how the action tokens read the VL tokens. "joint": one Transformer
+            over all tokens, every token attending to every other (the guide's). "prefix":
+            the same, but VL tokens attend only to VL tokens (pi0's block mask: the
+            observation is encoded without the noisy actions). "cross": a Transformer
+            decoder over [sensor, timestep, actions] that cross-attends to the VL tokens in
+            every layer (Diffusion Policy's transformer, GR00T's DiT).
         snr_gamma: diffusion only: Min-SNR-gamma loss weighting (Hang et al. 2023), 0 = off.
             Epsilon prediction weights the clean chunk's error by SNR(t) = alpha_bar / (1 -
             alpha_bar), so nearly all of its loss comes from the low-noise steps, where the
@@ -151,6 +158,7 @@ class ActionExpertConfig:
     vl_conditioning: str = "tokens"
     vl_grid: int = 4
     num_views: int = 2
+    vl_attention: str = "joint"
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
@@ -160,7 +168,8 @@ class ActionExpertConfig:
             require_positive_int(owner, name, getattr(self, name))
         check_transformer(owner, self.d_model, self.num_heads, self.dropout)
         for name, allowed in (("objective", OBJECTIVES), ("beta_schedule", BETA_SCHEDULES),
-                              ("prediction_type", PREDICTION_TYPES), ("vl_conditioning", VL_CONDITIONINGS)):
+                              ("prediction_type", PREDICTION_TYPES), ("vl_conditioning", VL_CONDITIONINGS),
+                              ("vl_attention", VL_ATTENTIONS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{owner}.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.objective == "diffusion" and self.num_inference_steps > self.num_train_timesteps:
@@ -614,13 +623,21 @@ class ActionExpert(nn.Module):
         )
         self.action_in = nn.Linear(c.action_dim, c.d_model)
         self.action_pos = nn.Parameter(torch.zeros(1, c.horizon, c.d_model))
-        layer = nn.TransformerEncoderLayer(
-            c.d_model, c.num_heads, c.dim_feedforward, c.dropout,
-            activation="gelu", batch_first=True, norm_first=True,
-        )
-        # enable_nested_tensor only helps with padding masks, which we never pass, and
-        # warns with norm_first=True.
-        self.transformer = nn.TransformerEncoder(layer, c.num_layers, enable_nested_tensor=False)
+        if c.vl_attention == "cross":
+            layer = nn.TransformerDecoderLayer(
+                c.d_model, c.num_heads, c.dim_feedforward, c.dropout,
+                activation="gelu", batch_first=True, norm_first=True,
+            )
+            self.transformer = nn.TransformerDecoder(layer, c.num_layers)
+            self.memory_norm = nn.LayerNorm(c.d_model)
+        else:
+            layer = nn.TransformerEncoderLayer(
+                c.d_model, c.num_heads, c.dim_feedforward, c.dropout,
+                activation="gelu", batch_first=True, norm_first=True,
+            )
+            # enable_nested_tensor only helps with padding masks, which we never pass, and
+            # warns with norm_first=True.
+            self.transformer = nn.TransformerEncoder(layer, c.num_layers, enable_nested_tensor=False)
         self.final_norm = nn.LayerNorm(c.d_model)  # the pre-norm residual stream is un-normalised
         self.head = nn.Linear(c.d_model, c.action_dim)
 
@@ -673,12 +690,25 @@ class ActionExpert(nn.Module):
         vl = vl[:, None] if self.vl_embed is None else vl + self.vl_embed    # (B, T, D)
         sensor = self.sensor_cond(sensor_features.to(dtype))                  # (B, D)
         time = self.time_mlp(timestep_embedding(timesteps, c.d_model).to(dtype))  # (B, D)
-        cond = torch.cat([vl, torch.stack([sensor, time], dim=1)], dim=1)     # (B, T+2, D)
         actions = self.action_in(noisy_actions.to(dtype)) + self.action_pos   # (B, H, D)
+        rest = torch.cat([sensor[:, None], time[:, None], actions], dim=1)    # (B, 2+H, D)
 
-        x = self.transformer(torch.cat([cond, actions], dim=1))               # (B, T+2+H, D)
-        x = self.final_norm(x[:, cond.shape[1]:])                             # (B, H, D)
+        if c.vl_attention == "cross":
+            x = self.transformer(rest, self.memory_norm(vl))                  # (B, 2+H, D)
+        else:
+            x = self.transformer(torch.cat([vl, rest], dim=1),
+                                 mask=self._prefix_mask(vl.shape[1], vl.device))  # (B, T+2+H, D)
+        x = self.final_norm(x[:, -c.horizon:])                                # (B, H, D)
         return self.head(x)                                                   # (B, H, A)
+
+    def _prefix_mask(self, num_vl: int, device) -> Tensor | None:
+        """"prefix": (S, S) bool, True where a VL token would attend to a non-VL token; else None."""
+        if self.config.vl_attention != "prefix":
+            return None
+        size = num_vl + 2 + self.config.horizon
+        mask = torch.zeros(size, size, dtype=torch.bool, device=device)
+        mask[:num_vl, num_vl:] = True
+        return mask
 
     # -- training ---------------------------------------------------------------------
 
