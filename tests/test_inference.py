@@ -117,24 +117,51 @@ def test_chunks_stay_in_the_training_range(parts, tmp_path):
 
 
 def test_a_policy_written_before_heads_were_configurable_loads(parts, tmp_path):
-    """Format version 1: no objective in config.json, no action range in norm_stats.json.
-    It is the DDPM epsilon head, sampled as before (clamped to +-clip_sample)."""
+    """Format version 1: no objective or conditioning in config.json, no action range in
+    norm_stats.json. It is the DDPM epsilon head on the pooled VL vector, sampled as before
+    (clamped to +-clip_sample)."""
     backbone_dir, dataset, stats = parts
-    policy = build_policy(backbone_dir, stats, dataset.sensor_channels)
+    policy = build_policy(backbone_dir, stats, dataset.sensor_channels, vl_conditioning="pooled")
     out = write_policy_dir(policy, tmp_path / "policy")
     config = json.loads((out / "config.json").read_text())
     config["format_version"] = 1
     for key in ("objective", "prediction_type", "clip_to_data_range", "flow_beta_alpha", "flow_beta_beta",
-                "snr_gamma"):
-        config["action_expert"].pop(key, None)
+                "snr_gamma", "vl_conditioning", "vl_grid", "num_views", "vl_attention"):
+        config["action_expert"].pop(key)
     (out / "config.json").write_text(json.dumps(config))
     norm = json.loads((out / "norm_stats.json").read_text())
     (out / "norm_stats.json").write_text(json.dumps({k: v for k, v in norm.items() if k not in ("action_min", "action_max")}))
     loaded = VLAPolicy.from_pretrained(out)
     assert (loaded.action_expert.config.objective, loaded.action_expert.config.prediction_type) == \
         ("diffusion", "epsilon")
+    assert loaded.action_expert.config.vl_conditioning == "pooled" and loaded.action_expert.vl_embed is None
     assert loaded.action_norm.normalized_range() is None
     assert np.isfinite(predict(loaded, samples(dataset))).all()
+
+
+@pytest.mark.parametrize("conditioning", ["pooled", "tokens"])
+def test_both_conditionings_round_trip_and_a_mismatch_is_refused(parts, tmp_path, conditioning):
+    """A policy reads what it was trained on; config.json naming the other conditioning does
+    not match the weights and is refused in one line naming the file and the tensor."""
+    backbone_dir, dataset, stats = parts
+    policy = build_policy(backbone_dir, stats, dataset.sensor_channels, vl_conditioning=conditioning)
+    out = write_policy_dir(policy, tmp_path / "policy")
+    loaded = VLAPolicy.from_pretrained(out)
+    batch = samples(dataset)
+    np.testing.assert_allclose(predict(loaded, batch), predict(policy, batch), atol=1e-5)
+    vl = features(loaded, batch)
+    assert vl.shape == ((3, 64) if conditioning == "pooled" else (3, 2 + 2 * 16, 64))
+    if conditioning == "tokens":
+        with pytest.raises(ValueError, match="1 camera views, but this policy reads 2"):
+            loaded.predict_actions([s["images"][:1] for s in batch], [s["instruction"] for s in batch])
+    config = json.loads((out / "config.json").read_text())
+    config["action_expert"]["vl_conditioning"] = "tokens" if conditioning == "pooled" else "pooled"
+    (out / "config.json").write_text(json.dumps(config))
+    trained = "VL tokens" if conditioning == "tokens" else "the pooled VL vector"
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors does not match .*the weights were trained on "
+                                              rf"{trained}; config.json says action_expert.vl_conditioning") as e:
+        VLAPolicy.from_pretrained(out)
+    assert "\n" not in str(e.value)
 
 
 def test_a_newer_policy_format_is_refused(parts, tmp_path):

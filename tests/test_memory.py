@@ -227,6 +227,28 @@ def test_script_table_for_each_shipped_config(config, capsys, tmp_path):
     assert [row["config"] for row in data["comparison"]] == list(SHIPPED)
 
 
+def test_script_counts_the_vl_tokens_and_the_cache_per_sample(tmp_path):
+    """Tokens: 2 + views x grid^2 bf16 tokens of the 3B's 2048 per sample in the cache, and a
+    longer action-expert sequence (more head activations); pooled: one float32 vector."""
+    def estimate(views: int, **action_expert) -> dict:
+        raw = json.loads((CONFIGS / "stage1.json").read_text())
+        raw.setdefault("vla_ds", {}).setdefault("action_expert", {}).update(action_expert)
+        path = tmp_path / "stage1.json"
+        path.write_text(json.dumps(raw))
+        out = tmp_path / "estimate.json"
+        assert estimate_memory.main(["--ds_config", str(path), "--views", str(views), "--gpu-memory", "80GB",
+                                     "--json", str(out)]) == 0
+        return json.loads(out.read_text())
+
+    tokens, three_views = estimate(2), estimate(3, vl_grid=2)
+    pooled = estimate(2, vl_conditioning="pooled")
+    assert (tokens["vl_conditioning"], tokens["vl_tokens_per_sample"]) == ("tokens", 2 + 2 * 16)
+    assert tokens["cache_bytes_per_sample"] == 34 * 2048 * 2
+    assert three_views["vl_tokens_per_sample"] == 2 + 3 * 4
+    assert (pooled["vl_tokens_per_sample"], pooled["cache_bytes_per_sample"]) == (1, 2048 * 4)
+    assert tokens["estimate_bytes"]["activations"] > pooled["estimate_bytes"]["activations"]
+
+
 def test_script_rejects_bad_flags(capsys):
     script = estimate_memory
     code = script.main(["--ds_config", str(REPO / "ds_configs" / "stage2.json"), "--image-size", "640"])

@@ -90,25 +90,27 @@ def test_stage2_checkpoint_holds_adapters_and_heads_not_the_base(stage2):
 
 def test_research_script_checkpoint_continues_its_epsilon_head(stage1, tiny_backbone_dir, demo_dataset_dir, tmp_path,
                                                                  capsys):
-    """The research script's .pt has no head field: it trained the DDPM epsilon head, which
-    Stage 2 continues (and says so) although stage2.json asks for sample prediction."""
-    module = final_module(stage1)
+    """The research script's .pt has no head field: it trained the DDPM epsilon head on the
+    pooled VL vector, which Stage 2 continues (and says so) although stage2.json asks for
+    sample prediction on VL tokens."""
+    module = {k: v for k, v in final_module(stage1).items() if k != "action_expert.vl_embed"}  # a pooled head
     torch.save({part: {k[len(part) + 1:]: v for k, v in module.items() if k.startswith(part + ".")}
                 for part in ("sensor_encoder", "action_expert")}, tmp_path / "diffusion_epoch2.pt")
     out = tmp_path / "s2"
     assert main(args("stage2.json", demo_dataset_dir, tiny_backbone_dir, out, "--stage1-checkpoint",
                      str(tmp_path / "diffusion_epoch2.pt"), "--max_steps", "1", "--lora-r", "4")) == 0
     saved = json.loads((out / "config.json").read_text())["vla_ds"]["action_expert"]
-    assert (saved["objective"], saved["prediction_type"]) == ("diffusion", "epsilon")
-    assert "continuing with it, not with the config's objective diffusion (prediction_type sample)" in \
-        capsys.readouterr().err
+    assert (saved["objective"], saved["prediction_type"], saved["vl_conditioning"]) == ("diffusion", "epsilon", "pooled")
+    assert "epsilon) on the pooled VL vector; continuing with it, not with the config's objective diffusion " \
+        "(prediction_type sample) on VL tokens (4x4 per view, cross attention)" in capsys.readouterr().err
 
 
 def test_guide_format_stage1_checkpoint_loads(stage1, tiny_backbone_dir, demo_dataset_dir, tmp_path, monkeypatch):
     module = final_module(stage1)
     guide = {part: {k[len(part) + 1:]: v for k, v in module.items() if k.startswith(part + ".")}
              for part in ("sensor_encoder", "action_expert")}
-    head = {"objective": "diffusion", "prediction_type": "sample"}  # what convert_checkpoint.py --to stage1 adds
+    head = {"objective": "diffusion", "prediction_type": "sample", "vl_conditioning": "tokens", "vl_grid": 4,
+            "vl_attention": "cross"}  # what convert_checkpoint.py --to stage1 adds
     torch.save({**guide, "training_stage": "stage1", "head": head}, tmp_path / "diffusion_epoch2.pt")
     start = capture_starting_weights(monkeypatch)
     assert main(args("stage2.json", demo_dataset_dir, tiny_backbone_dir, tmp_path / "s2", "--stage1-checkpoint",

@@ -244,8 +244,9 @@ def continue_head(stored: dict[str, Any], cfg: RunConfig, source: str) -> None:
     is told so."""
     keys = (["objective"] + (["prediction_type"] if stored["objective"] == "diffusion" else [])
             + ["vl_conditioning", "vl_attention"] + (["vl_grid"] if stored["vl_conditioning"] == "tokens" else []))
-    config_head = {k: getattr(cfg.action_expert, k)
-                   for k in ("objective", "prediction_type", "vl_conditioning", "vl_attention", "vl_grid")}
+    config_head = {k: getattr(cfg.action_expert, k) for k in ("objective", "prediction_type", "vl_conditioning",
+                                                               "vl_grid")}
+    config_head["vl_attention"] = cfg.action_expert.attention  # "auto" resolved, as head_settings gives it
     if all(stored[k] == config_head[k] for k in keys):
         return
     logger.warning("%s trained an action expert with %s; continuing with it, not with the config's %s",
@@ -257,7 +258,7 @@ def _describe_head(head: dict[str, Any]) -> str:
     out = f"objective {head['objective']}"
     if head["objective"] == "diffusion":
         out = f"objective diffusion (prediction_type {head['prediction_type']})"
-    how = "" if head["vl_attention"] == "joint" else f", {head['vl_attention']} attention"
     if head["vl_conditioning"] == "tokens":
-        return f"{out} on VL tokens ({head['vl_grid']}x{head['vl_grid']} per view{how})"
-    return f"{out} on the pooled VL vector{how}"
+        return f"{out} on VL tokens ({head['vl_grid']}x{head['vl_grid']} per view, {head['vl_attention']} attention)"
+    return f"{out} on the pooled VL vector" + ("" if head["vl_attention"] == "joint"
+                                               else f" ({head['vl_attention']} attention)")

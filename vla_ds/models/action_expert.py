@@ -48,7 +48,7 @@ from vla_ds.models._checks import check_transformer, require_positive_int
 
 OBJECTIVES = ("diffusion", "flow_matching", "regression")
 VL_CONDITIONINGS = ("tokens", "pooled")
-VL_ATTENTIONS = ("joint", "prefix", "cross")
+VL_ATTENTIONS = ("auto", "joint", "prefix", "cross")
 BETA_SCHEDULES = ("cosine", "linear")
 PREDICTION_TYPES = ("epsilon", "sample")
 SAMPLING_METHODS = ("ddim", "ddpm")
@@ -121,12 +121,13 @@ class ActionExpertConfig:
         vl_grid: cells per side of each view's token grid ("tokens" only).
         num_views: camera views per sample; filled from the data at build time ("tokens"
             only: it sizes the per-view, per-cell token embeddings).
-        vl_attention: how the action tokens read the VL tokens. "joint": one Transformer
-            over all tokens, every token attending to every other (the guide's). "prefix":
-            the same, but VL tokens attend only to VL tokens (pi0's block mask: the
-            observation is encoded without the noisy actions). "cross": a Transformer
+        vl_attention: how the action tokens read the VL tokens. "cross": a Transformer
             decoder over [sensor, timestep, actions] that cross-attends to the VL tokens in
-            every layer (Diffusion Policy's transformer, GR00T's DiT).
+            every layer (Diffusion Policy's transformer, GR00T's DiT); the best measured with
+            tokens (docs/conditioning.md). "joint": one Transformer over all tokens, every
+            token attending to every other (the guide's head). "prefix": joint, but VL tokens
+            attend only to VL tokens (pi0's block mask). "auto" (the default) resolves to
+            "cross" for tokens and "joint" for pooled, so a pooled head is the guide's.
         snr_gamma: diffusion only: Min-SNR-gamma loss weighting (Hang et al. 2023), 0 = off.
             Epsilon prediction weights the clean chunk's error by SNR(t) = alpha_bar / (1 -
             alpha_bar), so nearly all of its loss comes from the low-noise steps, where the
@@ -158,7 +159,7 @@ class ActionExpertConfig:
     vl_conditioning: str = "tokens"
     vl_grid: int = 4
     num_views: int = 2
-    vl_attention: str = "joint"
+    vl_attention: str = "auto"
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
@@ -199,6 +200,12 @@ class ActionExpertConfig:
         return self.vl_grid if self.vl_conditioning == "tokens" else None
 
     @property
+    def attention(self) -> str:
+        """``vl_attention`` with "auto" resolved: "cross" for tokens, "joint" for pooled (a fixed
+        rule: a stored "auto" means the same forever)."""
+        return resolve_attention(self.vl_conditioning, self.vl_attention)
+
+    @property
     def num_vl_tokens(self) -> int:
         """VL tokens per sample: 1 pooled, or whole prompt + instruction + every view's grid."""
         return 1 if self.vl_conditioning == "pooled" else vl_token_count(self.num_views, self.vl_grid)
@@ -223,6 +230,13 @@ class ActionExpertConfig:
             return f"{steps} Euler steps (flow matching)"
         return "one forward pass (regression)"
 
+
+
+def resolve_attention(vl_conditioning: str, vl_attention: str) -> str:
+    """``vl_attention`` "auto" -> "cross" for tokens, "joint" for pooled; others as given."""
+    if vl_attention != "auto":
+        return vl_attention
+    return "cross" if vl_conditioning == "tokens" else "joint"
 
 
 def vl_token_count(num_views: int, grid: int) -> int:
@@ -623,7 +637,7 @@ class ActionExpert(nn.Module):
         )
         self.action_in = nn.Linear(c.action_dim, c.d_model)
         self.action_pos = nn.Parameter(torch.zeros(1, c.horizon, c.d_model))
-        if c.vl_attention == "cross":
+        if c.attention == "cross":
             layer = nn.TransformerDecoderLayer(
                 c.d_model, c.num_heads, c.dim_feedforward, c.dropout,
                 activation="gelu", batch_first=True, norm_first=True,
@@ -693,7 +707,7 @@ class ActionExpert(nn.Module):
         actions = self.action_in(noisy_actions.to(dtype)) + self.action_pos   # (B, H, D)
         rest = torch.cat([sensor[:, None], time[:, None], actions], dim=1)    # (B, 2+H, D)
 
-        if c.vl_attention == "cross":
+        if c.attention == "cross":
             x = self.transformer(rest, self.memory_norm(vl))                  # (B, 2+H, D)
         else:
             x = self.transformer(torch.cat([vl, rest], dim=1),
@@ -703,7 +717,7 @@ class ActionExpert(nn.Module):
 
     def _prefix_mask(self, num_vl: int, device) -> Tensor | None:
         """"prefix": (S, S) bool, True where a VL token would attend to a non-VL token; else None."""
-        if self.config.vl_attention != "prefix":
+        if self.config.attention != "prefix":
             return None
         size = num_vl + 2 + self.config.horizon
         mask = torch.zeros(size, size, dtype=torch.bool, device=device)

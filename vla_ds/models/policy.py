@@ -677,13 +677,24 @@ def load_policy_weights(policy: VLAPolicy, path: str | os.PathLike, required_bac
     own = policy.state_dict()
     problems = state_dict_problems(saved, own, HEAD_PREFIXES + tuple(sorted(required_backbone_prefixes)))
     if problems:
-        raise CheckpointError(f"{path} does not match the policy built from its config.json: " + "; ".join(problems))
+        raise CheckpointError(f"{path} does not match the policy built from its config.json: " + "; ".join(problems)
+                              + _conditioning_hint(saved, own, policy.action_expert.config))
     result = policy.load_state_dict(saved, strict=False)
     if result.unexpected_keys:  # cannot happen after the check above; never load silently
         raise CheckpointError(f"{path}: unknown tensors {result.unexpected_keys[:3]}")
     n_backbone = sum(k.startswith("backbone.") for k in saved)
     logger.info("loaded %d tensors from %s%s", len(saved), path,
                 f" ({n_backbone} of them backbone layers)" if n_backbone else "")
+
+
+def _conditioning_hint(saved: dict, own: dict, expert_config: ActionExpertConfig) -> str:
+    """When the weights were trained on the other VL conditioning than the config says: that, in words."""
+    key = "action_expert.vl_embed"
+    if (key in saved) == (key in own):
+        return ""
+    trained = "VL tokens" if key in saved else "the pooled VL vector"
+    return (f" (the weights were trained on {trained}; config.json says action_expert.vl_conditioning "
+            f"{expert_config.vl_conditioning!r})")
 
 
 def _check_norm_buffers(policy: VLAPolicy, stats: PolicyNormStats, policy_dir: Path) -> None:
