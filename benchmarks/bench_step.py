@@ -25,6 +25,12 @@ optimizer steps; the median per-step time of each gives ``overhead_ratio`` = vla
 names another stage) and 2-rank plain DDP (hand loop wrapped in DistributedDataParallel,
 ``no_sync()`` on all but the last micro batch so it too reduces once per step).
 
+``--conditioning-cost``: what the VL conditioning costs a Stage 1 step at the reference sizes
+(the SPEC's sensor encoder and action expert, Qwen2.5-VL-3B's 2048-wide features, 2 views, a
+650-row window of 8 channels): trainable parameters of the expert, forward + backward FLOPs
+per sample counted by ``torch.utils.flop_counter`` and the cached features per sample, for
+pooled, tokens (4x4 and 2x2, cross-attention) and tokens read by joint attention.
+
 Prints a table and writes JSON with ``--json``. Run by hand, never as a timed test.
 """
 
@@ -158,6 +164,44 @@ def time_ab(a, b, warmup: int, repeats: int, steps: int, sync=lambda: None) -> t
     return times[id(a)], times[id(b)]
 
 
+CONDITIONINGS = {  # ActionExpertConfig fields of each row of --conditioning-cost
+    "pooled (joint)": {"vl_conditioning": "pooled"},
+    "tokens 4x4 (cross)": {"vl_conditioning": "tokens", "vl_grid": 4},
+    "tokens 2x2 (cross)": {"vl_conditioning": "tokens", "vl_grid": 2},
+    "tokens 4x4 (joint)": {"vl_conditioning": "tokens", "vl_grid": 4, "vl_attention": "joint"},
+}
+
+
+def conditioning_cost(batch: int = 2, views: int = 2, channels: int = 8, window: int = 650,
+                      hidden: int = 2048) -> dict:
+    """Per conditioning: expert parameters, Stage 1 forward+backward FLOPs and cache bytes per sample."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vla_ds.memory import cache_bytes_per_sample
+    from vla_ds.models.action_expert import ActionExpert, ActionExpertConfig
+    from vla_ds.models.policy import derived_head_configs
+    from vla_ds.models.sensor_encoder import SensorEncoder, SensorEncoderConfig
+
+    rows = {}
+    for name, fields in CONDITIONINGS.items():
+        sensor_cfg, expert_cfg = derived_head_configs(SensorEncoderConfig(), ActionExpertConfig(**fields, num_views=views),
+                                                      channels, window, hidden)
+        torch.manual_seed(0)
+        encoder, expert = SensorEncoder(sensor_cfg), ActionExpert(expert_cfg)
+        shape = (batch, hidden) if expert_cfg.vl_conditioning == "pooled" else (batch, expert_cfg.num_vl_tokens, hidden)
+        with FlopCounterMode(display=False) as counter:
+            features = encoder(torch.randn(batch, window, channels), torch.ones(batch, dtype=torch.bool))
+            loss, _ = expert.compute_loss(torch.randn(batch, expert_cfg.horizon, expert_cfg.action_dim),
+                                          torch.zeros(batch, expert_cfg.horizon, dtype=torch.bool), torch.ones(batch),
+                                          torch.randn(*shape), features)
+            loss.backward()
+        rows[name] = {"vl_tokens": expert_cfg.num_vl_tokens,
+                      "expert_params": sum(p.numel() for p in expert.parameters()),
+                      "step_gflop_per_sample": counter.get_total_flops() / batch / 1e9,
+                      "cache_bytes_per_sample": cache_bytes_per_sample(expert_cfg, hidden)}
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
@@ -170,9 +214,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--distributed", action="store_true", help="2-rank ZeRO-2 vs 2-rank DDP (under the launcher)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for the vla_ds side, as train.py --set (to try variants)")
+    p.add_argument("--conditioning-cost", action="store_true",
+                   help="the VL conditioning's cost at the reference sizes instead (FLOPs, parameters, cache)")
     p.add_argument("--json", type=Path)
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.conditioning_cost:
+        rows = conditioning_cost()
+        print("Stage 1 step at the reference sizes (3B features, 2 views, 650 x 8 sensor window), per sample:")
+        print(f"{'conditioning':<22}{'VL tokens':>10}{'expert params':>15}{'fwd+bwd GFLOP':>15}{'cache kB':>10}")
+        for name, r in rows.items():
+            print(f"{name:<22}{r['vl_tokens']:>10}{r['expert_params']:>15,}{r['step_gflop_per_sample']:>15.1f}"
+                  f"{r['cache_bytes_per_sample'] / 1e3:>10.1f}")
+        if a.json:
+            a.json.write_text(json.dumps({"mode": "conditioning_cost", "rows": rows}, indent=2) + "\n")
+        return 0
     os.environ.setdefault("OMP_NUM_THREADS", "1" if a.distributed else str(os.cpu_count()))
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 

@@ -644,6 +644,13 @@ class ActionExpert(nn.Module):
             )
             self.transformer = nn.TransformerDecoder(layer, c.num_layers)
             self.memory_norm = nn.LayerNorm(c.d_model)
+            # Each layer's cross-attention output starts at zero (Flamingo's gate, adaLN-zero): the
+            # expert starts as if it saw no VL tokens and opens each layer's view of them as training
+            # finds them useful. Without it the 34 tokens of a view that says nothing (the sensor
+            # task's noise images) cost 1.4-2.2x on that task (docs/conditioning.md).
+            for block in self.transformer.layers:
+                nn.init.zeros_(block.multihead_attn.out_proj.weight)
+                nn.init.zeros_(block.multihead_attn.out_proj.bias)
         else:
             layer = nn.TransformerEncoderLayer(
                 c.d_model, c.num_heads, c.dim_feedforward, c.dropout,
