@@ -82,8 +82,8 @@ EPISODE_FACTOR = {"position": 5}
 
 def conditioning_settings(name: str) -> dict:
     """``--set`` values of a ``--conditioning`` name: pooled, tokens (the default grid), tokensN."""
-    if name == "pooled":  # the guide's head: one vector in one joint Transformer
-        return {"action_expert.vl_conditioning": "pooled", "action_expert.vl_attention": "joint"}
+    if name == "pooled":  # the guide's head
+        return {"action_expert.vl_conditioning": "pooled"}
     if name == "tokens":
         return {"action_expert.vl_conditioning": "tokens"}
     if name.startswith("tokens") and name[6:].isdigit() and int(name[6:]) > 0:

@@ -74,7 +74,7 @@ def record(a, work: Path) -> tuple[Path, float]:
 
 def conditioning_settings(name: str) -> list[str]:
     """``--set`` arguments of a ``--conditioning`` name: pooled, tokens (the default grid), tokensN."""
-    if name in ("pooled", "tokens"):  # vl_attention "auto": joint for pooled (the guide's head), cross for tokens
+    if name in ("pooled", "tokens"):
         return ["--set", f"action_expert.vl_conditioning={name}"]
     if name.startswith("tokens") and name[6:].isdigit() and int(name[6:]) > 0:
         return ["--set", "action_expert.vl_conditioning=tokens", "--set", f"action_expert.vl_grid={int(name[6:])}"]

@@ -29,7 +29,7 @@ names another stage) and 2-rank plain DDP (hand loop wrapped in DistributedDataP
 (the SPEC's sensor encoder and action expert, Qwen2.5-VL-3B's 2048-wide features, 2 views, a
 650-row window of 8 channels): trainable parameters of the expert, forward + backward FLOPs
 per sample counted by ``torch.utils.flop_counter`` and the cached features per sample, for
-pooled, tokens (4x4 and 2x2, cross-attention) and tokens read by joint attention.
+pooled, tokens (4x4 and 2x2, joint attention: the default) and tokens read by cross-attention.
 
 Prints a table and writes JSON with ``--json``. Run by hand, never as a timed test.
 """
@@ -165,10 +165,10 @@ def time_ab(a, b, warmup: int, repeats: int, steps: int, sync=lambda: None) -> t
 
 
 CONDITIONINGS = {  # ActionExpertConfig fields of each row of --conditioning-cost
-    "pooled (joint)": {"vl_conditioning": "pooled"},
-    "tokens 4x4 (cross)": {"vl_conditioning": "tokens", "vl_grid": 4},
-    "tokens 2x2 (cross)": {"vl_conditioning": "tokens", "vl_grid": 2},
-    "tokens 4x4 (joint)": {"vl_conditioning": "tokens", "vl_grid": 4, "vl_attention": "joint"},
+    "pooled": {"vl_conditioning": "pooled"},
+    "tokens 4x4 (joint)": {"vl_conditioning": "tokens", "vl_grid": 4},
+    "tokens 2x2 (joint)": {"vl_conditioning": "tokens", "vl_grid": 2},
+    "tokens 4x4 (cross)": {"vl_conditioning": "tokens", "vl_grid": 4, "vl_attention": "cross"},
 }
 
 

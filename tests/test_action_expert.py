@@ -624,3 +624,23 @@ def test_reference_size_builds_on_meta_device():
     assert model.vl_proj.weight.shape == (3072, 2048)
     assert model.action_pos.shape == (1, 8, 1024)
     assert count_parameters(model) > 0
+
+
+@pytest.mark.parametrize("vl_attention", ["joint", "prefix", "cross"])
+def test_every_vl_attention_reads_the_token_that_tells(tiny_config, vl_attention):
+    """The chunk is a function of one VL token among noise tokens: every way of reading the
+    tokens learns it (the sample head, as shipped), and "prefix" keeps VL tokens from
+    attending to the rest."""
+    config = dataclasses.replace(tiny_config, num_train_timesteps=100, prediction_type="sample",
+                                 vl_attention=vl_attention)
+    vl, sensor, actions = _toy_problem(config, n=32)
+    torch.manual_seed(0)
+    model = ActionExpert(config)
+    if vl_attention == "prefix":
+        mask = model._prefix_mask(config.num_vl_tokens, "cpu")
+        T = config.num_vl_tokens
+        assert mask[:T, T:].all() and not mask[:T, :T].any() and not mask[T:].any()
+    _fit(model, vl, sensor, actions)
+    out = model.sample(vl, sensor, generator=torch.Generator().manual_seed(1),
+                       clip_range=(actions.amin((0, 1)), actions.amax((0, 1))))
+    assert ((out - actions) ** 2).mean() < 0.2 * actions.var()

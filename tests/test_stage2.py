@@ -102,7 +102,7 @@ def test_research_script_checkpoint_continues_its_epsilon_head(stage1, tiny_back
     saved = json.loads((out / "config.json").read_text())["vla_ds"]["action_expert"]
     assert (saved["objective"], saved["prediction_type"], saved["vl_conditioning"]) == ("diffusion", "epsilon", "pooled")
     assert "epsilon) on the pooled VL vector; continuing with it, not with the config's objective diffusion " \
-        "(prediction_type sample) on VL tokens (4x4 per view, cross attention)" in capsys.readouterr().err
+        "(prediction_type sample) on VL tokens (4x4 per view, joint attention)" in capsys.readouterr().err
 
 
 def test_guide_format_stage1_checkpoint_loads(stage1, tiny_backbone_dir, demo_dataset_dir, tmp_path, monkeypatch):
@@ -110,7 +110,7 @@ def test_guide_format_stage1_checkpoint_loads(stage1, tiny_backbone_dir, demo_da
     guide = {part: {k[len(part) + 1:]: v for k, v in module.items() if k.startswith(part + ".")}
              for part in ("sensor_encoder", "action_expert")}
     head = {"objective": "diffusion", "prediction_type": "sample", "vl_conditioning": "tokens", "vl_grid": 4,
-            "vl_attention": "cross"}  # what convert_checkpoint.py --to stage1 adds
+            "vl_attention": "joint"}  # what convert_checkpoint.py --to stage1 adds
     torch.save({**guide, "training_stage": "stage1", "head": head}, tmp_path / "diffusion_epoch2.pt")
     start = capture_starting_weights(monkeypatch)
     assert main(args("stage2.json", demo_dataset_dir, tiny_backbone_dir, tmp_path / "s2", "--stage1-checkpoint",

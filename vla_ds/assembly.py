@@ -244,9 +244,8 @@ def continue_head(stored: dict[str, Any], cfg: RunConfig, source: str) -> None:
     is told so."""
     keys = (["objective"] + (["prediction_type"] if stored["objective"] == "diffusion" else [])
             + ["vl_conditioning", "vl_attention"] + (["vl_grid"] if stored["vl_conditioning"] == "tokens" else []))
-    config_head = {k: getattr(cfg.action_expert, k) for k in ("objective", "prediction_type", "vl_conditioning",
-                                                               "vl_grid")}
-    config_head["vl_attention"] = cfg.action_expert.attention  # "auto" resolved, as head_settings gives it
+    config_head = {k: getattr(cfg.action_expert, k)
+                   for k in ("objective", "prediction_type", "vl_conditioning", "vl_attention", "vl_grid")}
     if all(stored[k] == config_head[k] for k in keys):
         return
     logger.warning("%s trained an action expert with %s; continuing with it, not with the config's %s",

@@ -46,7 +46,7 @@ from torch import nn
 
 from vla_ds.ema import ema_weights
 from vla_ds.errors import CheckpointError
-from vla_ds.models.action_expert import LEGACY_HEAD, ActionExpertConfig, resolve_attention, stored_section
+from vla_ds.models.action_expert import LEGACY_HEAD, ActionExpertConfig, stored_section
 from vla_ds.models.policy import state_dict_problems
 
 logger = logging.getLogger(__name__)
@@ -373,7 +373,7 @@ def head_settings(action_expert_section: dict[str, Any] | None) -> dict[str, Any
     section = stored_section(action_expert_section or {})
     head = {k: section.get(k, LEGACY_HEAD[k]) for k in LEGACY_HEAD}
     head["vl_conditioning"] = section["vl_conditioning"]
-    head["vl_attention"] = resolve_attention(section["vl_conditioning"], section["vl_attention"])
+    head["vl_attention"] = section.get("vl_attention", ActionExpertConfig.vl_attention)
     if head["vl_conditioning"] == "tokens":
         head["vl_grid"] = section.get("vl_grid", ActionExpertConfig.vl_grid)
     return head

@@ -27,8 +27,10 @@ Pieces, from the maths outwards:
 - :func:`run_sampler` runs a DDIM or DDPM loop around any ``denoise_fn(x_t, t)``;
   :func:`run_flow_sampler` the Euler loop around any ``velocity_fn(x_t, t)``.
 - :class:`ActionExpert` is the denoiser: a pre-norm Transformer over
-  ``[vl, sensor, timestep ; action_1 .. action_H]`` tokens, plus ``compute_loss`` and
-  ``sample``, which follow the objective.
+  ``[vl_1 .. vl_T, sensor, timestep ; action_1 .. action_H]`` tokens (one pooled VL vector,
+  or the VL tokens of ``vl_conditioning`` "tokens"; ``vl_attention`` "cross": a decoder that
+  cross-attends to them instead), plus ``compute_loss`` and ``sample``, which follow the
+  objective.
 
 This file imports torch only: the device and the dtype come from outside.
 """
@@ -48,7 +50,7 @@ from vla_ds.models._checks import check_transformer, require_positive_int
 
 OBJECTIVES = ("diffusion", "flow_matching", "regression")
 VL_CONDITIONINGS = ("tokens", "pooled")
-VL_ATTENTIONS = ("auto", "joint", "prefix", "cross")
+VL_ATTENTIONS = ("joint", "prefix", "cross")
 BETA_SCHEDULES = ("cosine", "linear")
 PREDICTION_TYPES = ("epsilon", "sample")
 SAMPLING_METHODS = ("ddim", "ddpm")
@@ -121,13 +123,13 @@ class ActionExpertConfig:
         vl_grid: cells per side of each view's token grid ("tokens" only).
         num_views: camera views per sample; filled from the data at build time ("tokens"
             only: it sizes the per-view, per-cell token embeddings).
-        vl_attention: how the action tokens read the VL tokens. "cross": a Transformer
-            decoder over [sensor, timestep, actions] that cross-attends to the VL tokens in
-            every layer (Diffusion Policy's transformer, GR00T's DiT); the best measured with
-            tokens (docs/conditioning.md). "joint": one Transformer over all tokens, every
-            token attending to every other (the guide's head). "prefix": joint, but VL tokens
-            attend only to VL tokens (pi0's block mask). "auto" (the default) resolves to
-            "cross" for tokens and "joint" for pooled, so a pooled head is the guide's.
+        vl_attention: how the action tokens read the VL tokens. "joint" (the default, and the
+            guide's head): one Transformer over all tokens, every token attending to every
+            other. "prefix": joint, but VL tokens attend only to VL tokens (pi0's block mask).
+            "cross": a Transformer decoder over [sensor, timestep, actions] that cross-attends
+            to the VL tokens in every layer (Diffusion Policy's transformer, GR00T's DiT).
+            Measured in docs/conditioning.md: joint is level with or ahead of the pooled head
+            on every learning task; cross learns positions faster but loses on the sensor task.
         snr_gamma: diffusion only: Min-SNR-gamma loss weighting (Hang et al. 2023), 0 = off.
             Epsilon prediction weights the clean chunk's error by SNR(t) = alpha_bar / (1 -
             alpha_bar), so nearly all of its loss comes from the low-noise steps, where the
@@ -159,7 +161,7 @@ class ActionExpertConfig:
     vl_conditioning: str = "tokens"
     vl_grid: int = 4
     num_views: int = 2
-    vl_attention: str = "auto"
+    vl_attention: str = "joint"
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
@@ -200,12 +202,6 @@ class ActionExpertConfig:
         return self.vl_grid if self.vl_conditioning == "tokens" else None
 
     @property
-    def attention(self) -> str:
-        """``vl_attention`` with "auto" resolved: "cross" for tokens, "joint" for pooled (a fixed
-        rule: a stored "auto" means the same forever)."""
-        return resolve_attention(self.vl_conditioning, self.vl_attention)
-
-    @property
     def num_vl_tokens(self) -> int:
         """VL tokens per sample: 1 pooled, or whole prompt + instruction + every view's grid."""
         return 1 if self.vl_conditioning == "pooled" else vl_token_count(self.num_views, self.vl_grid)
@@ -230,13 +226,6 @@ class ActionExpertConfig:
             return f"{steps} Euler steps (flow matching)"
         return "one forward pass (regression)"
 
-
-
-def resolve_attention(vl_conditioning: str, vl_attention: str) -> str:
-    """``vl_attention`` "auto" -> "cross" for tokens, "joint" for pooled; others as given."""
-    if vl_attention != "auto":
-        return vl_attention
-    return "cross" if vl_conditioning == "tokens" else "joint"
 
 
 def vl_token_count(num_views: int, grid: int) -> int:
@@ -637,20 +626,13 @@ class ActionExpert(nn.Module):
         )
         self.action_in = nn.Linear(c.action_dim, c.d_model)
         self.action_pos = nn.Parameter(torch.zeros(1, c.horizon, c.d_model))
-        if c.attention == "cross":
+        if c.vl_attention == "cross":
             layer = nn.TransformerDecoderLayer(
                 c.d_model, c.num_heads, c.dim_feedforward, c.dropout,
                 activation="gelu", batch_first=True, norm_first=True,
             )
             self.transformer = nn.TransformerDecoder(layer, c.num_layers)
             self.memory_norm = nn.LayerNorm(c.d_model)
-            # Each layer's cross-attention output starts at zero (Flamingo's gate, adaLN-zero): the
-            # expert starts as if it saw no VL tokens and opens each layer's view of them as training
-            # finds them useful. Without it the 34 tokens of a view that says nothing (the sensor
-            # task's noise images) cost 1.4-2.2x on that task (docs/conditioning.md).
-            for block in self.transformer.layers:
-                nn.init.zeros_(block.multihead_attn.out_proj.weight)
-                nn.init.zeros_(block.multihead_attn.out_proj.bias)
         else:
             layer = nn.TransformerEncoderLayer(
                 c.d_model, c.num_heads, c.dim_feedforward, c.dropout,
@@ -714,7 +696,7 @@ class ActionExpert(nn.Module):
         actions = self.action_in(noisy_actions.to(dtype)) + self.action_pos   # (B, H, D)
         rest = torch.cat([sensor[:, None], time[:, None], actions], dim=1)    # (B, 2+H, D)
 
-        if c.attention == "cross":
+        if c.vl_attention == "cross":
             x = self.transformer(rest, self.memory_norm(vl))                  # (B, 2+H, D)
         else:
             x = self.transformer(torch.cat([vl, rest], dim=1),
@@ -724,7 +706,7 @@ class ActionExpert(nn.Module):
 
     def _prefix_mask(self, num_vl: int, device) -> Tensor | None:
         """"prefix": (S, S) bool, True where a VL token would attend to a non-VL token; else None."""
-        if self.config.attention != "prefix":
+        if self.config.vl_attention != "prefix":
             return None
         size = num_vl + 2 + self.config.horizon
         mask = torch.zeros(size, size, dtype=torch.bool, device=device)
