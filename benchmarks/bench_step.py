@@ -82,10 +82,8 @@ def build(size: str, backbone_dir: Path, world: int, micro_batch: int, accum: in
     policy, _, _ = build_policy(cfg, stats, channels)  # as train.py builds it
     backbone = policy.backbone
     g = torch.Generator().manual_seed(1)
-    expert = policy.action_expert.config
-    vl_tokens = expert.num_vl_tokens if expert.vl_conditioning == "tokens" else None
     batches = [random_batch(micro_batch, window, channels, cfg.action_expert.horizon, hidden=backbone.hidden_size,
-                            generator=g, vl_tokens=vl_tokens) for _ in range(accum)]
+                            generator=g, vl_tokens=policy.action_expert.config.feature_tokens) for _ in range(accum)]
     return cfg, policy, batches
 
 

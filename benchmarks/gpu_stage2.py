@@ -174,9 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.reset_peak_memory_stats()
     cfg, engine, _ = build("stage1.json", backbone_dir, micro, preset, window, extra)
     hidden = engine.module.backbone.hidden_size
-    expert = engine.module.action_expert.config
-    vl_shape = (micro, hidden) if expert.vl_conditioning == "pooled" else (micro, expert.num_vl_tokens, hidden)
-    features = torch.randn(*vl_shape)
+    tokens = engine.module.action_expert.config.feature_tokens
+    features = torch.randn(micro, hidden) if tokens is None else torch.randn(micro, tokens, hidden)
     host = {**numeric_batch(micro, window, cfg.sensor_encoder.in_channels, cfg.action_expert.horizon,
                             pin=device.type == "cuda"),
             VL_HIDDEN: features.pin_memory() if device.type == "cuda" else features}

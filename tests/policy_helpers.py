@@ -158,5 +158,6 @@ def stage1_policy_and_batches(backbone_dir, micro_batch: int, accum: int, overri
     policy, _, _ = build_policy(cfg, stats, channels)
     g = torch.Generator().manual_seed(1)
     batches = [random_batch(micro_batch, window, channels, cfg.action_expert.horizon,
-                            hidden=policy.backbone.hidden_size, generator=g) for _ in range(accum)]
+                            hidden=policy.backbone.hidden_size, generator=g,
+                            vl_tokens=policy.action_expert.config.feature_tokens) for _ in range(accum)]
     return cfg, policy, batches

@@ -202,6 +202,12 @@ class ActionExpertConfig:
         return self.vl_grid if self.vl_conditioning == "tokens" else None
 
     @property
+    def feature_tokens(self) -> int | None:
+        """T of the (B, T, vl_hidden_size) features a tokens head reads; None for a pooled head's
+        (B, vl_hidden_size)."""
+        return self.num_vl_tokens if self.vl_conditioning == "tokens" else None
+
+    @property
     def num_vl_tokens(self) -> int:
         """VL tokens per sample: 1 pooled, or whole prompt + instruction + every view's grid."""
         return 1 if self.vl_conditioning == "pooled" else vl_token_count(self.num_views, self.vl_grid)
