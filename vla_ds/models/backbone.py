@@ -577,7 +577,8 @@ class VLBackbone(nn.Module):
 
         ``grid`` None: one pooled vector per sample, the masked mean over the real tokens,
         (B, hidden_size). ``grid`` g: (B, 2 + V g^2, hidden_size) tokens: that mean, the mean
-        over the instruction (every real token after the last image), then for each view in
+        over the instruction (every real token after the last image: the instruction and the
+        chat template's closing tokens), then for each view in
         order its image tokens laid out on their merged patch grid and average-pooled to g x g
         cells (row-major; a grid smaller than g is repeated, one larger is averaged)."""
         inner = self.vl_model

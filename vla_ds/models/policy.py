@@ -13,7 +13,7 @@ Batch keys read by :meth:`VLAPolicy.forward` (produced by ``vla_ds.data.collate`
     pixel_values               (P, D)        patches of every view of every sample
     image_grid_thw             (B*V, 3)
     vl_hidden                  (B, Hvl)      optional: cached backbone features (replaces the four above);
-                               (B, T, Hvl)   (B, T, Hvl) with action_expert.vl_conditioning "tokens"
+                               (B, T, Hvl)   ...with action_expert.vl_conditioning "tokens"
     sensor_window              (B, W, C)     raw sensor values
     sensor_pad                 (B,) long     optional: the window's first rows that are padding (no reading yet)
     has_sensor                 (B,) bool
