@@ -42,6 +42,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_learning import _conditioning_name, conditioning_settings  # noqa: E402  (one naming of conditionings)
 DEFAULT_TASKS = "reach-v3,button-press-topdown-v3,drawer-close-v3,door-open-v3,plate-slide-v3,peg-insert-side-v3"
 VAL_SPLIT = 0.1
 SEED = 42
@@ -72,18 +74,9 @@ def record(a, work: Path) -> tuple[Path, float]:
     return data, seconds
 
 
-def conditioning_settings(name: str) -> list[str]:
-    """``--set`` arguments of a ``--conditioning`` name: pooled, tokens (the default grid), tokensN."""
-    if name in ("pooled", "tokens"):
-        return ["--set", f"action_expert.vl_conditioning={name}"]
-    if name.startswith("tokens") and name[6:].isdigit() and int(name[6:]) > 0:
-        return ["--set", "action_expert.vl_conditioning=tokens", "--set", f"action_expert.vl_grid={int(name[6:])}"]
-    raise argparse.ArgumentTypeError(f"--conditioning {name!r}: expected pooled, tokens or tokensN (N x N grid)")
-
-
-def _conditioning_name(name: str) -> str:
-    conditioning_settings(name)
-    return name
+def conditioning_args(name: str) -> list[str]:
+    """train.py ``--set`` arguments of a ``--conditioning`` name (bench_learning's names)."""
+    return [arg for key, value in conditioning_settings(name).items() for arg in ("--set", f"{key}={value}")]
 
 
 def train(a, work: Path, data: Path, backbone: Path, conditioning: str) -> tuple[Path, float]:
@@ -108,7 +101,7 @@ def train(a, work: Path, data: Path, backbone: Path, conditioning: str) -> tuple
             "--set", "train.progress_bar=false", "--set", f"train.max_steps={a.steps}",
             "--set", f"scheduler.params.total_num_steps={a.steps}",
             "--set", f"scheduler.params.warmup_num_steps={max(1, round(0.05 * a.steps))}",
-            "--set", 'data.lerobot.sensor_features=["observation.state"]', *conditioning_settings(conditioning)]
+            "--set", 'data.lerobot.sensor_features=["observation.state"]', *conditioning_args(conditioning)]
     for item in a.set:
         argv += ["--set", item]
     seconds = _run(argv, work / f"train_{conditioning}.log")

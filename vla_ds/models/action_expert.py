@@ -566,11 +566,11 @@ def check_vl_features(config: ActionExpertConfig, vl_hidden: Tensor, batch_size:
     reads: (B, vl_hidden_size) pooled, (B, num_vl_tokens, vl_hidden_size) tokens."""
     B = vl_hidden.shape[0] if batch_size is None else batch_size
     c = config
-    if c.vl_conditioning == "pooled":
+    if c.feature_tokens is None:
         expected, names = (B, c.vl_hidden_size), "batch, vl_hidden_size: one pooled vector"
     else:
-        expected = (B, c.num_vl_tokens, c.vl_hidden_size)
-        names = (f"batch, tokens, vl_hidden_size: 2 + {c.num_views} views x {c.vl_grid}x{c.vl_grid} tokens")
+        expected = (B, c.feature_tokens, c.vl_hidden_size)
+        names = f"batch, tokens, vl_hidden_size: 2 + {c.num_views} views x {c.vl_grid}x{c.vl_grid} tokens"
     if tuple(vl_hidden.shape) != expected:
         raise ValueError(f"VL features must be {expected} ({names}; vl_conditioning {c.vl_conditioning!r}), "
                          f"got {tuple(vl_hidden.shape)}")
