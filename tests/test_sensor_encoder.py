@@ -105,6 +105,30 @@ def test_bf16_module_accepts_fp32_input(encoder, tiny_config):
     assert torch.equal(out[~has_sensor][0], encoder.no_sensor_embedding.detach())
 
 
+@pytest.mark.parametrize("window_size", [1, 2, 3])
+def test_bf16_gradients_are_finite_and_match_fp32_for_short_windows(tiny_config, window_size):
+    # Windows of 1 and 2 samples reach a strided conv at length 1, whose bf16 weight gradient
+    # on CPU was NaN or ~1e12 (a third of the training steps skipped). The bf16 gradients
+    # must be finite and near the fp32 ones. Sizes of the tiny preset, where it showed.
+    config = SensorEncoderConfig(**{**tiny_config.__dict__, "window_size": window_size, "in_channels": 4,
+                                    "conv_channels": (32, 64), "kernel_size": 5})
+    for seed in range(8):
+        torch.manual_seed(seed)
+        ref = SensorEncoder(config)
+        low = SensorEncoder(config).bfloat16()
+        low.load_state_dict({k: v.bfloat16() for k, v in ref.state_dict().items()})
+        ref.load_state_dict({k: v.float() for k, v in low.state_dict().items()})  # same rounded weights
+        window, _ = _batch(config, B=16, seed=seed)
+        has_sensor = torch.ones(16, dtype=torch.bool)
+        target = torch.randn(16, config.out_dim, generator=torch.Generator().manual_seed(seed))
+        (ref(window, has_sensor) * target).sum().backward()
+        (low(window, has_sensor).float() * target).sum().backward()
+        for (name, p32), p16 in zip(ref.named_parameters(), low.parameters()):
+            assert torch.isfinite(p16.grad).all(), f"window {window_size}, seed {seed}: {name} gradient not finite"
+            scale = p32.grad.abs().max().clamp_min(1e-6)
+            assert (p16.grad.float() - p32.grad).abs().max() / scale < 0.1, name
+
+
 def test_input_mismatches_are_clear_errors(encoder, tiny_config):
     with pytest.raises(ValueError, match=r"has 5 channels .* expects in_channels=6"):
         encoder(torch.randn(2, 20, 5), torch.tensor([True, True]))

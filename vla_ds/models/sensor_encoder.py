@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from vla_ds.errors import ConfigError
 from vla_ds.models._checks import check_transformer, require_positive_int
@@ -35,6 +36,26 @@ def conv_output_length(length: int, kernel_size: int, stride: int, num_convs: in
     for _ in range(num_convs):
         length = (length + 2 * padding - kernel_size) // stride + 1
     return length
+
+
+class StridedConv1d(nn.Conv1d):
+    """``nn.Conv1d`` (same parameters, same state-dict keys) that runs a one-sample input
+    with stride 1.
+
+    A length-1 input with odd ``kernel_size`` and padding ``kernel_size // 2`` gives one
+    output sample, the centre tap, whatever the stride, so stride 1 computes the same
+    thing. It sidesteps a CPU bug: the bf16 weight gradient of a strided Conv1d over a
+    length-1 input is garbage or NaN in torch 2.13 (oneDNN), measured on every call. Short
+    sensor windows (1 or 2 samples) reach a conv layer at length 1; before this, a third
+    of the steps of a ``--sensor-window-size 1`` run were skipped as non-finite and the
+    rest trained on gradient norms near 1e12.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] == 1 and self.stride[0] > 1 and self.kernel_size[0] % 2 == 1 \
+                and self.padding[0] == self.kernel_size[0] // 2 and self.dilation[0] == 1:
+            return F.conv1d(x, self.weight, self.bias, 1, self.padding, self.dilation, self.groups)
+        return super().forward(x)
 
 
 @dataclass
@@ -109,8 +130,8 @@ class SensorEncoder(nn.Module):
         channels = c.in_channels
         for out_channels in c.conv_channels:
             convs += [
-                nn.Conv1d(channels, out_channels, c.kernel_size, stride=c.stride,
-                          padding=c.kernel_size // 2),
+                StridedConv1d(channels, out_channels, c.kernel_size, stride=c.stride,
+                              padding=c.kernel_size // 2),
                 nn.GELU(),
             ]
             channels = out_channels
