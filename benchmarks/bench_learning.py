@@ -134,9 +134,7 @@ def run_cell(cell: dict) -> dict:
     shutil.rmtree(out, ignore_errors=True)  # a cell of an earlier run in the same --workdir
     steps, spe = cell["steps"], cell["steps_per_epoch"]
     extra = {**HEADS[cell["head"]], **conditioning_settings(cell["conditioning"]), **cell.get("set", {}),
-             "ema.enabled": str(cell["ema"]).lower(), "train.max_steps": steps,
-             "scheduler.params.total_num_steps": steps,
-             "scheduler.params.warmup_num_steps": max(1, round(0.05 * steps))}
+             "ema.enabled": str(cell["ema"]).lower(), "train.max_steps": steps}  # sizes the schedule
     config, lr = "stage1.json", cell["lr"]
     if cell["stage"] == 2:  # LoRA on the backbone from the Stage 1 cell, the stage2.json recipe's 10x lower lr
         config, lr = "stage2.json", cell["lr"] / 10

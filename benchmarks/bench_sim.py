@@ -80,27 +80,18 @@ def conditioning_args(name: str) -> list[str]:
 
 
 def train(a, work: Path, data: Path, backbone: Path, conditioning: str) -> tuple[Path, float]:
-    from vla_ds.data import DataConfig, VLADataset, split_train_val
-    from vla_ds.data.lerobot import LeRobotConfig
-
     policy = work / f"policy_{conditioning}"
     seconds_file = work / f"train_seconds_{conditioning}.json"
     if (policy / "model.safetensors").is_file():
         return policy, json.loads(seconds_file.read_text())["seconds"]
     run = work / f"run_{conditioning}"
     shutil.rmtree(run, ignore_errors=True)
-    lerobot = LeRobotConfig(sensor_features=["observation.state"])
-    ds = VLADataset(DataConfig(dataset_dir=str(data), sensor_window_size=a.window, lerobot=lerobot))
-    train_set, _ = split_train_val(ds, VAL_SPLIT, SEED)
-    epochs = -(-a.steps // (len(train_set) // a.batch_size))
     argv = [str(REPO / "scripts" / "train.py"), "--ds_config", str(REPO / "ds_configs" / "stage1.json"),
             "--dataset_dir", str(data), "--vl-model", str(backbone), "--model-preset", "tiny",
             "--sensor-window-size", str(a.window), "--num_workers", "0", "--batch_size", str(a.batch_size),
-            "--grad_accum", "1", "--lr", str(a.lr), "--epochs", str(epochs), "--val_split", str(VAL_SPLIT),
+            "--grad_accum", "1", "--lr", str(a.lr), "--max_steps", str(a.steps), "--val_split", str(VAL_SPLIT),
             "--seed", str(SEED), "--output_dir", str(run), "--set", f"cache.dir={work / 'cache'}",
-            "--set", "train.progress_bar=false", "--set", f"train.max_steps={a.steps}",
-            "--set", f"scheduler.params.total_num_steps={a.steps}",
-            "--set", f"scheduler.params.warmup_num_steps={max(1, round(0.05 * a.steps))}",
+            "--set", "train.progress_bar=false",
             "--set", 'data.lerobot.sensor_features=["observation.state"]', *conditioning_args(conditioning)]
     for item in a.set:
         argv += ["--set", item]

@@ -59,3 +59,14 @@ def capture_starting_weights(monkeypatch) -> dict[str, dict[str, torch.Tensor]]:
 
     monkeypatch.setattr(trainer, "train", spy)
     return seen
+
+
+def same_schedule(run: Path) -> list[str]:
+    """``--set`` arguments giving a run the resolved learning-rate schedule of ``run`` (its
+    config.json): a run stopped early with ``--max_steps`` (which sizes an "auto" schedule)
+    then keeps the schedule of the longer run it is compared with."""
+    import json
+
+    params = json.loads((run / "config.json").read_text())["scheduler"]["params"]
+    return [arg for key in ("total_num_steps", "warmup_num_steps")
+            for arg in ("--set", f"scheduler.params.{key}={params[key]}")]

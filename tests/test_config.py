@@ -95,6 +95,29 @@ def test_schedule_auto_values_and_round_trip(tmp_path):
     assert "vla_ds" not in again.deepspeed and "description" not in again.deepspeed
 
 
+@pytest.mark.parametrize("epochs, max_steps, expect_epochs", [(1000, 2000, 2), (1, 2000, 2), (4, 20, 1), (4, 30, 2)])
+def test_max_steps_sizes_the_schedule_and_overrides_the_epochs(epochs, max_steps, expect_epochs):
+    """As in HF Trainer: --max_steps is the run's length whatever --epochs says (the issue's
+    `--max_steps 2000 --epochs 1000` built a 1000-epoch schedule: warmup alone 7,500 steps)."""
+    cfg = resolve(["--dataset_dir", "/d", "--epochs", str(epochs), "--max_steps", str(max_steps)])
+    total = config_lib.resolve_schedule(cfg, steps_per_epoch=1216 if max_steps > 100 else 25)
+    params = cfg.deepspeed["scheduler"]["params"]
+    assert total == max_steps and params["total_num_steps"] == max_steps
+    assert params["warmup_num_steps"] == round(cfg.train.warmup_ratio * max_steps)
+    assert cfg.train.epochs == expect_epochs  # the epochs those steps start
+    described = config_lib.describe_schedule(cfg)
+    assert f"warmup {params['warmup_num_steps']}, total {max_steps} steps" in described
+
+
+def test_a_schedule_given_as_numbers_is_kept_under_max_steps():
+    """A run meant to stop before its schedule ends (the first half of a longer run)."""
+    cfg = resolve(["--dataset_dir", "/d", "--max_steps", "10", "--set", "scheduler.params.total_num_steps=40",
+                   "--set", "scheduler.params.warmup_num_steps=4"])
+    assert config_lib.resolve_schedule(cfg, steps_per_epoch=25) == 10
+    assert cfg.deepspeed["scheduler"]["params"]["total_num_steps"] == 40
+    assert cfg.deepspeed["scheduler"]["params"]["warmup_num_steps"] == 4
+
+
 def test_deepspeed_key_typos_are_named_before_any_process_group():
     for override, expect in [("zero_optimisation.stage=3", "did you mean 'zero_optimization'"),
                              ("optimizer.params.betaz=[0.9,0.95]", "did you mean 'betas'"),

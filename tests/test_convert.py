@@ -340,9 +340,13 @@ def test_universal_checkpoint_resumes_on_one_rank(runs, tiny_backbone_dir, demo_
 
     monkeypatch.setattr(checkpoint, "load_checkpoint", spy)
     out = tmp_path / "resumed"
-    # One rank, the same global batch (8 x 16 x 1 = 8 x 8 x 2): the same steps per epoch.
+    # One rank, the same global batch (8 x 16 x 1 = 8 x 8 x 2): the same steps per epoch. One
+    # step of the 2-epoch run's schedule (given as numbers: --max_steps alone would size it).
+    first_total = json.loads((runs["s2"] / "config.json").read_text())["scheduler"]["params"]["total_num_steps"]
     assert main(run_args("stage2.json", demo_dataset_dir, tiny_backbone_dir, out, "--lora-r", "4", "--vl-lr", "1e-2",
                          "--lr", "1e-3", "--grad_accum", "16", "--epochs", "2", "--max_steps", str(original["step"] + 1),
+                         "--set", f"scheduler.params.total_num_steps={2 * first_total}",
+                         "--set", f"scheduler.params.warmup_num_steps={max(1, round(0.05 * 2 * first_total))}",
                          "--resume", str(universal))) == 0
 
     shards = fp32_masters_from_shards(runs["s2"])

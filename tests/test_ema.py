@@ -9,6 +9,7 @@ from checkpoint_helpers import (
     capture_starting_weights,
     fp32_masters_from_shards,
     model_states,
+    same_schedule,
 )
 
 from vla_ds.convert import main as convert_main
@@ -96,7 +97,7 @@ def runs(tiny_backbone_dir, demo_dataset_dir, tmp_path_factory):
     stop = total // 2 + 1
     resumed = root / "resumed"
     assert main(run_args("stage1.json", demo_dataset_dir, tiny_backbone_dir, resumed, *common,
-                         "--max_steps", str(stop))) == 0
+                         "--max_steps", str(stop), *same_schedule(root / "straight"))) == 0
     # Resumed with the shipped head setting: the checkpoint's flow-matching head continues.
     assert main(run_args("stage1.json", demo_dataset_dir, tiny_backbone_dir, resumed, *common[:4], *common[6:],
                          "--resume", str(resumed))) == 0

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoint_helpers import capture_starting_weights, fp32_masters_from_shards
+from checkpoint_helpers import capture_starting_weights, fp32_masters_from_shards, same_schedule
 
 from vla_ds.checkpoint import read_model_states
 from vla_ds.metrics import read_metrics
@@ -163,7 +163,8 @@ def test_resume_continues_exactly(stage, stage1, stage2, tiny_backbone_dir, demo
     reference = train_rows(full)
     k = len(reference) // 2 + 1  # mid-epoch 2
     out = tmp_path / "resumed"
-    assert main(args(config, demo_dataset_dir, tiny_backbone_dir, out, *extra, "--max_steps", str(k))) == 0
+    assert main(args(config, demo_dataset_dir, tiny_backbone_dir, out, *extra, "--max_steps", str(k),
+                     *same_schedule(full))) == 0
     launched = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")  # this process's group
     env = {k: v for k, v in os.environ.items() if k not in launched} | {"OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"),
@@ -225,13 +226,21 @@ def test_offload_configs_train(config, stage1, tiny_backbone_dir, demo_dataset_d
     assert all(torch.isfinite(v).all() for v in average.values())
 
 
-def test_resume_after_a_stop_at_an_epoch_end_does_not_redo_it(stage1, tiny_backbone_dir, demo_dataset_dir, tmp_path):
+def test_resume_after_a_stop_at_an_epoch_end_does_not_redo_it(stage1, tiny_backbone_dir, demo_dataset_dir, tmp_path,
+                                                              capsys):
     per_epoch = len(train_rows(stage1)) // 2
     out = tmp_path / "run"
     common = ["--epochs", "2", "--lr", "1e-3"]
+    capsys.readouterr()
     assert main(args("stage1.json", demo_dataset_dir, tiny_backbone_dir, out, *common, "--max_steps", str(per_epoch))) == 0
+    warmup = max(1, round(0.05 * per_epoch))  # --max_steps sized the schedule (train.warmup_ratio 0.05)
+    assert (f"{per_epoch} optimizer steps per epoch, {per_epoch} in this run (--max_steps, 1.00 epochs); "
+            f"learning-rate schedule WarmupCosineLR: warmup {warmup}, total {per_epoch} steps") in capsys.readouterr().err
     saved = (out / f"global_step{per_epoch}" / "mp_rank_00_model_states.pt").stat().st_mtime_ns
     assert main(args("stage1.json", demo_dataset_dir, tiny_backbone_dir, out, *common, "--resume", str(out))) == 0
+    err = capsys.readouterr().err  # two epochs now: the schedule is not the checkpoint's, and the log says so
+    assert f"ran a learning-rate schedule of {per_epoch} total / {warmup} warmup steps; this run's is " \
+           f"{2 * per_epoch} / {round(0.05 * 2 * per_epoch)}" in err, err[-2000:]
     rows = read_metrics(out)
     assert [r["step"] for r in rows if "val/loss" in r] == [per_epoch, 2 * per_epoch]
     assert (out / f"global_step{per_epoch}" / "mp_rank_00_model_states.pt").stat().st_mtime_ns == saved

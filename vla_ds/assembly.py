@@ -89,7 +89,9 @@ def assemble(cfg: RunConfig, world: int, rank: int, source: str = "config") -> R
             "lower --batch_size / --grad_accum or use fewer ranks")
     total_steps = config_lib.resolve_schedule(cfg, steps_per_epoch)
     config_lib.validate_deepspeed(cfg, source=source)
-    logger.info("%d optimizer steps per epoch, %d in this run", steps_per_epoch, total_steps)
+    logger.info("%d optimizer steps per epoch, %d in this run (%s); %s", steps_per_epoch, total_steps,
+                f"--max_steps, {total_steps / steps_per_epoch:.2f} epochs" if cfg.train.max_steps
+                else f"{cfg.train.epochs} epochs", config_lib.describe_schedule(cfg))
 
     start, norm_stats = read_start(cfg, train_ds)
     if norm_stats.action_dim != dataset.action_dim:
@@ -146,6 +148,7 @@ def read_start(cfg: RunConfig, train_ds) -> tuple[Start, Any]:
         start.resume_file, start.resume_states = checkpoint.read_model_states(cfg.train.resume)
         continue_head(checkpoint.head_settings(start.resume_states["config"].get(config_lib.PROJECT_KEY, {})
                                                .get("action_expert")), cfg, str(start.resume_file))
+        warn_schedule_change(start.resume_states["config"], cfg, start.resume_file)
         if checkpoint.is_universal(start.resume_file.parent):  # from convert_checkpoint.py --to universal
             cfg.deepspeed.setdefault("checkpoint", {})["load_universal"] = True
         stats, stats_source = start.resume_states["norm_stats"], start.resume_file
@@ -234,6 +237,22 @@ def log_tokens_per_sample(dataset, input_builder, max_pixels) -> None:
     views = ", ".join(f"{img.shape[1]}x{img.shape[0]} -> {w}x{h}: {n} tokens"
                       for img, (h, w, n) in zip(sample["images"], per_view))
     logger.info("LM tokens per sample: %d (%s; backbone.max_pixels %s)", total, views, max_pixels)
+
+
+def warn_schedule_change(saved: dict[str, Any], cfg: RunConfig, source: Path) -> None:
+    """Say so when a resumed run's learning-rate schedule is not the one its checkpoint ran
+    (another --max_steps or --epochs): the rate then changes from the resumed step on."""
+    def params(config: dict[str, Any]) -> dict[str, Any]:
+        sched = config.get("scheduler")
+        return sched.get("params", {}) if isinstance(sched, dict) else {}
+
+    was, now = params(saved), params(cfg.deepspeed)
+    keys = ("total_num_steps", "warmup_num_steps")
+    if all(k in was for k in keys) and any(was.get(k) != now.get(k) for k in keys):
+        logger.warning("%s ran a learning-rate schedule of %s total / %s warmup steps; this run's is %s / %s, so the "
+                       "rate follows the new schedule from the resumed step on (same --max_steps or --epochs to "
+                       "continue the old one)", source, was["total_num_steps"], was["warmup_num_steps"],
+                       now.get("total_num_steps"), now.get("warmup_num_steps"))
 
 
 def continue_head(stored: dict[str, Any], cfg: RunConfig, source: str) -> None:

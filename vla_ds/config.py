@@ -104,8 +104,11 @@ class TrainConfig:
         warmup_ratio: fraction of the total optimizer steps used for warmup when the
             scheduler's ``warmup_num_steps`` is "auto".
         log_every: optimizer steps between metrics.jsonl rows.
-        max_steps: stop after this many optimizer steps (0 = run all epochs); the learning-rate
-            schedule still spans all epochs, so ``--resume`` continues it exactly.
+        max_steps: the run's length in optimizer steps (0 = ``epochs`` whole epochs). As in HF
+            Trainer it overrides ``epochs`` and sizes the learning-rate schedule: warmup and
+            decay ("auto") span exactly these steps. ``--resume`` with the same value
+            continues the schedule exactly; to stop a longer schedule early, give the
+            scheduler's ``total_num_steps`` as a number.
         validate_every_epochs: run validation every N epochs (and after the last one).
         val_batch_size: micro batch size of validation (0 = the training micro batch).
         dist_timeout_minutes: process-group timeout; a dead rank ends the job after this.
@@ -468,11 +471,19 @@ def _check_consistency(cfg: RunConfig, source: str, for_run: bool = True) -> Non
 
 
 def resolve_schedule(cfg: RunConfig, steps_per_epoch: int) -> int:
-    """Fill the scheduler's "auto" step counts from epochs x optimizer steps per epoch.
+    """Fill the scheduler's "auto" step counts from the run's length, and return it.
 
-    Returns the total number of optimizer steps of the run.
+    The run is ``train.max_steps`` optimizer steps when that is set (as in HF Trainer, it
+    overrides the epochs: ``train.epochs`` becomes the number of epochs those steps start,
+    the last one possibly cut short), else ``epochs x steps_per_epoch``. Warmup ("auto")
+    is ``train.warmup_ratio`` of that total. Scheduler values given as numbers are kept:
+    a run meant to stop before its schedule ends sets ``total_num_steps`` itself.
     """
-    total = steps_per_epoch * cfg.train.epochs
+    if cfg.train.max_steps:
+        total = cfg.train.max_steps
+        cfg.train.epochs = -(-total // steps_per_epoch)
+    else:
+        total = steps_per_epoch * cfg.train.epochs
     sched = cfg.deepspeed.get("scheduler")
     if isinstance(sched, dict):
         params = sched.setdefault("params", {})
@@ -482,7 +493,21 @@ def resolve_schedule(cfg: RunConfig, steps_per_epoch: int) -> int:
             params["total_num_steps"] = max(1, total)
         if params.get("warmup_num_steps") == "auto":
             params["warmup_num_steps"] = max(1, round(cfg.train.warmup_ratio * total))
-    return min(total, cfg.train.max_steps) if cfg.train.max_steps else total
+    return total
+
+
+def describe_schedule(cfg: RunConfig) -> str:
+    """The resolved schedule in words, for the start-of-run log: its type, warmup and
+    total steps (only the keys the scheduler has)."""
+    sched = cfg.deepspeed.get("scheduler")
+    if not isinstance(sched, dict):
+        return "no learning-rate scheduler (constant rate)"
+    params = sched.get("params", {})
+    parts = [f"{label} {params[key]}" for key, label in (("warmup_num_steps", "warmup"),
+                                                          ("total_num_steps", "total"))
+             if key in params]
+    return f"learning-rate schedule {sched.get('type', '?')}: " + (", ".join(parts) + " steps" if parts else
+                                                                    "no step counts")
 
 
 _SCHEDULERS_WITH_TOTAL = ("WarmupCosineLR", "WarmupDecayLR")
@@ -643,7 +668,9 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
     p.add_argument("--num_workers", "--num-workers", type=int)
     p.add_argument("--output_dir", "--output-dir")
     p.add_argument("--seed", type=int)
-    p.add_argument("--max_steps", "--max-steps", type=int, help="stop after N optimizer steps (smoke tests)")
+    p.add_argument("--max_steps", "--max-steps", type=int,
+                   help="train N optimizer steps; overrides --epochs and sizes the learning-rate schedule "
+                        "(warmup train.warmup_ratio x N, decay to step N), as in HF Trainer")
     p.add_argument("--save_steps", "--save-steps", type=int,
                    help="also checkpoint every N optimizer steps (default: at the end of every epoch only)")
     p.add_argument("--save_total_limit", "--save-total-limit", type=int,
