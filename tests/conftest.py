@@ -30,6 +30,17 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 
 @pytest.fixture(scope="session", autouse=True)
+def user_cache_in_tmp(tmp_path_factory):
+    """vla_ds's user cache (the Stage 1 feature cache's default home, unpacked sensor
+    streams) in a session folder, for this process and every process a test starts: not the
+    user's ~/.cache, and shared by the tests like the session's datasets."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("VLA_DS_CACHE", str(tmp_path_factory.mktemp("vla_ds_cache")))
+    yield
+    mp.undo()
+
+
+@pytest.fixture(scope="session", autouse=True)
 def cpu_info_asked_once(tmp_path_factory):
     """py-cpuinfo asked at most once per session (see tests/launched_site/sitecustomize.py),
     by this process or by the first process a test starts."""

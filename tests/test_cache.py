@@ -148,3 +148,32 @@ def test_build_cache_script_fills_the_cache_train_then_reuses(tiny_backbone_dir,
     assert main(args("stage1.json", demo_dataset_dir, tiny_backbone_dir, tmp_path / "t", *common, "--max_steps", "2")) == 0
     log = capsys.readouterr().err
     assert "computing" not in log and "(0 computed now by this rank)" in log
+
+
+def _snapshot(root) -> dict:
+    """Every file and folder under ``root``, hidden ones too: kind, size, mtime and content hash."""
+    import hashlib
+    from pathlib import Path
+
+    found = {}
+    for path in sorted(Path(root).rglob("*")):
+        st = path.lstat()
+        digest = hashlib.sha1(path.read_bytes()).hexdigest() if path.is_file() else ""
+        found[str(path.relative_to(root))] = (path.is_dir(), st.st_size, st.st_mtime_ns, digest)
+    return found
+
+
+def test_training_leaves_the_dataset_byte_for_byte_unchanged(tiny_backbone_dir, demo_dataset_dir, tmp_path,
+                                                             monkeypatch):
+    """Datasets are shared, on read-only mounts or in the Hugging Face cache: a Stage 1 run with
+    the default cache (no cache.dir) writes its VL features and unpacked sensor streams to the
+    user cache ($VLA_DS_CACHE), and nothing into the dataset folder."""
+    data = tmp_path / "data"
+    shutil.copytree(demo_dataset_dir, data)  # nothing of this copy is cached or unpacked yet
+    monkeypatch.setenv("VLA_DS_CACHE", str(tmp_path / "user_cache"))
+    assert any(np.load(p).get("data") is not None for p in data.rglob("sensor_data.npz"))
+    before = _snapshot(data)
+    assert main(args("stage1.json", data, tiny_backbone_dir, tmp_path / "out", "--max_steps", "2")) == 0
+    assert _snapshot(data) == before
+    assert list((tmp_path / "user_cache" / "features").glob("data-*/*/shard-*.keys"))
+    assert list((tmp_path / "user_cache" / "sensor").glob("*.sensor_data.*.npy"))  # compressed streams

@@ -219,47 +219,44 @@ def test_sensor_raw_stored_is_memory_mapped_and_windows_exact(tmp_path):
     assert [s.padded_window(t, 4)[1] for t in (ts[5], ts[1], ts[0] - 1)] == [0, 2, 4]
 
 
-def test_sensor_compressed_is_unpacked_once_and_mapped(tmp_path):
-    """A compressed stream is unpacked to an .npy next to it on first use and memory-mapped
-    (every worker and rank shares its pages) instead of decompressed whole per process; a
-    changed file is unpacked again and its stale copy removed."""
-    ts, data = _stream()
-    np.savez_compressed(tmp_path / "s.npz", timestamps=ts, data=data)
-    s = SensorData(tmp_path / "s.npz")
-    assert s.compressed and isinstance(s.data, np.memmap)
-    np.testing.assert_array_equal(s.window(ts[7], 3), data[5:8])
-    copies = sorted((tmp_path / ".vla_ds_cache").glob("s.*.npy"))
-    assert len(copies) == 1 and np.array_equal(np.load(copies[0]), data)
-    assert [p.name for p in (tmp_path / ".vla_ds_cache").iterdir() if p.suffix == ".tmp"] == []
-    again = SensorData(tmp_path / "s.npz")  # another process / worker: maps the same copy
-    assert Path(again.data.filename) == copies[0]
-    np.savez_compressed(tmp_path / "s.npz", timestamps=ts, data=data + 1)
-    changed = SensorData(tmp_path / "s.npz")
-    np.testing.assert_array_equal(changed.window(ts[7], 3), data[5:8] + 1)
-    now = sorted((tmp_path / ".vla_ds_cache").glob("s.*.npy"))
-    assert len(now) == 1 and now != copies
-
-
-def test_sensor_compressed_on_a_read_only_dataset(tmp_path, monkeypatch, caplog):
-    import vla_ds.data.episodes as episodes
-
+def test_sensor_compressed_is_unpacked_once_and_mapped(tmp_path, monkeypatch):
+    """A compressed stream is unpacked to an .npy in the user cache (not the dataset) on first
+    use and memory-mapped (every worker and rank shares its pages) instead of decompressed
+    whole per process; a changed file is unpacked again and its stale copy removed."""
+    monkeypatch.setenv("VLA_DS_CACHE", str(tmp_path / "user_cache"))
+    unpacked = tmp_path / "user_cache" / "sensor"
     ts, data = _stream()
     (tmp_path / "ds").mkdir()
     np.savez_compressed(tmp_path / "ds" / "s.npz", timestamps=ts, data=data)
-    (tmp_path / "ds" / ".vla_ds_cache").write_text("not a folder")  # as unwritable as a read-only mount
-    monkeypatch.setattr(episodes, "UNPACKED_FALLBACK_DIR", tmp_path / "home_cache")
     s = SensorData(tmp_path / "ds" / "s.npz")
-    assert isinstance(s.data, np.memmap) and Path(s.data.filename).parent == tmp_path / "home_cache"
+    assert s.compressed and isinstance(s.data, np.memmap)
     np.testing.assert_array_equal(s.window(ts[7], 3), data[5:8])
+    copies = sorted(unpacked.glob("*.s.*.npy"))
+    assert len(copies) == 1 and np.array_equal(np.load(copies[0]), data)
+    assert [p.name for p in unpacked.iterdir() if p.suffix == ".tmp"] == []
+    assert [p.name for p in (tmp_path / "ds").iterdir()] == ["s.npz"]  # nothing written beside it
+    again = SensorData(tmp_path / "ds" / "s.npz")  # another process / worker: maps the same copy
+    assert Path(again.data.filename) == copies[0]
+    np.savez_compressed(tmp_path / "ds" / "s.npz", timestamps=ts, data=data + 1)
+    changed = SensorData(tmp_path / "ds" / "s.npz")
+    np.testing.assert_array_equal(changed.window(ts[7], 3), data[5:8] + 1)
+    now = sorted(unpacked.glob("*.s.*.npy"))
+    assert len(now) == 1 and now != copies
+
+
+def test_sensor_compressed_without_a_writable_cache(tmp_path, monkeypatch, caplog):
+    ts, data = _stream()
+    np.savez_compressed(tmp_path / "s.npz", timestamps=ts, data=data)
+    (tmp_path / "not_a_folder").write_text("")  # as unwritable as a read-only mount
+    monkeypatch.setenv("VLA_DS_CACHE", str(tmp_path / "not_a_folder"))
     # Nowhere to write: decompressed in memory, said once.
-    monkeypatch.setattr(episodes, "UNPACKED_FALLBACK_DIR", tmp_path / "ds" / ".vla_ds_cache" / "x")
-    nowhere = SensorData(tmp_path / "ds" / "s.npz")
+    nowhere = SensorData(tmp_path / "s.npz")
     for _ in range(2):
         np.testing.assert_array_equal(nowhere.window(ts[7], 3), data[5:8])
         nowhere._array = None
     assert not isinstance(nowhere.data, np.memmap)
     said = [r.getMessage() for r in caplog.records if "cannot write an unpacked copy" in r.getMessage()]
-    assert len(said) == 1 and said[0].startswith(str(tmp_path / "ds" / "s.npz"))
+    assert len(said) == 1 and said[0].startswith(str(tmp_path / "s.npz")) and "VLA_DS_CACHE" in said[0]
 
 
 def test_sensor_fortran_order_and_int_dtype(tmp_path):

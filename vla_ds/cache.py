@@ -43,6 +43,7 @@ import torch
 
 from vla_ds.batch import VL_HIDDEN
 from vla_ds.errors import ConfigError, DatasetError
+from vla_ds.user_cache import feature_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +58,10 @@ class CacheConfig:
     Fields:
         mode: ``auto`` (on in Stage 1, off in Stage 2), ``on`` (Stage 1 only) or ``off``
             (``--no-cache``).
-        dir: cache root; empty means ``<dataset_dir>/.vla_ds_cache`` (hidden folders are
-            not scanned for episodes). Put it on a filesystem every node sees to share it.
+        dir: cache root; empty means the dataset's folder in the user cache
+            (``$VLA_DS_CACHE/features/<dataset>-<hash>``, else ``~/.cache/vla_ds/...``:
+            :mod:`vla_ds.user_cache`), never the dataset itself. Multi-node runs put it (or
+            ``$VLA_DS_CACHE``) on a filesystem every node sees.
         build_batch_size: samples per backbone forward while building.
         shard_rows: rows per shard file; a crash loses at most one unfinished shard per rank.
     """
@@ -220,8 +223,14 @@ def from_stored(row: np.ndarray) -> np.ndarray:
     return np.array(row, dtype=np.float32)
 
 
+def cache_base(cache_config: CacheConfig, dataset_dir: str) -> Path:
+    """The folder holding a dataset's caches, one per model key: ``cache.dir`` or the
+    dataset's folder in the user cache."""
+    return Path(cache_config.dir) if cache_config.dir else feature_cache_dir(dataset_dir)
+
+
 def cache_root(cache_config: CacheConfig, dataset_dir: str, key: str, parts: dict[str, Any]) -> Path:
-    base = Path(cache_config.dir) if cache_config.dir else Path(dataset_dir) / ".vla_ds_cache"
+    base = cache_base(cache_config, dataset_dir)
     root = base / key
     try:
         root.mkdir(parents=True, exist_ok=True)

@@ -226,7 +226,9 @@ def run_checks(args: argparse.Namespace) -> list[Check]:
         from vla_ds.config import cache_enabled
 
         if cache_enabled(cfg) and dataset_dir:
-            checks.append(check_writable("cache", cfg.cache.dir or Path(dataset_dir) / ".vla_ds_cache"))
+            from vla_ds.user_cache import feature_cache_dir
+
+            checks.append(check_writable("cache", cfg.cache.dir or feature_cache_dir(dataset_dir)))
     versions = package_versions()
     checks.append(Check("packages", OK, ", ".join(f"{k} {v}" for k, v in versions.items())
                         + " (this node; train.py compares every rank's at start-up)"))

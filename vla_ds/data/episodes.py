@@ -69,13 +69,12 @@ MAX_DECOMPRESSED_SENSOR_BYTES = 2 << 30
 # sample_rows streams a compressed member in blocks of about this many bytes.
 STREAM_BLOCK_BYTES = 16 << 20
 # A compressed ``data`` member is unpacked once, by whichever process needs it first, into
-# an uncompressed .npy in this folder next to the .npz (or under UNPACKED_FALLBACK_DIR when
-# the dataset is read-only) and memory-mapped from there by every worker and rank: their
-# pages are the OS page cache, shared and reclaimable, instead of one decompressed copy of
-# the stream per worker. False: decompress in memory per process (bounded by the LRU above).
+# an uncompressed .npy in the user cache (vla_ds.user_cache.unpacked_sensor_dir(): never
+# the dataset, which may be shared or read-only) and memory-mapped from there by every
+# worker and rank: their pages are the OS page cache, shared and reclaimable, instead of
+# one decompressed copy of the stream per worker. False: decompress in memory per process
+# (bounded by the LRU above).
 UNPACK_COMPRESSED_SENSOR = True
-UNPACKED_DIR = ".vla_ds_cache"
-UNPACKED_FALLBACK_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vla_ds" / "sensor"
 
 
 # --------------------------------------------------------------------------- finding
@@ -541,54 +540,55 @@ class SensorData:
         return f"{st.st_size}-{st.st_mtime_ns}-{crc:08x}"
 
     def _unpacked(self) -> Path | None:
-        """The uncompressed copy of the ``data`` member (an .npy), made now if missing; None
-        when neither the dataset's folder nor the fallback folder can be written to."""
+        """The uncompressed copy of the ``data`` member (an .npy) in the user cache, made now
+        if missing; None when that folder cannot be written to."""
         import fcntl
         import hashlib
         import shutil
         import uuid
 
+        from vla_ds.user_cache import unpacked_sensor_dir
+
         try:
             identity = self._identity()
         except Exception as e:
             raise DatasetError(_read_error(self.path, "data.npy", e)) from None
-        fallback = hashlib.sha1(str(self.path.resolve()).encode()).hexdigest()[:16]
-        for folder, prefix in ((self.path.parent / UNPACKED_DIR, self.path.stem),
-                               (UNPACKED_FALLBACK_DIR, f"{fallback}.{self.path.stem}")):
-            file = f"{prefix}.{identity}.npy"
-            target = folder / file
-            if target.is_file():
-                return target
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-                with open(folder / f".{file}.lock", "w") as lock:
-                    fcntl.flock(lock, fcntl.LOCK_EX)  # one process unpacks, the others wait for it
-                    if target.is_file():
-                        return target
-                    tmp = folder / f".{file}.{uuid.uuid4().hex}.tmp"
-                    try:
-                        with zipfile.ZipFile(self.path) as zf, zf.open("data.npy") as src, open(tmp, "wb") as dst:
-                            shutil.copyfileobj(src, dst, STREAM_BLOCK_BYTES)  # the CRC is checked at the end
-                        os.replace(tmp, target)
-                    except (zipfile.BadZipFile, EOFError, ValueError) as e:  # the .npz itself is bad
-                        raise DatasetError(_read_error(self.path, "data.npy", e)) from None
-                    finally:
-                        tmp.unlink(missing_ok=True)
-                for old in folder.glob(f"{prefix}.*.npy"):
-                    if old != target:  # unpacked from an earlier version of this file
-                        old.unlink(missing_ok=True)
-                logger.info("%s: unpacked the compressed sensor data to %s (memory-mapped from there)",
-                            self.path, target)
-                return target
-            except DatasetError:
-                raise
-            except OSError:
-                continue  # read-only or full: try the next folder
-            except Exception as e:  # zlib.error and the like: the member is corrupt
-                raise DatasetError(_read_error(self.path, "data.npy", e)) from None
-        _warn_once(f"{self.path}: cannot write an unpacked copy of its compressed sensor data (to "
-                   f"{self.path.parent / UNPACKED_DIR} or {UNPACKED_FALLBACK_DIR}); decompressing it in memory "
-                   "in every process instead")
+        path_hash = hashlib.sha1(str(self.path.resolve()).encode()).hexdigest()[:16]
+        folder = unpacked_sensor_dir()
+        prefix = f"{path_hash}.{self.path.stem}"
+        file = f"{prefix}.{identity}.npy"
+        target = folder / file
+        if target.is_file():
+            return target
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with open(folder / f".{file}.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # one process unpacks, the others wait for it
+                if target.is_file():
+                    return target
+                tmp = folder / f".{file}.{uuid.uuid4().hex}.tmp"
+                try:
+                    with zipfile.ZipFile(self.path) as zf, zf.open("data.npy") as src, open(tmp, "wb") as dst:
+                        shutil.copyfileobj(src, dst, STREAM_BLOCK_BYTES)  # the CRC is checked at the end
+                    os.replace(tmp, target)
+                except (zipfile.BadZipFile, EOFError, ValueError) as e:  # the .npz itself is bad
+                    raise DatasetError(_read_error(self.path, "data.npy", e)) from None
+                finally:
+                    tmp.unlink(missing_ok=True)
+            for old in folder.glob(f"{prefix}.*.npy"):
+                if old != target:  # unpacked from an earlier version of this file
+                    old.unlink(missing_ok=True)
+            logger.info("%s: unpacked the compressed sensor data to %s (memory-mapped from there)",
+                        self.path, target)
+            return target
+        except DatasetError:
+            raise
+        except OSError:
+            pass  # read-only or full: decompress in memory
+        except Exception as e:  # zlib.error and the like: the member is corrupt
+            raise DatasetError(_read_error(self.path, "data.npy", e)) from None
+        _warn_once(f"{self.path}: cannot write an unpacked copy of its compressed sensor data to {folder} "
+                   "(set VLA_DS_CACHE to a writable folder); decompressing it in memory in every process instead")
         return None
 
     def _map_unpacked(self, path: Path) -> np.ndarray:
