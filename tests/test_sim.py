@@ -74,7 +74,8 @@ def test_recording_is_a_lerobot_dataset_that_replays(recording):
 
     table = pq.read_table(recording / "data/chunk-000/file-000.parquet").to_pydict()
     # Replaying the recorded actions from each saved seed gives the recorded states, frame by frame,
-    # and the same window the training samples cut (the evaluator's FrameHistory is the reader's code).
+    # and the same window the training samples cut: the evaluator keeps the raw frames (FrameHistory)
+    # and the policy's transform, recorded from the dataset, makes the window of them.
     data = VLADataset(DataConfig(dataset_dir=str(recording), sensor_window_size=WINDOW, action_horizon=4,
                                  lerobot=LeRobotConfig(sensor_features=["observation.state"])))
     with EnvPool("reach-v3", 1, 64, "fast") as pool:
@@ -82,14 +83,14 @@ def test_recording_is_a_lerobot_dataset_that_replays(recording):
             rows = [i for i, ep in enumerate(table["episode_index"]) if ep == e]
             actions = np.array([table["action"][i] for i in rows], dtype=np.float32)
             assert table["next.success"][rows[-1]] and not any(table["next.success"][i] for i in rows[:-1])
-            history = FrameHistory(LeRobotConfig(sensor_features=["observation.state"]),
-                                   metaworld.dataset_features(64), WINDOW, metaworld.FPS)
+            history = FrameHistory(["observation.state"], WINDOW)
+            transform = data.episodes[e].sensor.transform
             (obs, image), = pool.reset([seed], render={0})
             for k, i in enumerate(rows):
                 frame = metaworld.lerobot_frame(obs, image)
                 np.testing.assert_array_equal(frame["observation.state"], table["observation.state"][i])
                 history.append(frame)
-                window, pad = history.sensor_window()
+                window, pad = transform.window(history.state(), WINDOW)
                 sample = data[sum(len(ep.timestamps) for ep in episodes[:e]) + k]
                 np.testing.assert_array_equal(window, sample["sensor_window"])
                 assert pad == sample["sensor_pad"] == max(0, WINDOW - 1 - k)
@@ -207,7 +208,10 @@ def test_server_gives_the_in_process_result(policy_dir, local_run, tmp_path):
 
     local = local_run
     server = PolicyServer(VLAPolicy.from_pretrained(policy_dir), ServeConfig(port=0))
-    assert server.metadata["lerobot"]["sensor_features"] == ["observation.state"]
+    # The raw contract: the policy asks for the raw 4-D state and makes its window itself.
+    state = server.metadata["state"]
+    assert server.metadata["lerobot"] is None and list(state["features"]) == ["observation.state"]
+    assert state["features"]["observation.state"]["size"] == metaworld.STATE_DIM
     with server.running() as port:
         served = _eval(tmp_path / "served", "--server", f"127.0.0.1:{port}", videos="0")
         assert server.counters["requests"] == 2 * 5  # 20 steps, 4 actions per chunk

@@ -196,6 +196,19 @@ def load_eval_dataset(policy_config: dict[str, Any], dataset_dir: str, split: st
     return val
 
 
+def check_sensor_transform(policy, dataset: VLADataset, where: str) -> None:
+    """Refuse data whose raw features make the policy's sensor window differently from how its
+    training data did (other features, order, names or angle encoding): its windows would be
+    read as the policy's channels. ``where`` names the data in the message."""
+    recorded = policy.sensor_transform
+    for ep in dataset.episodes:
+        made = getattr(ep.sensor, "transform", None)
+        if recorded is not None and made is not None and made != recorded:
+            raise ConfigError(f"{where}: its sensor features make the channels {', '.join(made.channel_names)}, but "
+                              f"the policy was trained on {', '.join(recorded.channel_names)} (from "
+                              f"{', '.join(f for f, _ in recorded.features)})")
+
+
 def load_episode_dataset(policy_config: dict[str, Any], episode_dir: str | Path,
                          episode_index: int | None = None) -> VLADataset:
     """The samples of one episode, cut as :func:`eval_data_config` says: an episode directory,
@@ -521,6 +534,7 @@ def run_evaluation(policy, dataset_dir: str | Path, output_dir: str | Path, *, s
     expert = policy.action_expert.config
     steps = expert.check_inference_steps(num_inference_steps)
     dataset = load_eval_dataset(config, str(dataset_dir), split, val_split, split_seed, where)
+    check_sensor_transform(policy, dataset, str(dataset_dir))
     episodes = predict_samples(policy, dataset, max_samples, steps, seed, batch_size, progress)
     report_mean = policy.action_norm.mean.detach().cpu().numpy()  # (D,) training-split mean action
     report = build_report(episodes, report_mean)

@@ -18,7 +18,14 @@ import numpy as np
 import torch
 
 from vla_ds.errors import ConfigError, run_command
-from vla_ds.evaluate import ACTION_NAMES, ACTION_UNITS, action_label, load_episode_dataset, masked_errors
+from vla_ds.evaluate import (
+    ACTION_NAMES,
+    ACTION_UNITS,
+    action_label,
+    check_sensor_transform,
+    load_episode_dataset,
+    masked_errors,
+)
 from vla_ds.log import setup_logging
 from vla_ds.models.policy import VLAPolicy
 
@@ -71,6 +78,7 @@ def run(args: argparse.Namespace) -> str:
     expert = policy.action_expert.config
     steps = expert.check_inference_steps(args.steps)
     dataset = load_episode_dataset(policy.policy_config, args.episode, args.episode_index)
+    check_sensor_transform(policy, dataset, args.episode)
     if not 0 <= args.frame < len(dataset):
         raise ConfigError(f"--frame {args.frame}: {args.episode} has {len(dataset)} samples (0..{len(dataset) - 1})")
     sample = dataset[args.frame]

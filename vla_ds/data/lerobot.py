@@ -47,6 +47,7 @@ from vla_ds.data.actions import (
     index_action_chunks,
     unwrap_degrees,
 )
+from vla_ds.data.observation import ANGLE_ENCODINGS, ANGLE_UNITS, SensorTransform
 from vla_ds.errors import ConfigError, DatasetError
 
 logger = logging.getLogger(__name__)
@@ -56,8 +57,6 @@ V1_INFO_FILE = "meta_data/info.json"
 SUPPORTED_VERSIONS = ("v2.1", "v3.0")
 CAMERA_DTYPES = ("video", "image")
 ACTION_MODES_HELP = "a feature name (default 'action') or 'delta_pose'"
-ANGLE_ENCODINGS = ("sincos", "unwrap", "raw")
-ANGLE_UNITS = ("rad", "deg")
 # Open video files per process (each holds a file descriptor and a decoder).
 MAX_OPEN_VIDEOS = 16
 # A frame at most this far ahead of a decoder's position is reached by decoding forward
@@ -533,106 +532,82 @@ def _decode_image_cell(cell, root: Path, data_file: Path, key: str, where: str) 
 
 
 class FrameSensor:
-    """A sensor stream made of per-frame features: rows (T, C) at the frame timestamps.
-    Offers what VLADataset and the norm stats use of a sensor file."""
+    """A sensor stream made of per-frame features: the raw feature rows at the frame
+    timestamps, made into windows by the policy's :class:`SensorTransform` (the function a
+    served policy applies to a robot's raw state). Offers what VLADataset and the norm
+    stats use of a sensor file."""
 
-    def __init__(self, path: Path, times: np.ndarray, rows: np.ndarray, channel_names: list[str]):
+    def __init__(self, path: Path, times: np.ndarray, values: dict[str, np.ndarray], transform: SensorTransform):
         self.path = path
         self.times = times            # (T,) float64
-        self.rows = rows              # (T, C) float32
-        self.channel_names = channel_names
-        self.channels = rows.shape[1]
+        self.values = values          # feature -> (T, D) float64 raw rows
+        self.transform = transform
+        self.channel_names = transform.channel_names
+        self.channels = transform.channels
 
     def padded_window(self, t: float, size: int) -> tuple[np.ndarray, int]:
-        """The last ``size`` rows at or before t, front zero-padded: ((size, C), padded rows)."""
-        out = np.zeros((size, self.channels), dtype=np.float32)
+        """The window of the last ``size`` frames at or before t, front zero-padded:
+        ((size, C), padded rows)."""
         end = int(np.searchsorted(self.times, t + 1e-9, side="right"))
-        rows = self.rows[max(0, end - size):end]
-        if len(rows):
-            out[size - len(rows):] = rows
-        return out, size - len(rows)
+        if end == 0:
+            return np.zeros((size, self.channels), dtype=np.float32), size
+        return self.transform.window({f: v[max(0, end - size):end] for f, v in self.values.items()}, size)
 
     def window(self, t: float, size: int) -> np.ndarray:
         return self.padded_window(t, size)[0]
 
     def sample_rows(self, rng: np.random.Generator, max_rows: int) -> np.ndarray:
-        n = len(self.rows)
+        n = len(self.times)
         idx = np.sort(rng.choice(n, size=min(n, max_rows), replace=False)) if n > max_rows else np.arange(n)
-        return self.rows[idx].astype(np.float64)
+        return self.transform.rows({f: v[idx] for f, v in self.values.items()}).astype(np.float64)
 
 
-def sensor_rows(config: LeRobotConfig, values: dict[str, np.ndarray], names: dict[str, list[str]],
-                info_path: Path | str) -> tuple[np.ndarray, list[str]]:
-    """The per-frame sensor features concatenated, angles re-encoded: ((T, C) float32, names)."""
-    angles: dict[str, set[int]] = collections.defaultdict(set)
+def sensor_transform(config: LeRobotConfig, names: dict[str, list[str]], where: Path | str) -> SensorTransform:
+    """The transform ``data.lerobot``'s sensor settings describe, with the features' component
+    names (from ``meta/info.json``): what the policy records and applies to raw frames."""
+    angles = []
     for entry in config.sensor_angles:
         feature, _, component = entry.rpartition(":")
-        angles[feature].add(_component_index(component, feature, names[feature], str(info_path)))
-    to_rad = 1.0 if config.angle_unit == "rad" else math.pi / 180.0
-    period = 2 * math.pi if config.angle_unit == "rad" else 360.0
-    columns, channel_names = [], []
-    for feature in config.sensor_features:
-        x = values[feature]  # (T, D)
-        for c in range(x.shape[1]):
-            name = names[feature][c]
-            if c in angles[feature] and config.sensor_angle_encoding == "sincos":
-                columns += [np.sin(x[:, c] * to_rad), np.cos(x[:, c] * to_rad)]
-                channel_names += [f"sin({name})", f"cos({name})"]
-            elif c in angles[feature] and config.sensor_angle_encoding == "unwrap":
-                columns.append(np.unwrap(x[:, c], period=period))
-                channel_names.append(f"unwrapped({name})")
-            else:
-                columns.append(x[:, c])
-                channel_names.append(name)
-    return np.stack(columns, axis=1).astype(np.float32), channel_names
+        angles.append((feature, _component_index(component, feature, names[feature], str(where))))
+    return SensorTransform(tuple((f, tuple(names[f])) for f in config.sensor_features), tuple(sorted(set(angles))),
+                           config.sensor_angle_encoding, config.angle_unit)
 
 
 class FrameHistory:
-    """A policy's inputs from LeRobot frames as they arrive (a simulator, a robot), made by the
-    code that makes training samples from a recorded dataset, so the two cannot differ: views
-    by feature name, the sensor stream's rows from :func:`sensor_rows` (features concatenated
-    in order, angles encoded) and the window of the last W rows from
-    :meth:`FrameSensor.padded_window` (front zero-padded, the padding counted).
+    """The raw sensor features of the last W frames, kept as they arrive (a simulator, a
+    robot): what a ``"state"`` request carries. The policy makes its window of them with the
+    :class:`SensorTransform` its training samples were made with, so the two cannot differ.
 
     Args:
-        config: the policy's ``data.lerobot`` settings (sensor features and angle encoding).
-        features: the frames' features, as in ``meta/info.json`` (for the components' names).
-        window_size: W, the policy's sensor window.
-        fps: frames per second (the rows' timestamps).
+        features: the raw features to keep (the server metadata's ``state.features``).
+        window_size: W, the frames kept.
     """
 
-    WHERE = "the frames' features"  # what messages name in place of a dataset file
-
-    def __init__(self, config: LeRobotConfig, features: dict, window_size: int, fps: float):
-        self.config = config
-        self.names = {f: component_names(f, _numeric_feature(f, features, self.WHERE,
-                                                             "data.lerobot.sensor_features entry"))
-                      for f in config.sensor_features}
+    def __init__(self, features: list[str], window_size: int):
+        self.features = list(features)
         self.window_size = window_size
-        self.fps = float(fps)
-        self.values: dict[str, list[np.ndarray]] = {f: [] for f in config.sensor_features}
+        self.values: dict[str, list[np.ndarray]] = {f: [] for f in self.features}
 
     @property
     def has_sensor(self) -> bool:
-        return bool(self.config.sensor_features)
+        return bool(self.features)
 
     def reset(self) -> None:
-        self.values = {f: [] for f in self.config.sensor_features}
+        self.values = {f: [] for f in self.features}
 
     def append(self, frame: dict) -> None:
         """Add the next frame (its sensor features; other keys are not kept)."""
-        for f in self.config.sensor_features:
-            self.values[f].append(np.asarray(frame[f], dtype=np.float64).reshape(-1))
+        for f in self.features:
+            rows = self.values[f]
+            rows.append(np.asarray(frame[f], dtype=np.float32).reshape(-1))
+            del rows[:-self.window_size]
 
-    def sensor_window(self) -> tuple[np.ndarray, int] | tuple[None, int]:
-        """((W, C) float32, padded rows) ending at the last frame added; (None, 0) without a
-        sensor stream."""
-        if not self.has_sensor:
-            return None, 0
-        values = {f: np.stack(v) for f, v in self.values.items()}
-        rows, channel_names = sensor_rows(self.config, values, self.names, self.WHERE)
-        times = np.arange(len(rows)) / self.fps
-        return FrameSensor(Path("."), times, rows, channel_names).padded_window(float(times[-1]), self.window_size)
+    def state(self) -> dict[str, np.ndarray] | None:
+        """{feature: (T, D) float32} of the last T <= W frames, oldest first; None without
+        features or frames."""
+        if not self.has_sensor or not self.values[self.features[0]]:
+            return None
+        return {f: np.stack(v) for f, v in self.values.items()}
 
 
 # --------------------------------------------------------------------------- episodes
@@ -829,6 +804,7 @@ def load_lerobot_episodes(root: str | os.PathLike, config: LeRobotConfig, source
                                                                    "data.lerobot.sensor_features entry"))
         if feature not in used:
             used.append(feature)
+    transform = sensor_transform(config, names, info_path) if config.sensor_features else None
 
     by_file: dict[Path, list[_EpisodeEntry]] = collections.defaultdict(list)
     for entry in entries:
@@ -902,8 +878,7 @@ def load_lerobot_episodes(root: str | os.PathLike, config: LeRobotConfig, source
                 poses, actions = None, values[config.actions].astype(np.float32)
             sensor = None
             if config.sensor_features:
-                rows, channel_names = sensor_rows(config, values, names, info_path)
-                sensor = FrameSensor(data_file, times, rows, channel_names)
+                sensor = FrameSensor(data_file, times, {f: values[f] for f in config.sensor_features}, transform)
             episodes.append(LeRobotEpisode(
                 root, entry, source, fps, views, times, task_all[lo:hi].astype(np.int64), tasks, actions, poses,
                 action_names, action_units, sensor, bad_rows, config, missing_video))

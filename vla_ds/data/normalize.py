@@ -7,6 +7,7 @@ are mapped back with :meth:`NormStats.denormalize_actions`.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 
 from vla_ds.data.dataset import VLADataset
-from vla_ds.errors import CheckpointError
+from vla_ds.errors import CheckpointError, DatasetError
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,10 @@ class NormStats:
             sees them; instructions: its distinct instructions, sorted (at most
             ``MAX_INSTRUCTIONS``). What a served policy tells its clients to send; None in
             stats written before vla_ds recorded them.
+        sensor_transform: how raw per-frame features became the sensor stream
+            (:meth:`vla_ds.data.observation.SensorTransform.to_dict`) for a policy trained on
+            LeRobot sensor features: the policy applies it to a robot's raw state. None
+            when the stream is a sensor file (no transform) or in older stats.
     """
 
     action_mean: np.ndarray
@@ -57,6 +62,7 @@ class NormStats:
     action_units: list[str] | None = field(default=None)
     camera_views: list[str] | None = field(default=None)
     instructions: list[str] | None = field(default=None)
+    sensor_transform: dict | None = field(default=None)
 
     def to_dict(self) -> dict:
         """JSON-able dict of float lists (the range and names only when known)."""
@@ -65,6 +71,8 @@ class NormStats:
         for k in NAME_KEYS + OBSERVATION_KEYS:
             if getattr(self, k) is not None:
                 d[k] = [str(x) for x in getattr(self, k)]
+        if self.sensor_transform is not None:
+            d["sensor_transform"] = self.sensor_transform
         return d
 
     @property
@@ -102,6 +110,17 @@ class NormStats:
         if arrays["sensor_mean"].ndim != 1 or arrays["sensor_mean"].shape != arrays["sensor_std"].shape:
             raise CheckpointError(f"norm stats: 'sensor_mean' {arrays['sensor_mean'].shape} and 'sensor_std' "
                                   f"{arrays['sensor_std'].shape} must be equal 1-D shapes")
+        if d.get("sensor_transform") is not None:
+            from vla_ds.data.observation import SensorTransform
+
+            try:
+                transform = SensorTransform.from_dict(d["sensor_transform"])
+            except ValueError as e:
+                raise CheckpointError(f"norm stats: {e}") from None
+            if transform.channels != len(arrays["sensor_mean"]):
+                raise CheckpointError(f"norm stats: 'sensor_transform' makes {transform.channels} channels, "
+                                      f"'sensor_mean' has {len(arrays['sensor_mean'])}")
+            arrays["sensor_transform"] = transform.to_dict()
         return cls(**arrays)
 
     @staticmethod
@@ -179,7 +198,24 @@ def compute_norm_stats(dataset: VLADataset, max_samples: int = 2000, seed: int =
     logger.info("norm stats from %d action steps (%d samples) and %d sensor rows (%d episodes)",
                 len(action_rows), len(indices), moments.count, len(sensors))
     return NormStats(action_mean, action_std, sensor_mean, sensor_std, action_min, action_max,
-                     list(dataset.action_names), list(dataset.action_units), *_views_and_instructions(dataset))
+                     list(dataset.action_names), list(dataset.action_units), *_views_and_instructions(dataset),
+                     sensor_transform=_sensor_transform(sensors))
+
+
+def _sensor_transform(sensors: list) -> dict | None:
+    """The raw-feature transform of the episodes' sensor streams (LeRobot features), the same
+    for all, else a DatasetError naming two that differ; None for sensor files."""
+    found = {}
+    for s in sensors:
+        transform = getattr(s, "transform", None)
+        found.setdefault(None if transform is None else json.dumps(transform.to_dict(), sort_keys=True), s.path)
+    if len(found) > 1:
+        (a, pa), (b, pb) = list(found.items())[:2]
+        raise DatasetError(f"{pa} and {pb}: their sensor streams are made differently from their raw features "
+                           f"({a or 'a sensor file'} vs {b or 'a sensor file'}); train on sources with one sensor "
+                           "layout")
+    key = next(iter(found), None)
+    return None if key is None else json.loads(key)
 
 
 def _views_and_instructions(dataset: VLADataset) -> tuple[list[str] | None, list[str] | None]:

@@ -47,6 +47,7 @@ from vla_ds.batch import (
     VL_HIDDEN,
     VL_INPUT_KEYS,
 )
+from vla_ds.data.observation import SensorTransform
 from vla_ds.dataclass_io import dataclass_from_dict
 from vla_ds.errors import CheckpointError, VLAError
 from vla_ds.models.action_expert import ActionExpert, ActionExpertConfig, check_vl_features, stored_section
@@ -241,6 +242,7 @@ class VLAPolicy(nn.Module):
         sensor_pad: int | list[int] | np.ndarray | None = None,
         initial_noise: np.ndarray | torch.Tensor | None = None,
         vl_inputs: dict[str, torch.Tensor] | None = None,
+        state: dict[str, np.ndarray] | list[dict[str, np.ndarray] | None] | None = None,
     ) -> np.ndarray:
         """De-normalised action chunks.
 
@@ -266,9 +268,17 @@ class VLAPolicy(nn.Module):
         ``vl_inputs``: the backbone inputs of these samples built ahead of time
         (``input_builder.batch_processed`` of each sample's ``process_views``, e.g. in
         another thread while the model was busy); ``images`` is then not read.
+        ``state``, instead of ``sensor_window``: a robot's raw features, ``{feature: (T, D)}``
+        of the last T frames (a list of those, or None for no sensor, in the batched form),
+        made into the window by the policy's own :meth:`state_window`, the function its
+        training samples were made with (policies trained on LeRobot sensor features).
         """
         if self.input_builder is None:
             raise RuntimeError("predict_actions needs policy.input_builder (VLInputBuilder) to be set")
+        if state is not None:
+            if sensor_window is not None or sensor_pad is not None or has_sensor is not None:
+                raise ValueError("give state (raw features) or sensor_window / sensor_pad / has_sensor, not both")
+            sensor_window, sensor_pad, has_sensor = self._state_windows(state, isinstance(instruction, str))
         single = isinstance(instruction, str)
         if single:
             images, instruction = [images], [instruction]
@@ -321,6 +331,39 @@ class VLAPolicy(nn.Module):
                                             else torch.as_tensor(initial_noise))  # (B, H, D) normalised
         out = self.action_norm.denormalize(actions).cpu().numpy()
         return out[0] if single else out
+
+    @property
+    def sensor_transform(self) -> SensorTransform | None:
+        """How the policy makes its sensor window from raw per-frame features (recorded in
+        its norm stats when it was trained on LeRobot sensor features), or None."""
+        stored = getattr(self.norm_stats, "sensor_transform", None)
+        return None if stored is None else SensorTransform.from_dict(stored)
+
+    def state_window(self, state: dict[str, Any], where: str = "state") -> tuple[np.ndarray, int]:
+        """((W, C) float32 window, padded rows) from a robot's raw features ``{feature: (T, D)}``
+        of its last T frames: the function the training samples were made with. ValueError
+        names a missing or misshapen feature, or a policy without a recorded transform."""
+        transform = self.sensor_transform
+        if transform is None:
+            raise ValueError(f"'{where}': this policy's sensor stream is not made from named raw features (it was "
+                             "trained on sensor files, or exported before vla_ds recorded the transform); send the "
+                             "sensor window itself")
+        w = self.sensor_encoder.config.window_size
+        return transform.window(transform.check(state, w, where), w)
+
+    def _state_windows(self, state, single: bool) -> tuple[np.ndarray | None, list[int], list[bool]]:
+        """predict_actions' ``state`` as (sensor windows (B, W, C), pads, has_sensor)."""
+        states = [state] if single else list(state)
+        w, c = self.sensor_encoder.config.window_size, self.sensor_encoder.config.in_channels
+        windows, pads = np.zeros((len(states), w, c), dtype=np.float32), []
+        for b, one in enumerate(states):
+            if one is not None:
+                windows[b], pad = self.state_window(one)
+                pads.append(pad)
+            else:
+                pads.append(0)
+        has = [one is not None for one in states]
+        return (windows[0] if single else windows), (pads[0] if single else pads), (has[0] if single else has)
 
     # -- loading an exported policy directory ---------------------------------------------
 
@@ -416,6 +459,7 @@ class PolicyNormStats:
     action_units: list[str] | None = None
     camera_views: list[str] | None = None
     instructions: list[str] | None = None
+    sensor_transform: dict | None = None
 
 
 def _read_json(path: Path) -> Any:
@@ -585,6 +629,15 @@ def read_norm_stats(path: str | os.PathLike, action_dim: int, sensor_channels: i
             if not isinstance(raw[key], list) or not all(isinstance(x, str) for x in raw[key]):
                 raise CheckpointError(f"{path}: '{key}' must be a list of strings")
             arrays[key] = list(raw[key])
+    if raw.get("sensor_transform") is not None:
+        try:
+            transform = SensorTransform.from_dict(raw["sensor_transform"])
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+        if transform.channels != sensor_channels:
+            raise CheckpointError(f"{path}: 'sensor_transform' makes {transform.channels} sensor channels, the "
+                                  f"policy reads {sensor_channels}")
+        arrays["sensor_transform"] = transform.to_dict()
     return PolicyNormStats(**arrays)
 
 

@@ -124,7 +124,7 @@ def observation_spec(policy, views: list[str] | None = None) -> ObservationSpec:
     sensor, expert = policy.sensor_encoder.config, policy.action_expert.config
     return ObservationSpec(views=list(views), instructions=list(getattr(stats, "instructions", None) or []),
                            window_size=sensor.window_size, channels=sensor.in_channels, horizon=expert.horizon,
-                           action_dim=expert.action_dim)
+                           action_dim=expert.action_dim, transform=policy.sensor_transform)
 
 
 def server_metadata(policy, spec: ObservationSpec, config: ServeConfig, steps: int) -> dict[str, Any]:
@@ -142,6 +142,7 @@ def server_metadata(policy, spec: ObservationSpec, config: ServeConfig, steps: i
         "instructions": spec.instructions,
         "sensor_window_size": spec.window_size,
         "sensor_channels": spec.channels,
+        "state": spec.transform.describe(spec.window_size) if spec.transform is not None else None,
         "action_horizon": spec.horizon,
         "action_dim": spec.action_dim,
         "action_names": list(getattr(stats, "action_names", None) or [f"a{d}" for d in range(spec.action_dim)]),
@@ -149,7 +150,7 @@ def server_metadata(policy, spec: ObservationSpec, config: ServeConfig, steps: i
         "ddim_steps": steps,
         "sampler": expert.sampler_description(steps),
         "observation": spec.describe(),
-        "lerobot": lerobot_mapping(stored),
+        "lerobot": lerobot_mapping(stored) if spec.transform is None else None,
         "policy": {
             "stage": stored.get("stage"),
             "step": stored.get("step"),
@@ -172,9 +173,11 @@ LEROBOT_MAPPING_KEYS = ("sensor_features", "sensor_angles", "sensor_angle_encodi
 
 
 def lerobot_mapping(policy_config: dict[str, Any]) -> dict[str, Any] | None:
-    """How the policy's training data made its sensor stream from LeRobot features (its
-    ``data.lerobot`` settings), so that a client holding LeRobot frames (the simulation
-    evaluator, a LeRobot robot) builds the same window; None when config.json has none."""
+    """How an older policy's training data made its sensor stream from LeRobot features (its
+    ``data.lerobot`` settings), so that a client holding LeRobot frames builds the window
+    itself; None when config.json has none. Policies that record their
+    :class:`~vla_ds.data.observation.SensorTransform` take the raw ``"state"`` instead and
+    send ``"state"`` metadata, not this."""
     data = policy_config.get("data")
     section = data.get("lerobot") if isinstance(data, dict) else None
     if not isinstance(section, dict):

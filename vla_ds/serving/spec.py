@@ -4,7 +4,10 @@ A request is one observation, a msgpack map (docs/serving.md)::
 
     {"images": {"<view>": uint8 (H, W, 3), ...},   # one per camera view, named as in the metadata
      "prompt": "pick up the cup",                  # optional when the policy has one instruction
-     "sensor": float32 (W, C),                     # optional: without it the no-sensor embedding is used
+     "state": {"observation.state": float32 (T, D)},  # a policy trained on LeRobot features: the raw
+                                                   #   features of the last T frames (it makes its window)
+     "sensor": float32 (W, C),                     # other policies: the sensor window itself; optional:
+                                                   #   without it the no-sensor embedding is used
      "sensor_pad": int,                            # optional: rows at the window's front that are padding
      "seed": int}                                  # optional: fixes the sampler's starting noise
 
@@ -21,8 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 
-IMAGES, PROMPT, SENSOR, SENSOR_PAD, SEED = "images", "prompt", "sensor", "sensor_pad", "seed"
-REQUEST_KEYS = (IMAGES, PROMPT, SENSOR, SENSOR_PAD, SEED)
+from vla_ds.data.observation import SensorTransform
+
+IMAGES, PROMPT, STATE, SENSOR, SENSOR_PAD, SEED = "images", "prompt", "state", "sensor", "sensor_pad", "seed"
+REQUEST_KEYS = (IMAGES, PROMPT, STATE, SENSOR, SENSOR_PAD, SEED)
 MAX_PROMPT_CHARS = 4096
 MAX_IMAGE_SIDE = 8192
 
@@ -67,6 +72,8 @@ class ObservationSpec:
         instructions: the distinct training instructions (may be empty when unknown).
         window_size, channels: the sensor window (W, C).
         horizon, action_dim: the reply's action chunk (H, D).
+        transform: how the policy makes its window from a robot's raw features (``"state"``
+            requests), or None: requests then carry the window (``"sensor"``).
     """
 
     views: list[str]
@@ -75,6 +82,7 @@ class ObservationSpec:
     channels: int
     horizon: int
     action_dim: int
+    transform: SensorTransform | None = None
 
     @property
     def instruction(self) -> str | None:
@@ -83,14 +91,20 @@ class ObservationSpec:
 
     def describe(self) -> dict[str, Any]:
         """The request keys, as the metadata tells clients."""
-        return {
+        keys = {
             IMAGES: {view: "uint8 (H, W, 3)" for view in self.views},
             PROMPT: "str" + (" (optional: default the policy's instruction)" if self.instruction else ""),
-            SENSOR: f"float32 ({self.window_size}, {self.channels}), optional: without it the policy uses its "
-                    "learned no-sensor embedding",
-            SENSOR_PAD: f"int 0..{self.window_size}, optional: rows at the front of the window that are padding",
-            SEED: "int >= 0, optional: fixes the sampler's starting noise (the same seed, the same chunk)",
         }
+        if self.transform is not None:
+            sizes = ", ".join(f"'{f}': float32 (T, {n})" for f, n in self.transform.raw_sizes.items())
+            keys[STATE] = (f"{{{sizes}}}: the raw features of the last T <= {self.window_size} frames, oldest "
+                           "first; optional: without it the policy uses its learned no-sensor embedding")
+        else:
+            keys[SENSOR] = (f"float32 ({self.window_size}, {self.channels}), optional: without it the policy uses "
+                            "its learned no-sensor embedding")
+            keys[SENSOR_PAD] = f"int 0..{self.window_size}, optional: rows at the front of the window that are padding"
+        keys[SEED] = "int >= 0, optional: fixes the sampler's starting noise (the same seed, the same chunk)"
+        return keys
 
     def parse(self, obs: Any, generator: torch.Generator) -> Request:
         """The :class:`Request` in ``obs`` (a decoded message); ``generator`` draws the starting
@@ -103,9 +117,17 @@ class ObservationSpec:
                              f"{', '.join(repr(k) for k in REQUEST_KEYS)}")
         images = self._images(obs.get(IMAGES))
         prompt = self._prompt(obs.get(PROMPT))
-        sensor = self._sensor(obs.get(SENSOR))
-        pad = obs.get(SENSOR_PAD)
-        pad = 0 if pad is None else _int_in(pad, SENSOR_PAD, self.window_size)
+        if obs.get(STATE) is not None:
+            sensor, pad = self._state(obs)
+        else:
+            if self.transform is not None and (obs.get(SENSOR) is not None or obs.get(SENSOR_PAD) is not None):
+                key = SENSOR if obs.get(SENSOR) is not None else SENSOR_PAD
+                raise BadRequest(f"'{key}': this policy makes its sensor window from raw features itself; send "
+                                 f"'{STATE}': {{{', '.join(repr(f) for f in self.transform.raw_sizes)}}} (the raw "
+                                 "rows of the last frames) instead")
+            sensor = self._sensor(obs.get(SENSOR))
+            pad = obs.get(SENSOR_PAD)
+            pad = 0 if pad is None else _int_in(pad, SENSOR_PAD, self.window_size)
         seed = obs.get(SEED)
         if seed is not None:
             generator = torch.Generator().manual_seed(_int_in(seed, SEED, 2 ** 63 - 1))
@@ -151,6 +173,24 @@ class ObservationSpec:
         if len(prompt) > MAX_PROMPT_CHARS:
             raise BadRequest(f"'{PROMPT}': {len(prompt)} characters, more than the {MAX_PROMPT_CHARS} allowed")
         return prompt
+
+    def _state(self, obs: dict) -> tuple[np.ndarray, int]:
+        """A ``"state"`` request's window and padding, made by the policy's transform."""
+        if self.transform is None:
+            raise BadRequest(f"'{STATE}': this policy's sensor stream is not made from named raw features; send "
+                             f"'{SENSOR}': float32 ({self.window_size}, {self.channels}), the window itself")
+        for key in (SENSOR, SENSOR_PAD):
+            if obs.get(key) is not None:
+                raise BadRequest(f"'{key}': give '{STATE}' (raw features) or '{key}', not both")
+        state = obs[STATE]
+        if isinstance(state, dict):  # reject dtypes the transform would silently convert
+            for feature, value in state.items():
+                if isinstance(value, np.ndarray) and value.dtype.kind not in "fiu":
+                    raise BadRequest(f"'{STATE}.{feature}': must be float32, got dtype {value.dtype}")
+        try:
+            return self.transform.window(self.transform.check(state, self.window_size, STATE), self.window_size)
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
 
     def _sensor(self, sensor: Any) -> np.ndarray | None:
         if sensor is None:

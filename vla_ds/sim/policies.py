@@ -9,8 +9,9 @@ vla_ds policies act through :class:`vla_ds.serving.client.ActionChunker`, the ro
 own chunk logic, one per environment: a chunk of H actions per request, the first
 ``execute`` of them used, optionally the next one asked for ``prefetch`` ticks early. A request
 is exactly what a robot sends the server (:mod:`vla_ds.serving.spec`): the views, the task's
-instruction, the sensor window that the training data's settings make from the frames
-(:class:`vla_ds.data.lerobot.FrameHistory`) and a seed for the sampler's noise, drawn from
+instruction, the raw sensor features of the last W frames (``"state"``; the policy makes
+its window of them, :class:`vla_ds.data.observation.SensorTransform`) and a seed for the
+sampler's noise, drawn from
 the episode's seed and the request's number. In this process the requests of one tick go
 through one forward pass (:func:`vla_ds.serving.server.predict_requests`, the server's own
 model step); through a server, each environment has its own connection and the server
@@ -205,7 +206,7 @@ class ChunkingPolicy(RolloutPolicy):
         return self.clients[i]
 
     def begin_task(self, task, description, n_envs):
-        from vla_ds.data.lerobot import FrameHistory, LeRobotConfig
+        from vla_ds.data.lerobot import FrameHistory, LeRobotConfig, component_names, sensor_transform
         from vla_ds.serving.client import ActionChunker
         from vla_ds.sim import metaworld
 
@@ -218,22 +219,34 @@ class ChunkingPolicy(RolloutPolicy):
         if known and description not in known:
             logger.warning("%s: the policy was not trained with the instruction %r (it knows %d, e.g. %r)", task,
                            description, len(known), known[0])
-        mapping = self.metadata.get("lerobot")
-        config = LeRobotConfig(**(mapping or {}))
         window = int(self.metadata["sensor_window_size"])
         features = metaworld.dataset_features(metaworld.DEFAULT_IMAGE_SIZE)
-        if config.sensor_features:  # the windows this evaluation builds must have the policy's channels
-            probe = FrameHistory(config, features, window, metaworld.FPS)
-            probe.append(metaworld.lerobot_frame(np.zeros(metaworld.ENV_STATE_DIM), None))
-            channels = probe.sensor_window()[0].shape[1]
-            if channels != int(self.metadata["sensor_channels"]):
-                raise ConfigError(f"the policy's sensor features {config.sensor_features} make {channels} channels "
-                                  f"from Meta-World's frames, but it takes {self.metadata['sensor_channels']}")
-        elif mapping is None:
-            logger.warning("the policy (or its server) does not say how its sensor stream was made from LeRobot "
-                           "features: requests carry no sensor window and it uses its no-sensor embedding")
+        state, mapping = self.metadata.get("state"), self.metadata.get("lerobot")
+        self.transform = None  # an older policy's: this client makes the window
+        if state:  # the policy makes its window from the raw features: send them
+            wanted = state["features"]
+            for name, spec in wanted.items():
+                have = features.get(name, {}).get("shape")
+                if have != [spec["size"]]:
+                    raise ConfigError(f"the policy reads the raw feature '{name}' ({spec['size']} values), but "
+                                      f"Meta-World's frames have {'no such feature' if have is None else have}")
+            keep = list(wanted)
+        elif mapping and mapping.get("sensor_features"):  # exported before policies recorded the transform
+            config = LeRobotConfig(**mapping)
+            names = {f: component_names(f, features[f]) for f in config.sensor_features}
+            self.transform = sensor_transform(config, names, "Meta-World's frames")
+            if self.transform.channels != int(self.metadata["sensor_channels"]):
+                raise ConfigError(f"the policy's sensor features {config.sensor_features} make "
+                                  f"{self.transform.channels} channels from Meta-World's frames, but it takes "
+                                  f"{self.metadata['sensor_channels']}")
+            keep = list(config.sensor_features)
+        else:
+            keep = []
+            if mapping is None:
+                logger.warning("the policy (or its server) does not say how its sensor stream was made from LeRobot "
+                               "features: requests carry no sensor data and it uses its no-sensor embedding")
         self.description = description
-        self.histories = [FrameHistory(config, features, window, metaworld.FPS) for _ in range(n_envs)]
+        self.histories = [FrameHistory(keep, window) for _ in range(n_envs)]
         for chunker in self.chunkers:  # the previous task's
             chunker.close()
         if self.model is not None:
@@ -258,9 +271,11 @@ class ChunkingPolicy(RolloutPolicy):
         chunker = self.chunkers[env]
         obs: dict[str, Any] = {"images": {v: frame[v] for v in self.views}, "prompt": self.description,
                                "seed": request_seed(self.seeds[env], chunker.requests)}
-        window, pad = self.histories[env].sensor_window()
-        if window is not None:
-            obs["sensor"], obs["sensor_pad"] = window, pad
+        state = self.histories[env].state()
+        if state is not None and self.transform is None:
+            obs["state"] = state
+        elif state is not None:
+            obs["sensor"], obs["sensor_pad"] = self.transform.window(state, self.histories[env].window_size)
         return obs
 
     def act(self, frames, raw_obs):
