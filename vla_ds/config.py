@@ -129,6 +129,12 @@ class TrainConfig:
             trainable gradient whole until then (the micro batch's bf16 one and the fp32 sum);
             set false to keep ZeRO-2's per-micro-batch gradient partitioning when they do not
             fit. ZeRO-1 with bf16 reduces once per step anyway; ZeRO-3 always per micro batch.
+        save_on_signal: on SIGTERM / SIGINT (scancel, docker stop, a preemption, Ctrl-C) every
+            rank finishes its optimizer step, writes a checkpoint there (a normal one:
+            ``--resume`` continues exactly) and exits with 143 / 130, naming it. False stops at
+            the step without one. The step and the save must fit in the grace period before
+            SIGKILL: SLURM's KillWait (30 s by default), docker stop's 10 s, the deepspeed
+            launcher's 30 s per rank.
         progress_bar: show a tqdm bar on rank 0.
     """
 
@@ -149,6 +155,7 @@ class TrainConfig:
     save_total_limit: int = 0
     max_consecutive_skips: int = 10
     coalesce_grad_reduction: bool = True
+    save_on_signal: bool = True
     progress_bar: bool = True
 
     def __post_init__(self):

@@ -5,7 +5,10 @@
 
 ``main(argv)`` runs in-process (tests call it). Everything that can be wrong with the
 user's input (config, dataset, backbone) is checked before the process group starts; a
-:class:`~vla_ds.errors.VLAError` ends the run with one message and exit code 2.
+:class:`~vla_ds.errors.VLAError` ends the run with one message and exit code 2. SIGTERM /
+SIGINT stop training at an optimizer step every rank agrees on, save a checkpoint there
+(``train.save_on_signal``), end the DataLoader workers and exit with 143 / 130 and one line
+naming the checkpoint to ``--resume`` from (:class:`~vla_ds.trainer.StopSignals`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from vla_ds.assembly import Run, assemble
 from vla_ds.engine import DistributedError
 from vla_ds.errors import DatasetError, VLAError, user_message
 from vla_ds.log import setup_logging
+from vla_ds.trainer import Stopped
 
 logger = logging.getLogger("vla_ds.train")
 
@@ -92,7 +96,13 @@ def start_engine(run_: Run):
 def train_run(run_: Run, engine, groups) -> dict:
     """Data loaders, resume state, EMA, then the training loop. Collective."""
     from vla_ds import checkpoint, trainer
-    from vla_ds.data.loading import LoaderDataset, PolicyCollator, describe_worker_death
+    from vla_ds.data.loading import (
+        LoaderDataset,
+        PolicyCollator,
+        describe_worker_death,
+        shutdown_workers,
+        workers_outlast_stop_signals,
+    )
 
     cfg, rank, world = run_.cfg, run_.rank, run_.world
     collate = PolicyCollator(run_.input_builder)
@@ -102,8 +112,11 @@ def train_run(run_: Run, engine, groups) -> dict:
     # Bad samples skipped on request; each worker's current sample known if the worker dies.
     train_ds, val_ds = (LoaderDataset(ds, cfg.data.on_bad_sample, track_workers=cfg.data.num_workers > 0)
                         for ds in (train_ds, val_ds))
+    # Workers outlast a job-wide SIGTERM / SIGINT: the rank finishes its step on their batches,
+    # then ends them (below, however training ends).
     loader_kwargs = dict(collate_fn=collate, num_workers=cfg.data.num_workers,
-                         persistent_workers=cfg.data.num_workers > 0, pin_memory=torch.cuda.is_available())
+                         persistent_workers=cfg.data.num_workers > 0, pin_memory=torch.cuda.is_available(),
+                         worker_init_fn=workers_outlast_stop_signals if cfg.data.num_workers > 0 else None)
     train_loader = DataLoader(train_ds, batch_size=cfg.micro_batch_size, sampler=run_.sampler, drop_last=True,
                               **loader_kwargs)
     val_loader = None
@@ -127,6 +140,8 @@ def train_run(run_: Run, engine, groups) -> dict:
         if "DataLoader worker" not in str(e):
             raise
         raise DatasetError(describe_worker_death(str(e), [train_ds, val_ds])) from None
+    finally:  # persistent workers would live as long as the loaders (to interpreter exit after an exception)
+        shutdown_workers(train_loader, val_loader[0] if val_loader is not None else None)
     if state.history:
         logger.info("done: %d steps, train/loss %.4f -> %.4f; checkpoints and metrics.jsonl in %s",
                     state.step, state.history[0], state.history[-1], run_.output_dir)
@@ -175,7 +190,8 @@ def build_feature_cache(cfg, engine, fingerprint: str, datasets: list, collate, 
 
 
 def main(argv: list[str] | None = None, action=None) -> int:
-    """Entry point; returns the exit code (0, or 2 for a user error with its message printed).
+    """Entry point; returns the exit code (0, or 2 for a user error with its message printed;
+    143 / 130 when SIGTERM / SIGINT stopped training, with the line naming the checkpoint).
     ``action`` is what to do with the parsed flags: :func:`run` (train), or :func:`build_cache`."""
     from vla_ds.engine import adopt_launcher_env
 
@@ -184,6 +200,10 @@ def main(argv: list[str] | None = None, action=None) -> int:
     setup_logging()
     try:
         (action or run)(args)
+    except Stopped as e:  # every rank stopped at the same step: rank 0 says where to resume
+        if os.environ.get("RANK", "0") == "0":
+            print(e, file=sys.stderr)
+        return e.exit_code
     except DistributedError as e:  # a dead peer or a timeout: every surviving rank says so, once
         print(f"[rank {os.environ.get('RANK', '0')}] error: {e}", file=sys.stderr)
         return 1

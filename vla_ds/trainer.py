@@ -1,7 +1,8 @@
 """The training loop: fetch -> step -> log -> (per epoch) validate and save.
 
 Works on any number of ranks; the functions that talk to other ranks say so and gate
-rank-0 work (metrics, progress bar) inside.
+rank-0 work (metrics, progress bar) inside. SIGTERM / SIGINT stop it at an optimizer-step
+boundary that every rank agrees on, with a checkpoint there (:class:`StopSignals`).
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +23,9 @@ from torch.utils.data import DataLoader
 
 from vla_ds import engine as engine_lib
 from vla_ds.batch import EPISODE_INDEX, FRAME_TIME
-from vla_ds.checkpoint import client_state, run_layout, save_checkpoint
+from vla_ds.checkpoint import LATEST_FILE, client_state, run_layout, save_checkpoint
 from vla_ds.config import RunConfig
-from vla_ds.data.loading import pop_bad_samples
+from vla_ds.data.loading import STOP_SIGNALS, pop_bad_samples
 from vla_ds.ema import CLIENT_KEY as EMA_CLIENT_KEY
 from vla_ds.ema import ParameterEMA
 from vla_ds.errors import TrainingError
@@ -176,6 +179,67 @@ class LogWindow:
         return batch
 
 
+class StopSignals:
+    """SIGTERM / SIGINT (scancel, docker stop, a preemption, Ctrl-C) during training: stop at
+    an optimizer-step boundary instead of dying mid-step, so the run can save a checkpoint
+    there and shut its DataLoader workers down. A context manager around the training loop
+    only; the previous handlers are back afterwards (in-process runs: notebooks, tests).
+
+    The handler just records the signal. The loop asks :meth:`agreed` at every optimizer-step
+    boundary, one all-reduce of a one-element tensor, so every rank stops after the same step
+    although a signal reaches the ranks at different times, or only one of them (the
+    deepspeed launcher signals rank 0's process tree, waits up to 30 s for it to end, then
+    rank 1's). Later signals while the stop is under way are ignored on purpose: Ctrl-C
+    under the launcher delivers SIGINT from the terminal and then SIGTERM from the launcher
+    to every rank, and a second signal must not cut the step or its checkpoint short. What
+    SLURM and docker send when their grace period is over, SIGKILL, still ends the rank; a
+    checkpoint cut short is never ``latest`` (vla_ds.checkpoint), so nothing is corrupted.
+    """
+
+    def __init__(self):
+        self.received = 0  # the first stop signal's number (0: none)
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is not threading.main_thread():
+            logger.debug("training outside the main thread: SIGTERM / SIGINT keep their handlers")
+            return self
+        for signum in STOP_SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._record)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():  # None: set outside Python, not restorable; the default
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        self._previous.clear()
+
+    def _record(self, signum, frame) -> None:
+        self.received = self.received or signum
+
+    def agreed(self, device) -> int:
+        """The signal every rank stops on: the largest signal number any rank has received
+        (SIGTERM over SIGINT), 0 when none has. Collective."""
+        import deepspeed.comm as dist
+
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return self.received
+        flag = torch.tensor([self.received], dtype=torch.int32, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+
+class Stopped(Exception):
+    """The run stopped on SIGTERM / SIGINT at an optimizer-step boundary (every rank at the
+    same one). ``str()`` is the one line for the user, naming the checkpoint to ``--resume``
+    from; ``exit_code`` is 128 + the signal number, the shell's convention for a process
+    ended by that signal (143 SIGTERM, 130 SIGINT)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+
 def mid_epoch_save_due(cfg: RunConfig, step: int, micro_step_in_epoch: int, micro_steps_per_epoch: int) -> bool:
     """``save_steps`` asks for a checkpoint now, and this is not an epoch end (which saves anyway)."""
     return bool(cfg.train.save_steps) and step % cfg.train.save_steps == 0 and micro_step_in_epoch < micro_steps_per_epoch
@@ -202,6 +266,9 @@ class Loop:
     ema: ParameterEMA | None
     metrics: MetricsLogger
     bar: Any = None
+    stop: StopSignals | None = None
+    stopped_by: int = 0  # the signal every rank agreed to stop on (0: none)
+    saved: tuple[int, Path] | None = None  # (step, tag dir) of this run's last checkpoint
 
     def save(self) -> Path:
         import deepspeed.comm as dist
@@ -210,8 +277,43 @@ class Loop:
         extra = {**self.client_extra, **({EMA_CLIENT_KEY: self.ema.state_dict()} if self.ema is not None else {})}
         client = client_state(dataclasses.asdict(state),
                               run_layout(cfg, dist.get_world_size(), len(self.train_loader.dataset)), extra)
-        return save_checkpoint(self.engine, cfg.train.output_dir, state.step, client,
-                               keep_last=cfg.train.save_total_limit)
+        tag_dir = save_checkpoint(self.engine, cfg.train.output_dir, state.step, client,
+                                  keep_last=cfg.train.save_total_limit)
+        self.saved = (state.step, tag_dir)
+        return tag_dir
+
+    def stop_requested(self) -> bool:
+        """Whether every rank stops here on a signal (not after the run's last step, which
+        ends the run anyway). Collective."""
+        if self.stop is None or self.state.step >= self.total_steps:
+            return False
+        self.stopped_by = self.stop.agreed(self.engine.device)
+        if self.stopped_by:
+            logger.info("%s: every rank stops after step %d", signal.Signals(self.stopped_by).name, self.state.step)
+        return bool(self.stopped_by)
+
+    def finish_stop(self) -> Stopped:
+        """After a signal stop: the checkpoint at this step (``train.save_on_signal``; not
+        before the first step) and the line that says where to resume. Collective."""
+        cfg, step, out = self.cfg, self.state.step, self.cfg.train.output_dir
+        name = signal.Signals(self.stopped_by).name
+        if step == 0:
+            return Stopped(f"stopped by {name} before the first optimizer step: nothing to resume, start the run "
+                           "again", self.stopped_by)
+        if cfg.train.save_on_signal and (self.saved is None or self.saved[0] != step):
+            self.save()
+        if self.saved is not None and self.saved[0] == step:
+            return Stopped(f"stopped by {name} at step {step}: resume with --resume {out} ({self.saved[1].name})",
+                           self.stopped_by)
+        latest = Path(out) / LATEST_FILE
+        tag = latest.read_text().strip() if latest.is_file() else ""
+        unsaved = f"stopped by {name} at step {step} without a checkpoint (train.save_on_signal is false)"
+        if tag:
+            return Stopped(f"{unsaved}: resume with --resume {out} ({tag}; the steps after it are trained again)",
+                           self.stopped_by)
+        if cfg.train.resume:
+            return Stopped(f"{unsaved}: resume with --resume {cfg.train.resume} again", self.stopped_by)
+        return Stopped(f"{unsaved}: no checkpoint to resume from, start the run again", self.stopped_by)
 
     def validate(self) -> None:
         if self.val_loader is None:
@@ -238,7 +340,8 @@ class Loop:
         window.reset()
 
     def run_epoch(self, micro_step: engine_lib.MicroSteps, guard: SkipGuard) -> bool:
-        """Train the rest of the current epoch; True when ``max_steps`` stopped it. Collective."""
+        """Train the rest of the current epoch; True when ``max_steps`` or a signal
+        (``stopped_by``) stopped it. Collective."""
         cfg, engine, state, accum = self.cfg, self.engine, self.state, self.cfg.grad_accum
         micro_steps_per_epoch = len(self.sampler) // cfg.micro_batch_size // accum * accum
         self.sampler.set_epoch(state.epoch, start_index=state.micro_step_in_epoch * cfg.micro_batch_size)
@@ -270,6 +373,9 @@ class Loop:
                 break
             if mid_epoch_save_due(cfg, state.step, state.micro_step_in_epoch, micro_steps_per_epoch):
                 self.save()
+            if self.stop_requested():
+                stopped = True
+                break
         report_bad_samples(tally.by_file, self.metrics, state)
         if state.micro_step_in_epoch >= micro_steps_per_epoch:  # also when max_steps ends on an epoch's last step
             state.epoch += 1
@@ -284,6 +390,9 @@ def train(cfg: RunConfig, engine, train_loader: DataLoader, val_loader: tuple[Da
 
     ``val_loader`` is (loader, this rank's real sample count) from :func:`validation_indices`.
     ``ema``, when given, is updated after every optimizer step and saved in every checkpoint.
+    On SIGTERM / SIGINT every rank stops at the same step boundary (no validation), saves
+    there (``train.save_on_signal``) and raises :class:`Stopped`; the caller shuts the
+    loaders' workers down.
     """
     import deepspeed.comm as dist
 
@@ -305,14 +414,27 @@ def train(cfg: RunConfig, engine, train_loader: DataLoader, val_loader: tuple[Da
     micro_step = engine_lib.MicroSteps(engine, cfg.train.seed, dist.get_rank(), cfg.grad_accum, cfg.train.coalesce_grad_reduction)
     guard = SkipGuard(cfg.train.max_consecutive_skips)
     stopped = False
-    while state.epoch < cfg.train.epochs and not stopped:
-        stopped = loop.run_epoch(micro_step, guard)
-        if validation_due(cfg, state.epoch, stopped):
-            loop.validate()
-        loop.save()
-    if bar is not None:
-        bar.close()
-    metrics.close()
+    with StopSignals() as signals:
+        loop.stop = signals
+        try:
+            # A stop is also asked for before each epoch: at the start, and after an epoch's
+            # validation and checkpoint (then that checkpoint is the one to resume from).
+            while state.epoch < cfg.train.epochs and not stopped and not loop.stop_requested():
+                stopped = loop.run_epoch(micro_step, guard)
+                if loop.stopped_by:
+                    break
+                if validation_due(cfg, state.epoch, stopped):
+                    loop.validate()
+                loop.save()
+            if loop.stopped_by:
+                raise loop.finish_stop()
+        finally:
+            if bar is not None:
+                bar.close()
+            metrics.close()
+    if signals.received:
+        logger.warning("%s arrived after the last optimizer step; the run finished",
+                       signal.Signals(signals.received).name)
     return state
 
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import weakref
 from pathlib import Path
 from typing import Any
@@ -83,6 +85,56 @@ class LoaderDataset(torch.utils.data.Dataset):
             return None
         describe = getattr(self.dataset, "describe_sample", None)
         return describe(index) if describe is not None else f"sample {index}"
+
+
+# --------------------------------------------------------------------------- worker lifetime
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def workers_outlast_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn`` of the training and validation loaders: a worker ends
+    when its rank ends it, not on a job-wide SIGTERM / SIGINT.
+
+    scancel, a terminal's Ctrl-C and the deepspeed launcher's kill of each rank's process
+    tree signal the workers along with the rank. The rank finishes its optimizer step on
+    their batches (torch raises "DataLoader worker ... killed by signal" in it otherwise) and
+    then shuts them down (:func:`shutdown_workers`); so here both signals are taken by a
+    thread that waits for them and ignores all but those from the parent: torch terminating a
+    stuck worker, multiprocessing ending daemon processes at exit, which then end the worker
+    as the signal's default action would. A worker whose rank died (SIGKILL) leaves by
+    torch's watchdog within seconds. Without ``sigwaitinfo`` (macOS) workers keep the
+    default behaviour."""
+    if not hasattr(signal, "sigwaitinfo"):
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # first: none is lost while the rest is set up
+    for signum in STOP_SIGNALS:  # a forked worker inherits the rank's handler; the default is what the parent asks for
+        signal.signal(signum, signal.SIG_DFL)
+    threading.Thread(target=_obey_only_parent, args=(os.getppid(),), name="vla_ds stop signals", daemon=True).start()
+
+
+def _obey_only_parent(parent: int) -> None:
+    while True:
+        info = signal.sigwaitinfo(STOP_SIGNALS)
+        if info.si_pid == parent:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, [info.si_signo])  # this thread only: the signal lands here,
+            os.kill(os.getpid(), info.si_signo)                          # and its default action ends the worker
+            os._exit(128 + info.si_signo)  # not reached
+
+
+def shutdown_workers(*loaders) -> None:
+    """End the worker processes of ``loaders`` (``None`` entries skipped) now: a
+    ``persistent_workers`` loader keeps its iterator, and with it its workers, until the
+    loader is garbage collected, which an exception's traceback can postpone to interpreter
+    exit. Safe to call more than once and on loaders without workers."""
+    for loader in loaders:
+        it = getattr(loader, "_iterator", None)
+        if it is None:
+            continue
+        loader._iterator = None
+        shutdown = getattr(it, "_shutdown_workers", None)  # torch's own shutdown (join, then terminate)
+        if shutdown is not None:
+            shutdown()
 
 
 # Below this many bytes a packed batch crosses the worker's pipe as bytes; above, it goes
