@@ -37,8 +37,8 @@ PRECISION: list[str] = []  # --fp32 adds the overrides for an fp32 run (CPUs wit
 
 def run(label: str, data: Path, backbone: Path, out: Path, epochs: int, batch_size: int, extra: list[str]) -> dict:
     extra = [*extra, *PRECISION]
-    from vla_ds.metrics import read_metrics
-    from vla_ds.train import main
+    from vla_ds.training.metrics import read_metrics
+    from vla_ds.training.train import main
 
     argv = ["--ds_config", str(REPO / "ds_configs" / "stage1.json"), "--dataset_dir", str(data),
             "--vl-model", str(backbone), "--model-preset", "tiny", "--sensor-window-size", "32",
@@ -106,13 +106,13 @@ def heads_fwd_bwd_s(backbone_dir: Path, batch_size: int, steps: int = 30) -> flo
 
 def reference_flops() -> dict:
     """Training FLOPs per sample of the reference 3B setup (640x360, two views) with and
-    without the cache, from the architecture (``vla_ds.flops.backbone_forward_flops``):
+    without the cache, from the architecture (``vla_ds.planning.flops.backbone_forward_flops``):
     the frozen backbone's forward, plus forward + backward (= 3 x forward) of the heads."""
-    from vla_ds.flops import backbone_forward_flops, heads_forward_flops
-    from vla_ds.memory import image_tokens
     from vla_ds.models.action_expert import ActionExpert, ActionExpertConfig
     from vla_ds.models.backbone import reference_backbone_config
     from vla_ds.models.sensor_encoder import SensorEncoder, SensorEncoderConfig
+    from vla_ds.planning.flops import backbone_forward_flops, heads_forward_flops
+    from vla_ds.planning.memory import image_tokens
 
     cfg = reference_backbone_config()
     view = image_tokens(360, 640)
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         PRECISION[:] = ["--set", "bf16.enabled=false", "--set", "backbone.dtype=float32"]
     from vla_ds.data.demo import make_demo_dataset
     from vla_ds.log import setup_logging
-    from vla_ds.tiny_backbone import make_tiny_backbone
+    from vla_ds.models.tiny_backbone import make_tiny_backbone
 
     setup_logging(level=30)
     tiny = {}

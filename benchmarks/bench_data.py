@@ -66,8 +66,8 @@ def loader_rate(dataset, collate, workers: int, batch_size: int, batches: int) -
 
 
 def training_share(data: Path, backbone: Path, out: Path, workers: int, extra: list[str]) -> dict:
-    from vla_ds.metrics import read_metrics
-    from vla_ds.train import main
+    from vla_ds.training.metrics import read_metrics
+    from vla_ds.training.train import main
 
     argv = ["--ds_config", str(REPO / "ds_configs" / "stage1.json"), "--dataset_dir", str(data),
             "--vl-model", str(backbone), "--model-preset", "tiny", "--sensor-window-size", "32",
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     from vla_ds.data.loading import PolicyCollator
     from vla_ds.log import setup_logging
     from vla_ds.models.backbone import BackboneConfig, VLInputBuilder
-    from vla_ds.tiny_backbone import make_tiny_backbone
+    from vla_ds.models.tiny_backbone import make_tiny_backbone
 
     setup_logging(level=30)
     results = {"loader": [], "training": [], "reference_sensor": []}

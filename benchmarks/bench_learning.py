@@ -13,7 +13,7 @@ are exactly 0 and, in two, the gripper switches once). For every (task, conditio
 head, EMA, step budget) cell: Stage 1 with the shipped
 ``ds_configs/stage1.json`` and the tiny preset (one process, feature cache, bf16), exactly
 ``--steps`` optimizer steps (the warmup + cosine schedule spans them), the checkpoint
-exported with ``convert_checkpoint.py --to policy`` and scored with ``vla_ds.evaluate`` on
+exported with ``convert_checkpoint.py --to policy`` and scored with ``vla_ds.policy_tools.evaluate`` on
 the held-out episodes (20% of them), as ``scripts/evaluate.py`` would:
 
 - ``ratio``: policy MSE / mean-action-baseline MSE (raw units, valid steps; < 1 = better
@@ -123,11 +123,11 @@ def run_cell(cell: dict) -> dict:
     """One (task, head, EMA, steps) cell in this process: train, export, evaluate."""
     import numpy as np
 
-    from vla_ds.convert import convert
-    from vla_ds.evaluate import run_evaluation
     from vla_ds.log import setup_logging
     from vla_ds.models.policy import VLAPolicy
-    from vla_ds.train import main as train_main
+    from vla_ds.policy_tools.convert import convert
+    from vla_ds.policy_tools.evaluate import run_evaluation
+    from vla_ds.training.train import main as train_main
 
     setup_logging(level=30)
     out = Path(cell["out"])
@@ -188,8 +188,8 @@ def prepare_task(task: str, work: Path, backbone: Path, episodes: int, condition
     """The task's dataset and its feature caches (one per conditioning), built once (cells then
     only read them)."""
     from vla_ds.data.synthetic import make_learning_dataset
-    from vla_ds.train import build_cache
-    from vla_ds.train import main as train_main
+    from vla_ds.training.train import build_cache
+    from vla_ds.training.train import main as train_main
 
     data = work / f"data_{task}"
     cache = work / f"cache_{task}"
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from vla_ds.log import setup_logging
-    from vla_ds.tiny_backbone import make_tiny_backbone
+    from vla_ds.models.tiny_backbone import make_tiny_backbone
 
     setup_logging(level=30)
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))

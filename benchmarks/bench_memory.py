@@ -66,7 +66,7 @@ def child(argv: list[str]) -> int:
     """One rank: train, then print its peak memory as a JSON line."""
     import torch
 
-    from vla_ds.train import main
+    from vla_ds.training.train import main
 
     code = main(argv)
     if torch.cuda.is_available():
@@ -137,9 +137,9 @@ def startup_child(backbone: str) -> int:
     JSON line."""
     import torch
 
-    from vla_ds import config as config_lib
-    from vla_ds.engine import backbone_device
     from vla_ds.models.backbone import VLBackbone
+    from vla_ds.training import config as config_lib
+    from vla_ds.training.engine import backbone_device
 
     raw = config_lib.load_json(REPO / "ds_configs" / "stage2.json")
     config_lib.apply_override(raw, "vla_ds.backbone.model_name_or_path", backbone)
@@ -159,7 +159,7 @@ def startup_child(backbone: str) -> int:
 
 
 def startup(reference_dir: Path, ranks: int) -> list[dict]:
-    from vla_ds.tiny_backbone import make_reference_backbone
+    from vla_ds.models.tiny_backbone import make_reference_backbone
 
     if not (reference_dir / "model.safetensors").is_file() and not any(reference_dir.glob("*.safetensors")):
         print(f"writing the reference-size backbone to {reference_dir} (about 7.5 GB, once)", flush=True)
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from vla_ds.data.demo import make_demo_dataset
-    from vla_ds.tiny_backbone import make_tiny_backbone
+    from vla_ds.models.tiny_backbone import make_tiny_backbone
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

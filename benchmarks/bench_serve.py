@@ -41,10 +41,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 def make_tiny_policy(work: Path) -> Path:
     """A tiny policy directory: the offline tiny backbone, the demo dataset, 4 Stage 1 steps, converted."""
-    from vla_ds.convert import main as convert_main
     from vla_ds.data.demo import make_demo_dataset
-    from vla_ds.tiny_backbone import make_tiny_backbone
-    from vla_ds.train import main as train_main
+    from vla_ds.models.tiny_backbone import make_tiny_backbone
+    from vla_ds.policy_tools.convert import main as convert_main
+    from vla_ds.training.train import main as train_main
 
     backbone = make_tiny_backbone(work / "backbone")
     data = make_demo_dataset(work / "data")

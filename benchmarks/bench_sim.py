@@ -16,7 +16,7 @@ Phases, each timed:
    out; exported with ``convert_checkpoint.py --to policy``. Once per ``--conditioning``
    (``action_expert.vl_conditioning``: ``tokens``, ``tokensN`` for an N x N grid, ``pooled``),
    with any ``--set`` on top.
-3. **open loop**: ``vla_ds.evaluate`` on the held-out episodes: policy MSE / mean-action MSE.
+3. **open loop**: ``vla_ds.policy_tools.evaluate`` on the held-out episodes: policy MSE / mean-action MSE.
 4. **closed loop**: ``vla-eval-sim`` on ``--episodes`` held-out seeds per task (1000, 1001,
    ...) for the scripted expert, zero actions, blind replay of the recorded actions
    (``replay:DATASET``) and each policy, all through the same loop and rendering.
@@ -44,6 +44,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_learning import _conditioning_name, conditioning_settings  # noqa: E402  (one naming of conditionings)
+
 DEFAULT_TASKS = "reach-v3,button-press-topdown-v3,drawer-close-v3,door-open-v3,plate-slide-v3,peg-insert-side-v3"
 VAL_SPLIT = 0.1
 SEED = 42
@@ -155,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
 
+    from vla_ds.models.tiny_backbone import make_tiny_backbone
     from vla_ds.sim.metaworld import resolve_tasks
-    from vla_ds.tiny_backbone import make_tiny_backbone
 
     tasks = [t for _, t in resolve_tasks(a.tasks)]
     with tempfile.TemporaryDirectory() as tmp:

@@ -7,10 +7,10 @@ hand-written PyTorch loop on the same model and batch.
 One process (default): for each size, the Stage 1 model on cached VL features (the
 heads train; the frozen backbone is not run), one fixed batch, and
 
-- ``vla_ds``: the engine ``vla_ds.engine.initialize`` builds from ds_configs/stage1.json
+- ``vla_ds``: the engine ``vla_ds.training.engine.initialize`` builds from ds_configs/stage1.json
   (ZeRO-1 with DeepSpeed's BF16_Optimizer: bf16 weights, fp32 masters and fp32 gradient
   accumulation, parameter groups, clipping 1.0, one gradient reduction per optimizer step,
-  fused AdamW) driven exactly as ``vla_ds.trainer.train`` drives it: ``engine.MicroSteps``
+  fused AdamW) driven exactly as ``vla_ds.training.trainer.train`` drives it: ``engine.MicroSteps``
   per micro batch plus the per-step metrics row (``--log-every``, default 1 as in the
   shipped configs). ``--set zero_optimization.stage=2`` measures ZeRO-2 (stage2.json's
   optimizer, with vla_ds's one reduction per step) instead;
@@ -66,10 +66,10 @@ SIZES = {
 
 def build(size: str, backbone_dir: Path, world: int, micro_batch: int, accum: int, extra: list[str] = ()):
     """(RunConfig, policy, batches): the Stage 1 policy of ``size`` and ``accum`` fixed micro batches."""
-    from vla_ds import config as config_lib
-    from vla_ds.assembly import build_policy
     from vla_ds.batch import random_batch
     from vla_ds.data.normalize import NormStats
+    from vla_ds.training import config as config_lib
+    from vla_ds.training.assembly import build_policy
 
     channels, window, overrides = SIZES[size]
     sets = [f"vla_ds.{o}" for o in overrides] + ["train.progress_bar=false", *extra]
@@ -91,8 +91,8 @@ class VlaDsStep:
     """The trainer's hot path on the engine vla_ds builds."""
 
     def __init__(self, cfg, policy, batches, log_every: int, out_dir: Path):
-        from vla_ds import engine as engine_lib
-        from vla_ds.metrics import MetricsLogger
+        from vla_ds.training import engine as engine_lib
+        from vla_ds.training.metrics import MetricsLogger
 
         self.engine, groups = engine_lib.initialize(policy, cfg)
         self.names = [g.name for g in groups]
@@ -103,7 +103,7 @@ class VlaDsStep:
                                              cfg.train.coalesce_grad_reduction)
 
     def __call__(self) -> None:
-        from vla_ds import trainer
+        from vla_ds.training import trainer
 
         engine = self.engine
         loss_sum = torch.zeros(())
@@ -175,10 +175,10 @@ def conditioning_cost(batch: int = 2, views: int = 2, channels: int = 8, window:
     """Per conditioning: expert parameters, Stage 1 forward+backward FLOPs and cache bytes per sample."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from vla_ds.memory import cache_bytes_per_sample
     from vla_ds.models.action_expert import ActionExpert, ActionExpertConfig
     from vla_ds.models.policy import derived_head_configs
     from vla_ds.models.sensor_encoder import SensorEncoder, SensorEncoderConfig
+    from vla_ds.planning.memory import cache_bytes_per_sample
 
     rows = {}
     for name, fields in CONDITIONINGS.items():
@@ -232,12 +232,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if a.distributed and not any(o.startswith("zero_optimization.stage=") for o in a.overrides):
         a.overrides.insert(0, "zero_optimization.stage=2")
-    from vla_ds import engine as engine_lib
     from vla_ds.log import setup_logging
-    from vla_ds.tiny_backbone import make_tiny_backbone
+    from vla_ds.models.tiny_backbone import make_tiny_backbone
+    from vla_ds.training import distributed
 
     setup_logging(level=30)
-    engine_lib.init_distributed(5)
+    distributed.init_distributed(5)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     results = {}
     shared = [tempfile.mkdtemp(prefix="vla_ds_bench_step_") if rank == 0 else None]

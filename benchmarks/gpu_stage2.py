@@ -7,7 +7,7 @@ Writes the Qwen2.5-VL-3B architecture with random bf16 weights (no download; abo
 in ``--workdir``), builds the reference sensor encoder (1026 channels, window 650) and
 action expert, and trains with ``ds_configs/stage2.json`` (LoRA r=16 on q/k/v/o, gradient
 checkpointing, ZeRO-2, bf16) on two 640x360 views per sample through the engine
-``vla_ds.engine.initialize`` builds and ``vla_ds.trainer.micro_step`` drives, at each micro
+``vla_ds.training.engine.initialize`` builds and ``vla_ds.training.trainer.micro_step`` drives, at each micro
 batch: samples/s, LM tokens/s, peak CUDA memory, and FLOP utilisation against the GPU's
 dense bf16 peak (``--peak-tflops``, default from the device name):
 
@@ -49,10 +49,10 @@ def peak_tflops(name: str) -> float | None:
 
 def build(ds_config: str, backbone_dir: Path, micro: int, preset: str, window: int, extra: list[str]):
     """(cfg, engine, input builder) for one micro batch size, as train.py would build them."""
-    from vla_ds import config as config_lib
-    from vla_ds import engine as engine_lib
-    from vla_ds.assembly import build_policy
     from vla_ds.data.normalize import NormStats
+    from vla_ds.training import config as config_lib
+    from vla_ds.training import engine as engine_lib
+    from vla_ds.training.assembly import build_policy
 
     sets = ["train.progress_bar=false", *extra]
     stage2 = ["--lora-r", "16", "--stage1-checkpoint", "none-random-heads-for-throughput"] if "stage2" in ds_config else []
@@ -76,7 +76,7 @@ def numeric_batch(micro: int, window: int, channels: int, horizon: int, pin: boo
 
 
 def timed_steps(engine, batch_fn, warmup: int, steps: int, device) -> list[float]:
-    from vla_ds import engine as engine_lib
+    from vla_ds.training import engine as engine_lib
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     micro_step = engine_lib.MicroSteps(engine, seed=0, rank=0, accum=1, coalesce=False)
@@ -93,7 +93,7 @@ def timed_steps(engine, batch_fn, warmup: int, steps: int, device) -> list[float
 
 def stage2_flops(engine, cfg, lm_tokens: int, patches_per_view: int, views: int) -> tuple[float, float]:
     """(model FLOPs, hardware FLOPs) per sample of one Stage 2 training step."""
-    from vla_ds.flops import backbone_forward_flops, heads_forward_flops
+    from vla_ds.planning.flops import backbone_forward_flops, heads_forward_flops
 
     policy = engine.module
     hf_config = policy.backbone.vl_model.config
@@ -119,13 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 
-    from vla_ds import engine as engine_lib
     from vla_ds.batch import VL_HIDDEN
     from vla_ds.log import setup_logging
-    from vla_ds.tiny_backbone import make_reference_backbone, make_tiny_backbone
+    from vla_ds.models.tiny_backbone import make_reference_backbone, make_tiny_backbone
+    from vla_ds.training import distributed
 
     setup_logging(level=30)
-    engine_lib.init_distributed(30)
+    distributed.init_distributed(30)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
     peak = a.peak_tflops or peak_tflops(name)

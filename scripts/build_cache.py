@@ -9,7 +9,7 @@ same backbone and data finds them and starts training at once.
 
 import sys
 
-from vla_ds.train import build_cache_main
+from vla_ds.training.train import build_cache_main
 
 if __name__ == "__main__":
     sys.exit(build_cache_main())

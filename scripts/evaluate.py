@@ -13,7 +13,7 @@ one line and returns 2.
 
 import sys
 
-from vla_ds.evaluate import main
+from vla_ds.policy_tools.evaluate import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,12 +2,12 @@
 
     python scripts/fault_drill.py [--out DIR] [--json PATH] [--only NAME ...]
 
-The scenarios and the fault injection are described in vla_ds/fault_drill.py.
+The scenarios and the fault injection are described in vla_ds/training/fault_drill.py.
 """
 
 import sys
 
-from vla_ds.fault_drill import main
+from vla_ds.training.fault_drill import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,7 +7,7 @@ The directory loads wherever a real backbone does (``--vl-model OUT_DIR``).
 
 import sys
 
-from vla_ds.tiny_backbone import main
+from vla_ds.models.tiny_backbone import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,7 +10,7 @@ in-process; a user error prints one line and returns 2.
 
 import sys
 
-from vla_ds.predict import main
+from vla_ds.policy_tools.predict import main
 
 if __name__ == "__main__":
     sys.exit(main())

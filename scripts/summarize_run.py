@@ -6,7 +6,7 @@
 import sys
 from pathlib import Path
 
-from vla_ds.metrics import METRICS_FILE, read_metrics, summarize
+from vla_ds.training.metrics import METRICS_FILE, read_metrics, summarize
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,7 @@
 
 import sys
 
-from vla_ds.train import main
+from vla_ds.training.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

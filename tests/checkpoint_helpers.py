@@ -46,7 +46,7 @@ def capture_starting_weights(monkeypatch) -> dict[str, dict[str, torch.Tensor]]:
     weights the run starts from, before its first update."""
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from vla_ds import trainer
+    from vla_ds.training import trainer
 
     seen: dict[str, dict[str, torch.Tensor]] = {}
     train = trainer.train

@@ -83,7 +83,7 @@ def _gc_freeze_what_is_alive():
 
 @pytest.fixture(scope="session")
 def tiny_backbone_dir(tmp_path_factory) -> Path:
-    from vla_ds.tiny_backbone import make_tiny_backbone
+    from vla_ds.models.tiny_backbone import make_tiny_backbone
 
     return make_tiny_backbone(tmp_path_factory.mktemp("tiny_backbone") / "qwen25vl_tiny")
 
@@ -106,7 +106,7 @@ def stage1_flags(dataset, backbone, out, *extra) -> list[str]:
 def stage1_run(tiny_backbone_dir, demo_dataset_dir, tmp_path_factory) -> Path:
     """A finished tiny Stage 1 run (one rank, in this process, 2 epochs at lr 1e-3): what the
     Stage 2 tests start from and tests/test_convert.py converts. Read it, never write into it."""
-    from vla_ds.train import main
+    from vla_ds.training.train import main
 
     out = tmp_path_factory.mktemp("stage1") / "run"
     assert main(stage1_flags(demo_dataset_dir, tiny_backbone_dir, out, "--epochs", "2", "--lr", "1e-3")) == 0

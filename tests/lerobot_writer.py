@@ -64,13 +64,10 @@ import pyarrow.parquet as pq
 
 from vla_ds.data.lerobot_writer import (  # the helpers this reference writer shares with vla_ds's writer
     DATA_PATH as V30_DATA_PATH,
+)
+from vla_ds.data.lerobot_writer import (
     DEFAULT_FEATURES,
     DEFAULT_QUANTILES,
-    EPISODES_PATH as V30_EPISODES_PATH,
-    INFO_PATH as V30_INFO_PATH,
-    STATS_PATH as V30_STATS_PATH,
-    TASKS_PATH as V30_TASKS_PATH,
-    VIDEO_PATH as V30_VIDEO_PATH,
     aggregate_stats,
     episode_table,
     feature_stats,
@@ -83,6 +80,21 @@ from vla_ds.data.lerobot_writer import (  # the helpers this reference writer sh
     video_duration_s,
     video_info,
     write_json,
+)
+from vla_ds.data.lerobot_writer import (
+    EPISODES_PATH as V30_EPISODES_PATH,
+)
+from vla_ds.data.lerobot_writer import (
+    INFO_PATH as V30_INFO_PATH,
+)
+from vla_ds.data.lerobot_writer import (
+    STATS_PATH as V30_STATS_PATH,
+)
+from vla_ds.data.lerobot_writer import (
+    TASKS_PATH as V30_TASKS_PATH,
+)
+from vla_ds.data.lerobot_writer import (
+    VIDEO_PATH as V30_VIDEO_PATH,
 )
 
 # ------------------------------------------------------------------------------------------------

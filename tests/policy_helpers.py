@@ -22,12 +22,12 @@ import torch
 from safetensors.torch import save_file
 
 import vla_ds
-from vla_ds.config import MODEL_PRESETS
 from vla_ds.models.action_expert import ActionExpertConfig
 from vla_ds.models.backbone import BackboneConfig, VLBackbone, VLInputBuilder
 from vla_ds.models.finetune import FinetuneConfig
 from vla_ds.models.policy import HEAD_PREFIXES, POLICY_FORMAT_VERSION, VLAPolicy
 from vla_ds.models.sensor_encoder import SensorEncoderConfig
+from vla_ds.training.config import MODEL_PRESETS
 
 WINDOW = 32  # the demo dataset's sensor window
 # Base-model files that are not the tokenizer or the image processor.
@@ -138,14 +138,14 @@ def write_merged_backbone(peft_model, base_dir: Path, out_dir: Path) -> Path:
 def stage1_policy_and_batches(backbone_dir, micro_batch: int, accum: int, overrides: list[str] = (),
                               channels: int = 16, window: int = 32):
     """``(cfg, policy, batches)``: ds_configs/stage1.json with the tiny preset, the policy built as
-    train.py builds it (vla_ds.assembly.build_policy), and ``accum`` synthetic cached-feature
+    train.py builds it (vla_ds.training.assembly.build_policy), and ``accum`` synthetic cached-feature
     micro batches of ``micro_batch`` samples (no dataset)."""
     import numpy as np
 
-    from vla_ds import config as config_lib
-    from vla_ds.assembly import build_policy
     from vla_ds.batch import random_batch
     from vla_ds.data.normalize import NormStats
+    from vla_ds.training import config as config_lib
+    from vla_ds.training.assembly import build_policy
 
     repo = Path(__file__).resolve().parent.parent
     sets = ["train.progress_bar=false", *overrides]

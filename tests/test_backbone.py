@@ -15,7 +15,7 @@ from vla_ds.models.backbone import (
     VLInputBuilder,
     reference_backbone_config,
 )
-from vla_ds.tiny_backbone import make_tiny_backbone
+from vla_ds.models.tiny_backbone import make_tiny_backbone
 
 SHORT = "pick up the red cube"
 LONG = "push the green block to the left, then stack the blue cube on top of the yellow cube and wipe the table"
@@ -366,8 +366,8 @@ def test_backbone_loads_onto_the_given_device_and_stays_mapped_on_the_cpu(tiny_b
 def test_each_rank_loads_the_backbone_onto_its_own_gpu(monkeypatch):
     import torch
 
-    from vla_ds import config as config_lib
-    from vla_ds.engine import backbone_device
+    from vla_ds.training import config as config_lib
+    from vla_ds.training.engine import backbone_device
 
     raw = config_lib.load_json(config_lib.SHIPPED_CONFIG_DIR / "stage2.json")
     cfg = config_lib.resolve_config(raw, 1, for_run=False)

@@ -9,13 +9,13 @@ import pytest
 import torch
 from test_stage2 import args  # noqa: E402  (the shared tiny-run argument list)
 
-from vla_ds import cache
 from vla_ds.data import DataConfig, VLADataset
 from vla_ds.data.loading import PolicyCollator
-from vla_ds.engine import init_distributed
-from vla_ds.metrics import read_metrics
 from vla_ds.models.backbone import BackboneConfig, VLBackbone, VLInputBuilder
-from vla_ds.train import build_cache, main
+from vla_ds.training import cache
+from vla_ds.training.distributed import init_distributed
+from vla_ds.training.metrics import read_metrics
+from vla_ds.training.train import build_cache, main
 
 
 @pytest.fixture()

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from vla_ds.config import MODEL_PRESETS
 from vla_ds.data import DataConfig, VLADataset, split_train_val
 from vla_ds.data.loading import PolicyCollator
 from vla_ds.data.synthetic import make_learning_dataset
 from vla_ds.models.action_expert import ActionExpert, ActionExpertConfig
 from vla_ds.models.backbone import BackboneConfig, VLBackbone, VLInputBuilder
+from vla_ds.training.config import MODEL_PRESETS
 
 STEPS = 800
 

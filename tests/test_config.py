@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from vla_ds import config as config_lib
-from vla_ds.config import build_parser, load_run_config
 from vla_ds.errors import ConfigError
+from vla_ds.training import config as config_lib
+from vla_ds.training.config import build_parser, load_run_config
 
 STAGE1 = Path(__file__).resolve().parent.parent / "ds_configs" / "stage1.json"
 

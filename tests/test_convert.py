@@ -18,9 +18,9 @@ from checkpoint_helpers import (
     model_states,
 )
 
-from vla_ds import convert
-from vla_ds.convert import main as convert_main
 from vla_ds.errors import CheckpointError
+from vla_ds.policy_tools import convert
+from vla_ds.policy_tools.convert import main as convert_main
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "ds_configs"
@@ -83,7 +83,7 @@ def test_pt_output_path(tmp_path):
 
 
 def test_policy_config_fills_the_built_sizes():
-    from vla_ds.config import RunConfig
+    from vla_ds.training.config import RunConfig
 
     run = RunConfig(stage="stage1").to_dict()
     run["vla_ds"]["data"]["sensor_window_size"] = 32
@@ -175,10 +175,10 @@ def test_consolidated_weights_equal_the_trained_ones(runs, tmp_path):
 
 
 def build_policy(cfg_dict, backbone_dir, norm_stats):
-    from vla_ds.config import RunConfig
     from vla_ds.data import NormStats
     from vla_ds.models.backbone import VLBackbone
     from vla_ds.models.policy import VLAPolicy
+    from vla_ds.training.config import RunConfig
 
     cfg = RunConfig.from_dict(cfg_dict)
     backbone = VLBackbone(cfg.backbone.__class__(**{**cfg.backbone.__dict__, "model_name_or_path": str(backbone_dir)}))
@@ -207,7 +207,7 @@ def test_include_base_gives_the_whole_policy_and_stage2_pt(runs, tiny_backbone_d
 
 
 def test_stage1_pt_starts_stage2(runs, tiny_backbone_dir, demo_dataset_dir, tmp_path, monkeypatch):
-    from vla_ds.train import main
+    from vla_ds.training.train import main
 
     assert convert_cli(runs["s1"], tmp_path, "--to", "stage1") == 0
     step = model_states(runs["s1"])["step"]
@@ -245,9 +245,9 @@ def test_policy_dir_adapter_and_merged_backbone(runs, tiny_backbone_dir, demo_da
     from safetensors import safe_open
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from vla_ds.config import RunConfig
     from vla_ds.data import DataConfig, VLADataset
     from vla_ds.models.backbone import VLBackbone
+    from vla_ds.training.config import RunConfig
 
     out = tmp_path / "policy"
     assert convert_cli(runs["s2"], out, "--to", "policy", "--merge-lora") == 0
@@ -310,9 +310,9 @@ def test_universal_checkpoint_resumes_on_one_rank(runs, tiny_backbone_dir, demo_
     from deepspeed.runtime.lr_schedules import WarmupCosineLR
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    from vla_ds import checkpoint
-    from vla_ds.metrics import read_metrics
-    from vla_ds.train import main
+    from vla_ds.training import checkpoint
+    from vla_ds.training.metrics import read_metrics
+    from vla_ds.training.train import main
 
     universal = tmp_path / "universal"
     assert convert_cli(runs["s2"], universal, "--to", "universal") == 0
@@ -377,7 +377,7 @@ def test_universal_checkpoint_resumes_on_one_rank(runs, tiny_backbone_dir, demo_
 
 def test_plain_checkpoint_on_another_rank_count_points_to_universal(runs, tiny_backbone_dir, demo_dataset_dir,
                                                                      tmp_path, capsys):
-    from vla_ds.train import main
+    from vla_ds.training.train import main
 
     code = main(run_args("stage2.json", demo_dataset_dir, tiny_backbone_dir, tmp_path / "o", "--lora-r", "4",
                          "--grad_accum", "16", "--epochs", "2", "--resume", str(runs["s2"])))

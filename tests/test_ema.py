@@ -1,4 +1,4 @@
-"""The moving average of the trained weights (vla_ds.ema), without any engine."""
+"""The moving average of the trained weights (vla_ds.training.ema), without any engine."""
 
 import json
 from pathlib import Path
@@ -12,10 +12,10 @@ from checkpoint_helpers import (
     same_schedule,
 )
 
-from vla_ds.convert import main as convert_main
-from vla_ds.ema import EMAConfig, ParameterEMA, ema_weights
 from vla_ds.errors import CheckpointError, ConfigError
-from vla_ds.evaluate import main as evaluate_main
+from vla_ds.policy_tools.convert import main as convert_main
+from vla_ds.policy_tools.evaluate import main as evaluate_main
+from vla_ds.training.ema import EMAConfig, ParameterEMA, ema_weights
 
 
 def test_decay_warms_up_to_its_ceiling():
@@ -88,7 +88,7 @@ def run_args(config, dataset, backbone, out, *extra):
 @pytest.fixture(scope="module")
 def runs(tiny_backbone_dir, demo_dataset_dir, tmp_path_factory):
     """Stage 1, 2 epochs: straight, and stopped mid-epoch 2 then resumed."""
-    from vla_ds.train import main
+    from vla_ds.training.train import main
 
     root = tmp_path_factory.mktemp("ema")
     common = [*HEAD_AND_EMA, "--epochs", "2", "--lr", "1e-3", "--set", f"cache.dir={root / 'cache'}"]
@@ -141,8 +141,8 @@ def test_export_writes_the_average_and_no_ema_the_trained_weights(runs, tmp_path
 
 
 def test_stage2_starts_from_the_average(runs, tiny_backbone_dir, demo_dataset_dir, tmp_path, monkeypatch):
-    from vla_ds.metrics import read_metrics
-    from vla_ds.train import main
+    from vla_ds.training.metrics import read_metrics
+    from vla_ds.training.train import main
 
     out = tmp_path / "s2"
     start = capture_starting_weights(monkeypatch)

@@ -3,9 +3,9 @@
 import pytest
 from torch import nn
 
-from vla_ds.config import ParamGroupConfig
-from vla_ds.engine import build_param_groups
 from vla_ds.errors import ConfigError
+from vla_ds.training.config import ParamGroupConfig
+from vla_ds.training.engine import build_param_groups
 
 
 class Toy(nn.Module):
@@ -50,8 +50,9 @@ def test_engine_start_is_quiet(tiny_backbone_dir, capfd):
 
     from policy_helpers import stage1_policy_and_batches
 
-    from vla_ds import engine as engine_lib
     from vla_ds.log import setup_logging
+    from vla_ds.training import distributed
+    from vla_ds.training import engine as engine_lib
 
     class Records(logging.Handler):
         def emit(self, record):
@@ -64,7 +65,7 @@ def test_engine_start_is_quiet(tiny_backbone_dir, capfd):
     ds_logger.addHandler(seen)
     try:
         cfg, policy, _ = stage1_policy_and_batches(tiny_backbone_dir, 2, 1)
-        engine_lib.init_distributed(5)
+        distributed.init_distributed(5)
         engine, _ = engine_lib.initialize(policy, cfg)
     finally:
         ds_logger.removeHandler(seen)

@@ -1,4 +1,4 @@
-"""vla_ds.evaluate (masked error maths, sample selection, split settings) and scripts/evaluate.py."""
+"""vla_ds.policy_tools.evaluate (masked error maths, sample selection, split settings) and scripts/evaluate.py."""
 
 import json
 
@@ -8,14 +8,14 @@ from policy_helpers import build_policy, write_policy_dir
 
 from vla_ds.data import DataConfig, VLADataset, compute_norm_stats, split_train_val
 from vla_ds.errors import ConfigError, DatasetError
-from vla_ds.evaluate import (
+from vla_ds.policy_tools.evaluate import (
     ErrorAccumulator,
     format_report_table,
     masked_errors,
     select_samples,
     split_settings,
 )
-from vla_ds.evaluate import main as evaluate_main
+from vla_ds.policy_tools.evaluate import main as evaluate_main
 
 REPORT_KEYS = {"policy", "mean_baseline", "zero_baseline", "mse_ratio_to_mean_baseline", "smoothness", "episodes",
                "samples", "action_names", "action_units"}

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from vla_ds import checkpoint
-from vla_ds import fault_drill as drill
 from vla_ds.errors import CheckpointError
+from vla_ds.training import checkpoint
+from vla_ds.training import fault_drill as drill
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +50,9 @@ def test_skipped_steps_are_counted_and_leave_the_weights(zero, accum, ctx, monke
 
     The run is in this process, the NaN injected as ``fault_drill child --nan-steps`` injects
     it (that child process itself runs in the nan_forever scenario)."""
-    from vla_ds.metrics import read_metrics
     from vla_ds.models.policy import VLAPolicy
-    from vla_ds.train import main
+    from vla_ds.training.metrics import read_metrics
+    from vla_ds.training.train import main
 
     out = ctx.root / "nan"
     args = drill.train_args(ctx.data, ctx.backbone, out, "--epochs", "1", "--save_steps", "2",
@@ -73,7 +73,7 @@ def test_skipped_steps_are_counted_and_leave_the_weights(zero, accum, ctx, monke
 def test_bad_input_is_one_message_naming_the_file(case, ctx, capsys):
     import shutil
 
-    from vla_ds.train import main
+    from vla_ds.training.train import main
 
     mutate, expect = drill.bad_input_cases()[case]
     data = ctx.root / "data"
@@ -88,7 +88,7 @@ def test_bad_input_is_one_message_naming_the_file(case, ctx, capsys):
 
 
 def test_resume_refuses_a_missing_dir(ctx, capsys):
-    from vla_ds.train import main
+    from vla_ds.training.train import main
 
     missing = ctx.root / "nothing_here"
     assert main(drill.train_args(ctx.data, ctx.backbone, ctx.root / "out", "--resume", str(missing),

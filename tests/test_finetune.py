@@ -5,7 +5,6 @@ import warnings
 import pytest
 import torch
 
-from vla_ds.config import MODEL_PRESETS, ParamGroupConfig
 from vla_ds.data import DataConfig, VLADataset, compute_norm_stats
 from vla_ds.data.loading import PolicyCollator
 from vla_ds.errors import ConfigError
@@ -14,6 +13,7 @@ from vla_ds.models.backbone import BackboneConfig, VLBackbone, VLInputBuilder
 from vla_ds.models.finetune import FinetuneConfig
 from vla_ds.models.policy import VLAPolicy
 from vla_ds.models.sensor_encoder import SensorEncoderConfig
+from vla_ds.training.config import MODEL_PRESETS, ParamGroupConfig
 
 WINDOW = 32
 
@@ -75,7 +75,8 @@ def test_every_trainable_parameter_gets_a_gradient_under_zero2(mode, checkpointi
     import deepspeed
     from deepspeed.utils import safe_get_full_grad
 
-    from vla_ds.engine import build_param_groups, init_distributed
+    from vla_ds.training.distributed import init_distributed
+    from vla_ds.training.engine import build_param_groups
 
     dataset, _ = data
     policy, collate = build_policy(tiny_backbone_dir, data,

@@ -16,9 +16,9 @@ import pytest
 import torch
 from checkpoint_helpers import capture_starting_weights
 
-from vla_ds import config as config_lib
-from vla_ds.metrics import read_metrics
-from vla_ds.train import main
+from vla_ds.training import config as config_lib
+from vla_ds.training.metrics import read_metrics
+from vla_ds.training.train import main
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -141,7 +141,7 @@ def tiny_args(dataset, backbone, out, *extra):
 @pytest.fixture(scope="module")
 def stage1_pt(tiny_backbone_dir, demo_dataset_dir, tmp_path_factory):
     """A 2-step Stage 1 run and its guide-format .pt."""
-    from vla_ds import convert
+    from vla_ds.policy_tools import convert
 
     root = tmp_path_factory.mktemp("guide_pt")
     assert main(tiny_args(demo_dataset_dir, tiny_backbone_dir, root / "s1", "--max_steps", "2", "--lr", "1e-3")) == 0

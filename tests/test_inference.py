@@ -13,14 +13,14 @@ import torch
 from policy_helpers import build_policy, write_policy_dir
 from safetensors.torch import load_file, save_file
 
-from vla_ds import predict as predict_cli
 from vla_ds.data import DataConfig, VLADataset, compute_norm_stats
 from vla_ds.data.loading import PolicyCollator
 from vla_ds.errors import CheckpointError
 from vla_ds.models.backbone import BackboneConfig, VLBackbone
 from vla_ds.models.finetune import FinetuneConfig
 from vla_ds.models.policy import VLAPolicy, state_dict_problems
-from vla_ds.tiny_backbone import make_tiny_backbone
+from vla_ds.models.tiny_backbone import make_tiny_backbone
+from vla_ds.policy_tools import predict as predict_cli
 
 STEPS = 3  # DDIM steps: enough to exercise the sampler, cheap on CPU
 LORA = FinetuneConfig(mode="lora", lora_r=4, lora_alpha=8.0)

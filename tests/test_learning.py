@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from vla_ds.convert import main as convert_main
 from vla_ds.data.demo import make_demo_dataset
-from vla_ds.evaluate import main as evaluate_main
-from vla_ds.train import main
+from vla_ds.policy_tools.convert import main as convert_main
+from vla_ds.policy_tools.evaluate import main as evaluate_main
+from vla_ds.training.train import main
 
 REPO = Path(__file__).resolve().parent.parent
 

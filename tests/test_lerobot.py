@@ -12,7 +12,15 @@ import numpy as np
 import pytest
 from lerobot_writer import write_lerobot_dataset
 
-from vla_ds.batch import ACTION_IS_PAD, ACTIONS, HAS_SENSOR, IMAGES, INSTRUCTION, SENSOR_PAD, SENSOR_WINDOW
+from vla_ds.batch import (
+    ACTION_IS_PAD,
+    ACTIONS,
+    HAS_SENSOR,
+    IMAGES,
+    INSTRUCTION,
+    SENSOR_PAD,
+    SENSOR_WINDOW,
+)
 from vla_ds.data import DataConfig, VLADataset, compute_norm_stats
 from vla_ds.data.actions import compute_action_chunks, unwrap_degrees
 from vla_ds.data.lerobot import LeRobotConfig
@@ -308,12 +316,12 @@ def test_two_rank_stage1_stage2_and_a_six_dimensional_policy(tiny_backbone_dir, 
 
     from test_train import REPO, free_port, tiny_args
 
-    from vla_ds.convert import main as convert_main
-    from vla_ds.evaluate import main as evaluate_main
-    from vla_ds.metrics import read_metrics
     from vla_ds.models.policy import VLAPolicy
-    from vla_ds.predict import main as predict_main
-    from vla_ds.train import main as train_main
+    from vla_ds.policy_tools.convert import main as convert_main
+    from vla_ds.policy_tools.evaluate import main as evaluate_main
+    from vla_ds.policy_tools.predict import main as predict_main
+    from vla_ds.training.metrics import read_metrics
+    from vla_ds.training.train import main as train_main
 
     written = write_lerobot_dataset(lerobot_root / "train", version="v3.0", codec="av1", num_episodes=6,
                                     lengths=[16] * 6, episodes_per_file=3, cameras=("observation.images.top",))
@@ -369,7 +377,7 @@ def test_two_rank_stage1_stage2_and_a_six_dimensional_policy(tiny_backbone_dir, 
 
 
 def test_feature_cache_keys_follow_the_video_file_and_frame_time(lerobot_root):
-    from vla_ds.cache import sample_keys
+    from vla_ds.training.cache import sample_keys
 
     written = write_lerobot_dataset(lerobot_root / "keys", version="v2.1", codec="h264", num_episodes=2, lengths=[5, 6],
                                     cameras=("observation.images.top",))

@@ -1,4 +1,4 @@
-"""engine.long_phase: a rank working alone for longer than the process-group timeout (its
+"""distributed.long_phase: a rank working alone for longer than the process-group timeout (its
 share of the feature cache, rank 0 syncing a checkpoint) is waited for, while a dead,
 failed or stuck rank is still reported. Two real ranks (gloo), a 3-second collective
 timeout, one rank deliberately slow."""
@@ -14,10 +14,10 @@ import pytest
 RANK_SCRIPT = textwrap.dedent("""
     import os, sys, time
     import deepspeed.comm as dist
-    from vla_ds import engine
+    from vla_ds.training import distributed
 
     case, rank = sys.argv[1], int(os.environ["RANK"])
-    engine.init_distributed(0.05, long_phase_minutes=0.05 if case == "stuck" else 10)  # 3 s, 3 s
+    distributed.init_distributed(0.05, long_phase_minutes=0.05 if case == "stuck" else 10)  # 3 s, 3 s
     slow = {"slow": 5, "collective": 5, "stuck": 60}.get(case, 0)  # the stuck rank is stopped once rank 0 gave up
     try:
         if case == "collective":  # the control: the same slow rank before a plain barrier
@@ -25,7 +25,7 @@ RANK_SCRIPT = textwrap.dedent("""
                 time.sleep(slow)
             dist.barrier()
         else:
-            with engine.long_phase("test phase"):
+            with distributed.long_phase("test phase"):
                 if rank == 1:
                     if case == "dead":
                         time.sleep(1)
@@ -34,7 +34,7 @@ RANK_SCRIPT = textwrap.dedent("""
                         raise ValueError("bad sample")
                     time.sleep(slow)
             dist.barrier()  # and the collectives after it still work
-    except engine.DistributedError as e:
+    except distributed.DistributedError as e:
         print(f"DistributedError: {e}", flush=True)
         sys.exit(1)
     except Exception as e:
@@ -45,13 +45,13 @@ RANK_SCRIPT = textwrap.dedent("""
 
 
 # Starts every case's two ranks as forks of one process that has already imported what a
-# rank imports (deepspeed, vla_ds.engine: ~3 s of CPU that ten fresh processes would each
+# rank imports (deepspeed, vla_ds.training.engine: ~3 s of CPU that ten fresh processes would each
 # pay, on a 2-core machine), then waits for them as the fixture below describes and writes
 # each rank's exit code; each rank's stdout and stderr go to files next to it.
 FORK_SCRIPT = textwrap.dedent("""
     import json, os, signal, socket, sys, traceback
     import deepspeed.comm  # noqa: F401
-    from vla_ds import engine  # noqa: F401
+    from vla_ds.training import engine  # noqa: F401
 
     script, out_dir, cases = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
     with open(script) as f:

@@ -1,4 +1,4 @@
-"""vla_ds.memory: exact meta-device counts, ZeRO byte accounting, the estimate_memory script."""
+"""vla_ds.planning.memory: exact meta-device counts, ZeRO byte accounting, the estimate_memory script."""
 
 import dataclasses
 import json
@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from vla_ds import estimate_memory, flops, memory
 from vla_ds.errors import ConfigError
-from vla_ds.memory import ActivationShape, ParamCounts, ZeroSettings
 from vla_ds.models import count_parameters
 from vla_ds.models.action_expert import ActionExpert, ActionExpertConfig
 from vla_ds.models.backbone import reference_backbone_config
 from vla_ds.models.finetune import FinetuneConfig
 from vla_ds.models.sensor_encoder import SensorEncoder, SensorEncoderConfig
+from vla_ds.planning import estimate_memory, flops, memory
+from vla_ds.planning.memory import ActivationShape, ParamCounts, ZeroSettings
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "ds_configs"

@@ -19,14 +19,14 @@ import torch
 from checkpoint_helpers import fp32_masters_from_shards, model_states
 from safetensors.torch import load_file
 
-from vla_ds import preflight
-from vla_ds.convert import main as convert_main
-from vla_ds.engine import (
+from vla_ds.policy_tools.convert import main as convert_main
+from vla_ds.training import environment, preflight
+from vla_ds.training.distributed import (
     DistributedError,
     adopt_launcher_env,
     describe_distributed_failure,
 )
-from vla_ds.metrics import read_metrics
+from vla_ds.training.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 STAGE1 = str(REPO / "ds_configs" / "stage1.json")
@@ -77,7 +77,7 @@ def convert_to_universal(src: Path, dst: Path) -> None:
 def resume_on_one_rank(universal: Path, dataset, backbone, out: Path, steps: int, epochs: int,
                        *extra: str) -> list[dict]:
     """In-process, one rank, the two-rank run's global batch (8 x 2 x 1 = 8 x 1 x 2)."""
-    from vla_ds.train import main
+    from vla_ds.training.train import main
 
     argv = train_args(dataset, backbone, out, "--grad_accum", "2", "--epochs", str(epochs), "--max_steps", str(steps),
                       "--resume", str(universal), *extra)[1:]
@@ -292,18 +292,18 @@ def test_ranks_that_differ_are_named_with_their_hosts():
     infos = [{"host": "node-01", "torch version": "2.13.0", "dataset": "900 train"},
              {"host": "node-01", "torch version": "2.13.0", "dataset": "900 train"},
              {"host": "node-02", "torch version": "2.12.1", "dataset": "900 train"}]
-    problems = preflight.compare_ranks(infos)
+    problems = environment.compare_ranks(infos)
     assert problems == ["torch version differs between ranks: 2.13.0 on ranks 0,1 (node-01); "
                         "2.12.1 on rank 2 (node-02)"]
-    assert preflight.compare_ranks(infos[:2]) == []
+    assert environment.compare_ranks(infos[:2]) == []
 
 
 def test_check_ranks_raises_on_every_rank(monkeypatch):
     import deepspeed.comm as dist
 
-    from vla_ds import engine
-    from vla_ds.config import resolve_config
     from vla_ds.errors import ConfigError
+    from vla_ds.training import distributed
+    from vla_ds.training.config import resolve_config
 
     def gather(out, obj):  # another rank runs another transformers
         out[0], out[1] = obj, {**obj, "transformers version": "4.0.0"}
@@ -315,11 +315,11 @@ def test_check_ranks_raises_on_every_rank(monkeypatch):
     raw["vla_ds"]["data"]["dataset_dir"] = "data"
     cfg = resolve_config(raw, 2, source=STAGE1)
     with pytest.raises(ConfigError, match=r"transformers version differs between ranks: .* on rank 0 .*; 4.0.0 on rank 1"):
-        engine.check_ranks(cfg, {"dataset": "x"})
+        distributed.check_ranks(cfg, {"dataset": "x"})
 
 
 def test_preflight_cli_runs_as_a_module(hostfile, demo_dataset_dir, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "vla_ds.preflight",
+    proc = subprocess.run([sys.executable, "-m", "vla_ds.training.preflight",
                            *preflight_args(hostfile, demo_dataset_dir, tmp_path / "out", "--set", "train_batch_size=7")],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 2

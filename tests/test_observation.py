@@ -14,7 +14,7 @@ from vla_ds.batch import SENSOR_PAD, SENSOR_WINDOW
 from vla_ds.data import DataConfig, NormStats, VLADataset, compute_norm_stats
 from vla_ds.data.lerobot import LeRobotConfig
 from vla_ds.serving import wire
-from vla_ds.serving.server import observation_spec, server_metadata, ServeConfig
+from vla_ds.serving.server import ServeConfig, observation_spec, server_metadata
 from vla_ds.serving.spec import BadRequest
 
 WINDOW = 4
@@ -137,7 +137,7 @@ def test_evaluation_data_must_make_the_policys_window(pose_data, tiny_backbone_d
     """evaluate.py and predict.py cut windows from recorded data with the reader's settings; data
     whose raw features make other channels (here: sin/cos yaw vs raw yaw) is refused by name."""
     from vla_ds.errors import ConfigError
-    from vla_ds.evaluate import check_sensor_transform
+    from vla_ds.policy_tools.evaluate import check_sensor_transform
 
     trained = _dataset(pose_data, "sincos")
     policy = build_policy(tiny_backbone_dir, compute_norm_stats(trained), trained.sensor_channels, window=WINDOW,

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from vla_ds.config import MODEL_PRESETS
 from vla_ds.data import DataConfig, VLADataset, compute_norm_stats
 from vla_ds.data.loading import PolicyCollator
 from vla_ds.models.action_expert import ActionExpertConfig
 from vla_ds.models.backbone import BackboneConfig, VLBackbone, VLInputBuilder
 from vla_ds.models.policy import VLAPolicy
 from vla_ds.models.sensor_encoder import SensorEncoderConfig
+from vla_ds.training.config import MODEL_PRESETS
 
 WINDOW = 32
 

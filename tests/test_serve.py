@@ -24,8 +24,8 @@ import torch
 import websockets
 from websockets.sync.client import connect
 
-from vla_ds.convert import main as convert_main
 from vla_ds.models.policy import VLAPolicy
+from vla_ds.policy_tools.convert import main as convert_main
 from vla_ds.serving import wire
 from vla_ds.serving.cli import main as serve_main
 from vla_ds.serving.client import ActionChunker, PolicyClient, PolicyServerError

@@ -15,8 +15,8 @@ import psutil
 import torch
 from checkpoint_helpers import fp32_masters_from_shards, model_states
 
-from vla_ds import fault_drill as drill
-from vla_ds.metrics import read_metrics
+from vla_ds.training import fault_drill as drill
+from vla_ds.training.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN = str(REPO / "scripts" / "train.py")
@@ -198,8 +198,8 @@ def test_in_process_stop_restores_handlers_and_ignores_a_second_signal(tiny_back
     checkpoint although a SIGINT arrives in the middle of its save; ``main`` returns 143, the
     process's own handlers are back and its DataLoader workers are gone. Then ``--resume``
     from it finishes the run, and ends its workers too."""
-    from vla_ds import checkpoint, trainer
-    from vla_ds.train import main
+    from vla_ds.training import checkpoint, trainer
+    from vla_ds.training.train import main
 
     previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     real_log, real_save = trainer.Loop.log, checkpoint.save_checkpoint
@@ -250,7 +250,7 @@ def test_a_worker_ends_on_its_parents_signal_only():
     multiprocessing at exit) as it would without the init function."""
     import multiprocessing
 
-    from vla_ds.trainer import StopSignals
+    from vla_ds.training.trainer import StopSignals
 
     ctx = multiprocessing.get_context("fork")
     ready = ctx.Event()
@@ -272,7 +272,7 @@ def test_a_worker_ends_on_its_parents_signal_only():
 
 
 def test_stop_signals_record_the_first_and_restore(monkeypatch):
-    from vla_ds.trainer import StopSignals
+    from vla_ds.training.trainer import StopSignals
 
     monkeypatch.setattr("deepspeed.comm.is_initialized", lambda: False)
     before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}

@@ -35,8 +35,8 @@ def recording(tmp_path_factory):
 @pytest.fixture(scope="module")
 def policy_dir(recording, tiny_backbone_dir, tmp_path_factory):
     """A tiny Stage 1 policy trained a few steps on the recording, the state as its sensor stream."""
-    from vla_ds.convert import main as convert_main
-    from vla_ds.train import main as train_main
+    from vla_ds.policy_tools.convert import main as convert_main
+    from vla_ds.training.train import main as train_main
 
     run = tmp_path_factory.mktemp("sim_run") / "stage1"
     assert train_main(["--ds_config", str(REPO / "ds_configs" / "stage1.json"), "--dataset_dir", str(recording),

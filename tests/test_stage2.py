@@ -10,11 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoint_helpers import capture_starting_weights, fp32_masters_from_shards, same_schedule
+from checkpoint_helpers import (
+    capture_starting_weights,
+    fp32_masters_from_shards,
+    same_schedule,
+)
 
-from vla_ds.checkpoint import read_model_states
-from vla_ds.metrics import read_metrics
-from vla_ds.train import main
+from vla_ds.training.checkpoint import read_model_states
+from vla_ds.training.metrics import read_metrics
+from vla_ds.training.train import main
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "ds_configs"
@@ -186,7 +190,7 @@ def test_resume_continues_exactly(stage, stage1, stage2, tiny_backbone_dir, demo
 
 
 def test_resume_refuses_another_backbone(stage1, demo_dataset_dir, tmp_path, capsys):
-    from vla_ds.tiny_backbone import make_tiny_backbone
+    from vla_ds.models.tiny_backbone import make_tiny_backbone
 
     other = make_tiny_backbone(tmp_path / "other_backbone", seed=1)
     code = main(args("stage1.json", demo_dataset_dir, other, tmp_path / "o", "--resume", str(stage1), "--epochs", "3"))

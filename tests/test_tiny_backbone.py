@@ -1,4 +1,4 @@
-"""The offline tiny Qwen2.5-VL maker (vla_ds.tiny_backbone, scripts/make_tiny_backbone.py)."""
+"""The offline tiny Qwen2.5-VL maker (vla_ds.models.tiny_backbone, scripts/make_tiny_backbone.py)."""
 
 import json
 
@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from vla_ds.models.backbone import BackboneConfig, VLBackbone, VLInputBuilder
-from vla_ds.tiny_backbone import (
+from vla_ds.models.tiny_backbone import (
     QWEN_SPECIAL_TOKENS,
     TINY_MAX_PIXELS,
     TINY_MIN_PIXELS,
     make_tiny_backbone,
 )
-from vla_ds.tiny_backbone import main as make_tiny_backbone_main
+from vla_ds.models.tiny_backbone import main as make_tiny_backbone_main
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from vla_ds.checkpoint import strict_trainable_load
 from vla_ds.errors import CheckpointError
-from vla_ds.metrics import read_metrics
-from vla_ds.train import main
+from vla_ds.training.checkpoint import strict_trainable_load
+from vla_ds.training.metrics import read_metrics
+from vla_ds.training.train import main
 
 REPO = Path(__file__).resolve().parent.parent
 STAGE1 = str(REPO / "ds_configs" / "stage1.json")

@@ -5,8 +5,9 @@ reduction per optimizer step that adds the micro batches up in fp32."""
 import torch
 from policy_helpers import stage1_policy_and_batches
 
-from vla_ds import engine as engine_lib
-from vla_ds.engine import MicroSteps
+from vla_ds.training import distributed
+from vla_ds.training import engine as engine_lib
+from vla_ds.training.engine import MicroSteps
 
 
 def test_one_reduction_per_step_reduces_the_fp32_sum_of_the_micro_batches(tiny_backbone_dir):
@@ -19,7 +20,7 @@ def test_one_reduction_per_step_reduces_the_fp32_sum_of_the_micro_batches(tiny_b
     # the first update is not warmup's lr 0.
     overrides = ["zero_optimization.stage=2", "scheduler.params.warmup_min_ratio=1"]
     cfg, policy, batches = stage1_policy_and_batches(tiny_backbone_dir, 4, accum, overrides)
-    engine_lib.init_distributed(5)
+    distributed.init_distributed(5)
     engine, _ = engine_lib.initialize(policy, cfg)
     assert engine.get_data_types() == (torch.bfloat16, torch.float32)
     steps = MicroSteps(engine, seed=0, rank=0, accum=accum, coalesce=True)
@@ -71,7 +72,7 @@ def test_one_reduction_per_step_reduces_the_fp32_sum_of_the_micro_batches(tiny_b
 def test_seed_generators_draws_what_torch_manual_seed_draws():
     """The per-micro-batch reseed (CPU generator and the engine device's only) gives the
     same random stream as torch.manual_seed, so resumed runs draw what they drew before."""
-    from vla_ds.engine import seed_generators
+    from vla_ds.training.engine import seed_generators
 
     torch.manual_seed(1234)
     expected = torch.rand(5), torch.randn(3)
@@ -87,7 +88,7 @@ def test_short_sensor_windows_train_with_finite_losses(tiny_backbone_dir):
     """--sensor-window-size 1, 2 and 3 with a 4-channel state as the sensor (what Meta-World
     data gives): every step's loss and gradient norm are finite and no update is skipped.
     Windows 1 and 2 once skipped a third of their steps (a CPU bf16 conv bug at length 1)."""
-    engine_lib.init_distributed(5)
+    distributed.init_distributed(5)
     for window in (1, 2, 3):
         cfg, policy, (batch,) = stage1_policy_and_batches(tiny_backbone_dir, 16, 1, channels=4, window=window)
         engine, _ = engine_lib.initialize(policy, cfg)

@@ -1,4 +1,4 @@
-"""Config dataclasses from JSON-like dicts: one parser for run configs (``vla_ds.config``),
+"""Config dataclasses from JSON-like dicts: one parser for run configs (``vla_ds.training.config``),
 exported policies' config.json (``VLAPolicy.from_pretrained``) and the memory estimate.
 Values are converted to each field's type (``--set`` strings included); a bad value or key
 is a :class:`~vla_ds.errors.ConfigError` naming it. No torch, no distributed code."""

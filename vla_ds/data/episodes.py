@@ -35,7 +35,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vla_ds.data.actions import ACTION_DIM, DELTA_POSE_NAMES, DELTA_POSE_UNITS, EpisodeSamples, compute_action_chunks
+from vla_ds.data.actions import (
+    ACTION_DIM,
+    DELTA_POSE_NAMES,
+    DELTA_POSE_UNITS,
+    EpisodeSamples,
+    compute_action_chunks,
+)
 from vla_ds.data.lerobot import is_lerobot_root
 from vla_ds.errors import DatasetError
 

@@ -216,6 +216,11 @@ def _model_source(path: str) -> tuple[str, bool]:
     return path, False
 
 
+# Image processor pixel bounds of Qwen2.5-VL-3B-Instruct (SPEC section 1).
+REFERENCE_MIN_PIXELS = 3136
+REFERENCE_MAX_PIXELS = 12845056
+
+
 def reference_backbone_config():
     """The public Qwen2.5-VL-3B-Instruct architecture (SPEC section 1), built offline.
 

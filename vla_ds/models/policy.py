@@ -50,7 +50,12 @@ from vla_ds.batch import (
 from vla_ds.data.observation import SensorTransform
 from vla_ds.dataclass_io import dataclass_from_dict
 from vla_ds.errors import CheckpointError, VLAError
-from vla_ds.models.action_expert import ActionExpert, ActionExpertConfig, check_vl_features, stored_section
+from vla_ds.models.action_expert import (
+    ActionExpert,
+    ActionExpertConfig,
+    check_vl_features,
+    stored_section,
+)
 from vla_ds.models.backbone import BackboneConfig, VLBackbone, VLInputBuilder
 from vla_ds.models.finetune import FinetuneConfig
 from vla_ds.models.sensor_encoder import SensorEncoder, SensorEncoderConfig

@@ -132,7 +132,14 @@ def make_rollout_policy(args: argparse.Namespace):
 def baseline_policy(name: str, training_data: str | None = None, flag: str = "--baselines"):
     """The baseline ``name`` names (expert, zero, replay:DATASET; ``replay`` alone replays
     ``training_data``)."""
-    from vla_ds.sim.policies import EXPERT, REPLAY, ZERO, ExpertPolicy, ReplayPolicy, ZeroPolicy
+    from vla_ds.sim.policies import (
+        EXPERT,
+        REPLAY,
+        ZERO,
+        ExpertPolicy,
+        ReplayPolicy,
+        ZeroPolicy,
+    )
 
     if name == EXPERT:
         return ExpertPolicy()

@@ -206,7 +206,12 @@ class ChunkingPolicy(RolloutPolicy):
         return self.clients[i]
 
     def begin_task(self, task, description, n_envs):
-        from vla_ds.data.lerobot import FrameHistory, LeRobotConfig, component_names, sensor_transform
+        from vla_ds.data.lerobot import (
+            FrameHistory,
+            LeRobotConfig,
+            component_names,
+            sensor_transform,
+        )
         from vla_ds.serving.client import ActionChunker
         from vla_ds.sim import metaworld
 

@@ -31,24 +31,18 @@ checkpoints and builds models.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import io
 import json
 import logging
-import re
 import shutil
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import vla_ds
-from vla_ds import checkpoint as ckpt_lib
-from vla_ds.config import PROJECT_KEY, RunConfig
-from vla_ds.ema import ema_weights
 from vla_ds.errors import CheckpointError
 from vla_ds.models.policy import (
     ADAPTER_DIR,
@@ -61,11 +55,19 @@ from vla_ds.models.policy import (
     derived_head_configs,
     state_dict_problems,
 )
+from vla_ds.training import checkpoint as ckpt_lib
+from vla_ds.training.checkpoint import (
+    SourceCheckpoint,
+    cast_floating,
+    consolidated_state,
+    deepspeed_output_to_log,
+    open_checkpoint,
+)
+from vla_ds.training.config import RunConfig
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("fp32", "bf16", "stage1", "stage2", "policy", "universal")
-BF16_ZERO_SHARDS = "bf16_zero_pp_rank_*_mp_rank_00_optim_states.pt"  # one per rank when bf16 is on
 
 HEAD_PARTS = (*ckpt_lib.STAGE1_PARTS, *ckpt_lib.STAGE1_BUFFERS)
 # Tokenizer, image-processor and chat-template files a merged backbone directory needs next to its weights.
@@ -119,14 +121,6 @@ def stage2_checkpoint(state: dict[str, torch.Tensor], norm_stats: dict[str, Any]
             "head": dict(head or ckpt_lib.LEGACY_HEAD)}
 
 
-def cast_floating(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Floating tensors cast to ``dtype``, others kept; every tensor a contiguous copy of
-    its own (safetensors refuses tensors that share memory, and DeepSpeed's consolidated
-    weights are views into one flat buffer)."""
-    return {k: v.detach().to(dtype=dtype if v.is_floating_point() else v.dtype, copy=True).contiguous()
-            for k, v in state.items()}
-
-
 def policy_config(run_config: dict[str, Any], norm_stats: dict[str, Any], state: dict[str, torch.Tensor], *,
                   fingerprint: str, model_name_or_path: str, source: str, step: int,
                   weights: str = "trained") -> dict[str, Any]:
@@ -171,120 +165,6 @@ def pt_output_path(out: str | Path, step: int) -> Path:
 # Reading checkpoints
 
 
-@dataclass
-class SourceCheckpoint:
-    """One engine checkpoint: where it is and its rank-0 model states (module + client state)."""
-
-    load_dir: Path
-    tag: str
-    states: dict[str, Any] = field(repr=False)
-
-    @property
-    def tag_dir(self) -> Path:
-        return self.load_dir / self.tag
-
-    @property
-    def step(self) -> int:
-        return int(self.states["step"])
-
-    @property
-    def config(self) -> dict[str, Any]:
-        return self.states["config"]
-
-    @property
-    def project(self) -> dict[str, Any]:
-        return self.config.get(PROJECT_KEY, {})
-
-    @property
-    def stage(self) -> str:
-        return self.project.get("stage", "stage1")
-
-    @property
-    def finetune_mode(self) -> str:
-        return self.project.get("finetune", {}).get("mode", "none")
-
-    @property
-    def backbone_path(self) -> str:
-        return self.project.get("backbone", {}).get("model_name_or_path", "")
-
-    @property
-    def norm_stats(self) -> dict[str, Any]:
-        return self.states["norm_stats"]
-
-    @property
-    def head(self) -> dict[str, str]:
-        return ckpt_lib.head_settings(self.project.get("action_expert"))
-
-    @property
-    def ema(self) -> dict[str, torch.Tensor] | None:
-        return ema_weights(self.states)
-
-
-def _tags(path: Path) -> list[str]:
-    tags = [p.name for p in path.glob("global_step*") if p.is_dir()]
-    return sorted(tags, key=lambda t: int(t[len("global_step"):]) if t[len("global_step"):].isdigit() else -1)
-
-
-def open_checkpoint(path: str | Path, tag: str | None = None) -> SourceCheckpoint:
-    """Resolve ``path`` (an output dir, or one ``global_stepN`` dir) and ``tag`` to a
-    checkpoint and read its model states; every problem is a :class:`CheckpointError` naming the path."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: checkpoint directory does not exist")
-    if tag:
-        if path.name == tag and not (path / tag).is_dir():
-            target = path
-        elif (path / tag).is_dir():
-            target = path / tag
-        else:
-            tags = _tags(path)
-            raise CheckpointError(f"{path}: no checkpoint tag '{tag}' (available: {', '.join(tags) or 'none'})")
-    else:
-        target = path
-        has_model_states = any((path / name).is_file() for name in ckpt_lib.MODEL_STATES_FILES)
-        if not (path / ckpt_lib.LATEST_FILE).is_file() and not has_model_states:
-            tags = _tags(path)
-            if tags:
-                raise CheckpointError(f"{path}: no '{ckpt_lib.LATEST_FILE}' file; pick a checkpoint with --tag "
-                                      f"(available: {', '.join(tags)})")
-    file, states = ckpt_lib.read_model_states(target)
-    if ckpt_lib.is_universal(file.parent):
-        raise CheckpointError(f"{file.parent}: already a universal checkpoint; convert the original engine "
-                              "checkpoint it was made from")
-    return SourceCheckpoint(file.parent.parent, file.parent.name, states)
-
-
-@contextlib.contextmanager
-def _deepspeed_output_to_log(what: str):
-    """DeepSpeed's conversion tools print (and draw tqdm bars); send that to the debug log
-    so the CLI prints only results, and turn their assertions into one-line errors."""
-    buffer = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
-            yield
-    except (AssertionError, ValueError, RuntimeError, FileNotFoundError, KeyError) as e:
-        logger.debug("%s output:\n%s", what, buffer.getvalue())
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise CheckpointError(f"{what} failed: {first}") from None
-    logger.debug("%s output:\n%s", what, buffer.getvalue())
-
-
-def consolidated_state(ckpt: SourceCheckpoint) -> dict[str, torch.Tensor]:
-    """The trainable weights (fp32 master copies, gathered from every rank's ZeRO shard)
-    plus the module's buffers, keys as in VLAPolicy.state_dict(); the frozen base is not in
-    the checkpoint. DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint``, or for ZeRO-1
-    with bf16, which it refuses, :func:`_bf16_zero_state`."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    if _uses_bf16_optimizer(ckpt.states.get("ds_config") or {}):
-        shards = sorted(ckpt.tag_dir.glob(BF16_ZERO_SHARDS), key=lambda f: int(re.search(r"_pp_rank_(\d+)_", f.name)[1]))
-        return cast_floating(_bf16_zero_state(ckpt, shards), torch.float32)
-    with _deepspeed_output_to_log(f"consolidating {ckpt.tag_dir}"):
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.load_dir), tag=ckpt.tag,
-                                                         exclude_frozen_parameters=True)
-    return cast_floating(state, torch.float32)
-
-
 def export_state(ckpt: SourceCheckpoint, use_ema: bool = True) -> tuple[dict[str, torch.Tensor], str]:
     """The weights a conversion writes: :func:`consolidated_state`, with the run's moving
     average in place of the trained weights when the checkpoint has one and ``use_ema``.
@@ -298,50 +178,6 @@ def export_state(ckpt: SourceCheckpoint, use_ema: bool = True) -> tuple[dict[str
         raise CheckpointError(f"{ckpt.tag_dir}: the EMA holds tensors the checkpoint does not ({', '.join(unknown[:3])})")
     logger.info("writing the EMA of the weights (%d tensors; --no-ema writes the trained weights)", len(averaged))
     return {**state, **cast_floating(averaged, torch.float32)}, "ema"
-
-
-def _uses_bf16_optimizer(ds_config: dict[str, Any]) -> bool:
-    """Whether DeepSpeed trained with ``BF16_Optimizer`` (its rule: ZeRO-1, bf16 weights, fp32
-    gradient accumulation, no optimizer offload) rather than its ZeRO optimizers."""
-    zero = ds_config.get("zero_optimization") or {}
-    offload = str((zero.get("offload_optimizer") or {}).get("device", "none")).lower()
-    accum = str((ds_config.get("data_types") or {}).get("grad_accum_dtype") or "").lower()
-    return (int(zero.get("stage", 0)) == 1 and bool((ds_config.get("bf16") or {}).get("enabled"))
-            and accum in ("fp32", "float32", "float") and offload in ("none", ""))
-
-
-def _bf16_zero_state(ckpt: SourceCheckpoint, shards: list[Path]) -> dict[str, torch.Tensor]:
-    """:func:`consolidated_state` of a ZeRO-1 + bf16 checkpoint (DeepSpeed's ``BF16_Optimizer``,
-    ``bf16_zero_pp_rank_<r>_mp_rank_00_optim_states.pt``), whose layout
-    ``get_fp32_state_dict_from_zero_checkpoint`` does not read ("is not a zero checkpoint").
-
-    Rank r's file holds its partition of each parameter group's flat fp32 master weights and
-    ``param_slice_mappings``: for every parameter with elements in that partition, where
-    they lie in it. Taken in rank order, a parameter's pieces are the whole parameter."""
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    pieces: dict[str, list[torch.Tensor]] = {}
-    for shard in shards:
-        try:
-            with torch.serialization.safe_globals([fragment_address]):
-                optim = torch.load(shard, map_location="cpu", weights_only=True, mmap=True)["optimizer_state_dict"]
-            groups = zip(optim["single_partition_of_fp32_groups"], optim["param_slice_mappings"], strict=True)
-        except Exception as e:  # truncated, or not DeepSpeed's BF16_Optimizer layout
-            raise CheckpointError(f"{shard}: cannot read optimizer shard ({str(e).splitlines()[0][:200]})") from None
-        for flat, slices in groups:
-            for name, where in slices.items():
-                pieces.setdefault(name, []).append(flat.narrow(0, where.start, where.numel))
-    state = {}
-    for group in ckpt.states["param_shapes"]:
-        for name, shape in group.items():
-            whole = torch.cat(pieces.get(name, [torch.empty(0)]))
-            if whole.numel() != shape.numel():
-                raise CheckpointError(f"{ckpt.tag_dir}: parameter {name} has {whole.numel()} of its {shape.numel()} "
-                                      f"elements in the {len(shards)} optimizer shard(s); is a rank's file missing?")
-            state[name] = whole.view(shape).clone()  # owns its memory: the shards are memory-mapped
-    module = ckpt.states["module"]
-    state.update({name: module[name] for name in ckpt.states.get("buffer_names") or [] if name in module})
-    return state
 
 
 def load_base_backbone(ckpt: SourceCheckpoint, vl_model: str | None):
@@ -525,7 +361,7 @@ def to_universal(ckpt, out: Path) -> list[Path]:
     args = argparse.Namespace(input_folder=str(ckpt.tag_dir), output_folder=str(out / ckpt.tag),
                               num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
                               strict=True, inject_missing_state=True)
-    with _deepspeed_output_to_log(f"ds_to_universal {ckpt.tag_dir}"):
+    with deepspeed_output_to_log(f"ds_to_universal {ckpt.tag_dir}"):
         ds_to_universal.main(args)
     (out / ckpt_lib.LATEST_FILE).write_text(ckpt.tag)  # ds_to_universal wrote latest_universal
     return [out / ckpt.tag]

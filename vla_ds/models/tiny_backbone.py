@@ -264,8 +264,11 @@ def make_reference_backbone(out_dir: str | Path, seed: int = 0, device: str | No
     """
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from vla_ds.memory import REFERENCE_MAX_PIXELS, REFERENCE_MIN_PIXELS
-    from vla_ds.models.backbone import reference_backbone_config
+    from vla_ds.models.backbone import (
+        REFERENCE_MAX_PIXELS,
+        REFERENCE_MIN_PIXELS,
+        reference_backbone_config,
+    )
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ user's input (config, dataset, backbone) is checked before the process group sta
 :class:`~vla_ds.errors.VLAError` ends the run with one message and exit code 2. SIGTERM /
 SIGINT stop training at an optimizer step every rank agrees on, save a checkpoint there
 (``train.save_on_signal``), end the DataLoader workers and exit with 143 / 130 and one line
-naming the checkpoint to ``--resume`` from (:class:`~vla_ds.trainer.StopSignals`).
+naming the checkpoint to ``--resume`` from (:class:`~vla_ds.training.trainer.StopSignals`).
 """
 
 from __future__ import annotations
@@ -23,20 +23,19 @@ import torch
 from torch.utils.data import DataLoader
 
 import vla_ds
-from vla_ds import config as config_lib
-from vla_ds.assembly import Run, assemble
-from vla_ds.engine import DistributedError
 from vla_ds.errors import DatasetError, VLAError, user_message
 from vla_ds.log import setup_logging
-from vla_ds.trainer import Stopped
+from vla_ds.training import config as config_lib
+from vla_ds.training import distributed as dist_lib
+from vla_ds.training.assembly import Run, assemble
+from vla_ds.training.distributed import DistributedError
+from vla_ds.training.trainer import Stopped
 
-logger = logging.getLogger("vla_ds.train")
+logger = logging.getLogger("vla_ds.training.train")
 
 def run(args: argparse.Namespace) -> dict:
     """Assemble the run, start the process group and the engine, train."""
-    from vla_ds import engine as engine_lib
-
-    world, rank = engine_lib.env_world_size(), engine_lib.env_rank()
+    world, rank = dist_lib.env_world_size(), dist_lib.env_rank()
     cfg = config_lib.load_run_config(args, world)
     run_ = assemble(cfg, world, rank, source=str(args.ds_config))
     with distributed(run_):
@@ -46,10 +45,9 @@ def run(args: argparse.Namespace) -> dict:
 
 def build_cache(args: argparse.Namespace) -> dict:
     """``scripts/build_cache.py``: the run's Stage 1 VL feature cache, built by every rank."""
-    from vla_ds import engine as engine_lib
     from vla_ds.data.loading import PolicyCollator
 
-    world, rank = engine_lib.env_world_size(), engine_lib.env_rank()
+    world, rank = dist_lib.env_world_size(), dist_lib.env_rank()
     cfg = config_lib.load_run_config(args, world)
     if not config_lib.cache_enabled(cfg):
         raise config_lib.ConfigError(f"{args.ds_config}: the VL feature cache is off for this run "
@@ -66,25 +64,25 @@ def build_cache(args: argparse.Namespace) -> dict:
 def distributed(run_: Run):
     """The process group for ``run_``; a collective that fails inside (a dead peer, a
     timeout) becomes one line."""
-    from vla_ds import engine as engine_lib
+    from vla_ds.training import engine as engine_lib
 
-    engine_lib.init_distributed(run_.cfg.train.dist_timeout_minutes, run_.cfg.train.long_phase_minutes)
+    dist_lib.init_distributed(run_.cfg.train.dist_timeout_minutes, run_.cfg.train.long_phase_minutes)
     try:
         with engine_lib.process_patches_undone():
             yield
     except RuntimeError as e:
-        line = engine_lib.describe_distributed_failure(e, str(run_.output_dir)) if run_.world > 1 else None
+        line = dist_lib.describe_distributed_failure(e, str(run_.output_dir)) if run_.world > 1 else None
         if line is None:
             raise
-        raise engine_lib.DistributedError(line) from None
+        raise dist_lib.DistributedError(line) from None
 
 
 def start_engine(run_: Run):
     """Check the ranks agree, wrap the policy in the DeepSpeed engine, and start its fp32
     masters from the fp32 weights the run starts from (not their bf16 rounding). Collective."""
-    from vla_ds import engine as engine_lib
+    from vla_ds.training import engine as engine_lib
 
-    engine_lib.check_ranks(run_.cfg, {"dataset": f"{len(run_.train_ds)} train + {len(run_.val_ds)} val samples",
+    dist_lib.check_ranks(run_.cfg, {"dataset": f"{len(run_.train_ds)} train + {len(run_.val_ds)} val samples",
                                       "backbone fingerprint": run_.fingerprint})
     engine, groups = engine_lib.initialize(run_.policy, run_.cfg)
     fp32 = run_.start.fp32_weights()
@@ -95,7 +93,6 @@ def start_engine(run_: Run):
 
 def train_run(run_: Run, engine, groups) -> dict:
     """Data loaders, resume state, EMA, then the training loop. Collective."""
-    from vla_ds import checkpoint, trainer
     from vla_ds.data.loading import (
         LoaderDataset,
         PolicyCollator,
@@ -103,6 +100,7 @@ def train_run(run_: Run, engine, groups) -> dict:
         shutdown_workers,
         workers_outlast_stop_signals,
     )
+    from vla_ds.training import checkpoint, trainer
 
     cfg, rank, world = run_.cfg, run_.rank, run_.world
     collate = PolicyCollator(run_.input_builder)
@@ -151,8 +149,8 @@ def train_run(run_: Run, engine, groups) -> dict:
 def build_ema(cfg, engine, client: dict | None):
     """The moving average of the trainable weights (``cfg.ema``), restored from a resumed
     checkpoint's client state when it has one. Collective under ZeRO-3."""
-    from vla_ds import engine as engine_lib
-    from vla_ds.ema import CLIENT_KEY, ParameterEMA
+    from vla_ds.training import engine as engine_lib
+    from vla_ds.training.ema import CLIENT_KEY, ParameterEMA
 
     saved = client.get(CLIENT_KEY) if client else None
     if not cfg.ema.enabled:
@@ -174,7 +172,7 @@ def build_ema(cfg, engine, client: dict | None):
 def build_feature_cache(cfg, engine, fingerprint: str, datasets: list, collate, rank: int, world: int) -> list:
     """Stage 1: compute missing VL features (all ranks, disjoint shares) and return the
     datasets wrapped to serve them instead of images. Collective."""
-    from vla_ds import cache
+    from vla_ds.training import cache
 
     backbone = engine.module.backbone
     grid = engine.module.action_expert.config.vl_grid_size  # what the built policy reads
@@ -193,7 +191,7 @@ def main(argv: list[str] | None = None, action=None) -> int:
     """Entry point; returns the exit code (0, or 2 for a user error with its message printed;
     143 / 130 when SIGTERM / SIGINT stopped training, with the line naming the checkpoint).
     ``action`` is what to do with the parsed flags: :func:`run` (train), or :func:`build_cache`."""
-    from vla_ds.engine import adopt_launcher_env
+    from vla_ds.training.distributed import adopt_launcher_env
 
     args = config_lib.build_parser("build_cache.py" if action is build_cache else "train.py").parse_args(argv)
     adopt_launcher_env()  # mpirun / srun: RANK etc. from their variables, so errors print once
@@ -208,7 +206,7 @@ def main(argv: list[str] | None = None, action=None) -> int:
         print(f"[rank {os.environ.get('RANK', '0')}] error: {e}", file=sys.stderr)
         return 1
     except VLAError as e:
-        from vla_ds.engine import distributed_started
+        from vla_ds.training.distributed import distributed_started
 
         rank = os.environ.get("RANK", "0")
         # Before the process group starts every rank reads the same input and fails the same

@@ -1,6 +1,6 @@
 """Assemble a run: everything train.py builds before the process group starts.
 
-:func:`assemble` turns a resolved :class:`~vla_ds.config.RunConfig` into a :class:`Run`:
+:func:`assemble` turns a resolved :class:`~vla_ds.training.config.RunConfig` into a :class:`Run`:
 the dataset and its split by episode, the sampler, the schedule's total steps, what the run
 starts from (a checkpoint to resume, the guide's weights-only ``.pt``, Stage 1's heads, or
 nothing) with its normalisation statistics, and the policy (backbone loaded, fingerprinted
@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
-from vla_ds import config as config_lib
-from vla_ds.config import RunConfig
+from vla_ds.training import config as config_lib
+from vla_ds.training.config import RunConfig
 
-logger = logging.getLogger("vla_ds.train")
+logger = logging.getLogger("vla_ds.training.train")
 
 
 @dataclass
@@ -104,7 +104,7 @@ def assemble(cfg: RunConfig, world: int, rank: int, source: str = "config") -> R
                                             num_views=dataset.num_views)
     policy, input_builder, fingerprint = build_policy(cfg, norm_stats, dataset.sensor_channels, start)
     if start.resume_states is not None:
-        from vla_ds import checkpoint
+        from vla_ds.training import checkpoint
 
         checkpoint.check_resume_compatible(start.resume_states, start.resume_file, fingerprint,
                                            checkpoint.run_layout(cfg, world, len(train_ds)))
@@ -130,8 +130,8 @@ def log_run_header(cfg: RunConfig, world: int) -> None:
 def read_start(cfg: RunConfig, train_ds) -> tuple[Start, Any]:
     """What the run starts from and its normalisation statistics (the checkpoint's, or computed
     from ``train_ds``). The head of a checkpoint is continued (:func:`continue_head`)."""
-    from vla_ds import checkpoint
     from vla_ds.data import NormStats, compute_norm_stats
+    from vla_ds.training import checkpoint
 
     start, stats = Start(), None
     if cfg.train.resume and Path(cfg.train.resume).is_file():  # the guide's --resume diffusion_epochN.pt
@@ -169,11 +169,11 @@ def build_policy(cfg: RunConfig, norm_stats, sensor_channels: int, start: Start 
     there is one), fingerprinted and frozen, the heads built, VL fine-tuning set up for Stage 2,
     and ``start``'s weights loaded. The backbone loads before any process group, so a bad path
     fails fast."""
-    from vla_ds import checkpoint, trainer
-    from vla_ds import engine as engine_lib
     from vla_ds.models import count_parameters
     from vla_ds.models.backbone import VLBackbone, VLInputBuilder
     from vla_ds.models.policy import VLAPolicy
+    from vla_ds.training import checkpoint, trainer
+    from vla_ds.training import engine as engine_lib
 
     start = start or Start()
     logger.info("Loading VL backbone from %s", cfg.backbone.model_name_or_path)
@@ -220,7 +220,7 @@ def fresh_output_dir(output_dir: Path) -> Path:
     """``output_dir``, or when it holds another run's checkpoints the first free
     ``<output_dir>_resumed``, ``_resumed2``, ...: a run that starts at step 0 must not mix its
     checkpoints and metrics with (or overwrite) an earlier run's."""
-    from vla_ds.checkpoint import LATEST_FILE
+    from vla_ds.training.checkpoint import LATEST_FILE
 
     candidate, n = output_dir, 1
     while (candidate / LATEST_FILE).exists():

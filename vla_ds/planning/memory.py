@@ -59,6 +59,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from vla_ds.errors import ConfigError
+from vla_ds.models.backbone import REFERENCE_MAX_PIXELS, REFERENCE_MIN_PIXELS
 
 if TYPE_CHECKING:  # the model code imports torch; the arithmetic below does not need it
     from vla_ds.models.finetune import FinetuneConfig
@@ -79,9 +80,6 @@ ADAM_BYTES_PER_PARAM = 3 * FP32_BYTES
 PROMPT_TEXT_TOKENS = 40
 VISION_MARKER_TOKENS_PER_VIEW = 2
 
-# Image processor pixel bounds of Qwen2.5-VL-3B-Instruct (SPEC section 1).
-REFERENCE_MIN_PIXELS = 3136
-REFERENCE_MAX_PIXELS = 12845056
 
 # Fastest first: the recommendation is the first of these that fits.
 STAGE2_CONFIG_PREFERENCE = ("stage2.json", "stage2_offload.json", "stage3_offload.json")
@@ -210,9 +208,9 @@ class ZeroSettings:
 def finetune_config(raw: dict[str, Any]) -> "FinetuneConfig":
     """The :class:`~vla_ds.models.finetune.FinetuneConfig` of a whole JSON, parsed as training
     parses its ``vla_ds.finetune`` section; stage 1 trains no backbone weight (mode "none")."""
-    from vla_ds.config import MODEL_PRESETS, PROJECT_KEY
     from vla_ds.dataclass_io import dataclass_from_dict
     from vla_ds.models.finetune import FinetuneConfig
+    from vla_ds.training.config import MODEL_PRESETS, PROJECT_KEY
 
     project = raw.get(PROJECT_KEY) or {}
     if project.get("stage", "stage1") == "stage1":
@@ -363,7 +361,7 @@ def head_activation_bytes_per_sample(sensor_config, action_config) -> int:
 
 def cache_bytes_per_sample(action_config, hidden_size: int) -> int:
     """Disk (and page cache) of one sample's Stage 1 cached VL features: one float32 pooled
-    vector, or the tokens conditioning's tokens in bfloat16 (``vla_ds.cache``)."""
+    vector, or the tokens conditioning's tokens in bfloat16 (``vla_ds.training.cache``)."""
     if action_config.vl_conditioning == "pooled":
         return hidden_size * FP32_BYTES
     return action_config.num_vl_tokens * hidden_size * BF16_BYTES
@@ -513,7 +511,7 @@ def estimate(counts: ParamCounts, zero: ZeroSettings, num_gpus: int, micro_batch
              shape: ActivationShape, checkpointing: bool,
              overhead: int = FIXED_OVERHEAD_BYTES, ema: bool = False) -> MemoryEstimate:
     """Per-GPU memory of training ``counts`` under ``zero`` on ``num_gpus`` ranks; ``ema``
-    adds the moving average of the weights (``vla_ds.ema``: fp32, every trainable
+    adds the moving average of the weights (``vla_ds.training.ema``: fp32, every trainable
     parameter, on every rank)."""
     if num_gpus < 1:
         raise ConfigError(f"num_gpus={num_gpus!r}: expected a positive integer")

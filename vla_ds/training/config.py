@@ -27,15 +27,15 @@ from typing import Any
 
 import yaml
 
-from vla_ds.cache import CacheConfig
 from vla_ds.data.dataset import DataConfig
 from vla_ds.dataclass_io import dataclass_from_dict, unknown_key_error
-from vla_ds.ema import EMAConfig
 from vla_ds.errors import ConfigError
 from vla_ds.models.action_expert import ActionExpertConfig, stored_section
 from vla_ds.models.backbone import BackboneConfig
 from vla_ds.models.finetune import FinetuneConfig
 from vla_ds.models.sensor_encoder import SensorEncoderConfig
+from vla_ds.training.cache import CacheConfig
+from vla_ds.training.ema import EMAConfig
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ class TrainConfig:
 @dataclass
 class RunConfig:
     """Everything a run needs: the recipe (the JSON's ``vla_ds`` section) plus the
-    resolved DeepSpeed config that :mod:`vla_ds.engine` hands to ``deepspeed.initialize``.
+    resolved DeepSpeed config that :mod:`vla_ds.training.engine` hands to ``deepspeed.initialize``.
 
     Fields:
         stage: ``stage1`` (backbone frozen; sensor encoder + action expert trained from
@@ -311,7 +311,7 @@ def project_config(section: dict[str, Any]) -> RunConfig:
 
 
 # The shipped per-stage JSONs (a source checkout; ``pip install -e .`` keeps them there).
-SHIPPED_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+SHIPPED_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 
 
 def stage_config_path(stage: str, cwd: str | Path | None = None) -> Path:

@@ -259,7 +259,7 @@ def build(store: FeatureStore, datasets: list, keys: list[list[str]], backbone, 
 
     from vla_ds.batch import SAMPLE_INDEX
     from vla_ds.data.loading import LoaderDataset
-    from vla_ds.engine import long_phase
+    from vla_ds.training.distributed import long_phase
 
     store.refresh()
     missing: dict[str, tuple[int, int]] = {}  # key -> (dataset, index); one job per distinct key

@@ -18,7 +18,9 @@ import numpy as np
 import torch
 
 from vla_ds.errors import ConfigError, run_command
-from vla_ds.evaluate import (
+from vla_ds.log import setup_logging
+from vla_ds.models.policy import VLAPolicy
+from vla_ds.policy_tools.evaluate import (
     ACTION_NAMES,
     ACTION_UNITS,
     action_label,
@@ -26,8 +28,6 @@ from vla_ds.evaluate import (
     load_episode_dataset,
     masked_errors,
 )
-from vla_ds.log import setup_logging
-from vla_ds.models.policy import VLAPolicy
 
 
 def build_parser() -> argparse.ArgumentParser:

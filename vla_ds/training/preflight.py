@@ -1,6 +1,6 @@
 """Pre-flight checks: what most often breaks a multi-node launch, found in seconds.
 
-    python -m vla_ds.preflight --hostfile hostfile --ds_config ds_configs/stage2.json \\
+    python -m vla_ds.training.preflight --hostfile hostfile --ds_config ds_configs/stage2.json \\
         --dataset_dir /shared/data [--output_dir /shared/ckpt] [--num_nodes N] [--num_gpus G] \\
         [--master_addr A] [--master_port P] [--batch_size B] [--grad_accum K] [--set KEY=VALUE ...]
 
@@ -15,7 +15,7 @@ check and exits 0 when nothing failed, 2 otherwise:
 - backend and timeout: the process-group backend DeepSpeed picks here, and the timeout
   after which a dead rank ends the job (``train.dist_timeout_minutes``).
 
-``train.py`` runs :func:`vla_ds.engine.check_ranks` on every rank right after the process group starts:
+``train.py`` runs :func:`vla_ds.training.distributed.check_ranks` on every rank right after the process group starts:
 the same package versions, dataset and backbone on every rank, or one message naming the
 ranks and hosts that differ.
 """
@@ -34,10 +34,10 @@ from pathlib import Path
 from typing import Any
 
 from vla_ds.errors import ConfigError, VLAError, user_message
+from vla_ds.training.environment import backend_name, package_versions
 
 logger = logging.getLogger(__name__)
 
-PACKAGES = ("vla_ds", "deepspeed", "torch", "transformers", "peft")
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 
 
@@ -91,7 +91,7 @@ def check_hostfile(path, num_nodes: int, num_gpus: int) -> tuple[Check, dict[str
 
 
 def check_batch(raw_args: argparse.Namespace, world: int) -> tuple[Check, Any]:
-    from vla_ds.config import load_run_config
+    from vla_ds.training.config import load_run_config
 
     try:
         cfg = load_run_config(raw_args, world)
@@ -160,47 +160,7 @@ def check_dataset(path: str | os.PathLike) -> Check:
     return Check("dataset", OK, f"{p}: readable, {len(entries)} entries{mixture}")
 
 
-def package_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in PACKAGES:
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "not installed"
-    return out
-
-
-def backend_name() -> tuple[str, str]:
-    """(communication backend, accelerator) as DeepSpeed will choose them on this machine."""
-    from deepspeed.accelerator import get_accelerator
-
-    acc = get_accelerator()
-    return acc.communication_backend_name(), acc.device_name()
-
-
 # --------------------------------------------------------------------------- across ranks
-
-
-def compare_ranks(infos: list[dict[str, Any]]) -> list[str]:
-    """Problems among the per-rank facts gathered by :func:`vla_ds.engine.check_ranks` (one line each)."""
-    problems = []
-    keys = sorted({k for info in infos for k in info if k != "host"})
-    for key in keys:
-        groups: dict[str, list[int]] = {}
-        for rank, info in enumerate(infos):
-            groups.setdefault(str(info.get(key)), []).append(rank)
-        if len(groups) > 1:
-            parts = "; ".join(f"{value} on {_ranks_and_hosts(ranks, infos)}" for value, ranks in groups.items())
-            problems.append(f"{key} differs between ranks: {parts}")
-    return problems
-
-
-def _ranks_and_hosts(ranks: list[int], infos: list[dict[str, Any]]) -> str:
-    hosts = sorted({infos[r]["host"] for r in ranks})
-    label = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {','.join(map(str, ranks))}"
-    return f"{label} ({', '.join(hosts)})"
 
 
 # --------------------------------------------------------------------------- CLI
@@ -223,7 +183,7 @@ def run_checks(args: argparse.Namespace) -> list[Check]:
     if args.output_dir or cfg is not None:
         checks.append(check_writable("output", args.output_dir or cfg.train.output_dir))
     if cfg is not None:
-        from vla_ds.config import cache_enabled
+        from vla_ds.training.config import cache_enabled
 
         if cache_enabled(cfg) and dataset_dir:
             from vla_ds.user_cache import feature_cache_dir
@@ -247,7 +207,7 @@ def format_checks(checks: list[Check]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m vla_ds.preflight",
+    p = argparse.ArgumentParser(prog="python -m vla_ds.training.preflight",
                                 description="Check a (multi-node) launch before starting it.")
     p.add_argument("--hostfile", required=True, help="DeepSpeed hostfile ('host slots=N' per line)")
     p.add_argument("--ds_config", "--ds-config", required=True)

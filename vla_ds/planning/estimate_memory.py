@@ -5,7 +5,7 @@
 Builds the policy on the meta device (exact parameter counts, nothing allocated), applies
 the config's finetune mode, and prints weights / gradients / optimizer states / activations /
 overhead per GPU, then the same estimate for every shipped ``ds_configs/*.json`` with the
-same flags and the fastest stage-2 config that fits. The arithmetic is in ``vla_ds.memory``.
+same flags and the fastest stage-2 config that fits. The arithmetic is in ``vla_ds.planning.memory``.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from vla_ds import memory
-from vla_ds.config import SHIPPED_CONFIG_DIR as SHIPPED_DIR
 from vla_ds.errors import ConfigError, run_command
 from vla_ds.models.finetune import FINETUNE_MODES, FinetuneConfig
+from vla_ds.planning import memory
+from vla_ds.training.config import SHIPPED_CONFIG_DIR as SHIPPED_DIR
 
 SHIPPED_CONFIGS = ("stage1.json", "stage2.json", "stage2_offload.json", "stage3_offload.json")
 
@@ -100,8 +100,8 @@ def _head_configs(project: dict[str, Any], vl_hidden: int, views: int):
     """Sensor encoder and action expert configs of the JSON's project section, parsed as a run
     parses it (preset, then its sections) and sized as the policy sizes them (``views``
     camera views: the VL tokens the expert attends to)."""
-    from vla_ds.config import project_config
     from vla_ds.models.policy import derived_head_configs
+    from vla_ds.training.config import project_config
 
     cfg = project_config(project)
     action = dataclasses.replace(cfg.action_expert, num_views=views)
@@ -174,13 +174,13 @@ class Estimator:
 def _ema_enabled(project: dict[str, Any]) -> bool:
     """``vla_ds.ema.enabled`` of a JSON, parsed as training parses it (its default when absent)."""
     from vla_ds.dataclass_io import dataclass_from_dict
-    from vla_ds.ema import EMAConfig
+    from vla_ds.training.ema import EMAConfig
 
     return dataclass_from_dict(EMAConfig, project.get("ema") or {}, "vla_ds.ema.").enabled
 
 
 def _load(path: Path) -> dict[str, Any]:
-    from vla_ds.config import load_json
+    from vla_ds.training.config import load_json
 
     return load_json(path)
 

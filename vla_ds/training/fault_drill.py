@@ -8,7 +8,7 @@ happened, and the data or checkpoints lost (must be "none"). Exit 0 when every s
 behaved, 1 otherwise. Takes a few minutes on 2 cores; tests/test_faults.py runs the same
 scenarios as assertions.
 
-``python -m vla_ds.fault_drill child [--kill-in-save TAG] [--nan-steps A-B]
+``python -m vla_ds.training.fault_drill child [--kill-in-save TAG] [--nan-steps A-B]
 [--kill-worker-at I] -- TRAIN_ARGS...`` runs ``scripts/train.py TRAIN_ARGS`` in this process
 with one fault injected (the drill and the tests start it as a subprocess):
 
@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent  # the source checkout: scripts/, ds_configs/
+REPO = Path(__file__).resolve().parents[2]  # the source checkout: scripts/, ds_configs/
 TRAIN = REPO / "scripts" / "train.py"
 
 
@@ -102,7 +102,7 @@ def child(argv: list[str]) -> int:
         inject_nan_steps(first, last)
     if a.kill_worker_at is not None:
         inject_worker_kill(a.kill_worker_at)
-    from vla_ds.train import main
+    from vla_ds.training.train import main
 
     args = a.train_args[1:] if a.train_args[:1] == ["--"] else a.train_args
     return main(args)
@@ -128,7 +128,7 @@ def child_env() -> dict[str, str]:
 
 
 def child_cmd(faults: list[str], args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "vla_ds.fault_drill", "child", *faults, "--", *args]
+    return [sys.executable, "-m", "vla_ds.training.fault_drill", "child", *faults, "--", *args]
 
 
 def run_child(faults: list[str], args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
@@ -175,7 +175,7 @@ def states_equal(a: dict, b: dict) -> bool:
 
 
 def losses(out: Path) -> list[tuple[int, float | None]]:
-    from vla_ds.metrics import read_metrics
+    from vla_ds.training.metrics import read_metrics
 
     return [(r["step"], r["train/loss"]) for r in read_metrics(out) if "train/loss" in r]
 
@@ -196,7 +196,7 @@ def scenario_kill_in_save(ctx) -> tuple[bool, str, str]:
     import contextlib
     import io
 
-    from vla_ds.train import main
+    from vla_ds.training.train import main
 
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
@@ -214,7 +214,7 @@ def scenario_kill_in_save(ctx) -> tuple[bool, str, str]:
 
 
 def scenario_kill_and_resume(ctx) -> tuple[bool, str, str]:
-    from vla_ds.train import main
+    from vla_ds.training.train import main
 
     # The shipped optimizer (DeepSpeed's fused Adam): a resume replays its C++ beta^t product
     # (engine.replay_adam_step_counter), so the killed and resumed run is bit for bit the same.
@@ -238,7 +238,7 @@ def scenario_kill_and_resume(ctx) -> tuple[bool, str, str]:
 
 
 def scenario_nan_steps(ctx) -> tuple[bool, str, str]:
-    from vla_ds.metrics import read_metrics
+    from vla_ds.training.metrics import read_metrics
 
     out = ctx.root / "nan_steps"
     proc = run_child(["--nan-steps", "5-6"], train_args(ctx.data, ctx.backbone, out, "--epochs", "1", *ctx.common))
@@ -266,7 +266,7 @@ def scenario_bad_inputs(ctx) -> tuple[bool, str, str]:
     import contextlib
     import io
 
-    from vla_ds.train import main
+    from vla_ds.training.train import main
 
     results = []
     for name, (mutate, expect) in bad_input_cases().items():
@@ -367,8 +367,8 @@ def bad_input_cases() -> dict:
 
 
 def scenario_skip_bad_samples(ctx) -> tuple[bool, str, str]:
-    from vla_ds.metrics import read_metrics
-    from vla_ds.train import main
+    from vla_ds.training.metrics import read_metrics
+    from vla_ds.training.train import main
 
     data = ctx.root / "skip_data"
     shutil.copytree(ctx.data, data)
@@ -457,7 +457,7 @@ class Context:
 
     def __init__(self, root: Path, backbone: Path | None = None, data: Path | None = None):
         from vla_ds.data.demo import make_demo_dataset
-        from vla_ds.tiny_backbone import make_tiny_backbone
+        from vla_ds.models.tiny_backbone import make_tiny_backbone
 
         self.root = root
         self.backbone = backbone or make_tiny_backbone(root / "tiny_backbone")

@@ -21,15 +21,20 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from vla_ds import engine as engine_lib
 from vla_ds.batch import EPISODE_INDEX, FRAME_TIME
-from vla_ds.checkpoint import LATEST_FILE, client_state, run_layout, save_checkpoint
-from vla_ds.config import RunConfig
 from vla_ds.data.loading import STOP_SIGNALS, pop_bad_samples
-from vla_ds.ema import CLIENT_KEY as EMA_CLIENT_KEY
-from vla_ds.ema import ParameterEMA
 from vla_ds.errors import TrainingError
-from vla_ds.metrics import MetricsLogger
+from vla_ds.training import engine as engine_lib
+from vla_ds.training.checkpoint import (
+    LATEST_FILE,
+    client_state,
+    run_layout,
+    save_checkpoint,
+)
+from vla_ds.training.config import RunConfig
+from vla_ds.training.ema import CLIENT_KEY as EMA_CLIENT_KEY
+from vla_ds.training.ema import ParameterEMA
+from vla_ds.training.metrics import MetricsLogger
 
 logger = logging.getLogger(__name__)
 
@@ -193,7 +198,7 @@ class StopSignals:
     under the launcher delivers SIGINT from the terminal and then SIGTERM from the launcher
     to every rank, and a second signal must not cut the step or its checkpoint short. What
     SLURM and docker send when their grace period is over, SIGKILL, still ends the rank; a
-    checkpoint cut short is never ``latest`` (vla_ds.checkpoint), so nothing is corrupted.
+    checkpoint cut short is never ``latest`` (vla_ds.training.checkpoint), so nothing is corrupted.
     """
 
     def __init__(self):
