@@ -104,7 +104,8 @@ def test_max_steps_sizes_the_schedule_and_overrides_the_epochs(epochs, max_steps
     params = cfg.deepspeed["scheduler"]["params"]
     assert total == max_steps and params["total_num_steps"] == max_steps
     assert params["warmup_num_steps"] == round(cfg.train.warmup_ratio * max_steps)
-    assert cfg.train.epochs == expect_epochs  # the epochs those steps start
+    assert config_lib.run_epochs(cfg, 1216 if max_steps > 100 else 25) == expect_epochs  # the epochs those steps start
+    assert cfg.train.epochs == epochs  # the config keeps what the user said
     described = config_lib.describe_schedule(cfg)
     assert f"warmup {params['warmup_num_steps']}, total {max_steps} steps" in described
 

@@ -284,3 +284,17 @@ def test_one_gradient_reduction_per_step_trains_the_same(config, stage1, tiny_ba
         assert a["train/grad_norm"] == pytest.approx(b["train/grad_norm"], rel=2e-2)
     val_on, val_off = ([r["val/loss"] for r in rows if "val/loss" in r] for rows in (runs[True], runs[False]))
     assert val_on[-1] == pytest.approx(val_off[-1], rel=2e-2)
+
+
+def test_max_steps_beyond_the_epochs_runs_those_steps(stage1, tiny_backbone_dir, demo_dataset_dir, tmp_path):
+    """HF Trainer's max_steps: `--epochs 1 --max_steps N` trains N steps even past one epoch,
+    and the config keeps the epochs the user gave."""
+    per_epoch = len(train_rows(stage1)) // 2
+    out = tmp_path / "run"
+    assert main(args("stage1.json", demo_dataset_dir, tiny_backbone_dir, out, "--epochs", "1", "--lr", "1e-3",
+                     "--max_steps", str(per_epoch + 2))) == 0
+    assert [r["step"] for r in train_rows(out)] == list(range(1, per_epoch + 3))
+    assert [r["step"] for r in read_metrics(out) if "val/loss" in r] == [per_epoch, per_epoch + 2]
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["vla_ds"]["train"]["epochs"] == 1
+    assert saved["scheduler"]["params"]["total_num_steps"] == per_epoch + 2

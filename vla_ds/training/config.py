@@ -481,16 +481,11 @@ def resolve_schedule(cfg: RunConfig, steps_per_epoch: int) -> int:
     """Fill the scheduler's "auto" step counts from the run's length, and return it.
 
     The run is ``train.max_steps`` optimizer steps when that is set (as in HF Trainer, it
-    overrides the epochs: ``train.epochs`` becomes the number of epochs those steps start,
-    the last one possibly cut short), else ``epochs x steps_per_epoch``. Warmup ("auto")
-    is ``train.warmup_ratio`` of that total. Scheduler values given as numbers are kept:
-    a run meant to stop before its schedule ends sets ``total_num_steps`` itself.
+    overrides the epochs: :func:`run_epochs`), else ``epochs x steps_per_epoch``. Warmup
+    ("auto") is ``train.warmup_ratio`` of that total. Scheduler values given as numbers are
+    kept: a run meant to stop before its schedule ends sets ``total_num_steps`` itself.
     """
-    if cfg.train.max_steps:
-        total = cfg.train.max_steps
-        cfg.train.epochs = -(-total // steps_per_epoch)
-    else:
-        total = steps_per_epoch * cfg.train.epochs
+    total = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
     sched = cfg.deepspeed.get("scheduler")
     if isinstance(sched, dict):
         params = sched.setdefault("params", {})
@@ -501,6 +496,12 @@ def resolve_schedule(cfg: RunConfig, steps_per_epoch: int) -> int:
         if params.get("warmup_num_steps") == "auto":
             params["warmup_num_steps"] = max(1, round(cfg.train.warmup_ratio * total))
     return total
+
+
+def run_epochs(cfg: RunConfig, steps_per_epoch: int) -> int:
+    """The epochs the run starts: those ``train.max_steps`` needs when set (the last one
+    possibly cut short, whatever ``train.epochs`` says), else ``train.epochs``."""
+    return -(-cfg.train.max_steps // steps_per_epoch) if cfg.train.max_steps else cfg.train.epochs
 
 
 def describe_schedule(cfg: RunConfig) -> str:

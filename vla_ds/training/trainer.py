@@ -31,7 +31,7 @@ from vla_ds.training.checkpoint import (
     run_layout,
     save_checkpoint,
 )
-from vla_ds.training.config import RunConfig
+from vla_ds.training.config import RunConfig, run_epochs
 from vla_ds.training.ema import CLIENT_KEY as EMA_CLIENT_KEY
 from vla_ds.training.ema import ParameterEMA
 from vla_ds.training.metrics import MetricsLogger
@@ -391,7 +391,8 @@ class Loop:
 def train(cfg: RunConfig, engine, train_loader: DataLoader, val_loader: tuple[DataLoader, int] | None, sampler,
           group_names: list[str], state: TrainState, client_extra: dict[str, Any], total_steps: int,
           ema: ParameterEMA | None = None) -> TrainState:
-    """Run epochs ``state.epoch .. cfg.train.epochs - 1`` (or until ``max_steps``). Collective.
+    """Run epochs ``state.epoch ..`` the run's last (``train.epochs``, or as many as
+    ``train.max_steps`` needs: :func:`~vla_ds.training.config.run_epochs`). Collective.
 
     ``val_loader`` is (loader, this rank's real sample count) from :func:`validation_indices`.
     ``ema``, when given, is updated after every optimizer step and saved in every checkpoint.
@@ -418,13 +419,14 @@ def train(cfg: RunConfig, engine, train_loader: DataLoader, val_loader: tuple[Da
     engine.train()
     micro_step = engine_lib.MicroSteps(engine, cfg.train.seed, dist.get_rank(), cfg.grad_accum, cfg.train.coalesce_grad_reduction)
     guard = SkipGuard(cfg.train.max_consecutive_skips)
+    epochs = run_epochs(cfg, len(sampler) // cfg.micro_batch_size // cfg.grad_accum)
     stopped = False
     with StopSignals() as signals:
         loop.stop = signals
         try:
             # A stop is also asked for before each epoch: at the start, and after an epoch's
             # validation and checkpoint (then that checkpoint is the one to resume from).
-            while state.epoch < cfg.train.epochs and not stopped and not loop.stop_requested():
+            while state.epoch < epochs and not stopped and not loop.stop_requested():
                 stopped = loop.run_epoch(micro_step, guard)
                 if loop.stopped_by:
                     break
