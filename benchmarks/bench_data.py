@@ -25,6 +25,9 @@ compressed members unpacked once to memory-mapped .npy files next to the dataset
 default) and decompressed in memory per worker (``UNPACK_COMPRESSED_SENSOR = False``, the
 behaviour before). Prints tables, writes JSON with ``--json``. Run by hand.
 
+``--scale N [N ...]``: only how long opening a SPEC dataset of N generated episodes takes
+and the host memory its index holds (benchmarks/bench_index.py).
+
 ``--lerobot``: LeRobot v3.0 datasets instead (written by tests/lerobot_writer.py from
 LeRobot's layout: 2 cameras at 480x640, 10 episodes of 60 frames, AV1 and H.264, several
 episodes per mp4): samples/s decoding them at each worker count, and ``data_share`` of
@@ -90,7 +93,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--memory-only", action="store_true",
                    help="only the compressed-sensor memory table (about a minute)")
     p.add_argument("--lerobot", action="store_true", help="LeRobot datasets (AV1, H.264) instead of vla_ds episodes")
+    p.add_argument("--scale", type=int, nargs="+", metavar="N",
+                   help="only the dataset-opening table at N episodes each (benchmarks/bench_index.py)")
+    p.add_argument("--workdir", type=Path, help="with --scale: keep the generated datasets here and reuse them")
     a = p.parse_args(argv)
+    if a.scale:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import bench_index
+
+        return bench_index.main(["--episodes", *map(str, a.scale), *(["--workdir", str(a.workdir)] if a.workdir else []),
+                                 *(["--json", str(a.json)] if a.json else [])])
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 
