@@ -229,6 +229,22 @@ def test_in_process_stop_restores_handlers_and_ignores_a_second_signal(tiny_back
 
     monkeypatch.setattr(trainer.Loop, "log", real_log)
     monkeypatch.setattr(trainer, "save_checkpoint", real_save)
+    # Preempted again before the resumed run's first step: the checkpoint it resumed from is
+    # the one to name, and it is not written again (a SIGKILL mid-write would spoil it).
+    written = {f: f.stat().st_mtime_ns for f in (out / "global_step2").iterdir()}
+    real_enter = trainer.StopSignals.__enter__
+
+    def signalled_at_once(self):
+        entered = real_enter(self)
+        self.received = signal.SIGTERM
+        return entered
+
+    monkeypatch.setattr(trainer.StopSignals, "__enter__", signalled_at_once)
+    assert main([*args, "--resume", str(out)]) == 143
+    err = capsys.readouterr().err
+    assert stop_lines(err) == [f"stopped by SIGTERM at step 2: resume with --resume {out} (global_step2)"], err
+    assert {f: f.stat().st_mtime_ns for f in (out / "global_step2").iterdir()} == written
+    monkeypatch.setattr(trainer.StopSignals, "__enter__", real_enter)
     assert main([*args, "--resume", str(out)]) == 0
     assert not running(list(set(psutil.Process().children(recursive=True)) - children))
     steps = [r["step"] for r in train_rows(out)]

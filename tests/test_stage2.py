@@ -298,3 +298,8 @@ def test_max_steps_beyond_the_epochs_runs_those_steps(stage1, tiny_backbone_dir,
     saved = json.loads((out / "config.json").read_text())
     assert saved["vla_ds"]["train"]["epochs"] == 1
     assert saved["scheduler"]["params"]["total_num_steps"] == per_epoch + 2
+    # Resumed with the same flags after its last step (a requeued job): nothing more is trained.
+    assert main(args("stage1.json", demo_dataset_dir, tiny_backbone_dir, out, "--epochs", "1", "--lr", "1e-3",
+                     "--max_steps", str(per_epoch + 2), "--resume", str(out))) == 0
+    assert [r["step"] for r in train_rows(out)] == list(range(1, per_epoch + 3))
+    assert (out / "latest").read_text().strip() == f"global_step{per_epoch + 2}"

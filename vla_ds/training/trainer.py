@@ -27,6 +27,7 @@ from vla_ds.errors import TrainingError
 from vla_ds.training import engine as engine_lib
 from vla_ds.training.checkpoint import (
     LATEST_FILE,
+    checkpoint_tags,
     client_state,
     run_layout,
     save_checkpoint,
@@ -306,7 +307,13 @@ class Loop:
             return Stopped(f"stopped by {name} before the first optimizer step: nothing to resume, start the run "
                            "again", self.stopped_by)
         if cfg.train.save_on_signal and (self.saved is None or self.saved[0] != step):
-            self.save()
+            # Stopped before the first step after a --resume: that checkpoint is this step's,
+            # complete; writing it again would only put it at risk (SIGKILL mid-write).
+            done = [tag for s, tag, complete in checkpoint_tags(out) if s == step and complete]
+            if done:
+                self.saved = (step, done[0])
+            else:
+                self.save()
         if self.saved is not None and self.saved[0] == step:
             return Stopped(f"stopped by {name} at step {step}: resume with --resume {out} ({self.saved[1].name})",
                            self.stopped_by)
@@ -426,7 +433,8 @@ def train(cfg: RunConfig, engine, train_loader: DataLoader, val_loader: tuple[Da
         try:
             # A stop is also asked for before each epoch: at the start, and after an epoch's
             # validation and checkpoint (then that checkpoint is the one to resume from).
-            while state.epoch < epochs and not stopped and not loop.stop_requested():
+            # A resumed run that already took its last step (its max_steps) has nothing to do.
+            while state.epoch < epochs and state.step < total_steps and not stopped and not loop.stop_requested():
                 stopped = loop.run_epoch(micro_step, guard)
                 if loop.stopped_by:
                     break
