@@ -21,7 +21,7 @@ pipeline itself can move on this machine.
 Last, host memory with the same streams written compressed (``np.savez_compressed``): how
 much each DataLoader worker's private (anonymous) memory and peak resident memory grow
 while it reads 650 x 1026 windows, with the
-compressed members unpacked once to memory-mapped .npy files next to the dataset (the
+compressed members unpacked once to memory-mapped .npy files in the user cache (the
 default) and decompressed in memory per worker (``UNPACK_COMPRESSED_SENSOR = False``, the
 behaviour before). Prints tables, writes JSON with ``--json``. Run by hand.
 
@@ -270,7 +270,9 @@ def compressed_sensor_memory(wide: Path, out: Path, batches: int, workers: int =
     from torch.utils.data import DataLoader, RandomSampler
 
     from vla_ds.data import DataConfig, VLADataset, episodes, split_train_val
+    from vla_ds.user_cache import unpacked_sensor_dir
 
+    os.environ["VLA_DS_CACHE"] = str(out.parent / "user_cache")  # the unpacked copies: this run's, cold
     shutil.copytree(wide, out)
     for npz in sorted(out.rglob("sensor_data.npz")):
         with np.load(npz) as old:
@@ -278,7 +280,7 @@ def compressed_sensor_memory(wide: Path, out: Path, batches: int, workers: int =
         np.savez_compressed(npz, timestamps=stamps, data=data)
     rows = []
     for mode, unpack in (("decompressed in memory per worker (before)", False), ("unpacked once, mapped", True)):
-        for copy in out.rglob(f"{episodes.UNPACKED_DIR}/*.npy"):
+        for copy in unpacked_sensor_dir().glob("*.npy"):
             copy.unlink()
         episodes.UNPACK_COMPRESSED_SENSOR = unpack  # the forked workers inherit it
         ds = VLADataset.from_config(DataConfig(dataset_dir=str(out), sensor_window_size=window))

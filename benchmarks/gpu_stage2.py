@@ -7,7 +7,7 @@ Writes the Qwen2.5-VL-3B architecture with random bf16 weights (no download; abo
 in ``--workdir``), builds the reference sensor encoder (1026 channels, window 650) and
 action expert, and trains with ``ds_configs/stage2.json`` (LoRA r=16 on q/k/v/o, gradient
 checkpointing, ZeRO-2, bf16) on two 640x360 views per sample through the engine
-``vla_ds.training.engine.initialize`` builds and ``vla_ds.training.trainer.micro_step`` drives, at each micro
+``vla_ds.training.engine.initialize`` builds and ``vla_ds.training.engine.MicroSteps`` drives, at each micro
 batch: samples/s, LM tokens/s, peak CUDA memory, and FLOP utilisation against the GPU's
 dense bf16 peak (``--peak-tflops``, default from the device name):
 

@@ -3,6 +3,8 @@ window is made from the raw features (order, angle encoding, padding) and applie
 robot's raw state; training samples and served requests made from the same raw rows are
 the same tensors."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -146,3 +148,42 @@ def test_evaluation_data_must_make_the_policys_window(pose_data, tiny_backbone_d
     with pytest.raises(ConfigError, match=r"other data: its sensor features make the channels .*yaw, gripper.* but "
                                           r"the policy was trained on .*sin\(yaw\), cos\(yaw\)"):
         check_sensor_transform(policy, _dataset(pose_data, "raw"), "other data")
+
+
+def test_sources_that_name_components_differently_make_one_layout():
+    """Two LeRobot sources whose info.json name the same components differently (or not at all)
+    make the same windows: one transform is recorded. Another order or encoding is refused."""
+    from types import SimpleNamespace
+
+    from vla_ds.data.normalize import _sensor_transform
+    from vla_ds.data.observation import SensorTransform
+    from vla_ds.errors import DatasetError
+
+    named = SensorTransform((("observation.state", ("x", "y", "yaw")),), (("observation.state", 2),), "sincos", "rad")
+    unnamed = SensorTransform((("observation.state", ("s0", "s1", "s2")),), (("observation.state", 2),), "sincos", "rad")
+    other = SensorTransform((("observation.state", ("x", "y", "yaw")),), (("observation.state", 2),), "raw", "rad")
+    streams = [SimpleNamespace(transform=t, path=f"src{i}/data.parquet") for i, t in enumerate((named, unnamed))]
+    assert _sensor_transform(streams) == named.to_dict()
+    with pytest.raises(DatasetError, match=r"src0/data.parquet and src2/data.parquet: .* made differently"):
+        _sensor_transform([*streams, SimpleNamespace(transform=other, path="src2/data.parquet")])
+    # Mixed with a sensor file: no raw-state contract (the window contract, as before).
+    assert _sensor_transform([*streams, SimpleNamespace(transform=None, path="ep/sensor_data.npz")]) is None
+
+
+def test_resuming_on_data_that_makes_other_windows_is_refused(pose_data, tiny_backbone_dir, tmp_path, capsys):
+    """--resume (and Stage 2) keep the checkpoint's transform: data whose features make the same
+    number of channels differently (raw angles where the run unwrapped them) is refused in one
+    line before anything starts."""
+    from vla_ds.training.train import main
+
+    common = ["--ds_config", str(Path(__file__).resolve().parent.parent / "ds_configs" / "stage1.json"), "--dataset_dir", str(pose_data.root), "--vl-model",
+              str(tiny_backbone_dir), "--model-preset", "tiny", "--sensor-window-size", str(WINDOW),
+              "--num_workers", "0", "--batch_size", "4", "--max_steps", "1", "--output_dir", str(tmp_path / "run"),
+              "--set", "train.progress_bar=false", "--set", 'data.lerobot.sensor_features=["observation.pose"]',
+              "--set", 'data.lerobot.sensor_angles=["observation.pose:yaw"]']
+    assert main([*common, "--set", "data.lerobot.sensor_angle_encoding=unwrap"]) == 0
+    capsys.readouterr()
+    assert main([*common, "--set", "data.lerobot.sensor_angle_encoding=raw", "--max_steps", "2",
+                 "--resume", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "its sensor features make the channels" in err and "unwrapped(yaw)" in err and "Traceback" not in err

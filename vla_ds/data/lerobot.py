@@ -599,11 +599,11 @@ class FrameHistory:
         """Add the next frame (its sensor features; other keys are not kept)."""
         for f in self.features:
             rows = self.values[f]
-            rows.append(np.asarray(frame[f], dtype=np.float32).reshape(-1))
+            rows.append(np.asarray(frame[f], dtype=np.float64).reshape(-1))  # as the reader holds columns
             del rows[:-self.window_size]
 
     def state(self) -> dict[str, np.ndarray] | None:
-        """{feature: (T, D) float32} of the last T <= W frames, oldest first; None without
+        """{feature: (T, D) float64} of the last T <= W frames, oldest first; None without
         features or frames."""
         if not self.has_sensor or not self.values[self.features[0]]:
             return None

@@ -7,7 +7,6 @@ are mapped back with :meth:`NormStats.denormalize_actions`.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 
@@ -203,19 +202,25 @@ def compute_norm_stats(dataset: VLADataset, max_samples: int = 2000, seed: int =
 
 
 def _sensor_transform(sensors: list) -> dict | None:
-    """The raw-feature transform of the episodes' sensor streams (LeRobot features), the same
-    for all, else a DatasetError naming two that differ; None for sensor files."""
-    found = {}
-    for s in sensors:
-        transform = getattr(s, "transform", None)
-        found.setdefault(None if transform is None else json.dumps(transform.to_dict(), sort_keys=True), s.path)
-    if len(found) > 1:
-        (a, pa), (b, pb) = list(found.items())[:2]
-        raise DatasetError(f"{pa} and {pb}: their sensor streams are made differently from their raw features "
-                           f"({a or 'a sensor file'} vs {b or 'a sensor file'}); train on sources with one sensor "
-                           "layout")
-    key = next(iter(found), None)
-    return None if key is None else json.loads(key)
+    """The raw-feature transform of the episodes' sensor streams (LeRobot features): the first
+    one, when every stream is made the same way (names aside: :meth:`SensorTransform.layout`),
+    else a DatasetError naming two that differ. None for sensor files, and when sensor files
+    and LeRobot features are mixed (the policy then takes the window itself, as before)."""
+    transforms = [(getattr(s, "transform", None), s.path) for s in sensors]
+    made = [(t, path) for t, path in transforms if t is not None]
+    if not made:
+        return None
+    if len(made) < len(transforms):
+        logger.warning("the sensor streams mix sensor files and LeRobot features: the policy takes the sensor window "
+                       "itself (no raw-state contract is recorded)")
+        return None
+    first, first_path = made[0]
+    for t, path in made[1:]:
+        if t.layout() != first.layout():
+            raise DatasetError(f"{first_path} and {path}: their sensor streams are made differently from their raw "
+                               f"features ({', '.join(first.channel_names)} vs {', '.join(t.channel_names)}); train on "
+                               "sources with one sensor layout")
+    return first.to_dict()
 
 
 def _views_and_instructions(dataset: VLADataset) -> tuple[list[str] | None, list[str] | None]:

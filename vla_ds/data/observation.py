@@ -148,6 +148,13 @@ class SensorTransform:
         out[window_size - len(rows):] = rows
         return out, window_size - len(rows)
 
+    def layout(self) -> tuple:
+        """What makes the window, without the components' names: (feature, size) pairs in
+        order, angle indices, encoding, unit. Two sources whose info.json name the same
+        components differently (or not at all) make the same windows."""
+        return (tuple((f, len(names)) for f, names in self.features), self.angles, self.angle_encoding,
+                self.angle_unit)
+
     # ------------------------------------------------------------------ stored form
 
     def to_dict(self) -> dict[str, Any]:
@@ -166,6 +173,10 @@ class SensorTransform:
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"sensor_transform: malformed ({type(e).__name__}: {e})") from None
 
+    @classmethod
+    def stored(cls, d: dict[str, Any] | None) -> SensorTransform | None:
+        return None if d is None else cls.from_dict(d)
+
     def describe(self, window_size: int) -> dict[str, Any]:
         """What a client is told: the raw features to send, their components and units, and
         what the policy makes of them."""
@@ -181,3 +192,22 @@ class SensorTransform:
             "send": "'state': {feature: float32 (T, size)}, the last T <= window_frames frames, oldest first "
                     "(a (size,) array is one frame); fewer frames than the window are padded",
         }
+
+
+def check_same_transform(recorded: SensorTransform | None, episodes, where: str, who: str = "the policy") -> None:
+    """Refuse ``episodes`` whose raw features make the sensor window differently from
+    ``recorded`` (other features, order, sizes or angle encoding): their windows would be
+    read as the recorded channels. ``where`` names the data, ``who`` what recorded it.
+    Episodes with a sensor file (no transform) are not compared."""
+    if recorded is None:
+        return
+    for ep in episodes:
+        made = getattr(ep.sensor, "transform", None)
+        if made is not None and made.layout() != recorded.layout():
+            from vla_ds.errors import ConfigError
+
+            raise ConfigError(f"{where}: its sensor features make the channels {', '.join(made.channel_names)} (from "
+                              f"{', '.join(f for f, _ in made.features)}), but {who} was trained on "
+                              f"{', '.join(recorded.channel_names)} (from {', '.join(f for f, _ in recorded.features)}); "
+                              "set data.lerobot.sensor_features / sensor_angles / sensor_angle_encoding / angle_unit "
+                              "as they were")

@@ -53,7 +53,8 @@ class StridedConv1d(nn.Conv1d):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] == 1 and self.stride[0] > 1 and self.kernel_size[0] % 2 == 1 \
-                and self.padding[0] == self.kernel_size[0] // 2 and self.dilation[0] == 1:
+                and self.padding[0] == self.kernel_size[0] // 2 and self.dilation[0] == 1 \
+                and self.padding_mode == "zeros":
             return F.conv1d(x, self.weight, self.bias, 1, self.padding, self.dilation, self.groups)
         return super().forward(x)
 

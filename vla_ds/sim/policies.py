@@ -238,6 +238,9 @@ class ChunkingPolicy(RolloutPolicy):
             keep = list(wanted)
         elif mapping and mapping.get("sensor_features"):  # exported before policies recorded the transform
             config = LeRobotConfig(**mapping)
+            if config.sensor_angles and config.sensor_angle_encoding == "unwrap":
+                logger.warning("the policy was trained before vla_ds recorded its sensor transform, with angles "
+                               "unwrapped over whole episodes; its windows are now unwrapped within each window")
             names = {f: component_names(f, features[f]) for f in config.sensor_features}
             self.transform = sensor_transform(config, names, "Meta-World's frames")
             if self.transform.channels != int(self.metadata["sensor_channels"]):

@@ -94,6 +94,12 @@ def assemble(cfg: RunConfig, world: int, rank: int, source: str = "config") -> R
                 else f"{cfg.train.epochs} epochs", config_lib.describe_schedule(cfg))
 
     start, norm_stats = read_start(cfg, train_ds)
+    # Stage 2 and --resume carry the statistics, and the sensor transform, of the run they start
+    # from: this data must make its windows the same way (a served policy applies that one).
+    from vla_ds.data.observation import SensorTransform, check_same_transform
+
+    check_same_transform(SensorTransform.stored(getattr(norm_stats, "sensor_transform", None)), dataset.episodes,
+                         cfg.data.dataset_dir, who="the checkpoint the run starts from")
     if norm_stats.action_dim != dataset.action_dim:
         raise config_lib.ConfigError(
             f"{cfg.data.dataset_dir}: {dataset.action_dim}-dimensional actions ({', '.join(dataset.action_names)}), but "

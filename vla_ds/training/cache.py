@@ -231,6 +231,10 @@ def cache_base(cache_config: CacheConfig, dataset_dir: str) -> Path:
 
 def cache_root(cache_config: CacheConfig, dataset_dir: str, key: str, parts: dict[str, Any]) -> Path:
     base = cache_base(cache_config, dataset_dir)
+    old = Path(dataset_dir) / ".vla_ds_cache"
+    if not cache_config.dir and old.is_dir():  # where the cache lived before vla_ds left datasets alone
+        logger.info("%s holds a VL feature cache from an older vla_ds, no longer read: the cache is now %s (delete "
+                    "the old one, or reuse it with --set cache.dir=%s)", old, base, old)
     root = base / key
     try:
         root.mkdir(parents=True, exist_ok=True)
