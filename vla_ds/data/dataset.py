@@ -392,13 +392,16 @@ class VLADataset(torch.utils.data.Dataset):
             return np.zeros(0)
         if self.source_weights is None:
             return np.full(n, 1.0 / n)
-        sources = np.array([self.episodes[e].source for e in self._sample_episode])  # (N,)
+        # Per-episode source codes, indexed per sample: no Python object per sample (10M samples
+        # would be 10M lookups and a string array of 10M names).
+        names, codes = np.unique(np.array([ep.source for ep in self.episodes]), return_inverse=True)
+        sources = codes[self._sample_episode]  # (N,) code of each sample's source
         w = np.zeros(n)
-        present = {s: self.source_weights[s] for s in np.unique(sources)}
-        total = sum(present.values())
-        for s, weight in present.items():
-            mask = sources == s
-            w[mask] = weight / total / mask.sum()
+        present = {str(names[c]): c for c in np.unique(sources)}
+        total = sum(self.source_weights[s] for s in present)
+        for s, c in present.items():
+            mask = sources == c
+            w[mask] = self.source_weights[s] / total / mask.sum()
         return w
 
     # ---- samples
@@ -479,7 +482,7 @@ class VLADataset(torch.utils.data.Dataset):
 
     def sample_source(self) -> np.ndarray:
         """(N,) source name of each sample."""
-        return np.array([self.episodes[e].source for e in self._sample_episode], dtype=object)
+        return np.array([ep.source for ep in self.episodes], dtype=object)[self._sample_episode]
 
     def describe(self) -> str:
         """A few lines for the start-up log: episodes, samples, sources and weights, views, sensor."""
