@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -99,24 +98,17 @@ WINDOW = 32
 
 
 def train_argv(data: Path, backbone: Path, cache: Path, out: Path, batch_size: int, lr: float,
-               epochs: int, extra: dict, config: str = "stage1.json") -> list[str]:
+               extra: dict, config: str = "stage1.json") -> list[str]:
+    """train.py's flags for a cell; its length is ``train.max_steps`` in ``extra`` (which sizes the schedule)."""
     argv = ["--ds_config", str(REPO / "ds_configs" / config), "--dataset_dir", str(data),
             "--vl-model", str(backbone), "--model-preset", "tiny", "--sensor-window-size", str(WINDOW),
             "--num_workers", "0", "--batch_size", str(batch_size), "--grad_accum", "1", "--lr", str(lr),
-            "--epochs", str(epochs), "--val_split", str(VAL_SPLIT), "--seed", str(SEED), "--output_dir", str(out),
+            "--val_split", str(VAL_SPLIT), "--seed", str(SEED), "--output_dir", str(out),
             "--set", f"cache.dir={cache}", "--set", "train.progress_bar=false",
             "--set", "train.validate_every_epochs=1000"]
     for key, value in extra.items():
         argv += ["--set", f"{key}={value}"]
     return argv
-
-
-def steps_per_epoch(data: Path, batch_size: int) -> int:
-    from vla_ds.data import DataConfig, VLADataset, split_train_val
-
-    ds = VLADataset(DataConfig(dataset_dir=str(data), sensor_window_size=WINDOW))
-    train, _ = split_train_val(ds, VAL_SPLIT, SEED)
-    return len(train) // batch_size
 
 
 def run_cell(cell: dict) -> dict:
@@ -132,7 +124,7 @@ def run_cell(cell: dict) -> dict:
     setup_logging(level=30)
     out = Path(cell["out"])
     shutil.rmtree(out, ignore_errors=True)  # a cell of an earlier run in the same --workdir
-    steps, spe = cell["steps"], cell["steps_per_epoch"]
+    steps = cell["steps"]
     extra = {**HEADS[cell["head"]], **conditioning_settings(cell["conditioning"]), **cell.get("set", {}),
              "ema.enabled": str(cell["ema"]).lower(), "train.max_steps": steps}  # sizes the schedule
     config, lr = "stage1.json", cell["lr"]
@@ -141,7 +133,7 @@ def run_cell(cell: dict) -> dict:
         extra.update({"train.stage1_checkpoint": cell["stage1_run"], "optimizer_groups.vl.lr": lr / 10})
     start = time.perf_counter()
     code = train_main(train_argv(Path(cell["data"]), Path(cell["backbone"]), Path(cell["cache"]), out / "run",
-                                 cell["batch_size"], lr, math.ceil(steps / spe), extra, config))
+                                 cell["batch_size"], lr, extra, config))
     if code != 0:
         raise SystemExit(f"training failed for {cell['name']} (exit {code})")
     train_s = time.perf_counter() - start
@@ -196,7 +188,7 @@ def prepare_task(task: str, work: Path, backbone: Path, episodes: int, condition
     if not (data / ".vla_ds_synthetic").is_file():
         make_learning_dataset(data, task, episodes=episodes * EPISODE_FACTOR.get(task, 1), overwrite=True)
     for name in conditionings:
-        code = train_main(train_argv(data, backbone, cache, work / f"cache_run_{task}", 16, 1e-3, 1,
+        code = train_main(train_argv(data, backbone, cache, work / f"cache_run_{task}", 16, 1e-3,
                                      conditioning_settings(name)), action=build_cache)
         if code != 0:
             raise SystemExit(f"building the {name} feature cache of {task} failed (exit {code})")
@@ -265,7 +257,6 @@ def main(argv: list[str] | None = None) -> int:
         cells = []
         for task in a.tasks:
             data, cache = prepare_task(task, work, backbone, a.episodes, a.conditioning)
-            spe = steps_per_epoch(data, a.batch_size)
             for steps in a.steps:
                 for ema in a.ema:
                     for conditioning in a.conditioning:
@@ -273,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                             name = f"{task}_{conditioning}_{head}_ema{ema}_{steps}"
                             cells.append({"name": name, "task": task, "stage": 1, "conditioning": conditioning,
                                           "head": head, "ema": ema == "on",
-                                          "steps": steps, "steps_per_epoch": spe, "data": str(data),
+                                          "steps": steps, "data": str(data),
                                           "cache": str(cache), "backbone": str(backbone),
                                           "out": str(work / "cells" / name), "batch_size": a.batch_size, "lr": a.lr,
                                           "sampling_steps": a.sampling_steps,

@@ -60,6 +60,18 @@ class SensorTransform:
         for feature, index in self.angles:
             if feature not in sizes or not 0 <= index < len(sizes[feature]):
                 raise ValueError(f"angle component {feature}[{index}] is not a component of the features")
+        # (feature, component index, kind, channel name) per model channel, made once: windows
+        # are cut per training sample and per served request.
+        plan, angles = [], set(self.angles)
+        for feature, names in self.features:
+            for c, name in enumerate(names):
+                if (feature, c) in angles and self.angle_encoding == "sincos":
+                    plan += [(feature, c, "sin", f"sin({name})"), (feature, c, "cos", f"cos({name})")]
+                elif (feature, c) in angles and self.angle_encoding == "unwrap":
+                    plan.append((feature, c, "unwrap", f"unwrapped({name})"))
+                else:
+                    plan.append((feature, c, "raw", name))
+        object.__setattr__(self, "_plan", tuple(plan))  # frozen; not a field, so not compared
 
     # ------------------------------------------------------------------ what it makes
 
@@ -68,26 +80,13 @@ class SensorTransform:
         """Components per raw feature, in concatenation order."""
         return {feature: len(names) for feature, names in self.features}
 
-    def _channels(self):
-        """(feature, component index, encoding of the channel, channel name) per model channel."""
-        angles = set(self.angles)
-        for feature, names in self.features:
-            for c, name in enumerate(names):
-                if (feature, c) in angles and self.angle_encoding == "sincos":
-                    yield feature, c, "sin", f"sin({name})"
-                    yield feature, c, "cos", f"cos({name})"
-                elif (feature, c) in angles and self.angle_encoding == "unwrap":
-                    yield feature, c, "unwrap", f"unwrapped({name})"
-                else:
-                    yield feature, c, "raw", name
-
     @property
     def channel_names(self) -> list[str]:
-        return [name for *_, name in self._channels()]
+        return [name for *_, name in self._plan]
 
     @property
     def channels(self) -> int:
-        return len(self.channel_names)
+        return len(self._plan)
 
     # ------------------------------------------------------------------ the one function
 
@@ -123,27 +122,28 @@ class SensorTransform:
             out[feature] = x
         return out
 
-    def rows(self, values: dict[str, np.ndarray]) -> np.ndarray:
-        """(T, C) float32 model rows of T raw frames, each frame on its own ("unwrap" needs a
-        window: here it is the raw angle). For statistics; windows use :meth:`window`."""
+    def rows(self, values: dict[str, np.ndarray], unwrap: bool = False) -> np.ndarray:
+        """(T, C) float32 model rows of T raw frames. "unwrap" channels are continuous over
+        the T rows with ``unwrap`` (a window), else each frame's raw angle (statistics)."""
         to_rad = 1.0 if self.angle_unit == "rad" else math.pi / 180.0
+        period = 2 * math.pi if self.angle_unit == "rad" else 360.0
         columns = []
-        for feature, c, kind, _ in self._channels():
+        for feature, c, kind, _ in self._plan:
             x = np.asarray(values[feature], dtype=np.float64)[:, c]
-            columns.append(np.sin(x * to_rad) if kind == "sin" else np.cos(x * to_rad) if kind == "cos" else x)
+            if kind == "sin":
+                x = np.sin(x * to_rad)
+            elif kind == "cos":
+                x = np.cos(x * to_rad)
+            elif kind == "unwrap" and unwrap:
+                x = np.unwrap(x, period=period)
+            columns.append(x)
         return np.stack(columns, axis=1).astype(np.float32)
 
     def window(self, values: dict[str, np.ndarray], window_size: int) -> tuple[np.ndarray, int]:
         """The model's ((W, C) float32 window, padded rows) from the raw rows of the last
         T frames (T >= 1; only the last W = ``window_size`` are used; T < W front-pads with
         zeros)."""
-        last = {f: np.asarray(v, dtype=np.float64)[-window_size:] for f, v in values.items()}
-        rows = self.rows(last)
-        if self.angle_encoding == "unwrap" and self.angles:
-            period = 2 * math.pi if self.angle_unit == "rad" else 360.0
-            for channel, (feature, c, kind, _) in enumerate(self._channels()):
-                if kind == "unwrap":
-                    rows[:, channel] = np.unwrap(last[feature][:, c], period=period)
+        rows = self.rows({f: np.asarray(v)[-window_size:] for f, v in values.items()}, unwrap=True)
         out = np.zeros((window_size, rows.shape[1]), dtype=np.float32)
         out[window_size - len(rows):] = rows
         return out, window_size - len(rows)
@@ -211,3 +211,10 @@ def check_same_transform(recorded: SensorTransform | None, episodes, where: str,
                               f"{', '.join(recorded.channel_names)} (from {', '.join(f for f, _ in recorded.features)}); "
                               "set data.lerobot.sensor_features / sensor_angles / sensor_angle_encoding / angle_unit "
                               "as they were")
+
+
+def unwrap_changed(lerobot: dict[str, Any]) -> bool:
+    """Whether a policy exported before vla_ds recorded its sensor transform, trained with
+    these ``data.lerobot`` settings, saw angles unwrapped over whole episodes: its windows are
+    now unwrapped within each window (what a robot can send), shifted by whole turns at worst."""
+    return bool(lerobot.get("sensor_angles")) and lerobot.get("sensor_angle_encoding") == "unwrap"

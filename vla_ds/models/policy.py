@@ -170,6 +170,8 @@ class VLAPolicy(nn.Module):
         self.sensor_norm = Normalizer(norm_stats.sensor_mean, norm_stats.sensor_std)
         self.sensor_loss_weight = sensor_loss_weight
         self.norm_stats = norm_stats  # what the training data was: names of actions and views, instructions
+        # Parsed once: it is applied to every served request with a raw state.
+        self._sensor_transform = SensorTransform.stored(getattr(norm_stats, "sensor_transform", None))
         self.input_builder: VLInputBuilder | None = None  # set for inference (predict_actions)
         self.policy_config: dict[str, Any] | None = None  # config.json, when loaded by from_pretrained
         self.policy_dir: Path | None = None
@@ -341,8 +343,7 @@ class VLAPolicy(nn.Module):
     def sensor_transform(self) -> SensorTransform | None:
         """How the policy makes its sensor window from raw per-frame features (recorded in
         its norm stats when it was trained on LeRobot sensor features), or None."""
-        stored = getattr(self.norm_stats, "sensor_transform", None)
-        return None if stored is None else SensorTransform.from_dict(stored)
+        return self._sensor_transform
 
     def state_window(self, state: dict[str, Any], where: str = "state") -> tuple[np.ndarray, int]:
         """((W, C) float32 window, padded rows) from a robot's raw features ``{feature: (T, D)}``

@@ -200,19 +200,11 @@ def check_sensor_transform(policy, dataset: VLADataset, where: str) -> None:
     """Refuse data whose raw features make the policy's sensor window differently from how its
     training data did (other features, order, names or angle encoding): its windows would be
     read as the policy's channels. ``where`` names the data in the message."""
-    from vla_ds.data.observation import check_same_transform
+    from vla_ds.data.observation import check_same_transform, unwrap_changed
 
     check_same_transform(policy.sensor_transform, dataset.episodes, where)
-    if policy.sensor_transform is None:
-        warn_unwrap_changed(policy.policy_config or {}, where)
-
-
-def warn_unwrap_changed(policy_config: dict[str, Any], where: str) -> None:
-    """A policy exported before vla_ds recorded its sensor transform, trained with
-    ``sensor_angle_encoding: unwrap``: it saw angles unwrapped over whole episodes, and the
-    windows made now unwrap within each window (what a robot can send): say so."""
-    lerobot = (policy_config.get("data") or {}).get("lerobot") or {}
-    if lerobot.get("sensor_angles") and lerobot.get("sensor_angle_encoding") == "unwrap":
+    lerobot = ((policy.policy_config or {}).get("data") or {}).get("lerobot") or {}
+    if policy.sensor_transform is None and unwrap_changed(lerobot):
         logger.warning("%s: this policy was trained before vla_ds recorded its sensor transform, with angles unwrapped "
                        "over whole episodes; its windows are now unwrapped within each window, so its angle channels "
                        "may be shifted by whole turns from what it learned (retrain, or export again from a newer "

@@ -212,6 +212,7 @@ class ChunkingPolicy(RolloutPolicy):
             component_names,
             sensor_transform,
         )
+        from vla_ds.data.observation import unwrap_changed
         from vla_ds.serving.client import ActionChunker
         from vla_ds.sim import metaworld
 
@@ -238,7 +239,7 @@ class ChunkingPolicy(RolloutPolicy):
             keep = list(wanted)
         elif mapping and mapping.get("sensor_features"):  # exported before policies recorded the transform
             config = LeRobotConfig(**mapping)
-            if config.sensor_angles and config.sensor_angle_encoding == "unwrap":
+            if unwrap_changed(mapping):
                 logger.warning("the policy was trained before vla_ds recorded its sensor transform, with angles "
                                "unwrapped over whole episodes; its windows are now unwrapped within each window")
             names = {f: component_names(f, features[f]) for f in config.sensor_features}

@@ -251,9 +251,10 @@ def mid_epoch_save_due(cfg: RunConfig, step: int, micro_step_in_epoch: int, micr
     return bool(cfg.train.save_steps) and step % cfg.train.save_steps == 0 and micro_step_in_epoch < micro_steps_per_epoch
 
 
-def validation_due(cfg: RunConfig, epoch: int, stopping: bool) -> bool:
-    """Validate after this epoch: every ``validate_every_epochs``, the last epoch, or a stop."""
-    return stopping or epoch % cfg.train.validate_every_epochs == 0 or epoch == cfg.train.epochs
+def validation_due(cfg: RunConfig, epoch: int, stopping: bool, last_epoch: int) -> bool:
+    """Validate after this epoch: every ``validate_every_epochs``, the run's last epoch
+    (:func:`~vla_ds.training.config.run_epochs`), or a stop."""
+    return stopping or epoch % cfg.train.validate_every_epochs == 0 or epoch == last_epoch
 
 
 @dataclass
@@ -438,7 +439,7 @@ def train(cfg: RunConfig, engine, train_loader: DataLoader, val_loader: tuple[Da
                 stopped = loop.run_epoch(micro_step, guard)
                 if loop.stopped_by:
                     break
-                if validation_due(cfg, state.epoch, stopped):
+                if validation_due(cfg, state.epoch, stopped, epochs):
                     loop.validate()
                 loop.save()
             if loop.stopped_by:
