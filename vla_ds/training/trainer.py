@@ -308,13 +308,7 @@ class Loop:
             return Stopped(f"stopped by {name} before the first optimizer step: nothing to resume, start the run "
                            "again", self.stopped_by)
         if cfg.train.save_on_signal and (self.saved is None or self.saved[0] != step):
-            # Stopped before the first step after a --resume: that checkpoint is this step's,
-            # complete; writing it again would only put it at risk (SIGKILL mid-write).
-            done = [tag for s, tag, complete in checkpoint_tags(out) if s == step and complete]
-            if done:
-                self.saved = (step, done[0])
-            else:
-                self.save()
+            self.save()
         if self.saved is not None and self.saved[0] == step:
             return Stopped(f"stopped by {name} at step {step}: resume with --resume {out} ({self.saved[1].name})",
                            self.stopped_by)
@@ -420,6 +414,12 @@ def train(cfg: RunConfig, engine, train_loader: DataLoader, val_loader: tuple[Da
         bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True)
     loop = Loop(cfg, engine, train_loader, val_loader, sampler, group_names, state, client_extra, total_steps, ema,
                 metrics, bar)
+    # Resumed from this output dir: its checkpoint is this step's. A stop before the next step
+    # names it instead of writing it again (a SIGKILL mid-write would spoil the only good one).
+    # Looked up here, before any rank can save, so that every rank sees the same.
+    resumed = [tag for s, tag, complete in checkpoint_tags(cfg.train.output_dir) if s == state.step and complete]
+    if state.step and resumed:
+        loop.saved = (state.step, resumed[0])
     if state.step == 0 and cfg.stage == "stage2":
         # The guide: Stage 2 starts below Stage 1's final validation loss (LoRA B is zero,
         # so before the first update this *is* Stage 1's model); logged as the step-0 row.
