@@ -17,6 +17,7 @@ from vla_ds.data.dataset import (
     split_train_val,
     wrap_degrees,
 )
+from vla_ds.data.episodes import load_episode
 from vla_ds.data.sampler import DistributedWeightedSampler
 from vla_ds.errors import ConfigError, DatasetError, user_message
 
@@ -124,7 +125,8 @@ def test_dataset_action_chunks_equal_per_sample_computation(tmp_path):
     for i in range(len(ds)):
         sample = ds.get_item(i, with_images=False)
         ep = ds.episodes[sample["episode_index"]]
-        expected = compute_action_chunk(ep.states.times, ep.states.poses, ep.states.gripper, sample["frame_time"],
+        states = load_episode(ep.path).states  # the dataset's episodes are views of its index: no states
+        expected = compute_action_chunk(states.times, states.poses, states.gripper, sample["frame_time"],
                                         ds.config.action_horizon, ep.action_hz)
         actions, is_pad = ds.get_actions(i)
         np.testing.assert_array_equal(actions, expected[0])

@@ -1,8 +1,8 @@
 """Where vla_ds keeps what it derives from a dataset: never inside the dataset.
 
 Datasets are often shared, on read-only mounts or in the Hugging Face cache, so training
-leaves them byte for byte unchanged. What it derives (the Stage 1 VL feature cache,
-unpacked copies of compressed sensor streams) goes under one user cache root:
+leaves them byte for byte unchanged. What it derives (the dataset index, the Stage 1 VL
+feature cache, unpacked copies of compressed sensor streams) goes under one user cache root:
 
     $VLA_DS_CACHE                      when set (a shared filesystem on a multi-node cluster)
     $XDG_CACHE_HOME/vla_ds             else
@@ -40,6 +40,11 @@ def dataset_slug(dataset_dir: str | os.PathLike) -> str:
 def feature_cache_dir(dataset_dir: str | os.PathLike) -> Path:
     """The default Stage 1 VL feature cache of a dataset (``cache.dir`` empty)."""
     return user_cache_dir() / "features" / dataset_slug(dataset_dir)
+
+
+def index_dir(dataset_dir: str | os.PathLike) -> Path:
+    """Where a dataset's index lives (one folder per data-config key inside)."""
+    return user_cache_dir() / "index" / dataset_slug(dataset_dir)
 
 
 def unpacked_sensor_dir() -> Path:

@@ -43,7 +43,15 @@ from vla_ds.data.actions import (  # noqa: F401  (re-exported: the sample maths'
     wrap_degrees,
 )
 from vla_ds.data.episodes import Episode, decode_image, find_episode_dirs, load_episode  # noqa: F401
-from vla_ds.data.lerobot import LeRobotConfig, is_lerobot_root, load_lerobot_episodes
+from vla_ds.data.index import (
+    DatasetIndex,
+    Plan,
+    build_part,
+    load_unit,
+    merge_parts,
+    open_index,
+)
+from vla_ds.data.lerobot import LeRobotConfig
 from vla_ds.errors import ConfigError, DatasetError
 
 logger = logging.getLogger(__name__)
@@ -201,30 +209,83 @@ def load_episodes(pairs: Sequence[tuple[Path, str]], max_threads: int = 16,
     """Load [(episode_dir or LeRobot root, source), ...] in order, ``index`` = position in the
     result (a LeRobot root gives all its episodes). Threads overlap the file-system latency
     (network storage); the first failing episode's error is raised."""
-    def load(item):
-        episode_dir, source = item
-        if is_lerobot_root(episode_dir):
-            return load_lerobot_episodes(episode_dir, lerobot or LeRobotConfig(), source, on_bad_sample)
-        return [load_episode(episode_dir, source=source)]
-
+    config = DataConfig(lerobot=lerobot or LeRobotConfig(), on_bad_sample=on_bad_sample)
     with ThreadPoolExecutor(max_workers=max(1, min(max_threads, len(pairs)))) as pool:
-        episodes = [ep for group in pool.map(load, pairs) for ep in group]
+        episodes = [ep for group in pool.map(lambda pair: load_unit(*pair, config), pairs) for ep in group]
     for index, ep in enumerate(episodes):
         ep.index = index
     return episodes
 
 
+def build_index(config: DataConfig, rank: int, world: int, phase) -> DatasetIndex:
+    """Collective over ``world`` ranks: the index of ``config``'s dataset, each stale unit
+    indexed by one rank (every ``world``-th), merged by rank 0 while the others wait, then
+    mapped by all. ``phase(name)`` is a context manager in which a rank works alone and
+    at whose end it waits for every rank (the training's long-phase heartbeat); every rank
+    enters both phases, whether or not there is work. One rank (``world`` 1) is
+    :func:`open_index`."""
+    pairs, _ = scan_dataset(config.dataset_dir)
+    if not pairs:
+        raise DatasetError(f"{config.dataset_dir}: no episodes found (no folder holds metadata.json)")
+    if world == 1:
+        with phase("dataset index"):
+            return open_index(config, pairs)
+    plan = Plan(config, pairs)
+    with phase("dataset index build"):
+        if not plan.current:
+            plan.folder.parent.mkdir(parents=True, exist_ok=True)
+            build_part(plan, rank, world)
+    with phase("dataset index merge"):
+        if rank == 0 and not plan.current:
+            start = time.perf_counter()
+            merge_parts(plan, world)
+            logger.info("dataset index of %s: %d units, %d re-indexed on %d ranks, in %s (merged in %.1f s)",
+                        config.dataset_dir, len(plan.paths), len(plan.stale), world, plan.folder,
+                        time.perf_counter() - start)
+    # Rank 0's merge is what every rank maps; a rank whose cache is not rank 0's (node-local
+    # VLA_DS_CACHE) finds it missing or stale here and builds its own under the lock.
+    return open_index(config, pairs, plan.signatures)
+
+
 # --------------------------------------------------------------------------- dataset
+
+
+class EpisodeList(Sequence):
+    """The episodes of a dataset: each a view made from the index when asked for (nothing is
+    kept per episode, so forked DataLoader workers copy no pages by touching them)."""
+
+    def __init__(self, index: DatasetIndex, ids: np.ndarray):
+        self._index, self._ids = index, ids
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self._index.episode(int(e)) for e in self._ids[k]]
+        return self._index.episode(int(self._ids[k]))
+
+    def index(self, episode, *args) -> int:
+        """The position of ``episode`` (one of these) in the list."""
+        found = np.flatnonzero(self._ids == self._index.id_of(episode))
+        if not len(found):
+            raise ValueError(f"{episode.path} is not one of these episodes")
+        return int(found[0])
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Sequence) and len(self) == len(other) and list(self) == list(other)
 
 
 class VLADataset(torch.utils.data.Dataset):
     """Samples of a set of episodes (a map-style dataset; items are dicts of numpy values).
 
     Build the full dataset with :meth:`from_config`, then split it by episode with
-    :func:`split_train_val`. The constructor checks everything that can be checked
-    without decoding images: each episode's robot states span at least one action
-    chunk, every episode has the same number of camera views, sensor channel counts
-    agree, and each sample's views have a frame within ``view_tolerance_s``.
+    :func:`split_train_val`. The samples come from the dataset's index
+    (:mod:`vla_ds.data.index`: built once per dataset and data config, memory-mapped by
+    every rank and worker). Building it checks everything that can be checked without
+    decoding images: each episode's robot states span at least one action chunk, every
+    episode has the same number of camera views, sensor channel counts agree, and each
+    sample's views have a frame within ``view_tolerance_s``.
 
     Frame times of the first view outside the episode's robot_states time range
     ``[first timestamp, last timestamp]`` (1e-6 s slack; a frame exactly at either end
@@ -235,16 +296,17 @@ class VLADataset(torch.utils.data.Dataset):
     Args:
         config: the data config.
         episodes: loaded :class:`Episode` objects or episode directories (loaded here,
-            with the top-level folder under ``config.dataset_dir`` as source). None scans
-            ``config.dataset_dir`` like :meth:`from_config`.
+            with the top-level folder under ``config.dataset_dir`` as source; indexed in
+            memory). None scans ``config.dataset_dir`` like :meth:`from_config`.
         source_weights: mixture weight per source name; None means uniform over samples.
         sensor_channels: force C (a split's halves share their parent's); by default
             read from the episodes' sensor files, 1 when none has one.
         num_views: force the number of camera views (for an empty split half).
         allow_empty: allow zero samples (a validation split); otherwise a DatasetError.
+        index, episode_ids: the samples of these episodes of an index (:meth:`with_episodes`).
 
     Attributes:
-        episodes: the episodes, in path order.
+        episodes: the episodes, in path order (views made on access: :class:`EpisodeList`).
         sensor_channels: C.
         num_views: V, camera views per sample.
         source_weights: {source: weight} from mixture.yaml (or as given), or **None
@@ -253,7 +315,7 @@ class VLADataset(torch.utils.data.Dataset):
             not ``sample_weights`` (which would draw with replacement).
         sample_weights: (N,) float64 sampling probability per sample (sums to 1): each
             source's total is proportional to its weight; uniform (1/N) when
-            ``source_weights`` is None. Always an array.
+            ``source_weights`` is None. Always an array (made on first use).
         invalid_samples: {episode dir: samples dropped} with on_bad_sample="skip".
         out_of_range_frames: {episode dir: sample frame times dropped} for frames outside
             that episode's robot_states time range (episodes with none are absent).
@@ -261,130 +323,145 @@ class VLADataset(torch.utils.data.Dataset):
 
     def __init__(self, config: DataConfig, episodes: Sequence[Episode | str | os.PathLike] | None = None,
                  source_weights: Mapping[str, float] | None = None, *, sensor_channels: int | None = None,
-                 num_views: int | None = None, allow_empty: bool = False, action_spec: tuple | None = None):
+                 num_views: int | None = None, allow_empty: bool = False, action_spec: tuple | None = None,
+                 index: DatasetIndex | None = None, episode_ids: Sequence[int] | None = None):
         self.config = config
         root = Path(config.dataset_dir) if config.dataset_dir else None
-        if episodes is None:
-            if root is None:
-                raise ConfigError("DataConfig.dataset_dir is empty: set it with --dataset_dir")
-            pairs, scanned_weights = scan_dataset(root)
-            if not pairs:
-                raise DatasetError(f"{root}: no episodes found (no folder holds metadata.json)")
-            episodes = load_episodes(pairs, lerobot=config.lerobot, on_bad_sample=config.on_bad_sample)
-            if source_weights is None:
-                source_weights = scanned_weights
-        self.episodes: list[Episode] = [
-            load_episode(ep, source=_default_source(Path(ep), root), index=i) if isinstance(ep, (str, os.PathLike))
-            else ep
-            for i, ep in enumerate(episodes)
-        ]
+        if index is None:
+            if episodes is None:
+                if root is None:
+                    raise ConfigError("DataConfig.dataset_dir is empty: set it with --dataset_dir")
+                pairs, scanned_weights = scan_dataset(root)
+                if not pairs:
+                    raise DatasetError(f"{root}: no episodes found (no folder holds metadata.json)")
+                index = open_index(config, pairs)
+                if source_weights is None:
+                    source_weights = scanned_weights
+            else:
+                loaded = [load_episode(ep, source=_default_source(Path(ep), root), index=i)
+                          if isinstance(ep, (str, os.PathLike))
+                          else load_episode(ep.path, source=ep.source, index=ep.index)
+                          if getattr(ep, "states", True) is None  # a view of another index: read it again
+                          else ep for i, ep in enumerate(episodes)]
+                index = DatasetIndex.from_episodes(loaded, config, resident=True)
+        self._index = index
+        self._ids = np.arange(len(index), dtype=np.int64) if episode_ids is None \
+            else np.asarray(episode_ids, dtype=np.int64).reshape(-1)
+        counts = np.diff(index.sample_off)[self._ids]  # (E,) samples per episode
+        self._cum = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # (E+1,)
+        self.episodes = EpisodeList(index, self._ids)
         self.source_weights = dict(source_weights) if source_weights is not None else None
         where = str(root) if root is not None else "dataset"
-        if not self.episodes and not allow_empty:
+        if not len(self._ids) and not allow_empty:
             raise DatasetError(f"{where}: no episodes given")
 
-        self._check_episodes(num_views, action_spec)
-        self.sensor_channels = sensor_channels if sensor_channels is not None else self._read_sensor_channels()
-        for ep in self.episodes:
-            if ep.sensor is not None and ep.sensor.channels != self.sensor_channels:
-                raise DatasetError(f"{ep.sensor.path}: {ep.sensor.channels} sensor channels, "
-                                   f"expected {self.sensor_channels}")
-        self._build_index()
+        self._check_episodes(num_views, action_spec, sensor_channels)
         if len(self) == 0 and not allow_empty:
             dropped = []
-            if self.invalid_samples:
-                dropped.append(f"{sum(self.invalid_samples.values())} skipped as invalid")
-            if self.out_of_range_frames:
-                dropped.append(f"{sum(self.out_of_range_frames.values())} frames outside their episode's "
-                               f"robot_states time range")
-            raise DatasetError(f"{where}: no valid samples in {len(self.episodes)} episodes"
+            invalid, out_of_range = (int(index.column(f)[self._ids].sum()) for f in ("invalid", "out_of_range"))
+            if invalid:
+                dropped.append(f"{invalid} skipped as invalid")
+            if out_of_range:
+                dropped.append(f"{out_of_range} frames outside their episode's robot_states time range")
+            raise DatasetError(f"{where}: no valid samples in {len(self._ids)} episodes"
                                + (f" ({'; '.join(dropped)})" if dropped else ""))
-        self.sample_weights = self._compute_sample_weights()
+        self._sample_weights = None
 
     @classmethod
-    def from_config(cls, config: DataConfig) -> VLADataset:
-        """Every episode under ``config.dataset_dir`` (only mixture.yaml's sources if it exists)."""
+    def from_config(cls, config: DataConfig, index: DatasetIndex | None = None) -> VLADataset:
+        """Every episode under ``config.dataset_dir`` (only mixture.yaml's sources if it exists).
+        ``index``: that dataset's index, already opened (:func:`vla_ds.data.index.build_index`)."""
         start = time.perf_counter()
-        ds = cls(config)
+        if index is None:
+            ds = cls(config)
+        else:
+            mixture = read_mixture(Path(config.dataset_dir))
+            ds = cls(config, index=index, source_weights=dict(mixture) if mixture is not None else None)
         logger.info("loaded %d episodes (%d samples) from %s in %.1f s",
                     len(ds.episodes), len(ds), config.dataset_dir, time.perf_counter() - start)
         for path, n in ds.invalid_samples.items():
             logger.warning("%s: skipped %d samples with a camera view missing a frame within %.3g s",
                            path, n, config.view_tolerance_s)
-        n_out = sum(ds.out_of_range_frames.values())
+        out_of_range = ds._index.column("out_of_range")[ds._ids]
+        n_out = int(out_of_range.sum())
         if n_out:
             logger.info("%d frames outside their episode's robot_states time range were not used "
-                        "(%d of %d episodes)", n_out, len(ds.out_of_range_frames), len(ds.episodes))
+                        "(%d of %d episodes)", n_out, int((out_of_range > 0).sum()), len(ds.episodes))
         return ds
 
     def with_episodes(self, episodes: Sequence[Episode], allow_empty: bool = True) -> VLADataset:
         """A dataset over some of this dataset's episodes, with the same config, weights, C and V."""
-        return VLADataset(self.config, list(episodes), self.source_weights, sensor_channels=self.sensor_channels,
+        return VLADataset(self.config, source_weights=self.source_weights, sensor_channels=self.sensor_channels,
                           num_views=self.num_views, allow_empty=allow_empty,
-                          action_spec=(self.action_dim, self.action_names, self.action_units))
+                          action_spec=(self.action_dim, self.action_names, self.action_units),
+                          index=self._index, episode_ids=[self._index.id_of(ep) for ep in episodes])
 
     # ---- construction helpers
 
-    def _check_episodes(self, num_views: int | None, action_spec: tuple | None):
-        for ep in self.episodes:
-            if self.source_weights is not None and ep.source not in self.source_weights:
+    def _counted(self, field: str) -> dict[str, int]:
+        column = self._index.column(field)[self._ids]
+        paths = self._index.column("path")
+        return {os.fsdecode(paths[self._ids[k]]): int(column[k]) for k in np.flatnonzero(column)}
+
+    @property
+    def invalid_samples(self) -> dict[str, int]:
+        return self._counted("invalid")
+
+    @property
+    def out_of_range_frames(self) -> dict[str, int]:
+        return self._counted("out_of_range")
+
+    def _check_episodes(self, num_views: int | None, action_spec: tuple | None, sensor_channels: int | None):
+        index, ids = self._index, self._ids
+        codes = index.column("source")[ids]
+        if self.source_weights is not None:
+            missing = [k for k, c in enumerate(codes) if index.sources[c] not in self.source_weights]
+            if missing:
+                ep = self.episodes[missing[0]]
                 raise DatasetError(f"{ep.path}: source '{ep.source}' has no mixture weight")
-        first = self.episodes[0] if self.episodes else None
-        self.num_views = num_views if num_views is not None else len(first.camera_views) if first else 0
-        for ep in self.episodes:
-            if len(ep.camera_views) != self.num_views:
-                ref = f"{first.path} has {len(first.camera_views)} ({', '.join(first.camera_views)})" \
-                    if first is not None and num_views is None else f"expected {self.num_views}"
-                raise DatasetError(f"{ep.path}: {len(ep.camera_views)} camera views "
-                                   f"({', '.join(ep.camera_views)}) but {ref}; every episode needs the same number")
+        views = index.column("views")[ids]
+        first = self.episodes[0] if len(ids) else None
+        self.num_views = num_views if num_views is not None else int(views[0]) if first is not None else 0
+        bad = np.flatnonzero(views != self.num_views)
+        if len(bad):
+            ep = self.episodes[int(bad[0])]
+            ref = f"{first.path} has {len(first.camera_views)} ({', '.join(first.camera_views)})" \
+                if first is not None and num_views is None else f"expected {self.num_views}"
+            raise DatasetError(f"{ep.path}: {len(ep.camera_views)} camera views "
+                               f"({', '.join(ep.camera_views)}) but {ref}; every episode needs the same number")
         # D, the action dimension: the same for every episode (a mixture of formats must agree).
         if action_spec is None:
             action_spec = (first.action_dim, tuple(first.action_names), tuple(first.action_units)) if first \
                 else (ACTION_DIM, DELTA_POSE_NAMES, DELTA_POSE_UNITS)
         self.action_dim, self.action_names, self.action_units = action_spec
-        for ep in self.episodes:
-            if ep.action_dim != self.action_dim:
-                ref = f"{first.path} has" if first is not None else "the dataset has"
-                raise DatasetError(f"{ep.path}: {ep.action_dim}-dimensional actions ({', '.join(ep.action_names)}), "
-                                   f"but {ref} {self.action_dim} ({', '.join(self.action_names)}); "
-                                   "every episode of a run needs the same action dimension")
-
-    def _read_sensor_channels(self) -> int:
-        ref = None
-        for ep in self.episodes:
-            if ep.sensor is None:
-                continue
-            if ref is None:
-                ref = ep.sensor
-            elif ep.sensor.channels != ref.channels:
-                raise DatasetError(f"{ep.sensor.path}: {ep.sensor.channels} sensor channels, but "
+        bad = np.flatnonzero(index.column("action_dim")[ids] != self.action_dim)
+        if len(bad):
+            ep = self.episodes[int(bad[0])]
+            ref = f"{first.path} has" if first is not None else "the dataset has"
+            raise DatasetError(f"{ep.path}: {ep.action_dim}-dimensional actions ({', '.join(ep.action_names)}), "
+                               f"but {ref} {self.action_dim} ({', '.join(self.action_names)}); "
+                               "every episode of a run needs the same action dimension")
+        channels = index.column("channels")[ids]  # 0: no sensor stream
+        with_sensor = np.flatnonzero(channels)
+        if sensor_channels is None:
+            ref = self.episodes[int(with_sensor[0])].sensor if len(with_sensor) else None
+            bad = with_sensor[channels[with_sensor] != channels[with_sensor[0]]] if len(with_sensor) else []
+            if len(bad):
+                sensor = self.episodes[int(bad[0])].sensor
+                raise DatasetError(f"{sensor.path}: {sensor.channels} sensor channels, but "
                                    f"{ref.path} has {ref.channels}; every sensor file needs the same channels")
-        return ref.channels if ref is not None else 1
+            sensor_channels = ref.channels if ref is not None else 1
+        self.sensor_channels = sensor_channels
+        bad = with_sensor[channels[with_sensor] != sensor_channels]
+        if len(bad):
+            sensor = self.episodes[int(bad[0])].sensor
+            raise DatasetError(f"{sensor.path}: {sensor.channels} sensor channels, expected {self.sensor_channels}")
 
-    def _build_index(self):
-        cfg = self.config
-        ep_ids, times, frames, actions, is_pad = [], [], [], [], []
-        self.invalid_samples: dict[str, int] = {}
-        self.out_of_range_frames: dict[str, int] = {}
-        for e, ep in enumerate(self.episodes):
-            samples = ep.build_samples(cfg)
-            if samples.out_of_range:
-                self.out_of_range_frames[str(ep.path)] = samples.out_of_range
-            if samples.invalid:
-                self.invalid_samples[str(ep.path)] = samples.invalid
-            ep_ids.append(np.full(len(samples.times), e, dtype=np.int64))
-            times.append(samples.times)
-            frames.append(samples.frames)
-            actions.append(samples.actions)
-            is_pad.append(samples.is_pad)
-        v, h = self.num_views, cfg.action_horizon
-        self._sample_episode = np.concatenate(ep_ids) if ep_ids else np.zeros(0, np.int64)  # (N,)
-        self._sample_time = np.concatenate(times) if times else np.zeros(0)  # (N,)
-        self._sample_frames = np.concatenate(frames) if frames else np.zeros((0, v), np.int64)  # (N, V)
-        # 4 * D * H + H bytes a sample (232 at D = 7, H = 8), shared by forked DataLoader workers.
-        self._actions = (np.concatenate(actions) if actions
-                         else np.zeros((0, h, self.action_dim), np.float32))  # (N, H, D)
-        self._action_is_pad = np.concatenate(is_pad) if is_pad else np.zeros((0, h), np.bool_)  # (N, H)
+    @property
+    def sample_weights(self) -> np.ndarray:
+        if self._sample_weights is None:
+            self._sample_weights = self._compute_sample_weights()
+        return self._sample_weights
 
     def _compute_sample_weights(self) -> np.ndarray:
         n = len(self)
@@ -392,25 +469,36 @@ class VLADataset(torch.utils.data.Dataset):
             return np.zeros(0)
         if self.source_weights is None:
             return np.full(n, 1.0 / n)
-        # Per-episode source codes, indexed per sample: no Python object per sample (10M samples
-        # would be 10M lookups and a string array of 10M names).
-        names, codes = np.unique(np.array([ep.source for ep in self.episodes]), return_inverse=True)
-        sources = codes[self._sample_episode]  # (N,) code of each sample's source
-        w = np.zeros(n)
-        present = {str(names[c]): c for c in np.unique(sources)}
-        total = sum(self.source_weights[s] for s in present)
-        for s, c in present.items():
-            mask = sources == c
-            w[mask] = self.source_weights[s] / total / mask.sum()
-        return w
+        # Per-episode weights repeated per sample: no Python object per sample.
+        codes = self._index.column("source")[self._ids]  # (E,)
+        counts = np.diff(self._cum)  # (E,)
+        present = [c for c in np.unique(codes) if counts[codes == c].sum()]
+        total = sum(self.source_weights[self._index.sources[c]] for c in present)
+        per_episode = np.zeros(len(codes))
+        for c in present:
+            mask = codes == c
+            per_episode[mask] = self.source_weights[self._index.sources[c]] / total / counts[mask].sum()
+        return np.repeat(per_episode, counts)
 
     # ---- samples
 
     def __len__(self) -> int:
-        return len(self._sample_time)
+        return int(self._cum[-1])
 
     def __getitem__(self, i: int) -> dict:
         return self.get_item(i)
+
+    def _locate(self, i: int) -> tuple[int, int]:
+        """Sample i (already in range) -> (its episode's index id, its row in the index's sample tables)."""
+        k = int(np.searchsorted(self._cum, i, side="right")) - 1
+        e = int(self._ids[k])
+        return e, int(self._index.sample_off[e]) + i - int(self._cum[k])
+
+    def _check_range(self, i: int) -> int:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"sample {i} out of range for {n} samples")
+        return int(i) % n
 
     def get_item(self, i: int, with_images: bool = True) -> dict:
         """Sample i as a dict of numpy values (keys at the top of this module).
@@ -418,28 +506,26 @@ class VLADataset(torch.utils.data.Dataset):
         ``with_images=False`` skips decoding and returns ``images`` as an empty list
         (for statistics and feature caches).
         """
-        n = len(self)
-        if not -n <= i < n:
-            raise IndexError(f"sample {i} out of range for {n} samples")
-        i = int(i) % n
-        ep = self.episodes[self._sample_episode[i]]
-        t = float(self._sample_time[i])
+        e, row = self._locate(self._check_range(i))
+        index = self._index
+        ep = index.episode(e)
+        t = float(index.sample_table("time")[row])
         cfg = self.config
-        images = ep.decode_views(self._sample_frames[i]) if with_images else []
+        images = ep.decode_views(index.sample_table("frames")[row]) if with_images else []
         if ep.sensor is not None:
-            sensor, sensor_pad = ep.sensor.padded_window(t, cfg.sensor_window_size)  # (W, C), rows of padding
+            end = int(index.sample_table("sensor_end")[row])
+            sensor, sensor_pad = ep.sensor.window_before(end, cfg.sensor_window_size, t)  # (W, C), padded rows
         else:
             sensor = np.zeros((cfg.sensor_window_size, self.sensor_channels), dtype=np.float32)  # (W, C)
             sensor_pad = cfg.sensor_window_size
-        actions, is_pad = self.get_actions(i)  # (H, D), (H,)
         return {
             IMAGES: images,
             INSTRUCTION: ep.instruction_at(t),
             SENSOR_WINDOW: sensor,
             SENSOR_PAD: sensor_pad,
             HAS_SENSOR: ep.sensor is not None,
-            ACTIONS: actions,
-            ACTION_IS_PAD: is_pad,
+            ACTIONS: np.array(index.sample_table("actions")[row]),  # (H, D)
+            ACTION_IS_PAD: np.array(index.sample_table("is_pad")[row]),  # (H,)
             CONFIDENCE: ep.confidence,
             EPISODE_INDEX: ep.index,
             FRAME_TIME: t,
@@ -447,66 +533,120 @@ class VLADataset(torch.utils.data.Dataset):
 
     def describe_sample(self, i: int) -> str:
         """Sample i in words, for error messages: episode, time and the files it reads."""
-        ep = self.episodes[self._sample_episode[i]]
-        files = list(dict.fromkeys(str(path) for _, path, _ in self.view_sources(i)))
+        e, row = self._locate(self._check_range(i))
+        ep = self._index.episode(e)
+        frames = self._index.sample_table("frames")[row]
+        files = list(dict.fromkeys(str(path) for _, path, _ in ep.view_sources(frames)))
         if ep.sensor is not None:
             files.append(str(ep.sensor.path))
-        return f"sample {i} ({ep.path} at t={float(self._sample_time[i]):.3f}: {', '.join(files)})"
+        return f"sample {i} ({ep.path} at t={float(self._index.sample_table('time')[row]):.3f}: {', '.join(files)})"
 
     def view_sources(self, i: int) -> list[tuple[str, Path, str]]:
         """(view name, file, locator in the file: "" for an image file, the time for a video)
         of each view's frame in sample i (no decoding)."""
-        return self.episodes[self._sample_episode[i]].view_sources(self._sample_frames[i])
+        e, row = self._locate(self._check_range(i))
+        return self._index.episode(e).view_sources(self._index.sample_table("frames")[row])
 
     def image_paths(self, i: int) -> list[Path]:
         """The file each view of sample i reads (an image, or a video holding the frame)."""
         return [path for _, path, _ in self.view_sources(i)]
 
     def instruction(self, i: int) -> str:
-        return self.episodes[self._sample_episode[i]].instruction_at(float(self._sample_time[i]))
+        e, row = self._locate(self._check_range(i))
+        return self._index.episode(e).instruction_at(float(self._index.sample_table("time")[row]))
 
     def get_actions(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Only the action chunk of sample i: (actions (H, D) float32, action_is_pad (H,) bool).
         Cheap (no image or sensor reads), for statistics."""
-        return self._actions[i].copy(), self._action_is_pad[i].copy()
+        _, row = self._locate(self._check_range(i))
+        return np.array(self._index.sample_table("actions")[row]), np.array(self._index.sample_table("is_pad")[row])
+
+    def _runs(self) -> list[tuple[int, int]]:
+        """This dataset's samples as contiguous [lo, hi) ranges of the index's sample rows."""
+        starts = self._index.sample_off[self._ids]
+        ends = starts + np.diff(self._cum)
+        runs: list[tuple[int, int]] = []
+        for lo, hi in zip(starts.tolist(), ends.tolist()):
+            if runs and runs[-1][1] == lo:
+                runs[-1] = (runs[-1][0], hi)
+            elif hi > lo:
+                runs.append((lo, hi))
+        return runs
+
+    def _rows(self) -> np.ndarray:
+        """(N,) the index's sample row of each sample of this dataset."""
+        runs = self._runs()
+        return np.concatenate([np.arange(lo, hi) for lo, hi in runs]) if runs else np.zeros(0, np.int64)
+
+    def _table(self, field: str) -> np.ndarray:
+        """(N, ...) sample column ``field`` of this dataset (the map itself for a whole dataset)."""
+        table = self._index.sample_table(field)
+        return table if len(self) == len(table) else table[self._rows()]
+
+    @property
+    def _sample_episode(self) -> np.ndarray:  # (N,) index episode id of each sample
+        return np.repeat(self._ids, np.diff(self._cum))
+
+    @property
+    def _sample_frames(self) -> np.ndarray:
+        return self._table("frames")
+
+    @property
+    def _actions(self) -> np.ndarray:
+        return self._table("actions")
+
+    @property
+    def _action_is_pad(self) -> np.ndarray:
+        return self._table("is_pad")
 
     def action_range(self) -> tuple[np.ndarray, np.ndarray]:
         """(min (D,), max (D,)) float64 over every non-padded action step of every sample
         (zeros when there is none)."""
-        steps = self._actions[~self._action_is_pad]  # (n, D)
-        if len(steps) == 0:
+        actions, is_pad = self._index.sample_table("actions"), self._index.sample_table("is_pad")
+        low, high = np.full(self.action_dim, np.inf), np.full(self.action_dim, -np.inf)
+        block = 1 << 18  # samples per read: bounded memory at any dataset size
+        for lo, hi in self._runs():
+            for a in range(lo, hi, block):
+                steps = actions[a:min(hi, a + block)][~is_pad[a:min(hi, a + block)]]  # (n, D)
+                if len(steps):
+                    low, high = np.minimum(low, steps.min(axis=0)), np.maximum(high, steps.max(axis=0))
+        if not np.isfinite(low).all():
             return np.zeros(self.action_dim), np.zeros(self.action_dim)
-        return steps.min(axis=0).astype(np.float64), steps.max(axis=0).astype(np.float64)
+        return low.astype(np.float64), high.astype(np.float64)
 
     # ---- reporting
 
     def sample_source(self) -> np.ndarray:
         """(N,) source name of each sample."""
-        return np.array([ep.source for ep in self.episodes], dtype=object)[self._sample_episode]
+        names = np.array(self._index.sources, dtype=object)
+        return names[self._index.column("source")[self._sample_episode]]
 
     def describe(self) -> str:
         """A few lines for the start-up log: episodes, samples, sources and weights, views, sensor."""
-        n_sensor = sum(ep.has_sensor for ep in self.episodes)
-        views = ", ".join(self.episodes[0].camera_views) if self.episodes else "-"
-        skipped = sum(self.invalid_samples.values())
-        out_of_range = sum(self.out_of_range_frames.values())
+        index, ids = self._index, self._ids
+        n_sensor = int((index.column("channels")[ids] > 0).sum())
+        views = ", ".join(self.episodes[0].camera_views) if len(ids) else "-"
+        skipped = int(index.column("invalid")[ids].sum())
+        out_of_range = index.column("out_of_range")[ids]
         dropped = ([f"{skipped} invalid skipped"] if skipped else []) + (
-            [f"{out_of_range} frames outside their episode's robot_states time range not used "
-             f"({len(self.out_of_range_frames)} episodes)"] if out_of_range else [])
+            [f"{int(out_of_range.sum())} frames outside their episode's robot_states time range not used "
+             f"({int((out_of_range > 0).sum())} episodes)"] if out_of_range.sum() else [])
         lines = [
-            f"{len(self.episodes)} episodes, {len(self)} samples"
+            f"{len(ids)} episodes, {len(self)} samples"
             + (f" ({'; '.join(dropped)})" if dropped else "")
             + f", {self.num_views} views ({views}), sensor channels {self.sensor_channels} "
-            f"({n_sensor}/{len(self.episodes)} episodes with sensor data), "
+            f"({n_sensor}/{len(ids)} episodes with sensor data), "
             f"window {self.config.sensor_window_size}, horizon {self.config.action_horizon}"
         ]
-        sources = self.sample_source()
-        for s in sorted({ep.source for ep in self.episodes}):
-            mask = sources == s
-            n_ep = sum(ep.source == s for ep in self.episodes)
+        codes, counts = index.column("source")[ids], np.diff(self._cum)
+        weights = self.sample_weights
+        for c in np.unique(codes):
+            s = index.sources[c]
+            mask = codes == c
+            rows = np.repeat(mask, counts)
             weight = "uniform" if self.source_weights is None else f"weight {self.source_weights[s]:g}"
-            lines.append(f"  source {s}: {n_ep} episodes, {int(mask.sum())} samples, {weight}, "
-                         f"{100 * self.sample_weights[mask].sum():.1f}% of draws")
+            lines.append(f"  source {s}: {int(mask.sum())} episodes, {int(counts[mask].sum())} samples, {weight}, "
+                         f"{100 * weights[rows].sum():.1f}% of draws")
         return "\n".join(lines)
 
 
@@ -543,28 +683,37 @@ def split_train_val(dataset_or_episodes: VLADataset | Sequence[Episode], val_spl
     """
     if not 0 <= val_split < 1:
         raise ConfigError(f"val_split must be in [0, 1), got {val_split!r}")
-    is_dataset = isinstance(dataset_or_episodes, VLADataset)
-    episodes = list(dataset_or_episodes.episodes if is_dataset else dataset_or_episodes)
-    n = len(episodes)
+    if isinstance(dataset_or_episodes, VLADataset):  # from the index's columns: no episode is made
+        ds = dataset_or_episodes
+        index, ids = ds._index, ds._ids
+        is_val = _val_mask(index.column("path")[ids], np.asarray(index.sources)[index.column("source")[ids]],
+                           val_split, seed)
+        common = dict(source_weights=ds.source_weights, sensor_channels=ds.sensor_channels, num_views=ds.num_views,
+                      action_spec=(ds.action_dim, ds.action_names, ds.action_units), index=index)
+        return (VLADataset(ds.config, allow_empty=False, episode_ids=ids[~is_val], **common),
+                VLADataset(ds.config, allow_empty=True, episode_ids=ids[is_val], **common))
+    episodes = list(dataset_or_episodes)
+    is_val = _val_mask(np.array([os.fsencode(str(ep.path)) for ep in episodes]),
+                       np.array([ep.source for ep in episodes]), val_split, seed)
+    return ([ep for ep, v in zip(episodes, is_val) if not v], [ep for ep, v in zip(episodes, is_val) if v])
+
+
+def _val_mask(paths: np.ndarray, sources: np.ndarray, val_split: float, seed: int) -> np.ndarray:
+    """(E,) bool: which of the episodes (their paths as bytes, their sources) are held out."""
+    n = len(paths)
     target = min(int(n * val_split + 0.5), max(n - 1, 0))  # always keep a training episode
     if val_split > 0 and n >= 2:
         target = max(target, 1)
-    by_source: dict[str, list[Episode]] = {}
-    for ep in sorted(episodes, key=lambda e: str(e.path)):
-        by_source.setdefault(ep.source, []).append(ep)
-    names = sorted(by_source)
-    counts = _val_counts([len(by_source[s]) for s in names], target) if target else [0] * len(names)
+    order = np.argsort(paths, kind="stable") if n else np.zeros(0, np.int64)  # by path, as str sorts them
+    names = sorted(set(sources.tolist()))
+    members = {s: order[sources[order] == s] for s in names}  # each source's episodes, in path order
+    counts = _val_counts([len(members[s]) for s in names], target) if target else [0] * len(names)
     rng = np.random.default_rng(seed)
-    val_ids = set()
+    is_val = np.zeros(n, dtype=bool)
     for s, k in zip(names, counts):
-        perm = rng.permutation(len(by_source[s]))
-        val_ids.update(id(by_source[s][j]) for j in perm[:k])
-    train = [ep for ep in episodes if id(ep) not in val_ids]
-    val = [ep for ep in episodes if id(ep) in val_ids]
-    if not is_dataset:
-        return train, val
-    return (dataset_or_episodes.with_episodes(train, allow_empty=False),
-            dataset_or_episodes.with_episodes(val, allow_empty=True))
+        perm = rng.permutation(len(members[s]))
+        is_val[members[s][perm[:k]]] = True
+    return is_val
 
 
 # --------------------------------------------------------------------------- batching

@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import collections
 import csv
+import io
 import json
 import logging
 import math
 import os
+import re
 import threading
 import warnings
 import zipfile
@@ -298,6 +300,26 @@ def index_view_frames(view_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     """
     if not view_dir.is_dir():
         raise DatasetError(f"{view_dir}: camera view folder not found")
+    # Fast path: the names as bytes, their stems parsed by numpy in one call (a large dataset
+    # lists millions of frames); any name it cannot parse is found and named by the loop below.
+    suffixes = tuple(s.encode() for s in IMAGE_SUFFIXES)
+    listed = [n for n in os.listdir(os.fsencode(view_dir)) if n.lower().endswith(suffixes)]
+    try:
+        stems = np.array([n[:n.rfind(b".")] for n in listed], dtype=np.bytes_)
+        times = stems.astype(np.float64) if len(listed) else np.zeros(0)
+        fast = bool(np.isfinite(times).all())
+    except ValueError:
+        fast = False
+    if fast:
+        order = np.argsort(times, kind="stable")
+        times = times[order]
+        names = np.array(listed, dtype=np.bytes_)[order] if listed else np.zeros(0, dtype="S1")
+        dup = np.flatnonzero(np.diff(times) == 0)
+        if len(dup):
+            i = dup[0]
+            raise DatasetError(f"{view_dir}: two frames with the same capture time: "
+                               f"{os.fsdecode(names[i])} and {os.fsdecode(names[i + 1])}")
+        return times, names
     times, names = [], []
     with os.scandir(view_dir) as it:
         for entry in it:
@@ -343,8 +365,9 @@ def nearest_frames(frame_times: np.ndarray, query: np.ndarray) -> tuple[np.ndarr
 
 # --------------------------------------------------------------------------- sensor file
 
-# id(sensor) -> sensor whose ``_array`` is set (a map or a decompressed array), least recently used first.
-_OPEN_ARRAYS: collections.OrderedDict[int, SensorData] = collections.OrderedDict()
+# A sensor file's key (path and data offset) -> its open data (a map or a decompressed array),
+# least recently used first. Keyed by file, not by object: episode views are made per sample.
+_OPEN_ARRAYS: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
 _OPEN_ARRAYS_LOCK = threading.Lock()
 
 
@@ -356,34 +379,38 @@ def _reset_lock_after_fork() -> None:
 os.register_at_fork(after_in_child=_reset_lock_after_fork)
 
 
-def _touch(sensor: SensorData) -> None:
-    """Mark ``sensor``'s open array as most recently used."""
+def _lookup(key: str, touch: bool = True) -> np.ndarray | None:
+    """The open data of ``key`` (marked most recently used), or None."""
     with _OPEN_ARRAYS_LOCK:
-        if id(sensor) in _OPEN_ARRAYS:
-            _OPEN_ARRAYS.move_to_end(id(sensor))
+        array = _OPEN_ARRAYS.get(key)
+        if array is not None and touch:
+            _OPEN_ARRAYS.move_to_end(key)
+        return array
 
 
-def _remember(sensor: SensorData, array: np.ndarray) -> None:
-    """Keep ``array`` as ``sensor``'s open data and evict the least recently used others:
+def _forget(key: str) -> None:
+    with _OPEN_ARRAYS_LOCK:
+        _OPEN_ARRAYS.pop(key, None)
+
+
+def _remember(key: str, array: np.ndarray) -> None:
+    """Keep ``array`` as ``key``'s open data and evict the least recently used others:
     beyond MAX_OPEN_SENSOR_MAPS entries, or while decompressed arrays exceed
     MAX_DECOMPRESSED_SENSOR_BYTES. An evicted array is freed (a map closed) once no view
     of it is alive."""
     with _OPEN_ARRAYS_LOCK:
-        sensor._array = array
-        _OPEN_ARRAYS[id(sensor)] = sensor
-        _OPEN_ARRAYS.move_to_end(id(sensor))
+        _OPEN_ARRAYS[key] = array
+        _OPEN_ARRAYS.move_to_end(key)
         while len(_OPEN_ARRAYS) > max(1, MAX_OPEN_SENSOR_MAPS):
-            _, oldest = _OPEN_ARRAYS.popitem(last=False)
-            oldest._array = None
-        held = sum(s._array.nbytes for s in _OPEN_ARRAYS.values() if _in_memory(s._array))
-        for key, s in list(_OPEN_ARRAYS.items()):
+            _OPEN_ARRAYS.popitem(last=False)
+        held = sum(a.nbytes for a in _OPEN_ARRAYS.values() if _in_memory(a))
+        for other, a in list(_OPEN_ARRAYS.items()):
             if held <= MAX_DECOMPRESSED_SENSOR_BYTES:
                 break
-            if s is sensor or not _in_memory(s._array):
+            if other == key or not _in_memory(a):
                 continue
-            held -= s._array.nbytes if s._array is not None else 0
-            s._array = None
-            del _OPEN_ARRAYS[key]
+            held -= a.nbytes
+            del _OPEN_ARRAYS[other]
 
 
 _WARNED: set[str] = set()
@@ -412,13 +439,37 @@ def _read_error(path: Path, member: str | None, exc: BaseException) -> str:
     return f"{path}: cannot read {where} ({detail})"
 
 
+# The header numpy writes for a plain array; anything else goes through numpy's own parser.
+_NPY_HEADER = re.compile(r"\{'descr': '([<>|=]?[a-z]\d+)', 'fortran_order': (True|False), 'shape': \(((?:\d+, ?)*\d*)\), \}\s*")
+
+
 def _read_npy_header(fp, where: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran order, dtype) of the .npy stream at ``fp``, which is left at the data.
+    numpy's own reader evaluates the header with ``ast``: a tenth of a millisecond a file,
+    a minute over a large dataset's sensor files, so the header numpy writes is matched here."""
     version = np.lib.format.read_magic(fp)
-    if version == (1, 0):
-        return np.lib.format.read_array_header_1_0(fp)
-    if version == (2, 0):
-        return np.lib.format.read_array_header_2_0(fp)
-    raise DatasetError(f"{where}: unsupported .npy format version {version}")
+    if version not in ((1, 0), (2, 0)):
+        raise DatasetError(f"{where}: unsupported .npy format version {version}")
+    size = fp.read(2 if version == (1, 0) else 4)
+    header = fp.read(int.from_bytes(size, "little"))
+    match = _NPY_HEADER.fullmatch(header.decode("latin1"))
+    if match:
+        shape = tuple(int(v) for v in match.group(3).replace(" ", "").split(",") if v)
+        return shape, match.group(2) == "True", np.dtype(match.group(1))
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    return read(io.BytesIO(size + header))
+
+
+def _read_npy(fp, where: str) -> np.ndarray:
+    """A small numeric .npy array from the stream ``fp`` (no pickles)."""
+    shape, fortran, dtype = _read_npy_header(fp, where)
+    if dtype.hasobject:
+        raise ValueError("object arrays are not allowed")
+    count = int(np.prod(shape))
+    buf = fp.read(count * dtype.itemsize)
+    if len(buf) != count * dtype.itemsize:
+        raise ValueError(f"the array ends after {len(buf)} of {count * dtype.itemsize} bytes")
+    return np.frombuffer(buf, dtype=dtype).reshape(shape, order="F" if fortran else "C")
 
 
 class SensorData:
@@ -447,7 +498,6 @@ class SensorData:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self._array = None  # opened lazily, per process (see __getstate__)
         member = None  # the zip member being read, for error messages
         try:
             with zipfile.ZipFile(self.path) as zf:
@@ -458,7 +508,7 @@ class SensorData:
                         raise DatasetError(f"{self.path}: missing key '{key}' (found: {found})")
                 member = "timestamps.npy"
                 with zf.open(member) as f:
-                    ts = np.lib.format.read_array(f, allow_pickle=False)
+                    ts = _read_npy(f, f"{self.path}: sensor file member '{member}'")
                 member = "data.npy"
                 info = zf.getinfo(member)
                 with zf.open(info) as f:
@@ -501,20 +551,74 @@ class SensorData:
             if data_start + nbytes > os.path.getsize(self.path) or header_len + nbytes > info.file_size:
                 raise DatasetError(f"{self.path}: file is truncated ('data' needs {nbytes} bytes)")
 
-        self.timestamps = ts
+        self._timestamps = ts
         self.shape = tuple(int(s) for s in shape)
         self.channels = self.shape[-1]
         self.is_windows = len(self.shape) == 3
         self._dtype = dtype
         self._fortran = bool(fortran)
         self._offset = data_start
+        st = os.stat(self.path)
+        self._stamp = f"{st.st_size}:{st.st_mtime_ns}"  # which version of the file the open data is
+
+    def index_record(self) -> dict:
+        """What :meth:`from_index` needs to read the file again without opening it now."""
+        return {"shape": list(self.shape), "dtype": self._dtype.str, "fortran": self._fortran,
+                "offset": self._offset, "compressed": self.compressed, "stamp": self._stamp}
+
+    @classmethod
+    def from_index(cls, path: Path, record: dict) -> SensorData:
+        """The sensor file as indexed: no file is opened until data (or timestamps) are read."""
+        self = cls.__new__(cls)
+        self.path = path
+        self._timestamps = None
+        self.shape = tuple(record["shape"])
+        self.channels = self.shape[-1]
+        self.is_windows = len(self.shape) == 3
+        self._dtype = np.dtype(record["dtype"])
+        self._fortran = bool(record["fortran"])
+        self._offset = int(record["offset"])
+        self.compressed = bool(record["compressed"])
+        self._stamp = record["stamp"]
+        return self
+
+    @property
+    def timestamps(self) -> np.ndarray:
+        """(N,) float64 seconds (read from the file on first use by an indexed view)."""
+        if self._timestamps is None:
+            try:
+                with zipfile.ZipFile(self.path) as zf, zf.open("timestamps.npy") as f:
+                    self._timestamps = _read_npy(f, f"{self.path}: sensor file member 'timestamps.npy'").astype(
+                        np.float64)
+            except Exception as e:
+                raise DatasetError(_read_error(self.path, "timestamps.npy", e)) from None
+        return self._timestamps
+
+    def end_rows(self, times: np.ndarray) -> np.ndarray:
+        """(S,) int64: for each time, the row its window ends before (rows with timestamp <= t,
+        ``TIME_EPS`` slack): what a sample stores instead of searching the timestamps."""
+        return np.searchsorted(self.timestamps, np.asarray(times, dtype=np.float64) + TIME_EPS,
+                               side="right").astype(np.int64)
+
+    @property
+    def _key(self) -> str:
+        return f"{self.path}@{self._offset}@{self._stamp}"
+
+    @property
+    def _array(self) -> np.ndarray | None:
+        """This file's open data in this process, or None (does not open it)."""
+        return _lookup(self._key, touch=False)
+
+    @_array.setter
+    def _array(self, value) -> None:
+        if value is None:
+            _forget(self._key)
+        else:
+            _remember(self._key, value)
 
     def __getstate__(self):
-        # Data-loader workers reopen the map (or re-decompress) themselves; pickling a
-        # memmap would copy the whole stream.
-        state = self.__dict__.copy()
-        state["_array"] = None
-        return state
+        # Pickled without timestamps when indexed; the data is reopened per process.
+        return self.__dict__.copy()
 
     @property
     def data(self) -> np.ndarray:
@@ -523,19 +627,17 @@ class SensorData:
         Opened on first use and kept in the per-process LRU (see the class docstring).
         Hold the result only briefly: an evicted array stays alive while a view of it does.
         """
-        array = self._array
+        array = _lookup(self._key)
         if array is not None:
-            _touch(self)
             return array
         if int(np.prod(self.shape)) == 0:
-            self._array = np.zeros(self.shape, dtype=self._dtype)
-            return self._array
+            return np.zeros(self.shape, dtype=self._dtype)
         if not self.compressed:
             array = self._map()
         else:
             unpacked = self._unpacked() if UNPACK_COMPRESSED_SENSOR else None
             array = self._map_unpacked(unpacked) if unpacked is not None else self._decompress()
-        _remember(self, array)
+        _remember(self._key, array)
         return array
 
     def _identity(self) -> str:
@@ -679,8 +781,13 @@ class SensorData:
 
     def padded_window(self, t: float, size: int) -> tuple[np.ndarray, int]:
         """:meth:`window` and how many of its first rows are padding (no reading yet)."""
-        out = np.zeros((size, self.channels), dtype=np.float32)
         end = int(np.searchsorted(self.timestamps, t + TIME_EPS, side="right"))
+        return self.window_before(end, size, t)
+
+    def window_before(self, end: int, size: int, t: float) -> tuple[np.ndarray, int]:
+        """:meth:`padded_window` from the row the window ends before (:meth:`end_rows`);
+        ``t`` only names the time in messages."""
+        out = np.zeros((size, self.channels), dtype=np.float32)
         if self.is_windows:
             if end == 0:
                 return out, size
@@ -736,7 +843,7 @@ class SensorData:
 # --------------------------------------------------------------------------- episode
 
 
-@dataclass
+@dataclass(eq=False)
 class Episode:
     """One loaded episode: everything needed to build its samples, read once.
 
@@ -751,17 +858,49 @@ class Episode:
         frame_times: per camera view (in ``meta.camera_views`` order), (F_v,) float64 sorted.
         frame_names: per camera view, (F_v,) bytes file names aligned with ``frame_times``.
         sensor: the sensor file index, or None when the episode has no sensor_data.npz.
+        span: (first, last) robot-state time, when ``states`` is not loaded.
+
+    A view made from the dataset index (:meth:`from_index`) has its samples already built:
+    ``states`` and ``frame_times`` are None there, ``frame_names`` are views of the index's map.
     """
 
     path: Path
     source: str
     index: int
     meta: EpisodeMetadata
-    states: RobotStates
-    frame_times: list[np.ndarray]
+    states: RobotStates | None
+    frame_times: list[np.ndarray] | None
     frame_names: list[np.ndarray]
     sensor: SensorData | None = None
+    span: tuple[float, float] | None = None
     _match_cache: dict = field(default_factory=dict, repr=False)
+
+    def __eq__(self, other) -> bool:  # an episode and a view of it made from the index are equal
+        return isinstance(other, Episode) and (self.path, self.index) == (other.path, other.index)
+
+    def __hash__(self) -> int:
+        return hash((self.path, self.index))
+
+    def index_record(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """(small JSON-able record, per-episode arrays) for the dataset index; :meth:`from_index`
+        makes the view back from them."""
+        meta = {"kind": "folder", "path": str(self.path), "instruction": self.meta.instruction,
+                "views": self.meta.camera_views, "action_type": self.meta.action_type,
+                "action_hz": self.meta.action_hz, "confidence": self.meta.confidence,
+                "span": [self.start_time, self.start_time + self.duration_s],
+                "sensor": self.sensor.index_record() if self.sensor is not None else None}
+        return meta, {f"frame_names_{v}": names for v, names in enumerate(self.frame_names)}
+
+    @classmethod
+    def from_index(cls, meta: dict, index, e: int) -> Episode:
+        """Episode ``e`` of a :class:`~vla_ds.data.index.DatasetIndex`, from its record."""
+        path = Path(meta["path"])
+        info = EpisodeMetadata(meta["instruction"], meta["views"], meta["action_type"], meta["action_hz"],
+                               meta["confidence"])
+        names = [index.array(f"frame_names_{v}", e) for v in range(len(info.camera_views))]
+        sensor = SensorData.from_index(path / SENSOR_FILE, meta["sensor"]) if meta["sensor"] else None
+        return cls(path=path, source=index.sources[int(index.column("source")[e])], index=e, meta=info,
+                   states=None, frame_times=None, frame_names=names, sensor=sensor, span=tuple(meta["span"]))
 
     @property
     def camera_views(self) -> list[str]:
@@ -791,6 +930,8 @@ class Episode:
     @property
     def duration_s(self) -> float:
         """Time spanned by robot_states.csv, in seconds."""
+        if self.states is None:
+            return float(self.span[1] - self.span[0])
         return float(self.states.times[-1] - self.states.times[0])
 
     def image_path(self, view_index: int, frame_index: int) -> Path:
@@ -819,7 +960,7 @@ class Episode:
 
     @property
     def start_time(self) -> float:
-        return float(self.states.times[0])
+        return float(self.states.times[0]) if self.states is not None else float(self.span[0])
 
     def build_samples(self, config) -> EpisodeSamples:
         """Every sample of this episode under ``config`` (a DataConfig): times, frames per view

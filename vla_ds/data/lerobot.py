@@ -548,7 +548,14 @@ class FrameSensor:
     def padded_window(self, t: float, size: int) -> tuple[np.ndarray, int]:
         """The window of the last ``size`` frames at or before t, front zero-padded:
         ((size, C), padded rows)."""
-        end = int(np.searchsorted(self.times, t + 1e-9, side="right"))
+        return self.window_before(int(self.end_rows([t])[0]), size, t)
+
+    def end_rows(self, times) -> np.ndarray:
+        """(S,) int64: for each time, the frame its window ends before (frames at or before it)."""
+        return np.searchsorted(self.times, np.asarray(times, dtype=np.float64) + 1e-9, side="right").astype(np.int64)
+
+    def window_before(self, end: int, size: int, t: float) -> tuple[np.ndarray, int]:
+        """:meth:`padded_window` from the frame the window ends before (:meth:`end_rows`)."""
         if end == 0:
             return np.zeros((size, self.channels), dtype=np.float32), size
         return self.transform.window({f: v[max(0, end - size):end] for f, v in self.values.items()}, size)
@@ -653,6 +660,49 @@ class LeRobotEpisode:
     @property
     def has_sensor(self) -> bool:
         return self.sensor is not None
+
+    def __eq__(self, other) -> bool:  # an episode and a view of it made from the index are equal
+        return isinstance(other, LeRobotEpisode) and (self.path, self.index) == (other.path, other.index)
+
+    def __hash__(self) -> int:
+        return hash((self.path, self.index))
+
+    def index_record(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """(small JSON-able record, per-frame arrays) for the dataset index: what reading a
+        sample needs (frame times and tasks, the sensor features' rows), not the actions,
+        which the index holds per sample. :meth:`from_index` makes the view back."""
+        used = {int(i): self.tasks[int(i)] for i in np.unique(self.task_index)}
+        meta = {"kind": "lerobot", "root": str(self.root), "index": self.entry.index, "length": self.entry.length,
+                "data_file": str(self.entry.data_file),
+                "videos": {k: [str(path), offset] for k, (path, offset) in self.entry.videos.items()},
+                "fps": self.action_hz, "views": [list(v) for v in self.views], "tasks": used,
+                "action_names": list(self.action_names), "action_units": list(self.action_units),
+                "tolerance_s": self.config.tolerance_s,
+                "transform": self.sensor.transform.to_dict() if self.sensor is not None else None}
+        arrays = {"lerobot.timestamp": self.timestamps, "lerobot.task_index": self.task_index}
+        if self.sensor is not None:
+            arrays.update({f"lerobot.{f}": np.asarray(v, dtype=np.float64) for f, v in self.sensor.values.items()})
+        return meta, arrays
+
+    @classmethod
+    def from_index(cls, meta: dict, index, e: int) -> LeRobotEpisode:
+        """Episode ``e`` of a :class:`~vla_ds.data.index.DatasetIndex`, from its record: its
+        arrays are views of the index's map; it reads samples, it does not build them."""
+        entry = _EpisodeEntry(meta["index"], meta["length"], Path(meta["data_file"]),
+                              {k: (Path(path), float(offset)) for k, (path, offset) in meta["videos"].items()})
+        times = index.array("lerobot.timestamp", e)
+        sensor = None
+        if meta["transform"] is not None:
+            transform = SensorTransform.from_dict(meta["transform"])
+            values = {f: index.array(f"lerobot.{f}", e) for f, _ in transform.features}
+            sensor = FrameSensor(entry.data_file, times, values, transform)
+        episode = cls(Path(meta["root"]), entry, index.sources[int(index.column("source")[e])], meta["fps"],
+                      [tuple(v) for v in meta["views"]], times, index.array("lerobot.task_index", e),
+                      {int(k): v for k, v in meta["tasks"].items()}, None, None, meta["action_names"],
+                      meta["action_units"], sensor, np.zeros(0, dtype=bool),
+                      LeRobotConfig(tolerance_s=meta["tolerance_s"]))
+        episode.index = e
+        return episode
 
     @property
     def instruction(self) -> str:

@@ -72,8 +72,13 @@ def assemble(cfg: RunConfig, world: int, rank: int, source: str = "config") -> R
     from vla_ds.data import DistributedWeightedSampler, VLADataset, split_train_val
 
     log_run_header(cfg, world)
-    # --- data (indexing only; images are decoded by the DataLoader workers)
-    dataset = VLADataset.from_config(cfg.data)
+    # --- data (indexing only; images are decoded by the DataLoader workers). The index is built
+    # once per dataset, split across the ranks, and memory-mapped by every rank and worker.
+    from vla_ds.data.dataset import build_index
+    from vla_ds.training.distributed import long_phase
+
+    index = build_index(cfg.data, rank, world, long_phase)
+    dataset = VLADataset.from_config(cfg.data, index)
     train_ds, val_ds = split_train_val(dataset, cfg.data.val_split, cfg.train.seed)
     logger.info("%s", dataset.describe())
     logger.info("split by episode: %d train samples, %d val samples", len(train_ds), len(val_ds))

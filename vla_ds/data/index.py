@@ -1,0 +1,497 @@
+"""The dataset index: every episode's and every sample's table, built once, memory-mapped.
+
+Opening a dataset used to read every episode's metadata, robot states, image listing and
+sensor timestamps into Python objects in every rank and every DataLoader worker (about
+180 KB an episode). The index holds what samples need as flat arrays instead:
+
+    <index folder>/
+      index.json              version, data-config key, V, D, action names and units, sources
+      units.json              the units it was built from (episode folders, LeRobot roots) with
+                              their sources and file signatures: what an incremental update compares
+      episode.<field>.npy     (E,) per-episode columns: source code, path, views, channels, ...
+      meta.npy, meta_off.npy  each episode's small JSON record (instruction, sensor layout, ...)
+      array.<name>.npy        per-episode variable-length arrays concatenated (frame file names per
+      array.<name>_off.npy    view, sensor timestamps), with (E+1,) offsets
+      sample_off.npy          (E+1,) each episode's first sample
+      sample.<field>.npy      (N, ...) sample time, frame per view, action chunk, padding, and the
+                              sensor row its window ends before (no timestamps are read per sample)
+
+It lives in the user cache (:func:`vla_ds.user_cache.index_dir`), keyed by the dataset's
+resolved path and the data-config fields that change samples. Every process maps the same
+files: the pages are the OS page cache, shared by ranks and workers. An episode is a
+short-lived view (:meth:`DatasetIndex.episode`) made from these arrays when it is needed.
+
+Units whose files changed (size or modification time of their files and folders) are
+re-indexed; the others' rows are copied from the previous index. Building can be split
+across ranks (:func:`build_part` on each, then :func:`merge_parts` on one).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from vla_ds.errors import DatasetError
+
+logger = logging.getLogger(__name__)
+
+INDEX_VERSION = 1
+# The per-episode columns (E,) every index has.
+EPISODE_FIELDS = ("source", "path", "views", "action_dim", "channels", "invalid", "out_of_range")
+SAMPLE_FIELDS = ("time", "frames", "actions", "is_pad", "sensor_end")
+BUILD_THREADS = 4
+
+
+class DatasetIndex:
+    """The tables of a set of episodes: in memory (just built) or memory-mapped from a folder.
+
+    ``tables`` maps names to arrays (the file names above without ``.npy``); ``info`` is
+    index.json. ``episode(e)`` makes episode e's view; ``samples(e)`` is its slice of the
+    sample tables."""
+
+    def __init__(self, tables: dict[str, np.ndarray], info: dict, folder: Path | None = None,
+                 resident: list | None = None):
+        self.tables = tables
+        self.info = info
+        self.folder = folder
+        self.sample_off = tables["sample_off"]  # (E+1,)
+        self.sources: list[str] = info["sources"]
+        self.resident = resident  # the episode objects an in-memory index was built from
+        self._positions = {id(ep): k for k, ep in enumerate(resident)} if resident is not None else None
+
+    def __getstate__(self):
+        if self.folder is None:
+            return self.__dict__.copy()
+        return {"folder": self.folder}  # a spawned worker maps the files itself (pickling copies a map)
+
+    def __setstate__(self, state):
+        if set(state) == {"folder"}:
+            self.__dict__.update(DatasetIndex.load(state["folder"]).__dict__)
+        else:
+            self.__dict__.update(state)
+
+    def id_of(self, episode) -> int:
+        """The position in this index of ``episode`` (one of its views, or of its resident episodes)."""
+        return self._positions[id(episode)] if self._positions is not None else int(episode.index)
+
+    def __len__(self) -> int:
+        return len(self.sample_off) - 1
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.sample_off[-1])
+
+    def column(self, field: str) -> np.ndarray:
+        """(E,) per-episode column ``field`` (one of EPISODE_FIELDS)."""
+        return self.tables[f"episode.{field}"]
+
+    def sample_table(self, field: str) -> np.ndarray:
+        """(N, ...) sample column ``field`` (one of SAMPLE_FIELDS)."""
+        return self.tables[f"sample.{field}"]
+
+    def meta(self, e: int) -> dict:
+        off = self.tables["meta_off"]
+        return json.loads(self.tables["meta"][off[e]:off[e + 1]].tobytes())
+
+    def array(self, name: str, e: int) -> np.ndarray:
+        """Episode e's part of the concatenated array ``name`` (a view of the map)."""
+        off = self.tables[f"array.{name}_off"]
+        return self.tables[f"array.{name}"][off[e]:off[e + 1]]
+
+    def episode(self, e: int):
+        """A view of episode e with the interface VLADataset uses (made now; not kept)."""
+        from vla_ds.data.episodes import Episode
+        from vla_ds.data.lerobot import LeRobotEpisode
+
+        if self.resident is not None:
+            return self.resident[e]
+        meta = self.meta(e)
+        return (Episode if meta["kind"] == "folder" else LeRobotEpisode).from_index(meta, self, e)
+
+    # ---- building
+
+    @classmethod
+    def from_episodes(cls, episodes: Sequence, config, units: dict | None = None,
+                      resident: bool = False) -> DatasetIndex:
+        """Build the index of loaded episodes (each builds its samples under ``config``).
+        ``resident``: keep the episode objects and hand them out (an index in memory only)."""
+        rows = [episode_row(ep, config, resident) for ep in episodes]
+        return cls.from_rows(rows, config, units, resident=list(episodes) if resident else None)
+
+    @classmethod
+    def from_rows(cls, rows: list[dict], config, units: dict | None = None,
+                  resident: list | None = None) -> DatasetIndex:
+        """The index of episodes given as :func:`episode_row` results, in order."""
+        sources = sorted({row["source"] for row in rows})
+        code = {s: i for i, s in enumerate(sources)}
+        names = sorted({name for row in rows for name in row["arrays"]})
+        v = max((row["views"] for row in rows), default=0)  # VLADataset refuses episodes with fewer views
+        d = max((row["action_dim"] for row in rows), default=0)  # or another action dimension
+        h = config.action_horizon
+        metas = [row["meta"] for row in rows]
+        tables = {
+            "episode.source": np.asarray([code[row["source"]] for row in rows], dtype=np.int32),
+            "episode.path": np.asarray([row["path"] for row in rows], dtype=np.bytes_) if rows else np.zeros(0, "S1"),
+            **{f"episode.{f}": np.asarray([row[f] for row in rows], dtype=np.int64) for f in EPISODE_FIELDS[2:]},
+            "meta": np.frombuffer(b"".join(metas), dtype=np.uint8),
+            "meta_off": np.cumsum([0] + [len(m) for m in metas], dtype=np.int64),
+            "sample_off": np.cumsum([0] + [len(row["time"]) for row in rows], dtype=np.int64),
+            "sample.time": _concat([row["time"] for row in rows], (0,), np.float64),
+            "sample.frames": _concat([np.pad(row["frames"], ((0, 0), (0, v - row["frames"].shape[1])),
+                                             constant_values=-1) for row in rows], (0, v), np.int32),
+            "sample.actions": _concat([np.pad(row["actions"], ((0, 0), (0, 0), (0, d - row["actions"].shape[2])))
+                                       for row in rows], (0, h, d), np.float32),
+            "sample.is_pad": _concat([row["is_pad"] for row in rows], (0, h), np.bool_),
+            "sample.sensor_end": _concat([row["sensor_end"] for row in rows], (0,), np.int64),
+        }
+        for name in names:  # an array an episode lacks (fewer views, another format) is empty there
+            like = next(row["arrays"][name] for row in rows if name in row["arrays"])
+            parts = [row["arrays"].get(name, np.zeros((0, *like.shape[1:]), like.dtype)) for row in rows]
+            tables[f"array.{name}"] = np.concatenate(parts)
+            tables[f"array.{name}_off"] = np.cumsum([0] + [len(part) for part in parts], dtype=np.int64)
+        info = {"version": INDEX_VERSION, "sources": sources, "arrays": names,
+                "action_names": rows[0]["action_names"] if rows else [],
+                "action_units": rows[0]["action_units"] if rows else []}
+        return cls(tables, {**info, **({"units": units} if units else {})}, resident=resident)
+
+    def save(self, folder: Path) -> None:
+        """Write the tables to ``folder`` (which must not exist yet: written beside, then renamed)."""
+        tmp = folder.parent / f".{folder.name}.{uuid.uuid4().hex}.tmp"
+        tmp.mkdir(parents=True)
+        try:
+            for name, value in self.tables.items():
+                np.save(tmp / f"{name}.npy", np.ascontiguousarray(value), allow_pickle=False)
+            info = {k: v for k, v in self.info.items() if k != "units"}
+            (tmp / "units.json").write_text(json.dumps(self.info.get("units") or {}))
+            (tmp / "index.json").write_text(json.dumps(info, indent=1))  # last: a folder without it is incomplete
+            os.replace(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    @classmethod
+    def load(cls, folder: Path) -> DatasetIndex:
+        """Map the index in ``folder`` (DatasetError when it is unreadable)."""
+        try:
+            info = json.loads((folder / "index.json").read_text())
+            names = ["meta", "meta_off", "sample_off", *(f"episode.{f}" for f in EPISODE_FIELDS),
+                     *(f"sample.{f}" for f in SAMPLE_FIELDS)]
+            names += [f"array.{a}{s}" for a in info["arrays"] for s in ("", "_off")]
+            tables = {name: _map(folder / f"{name}.npy") for name in names}
+        except (OSError, ValueError, KeyError) as e:
+            raise DatasetError(f"{folder}: cannot read the dataset index ({e}); delete the folder to rebuild "
+                               "it") from None
+        return cls(tables, info, folder)
+
+    def units(self) -> dict:
+        """units.json: {"paths", "sources", "signatures", "episodes"} (what the index was built from)."""
+        if "units" not in self.info:
+            self.info["units"] = json.loads((self.folder / "units.json").read_text()) if self.folder else {}
+        return self.info["units"]
+
+
+def load_unit(path: Path, source: str, config) -> list:
+    """The episodes of one unit of a dataset (``config``: a DataConfig): an episode folder, or
+    every episode of a LeRobot root."""
+    from vla_ds.data.episodes import load_episode
+    from vla_ds.data.lerobot import is_lerobot_root, load_lerobot_episodes
+
+    if is_lerobot_root(path):
+        return load_lerobot_episodes(path, config.lerobot, source, config.on_bad_sample)
+    return [load_episode(path, source=source)]
+
+
+def episode_row(ep, config, resident: bool = False) -> dict:
+    """What the index holds of one loaded episode: its samples under ``config`` (built now:
+    a broken file raises its DatasetError here), its columns, its record and arrays."""
+    built = ep.build_samples(config)
+    meta, arrays = ({"kind": "resident", "path": str(ep.path)}, {}) if resident else ep.index_record()
+    return {
+        "source": ep.source, "path": os.fsencode(str(ep.path)), "views": len(ep.camera_views),
+        "action_dim": ep.action_dim, "channels": ep.sensor.channels if ep.sensor is not None else 0,
+        "invalid": built.invalid, "out_of_range": built.out_of_range,
+        "action_names": list(ep.action_names), "action_units": list(ep.action_units),
+        "meta": json.dumps(meta, separators=(",", ":")).encode(), "arrays": arrays,
+        "time": np.asarray(built.times, dtype=np.float64),
+        "frames": np.asarray(built.frames, dtype=np.int32),
+        "actions": np.asarray(built.actions, dtype=np.float32),
+        "is_pad": np.asarray(built.is_pad, dtype=np.bool_),
+        "sensor_end": (ep.sensor.end_rows(built.times) if ep.sensor is not None
+                       else np.zeros(len(built.times), np.int64)),
+    }
+
+
+def _concat(parts: list[np.ndarray], empty_shape: tuple, dtype) -> np.ndarray:
+    return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(empty_shape, dtype)
+
+
+def _map(path: Path) -> np.ndarray:
+    array = np.load(path, mmap_mode="r", allow_pickle=False)
+    return array if array.size else np.load(path, allow_pickle=False)  # an empty file cannot be mapped
+
+
+# --------------------------------------------------------------------------- where, and whether it is current
+
+
+def config_key(config) -> str:
+    """16 hex digits of what changes a dataset's samples (not the split, workers or window size)."""
+    from dataclasses import asdict
+
+    fields = {k: v for k, v in asdict(config).items() if k not in ("dataset_dir", "val_split", "num_workers")}
+    if not getattr(config.lerobot, "sensor_features", None):
+        fields.pop("sensor_window_size")  # only a LeRobot state window decides which samples are valid
+    blob = json.dumps({"version": INDEX_VERSION, **fields}, sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def index_folder(config) -> Path:
+    from vla_ds.user_cache import index_dir
+
+    return index_dir(config.dataset_dir) / config_key(config)
+
+
+def _stat(path: str) -> str:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "-"
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def unit_signature(path: Path) -> str:
+    """Size and modification time of every file and folder a unit's index depends on: an
+    episode folder's metadata, robot states, sensor file and image folders (a folder's time
+    changes when a frame is added, removed or renamed); a LeRobot root's metadata, data and
+    video files."""
+    from vla_ds.data.lerobot import is_lerobot_root
+
+    parts = []
+    if is_lerobot_root(path):
+        for sub in ("meta", "data", "videos"):
+            for dirpath, dirnames, filenames in os.walk(path / sub):
+                dirnames.sort()
+                parts += [f"{name}={_stat(os.path.join(dirpath, name))}" for name in sorted(filenames)]
+    else:
+        base = os.fspath(path)
+        parts = [_stat(os.path.join(base, f)) for f in ("metadata.json", "robot_states.csv", "sensor_data.npz")]
+        images = os.path.join(base, "images")
+        parts.append(_stat(images))
+        try:
+            with os.scandir(images) as it:
+                parts += sorted(f"{e.name}={_stat(e.path)}" for e in it if e.is_dir())
+        except OSError:
+            pass
+    return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
+
+
+def signatures(paths: Sequence[Path], threads: int = BUILD_THREADS) -> list[str]:
+    """:func:`unit_signature` of each path (threads overlap a network file system's latency)."""
+    chunks = [paths[k:k + 512] for k in range(0, len(paths), 512)]
+    if len(chunks) < 2:
+        return [unit_signature(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=min(threads, len(chunks))) as pool:
+        return [sig for part in pool.map(lambda chunk: [unit_signature(p) for p in chunk], chunks) for sig in part]
+
+
+class Plan:
+    """What opening a dataset's index needs: the units now, which of them the index at
+    ``folder`` already holds (``reused``: unit -> its episode range there) and which are stale."""
+
+    def __init__(self, config, pairs: list[tuple[Path, str]], unit_signatures: list[str] | None = None):
+        self.config = config
+        self.folder = index_folder(config)
+        self.paths = [str(p) for p, _ in pairs]
+        self.sources = [s for _, s in pairs]
+        self.signatures = unit_signatures if unit_signatures is not None else signatures([p for p, _ in pairs])
+        self.old, self.old_units = None, 0
+        self.reused: dict[int, tuple[int, int]] = {}
+        if (self.folder / "index.json").is_file():
+            try:
+                self.old = DatasetIndex.load(self.folder)
+            except DatasetError as e:
+                logger.warning("%s; rebuilding it", e)
+        if self.old is not None:
+            units = self.old.units()
+            starts = units.get("episodes", [])
+            known = {(p, s, g): (starts[k], starts[k + 1])
+                     for k, (p, s, g) in enumerate(zip(units.get("paths", []), units.get("sources", []),
+                                                       units.get("signatures", [])))}
+            for u, key in enumerate(zip(self.paths, self.sources, self.signatures)):
+                if key in known:
+                    self.reused[u] = known[key]
+            self.old_units = len(units.get("paths", []))
+            self.old.info.pop("units", None)  # 100k paths and signatures: not kept for the run
+        self.stale = [u for u in range(len(self.paths)) if u not in self.reused]
+
+    @property
+    def current(self) -> bool:
+        """The index at ``folder`` is exactly these units, in this order."""
+        return self.old is not None and not self.stale and self.old_units == len(self.paths)
+
+
+def build_part(plan: Plan, rank: int = 0, world: int = 1) -> None:
+    """Index this rank's share of the stale units (every ``world``-th) into a part folder
+    beside the index. Raises the first broken episode's DatasetError (nothing is written)."""
+    mine = plan.stale[rank::world]
+    part = _part_folder(plan.folder, rank)
+    shutil.rmtree(part, ignore_errors=True)
+    if not mine:
+        return
+    start = time.perf_counter()
+
+    def index_units(units: list[int]) -> list[list[dict]]:
+        return [[episode_row(ep, plan.config) for ep in load_unit(Path(plan.paths[u]), plan.sources[u], plan.config)]
+                for u in units]
+
+    # A few threads overlap a network file system's latency; parsing holds the GIL anyway.
+    chunks = [mine[k:k + 32] for k in range(0, len(mine), 32)]
+    with ThreadPoolExecutor(max_workers=max(1, min(BUILD_THREADS, len(chunks)))) as pool:
+        per_unit = [rows for chunk in pool.map(index_units, chunks) for rows in chunk]
+    starts = np.cumsum([0] + [len(rows) for rows in per_unit]).tolist()
+    index = DatasetIndex.from_rows([row for rows in per_unit for row in rows], plan.config,
+                                   units={"units": mine, "episodes": starts})
+    part.parent.mkdir(parents=True, exist_ok=True)
+    index.save(part)
+    logger.info("indexed %d of %d units (%d episodes, %d samples) of %s in %.1f s", len(mine), len(plan.paths),
+                len(index), index.num_samples, plan.config.dataset_dir, time.perf_counter() - start)
+
+
+def merge_parts(plan: Plan, world: int = 1) -> DatasetIndex:
+    """Write the index of ``plan``'s units: the reused units' rows from the previous index and
+    the stale ones' from the parts :func:`build_part` wrote (on ``world`` ranks); returns it mapped."""
+    runs: list[tuple[DatasetIndex, int, int]] = []  # (index, first episode, end episode), in unit order
+    parts: dict[int, DatasetIndex] = {}
+    where: dict[int, tuple[int, int]] = {}  # stale unit -> (rank, position among that rank's units)
+    for k, u in enumerate(plan.stale):
+        where[u] = (k % world, k // world)
+    starts = [0]
+    for u in range(len(plan.paths)):
+        if u in plan.reused:
+            src, (lo, hi) = plan.old, plan.reused[u]
+        else:
+            rank, k = where[u]
+            if rank not in parts:
+                if not (_part_folder(plan.folder, rank) / "index.json").is_file():
+                    # That rank's cache is not this one (a node-local VLA_DS_CACHE): index its share here.
+                    logger.warning("%s: no index part from rank %d (is VLA_DS_CACHE on a filesystem every node "
+                                   "sees?); indexing its share on this rank", plan.folder, rank)
+                    build_part(plan, rank, world)
+                parts[rank] = DatasetIndex.load(_part_folder(plan.folder, rank))
+            src = parts[rank]
+            first = src.units()["episodes"]
+            lo, hi = first[k], first[k + 1]
+        if runs and runs[-1][0] is src and runs[-1][2] == lo:
+            runs[-1] = (src, runs[-1][1], hi)
+        elif hi > lo:
+            runs.append((src, lo, hi))
+        starts.append(starts[-1] + hi - lo)
+    units = {"paths": plan.paths, "sources": plan.sources, "signatures": plan.signatures, "episodes": starts}
+    tmp = plan.folder.parent / f".{plan.folder.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        _write_runs(tmp, runs, units)
+        old = plan.folder.parent / f".{plan.folder.name}.{uuid.uuid4().hex}.old"
+        if plan.folder.exists():
+            os.replace(plan.folder, old)  # maps of it stay valid (open files), a new open sees the new one
+        os.replace(tmp, plan.folder)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for rank in range(world):
+            shutil.rmtree(_part_folder(plan.folder, rank), ignore_errors=True)
+    return DatasetIndex.load(plan.folder)
+
+
+def _write_runs(folder: Path, runs: list[tuple[DatasetIndex, int, int]], units: dict) -> None:
+    """Write the episodes ``runs`` name, in order, as one index folder: every table is streamed
+    into its file run by run (never a whole table in memory)."""
+    folder.mkdir(parents=True)
+    sources = sorted({src.sources[c] for src, lo, hi in runs for c in np.unique(src.column("source")[lo:hi])})
+    code = {s: i for i, s in enumerate(sources)}
+    arrays = sorted({a for src, _, _ in runs for a in src.info["arrays"]})
+
+    def offsets(src: DatasetIndex, name: str) -> np.ndarray:
+        """(E+1,) where each episode's rows of ``name`` start in ``src`` (all 0: it has none)."""
+        if name.startswith("episode."):
+            return np.arange(len(src) + 1)
+        if name.startswith("sample."):
+            return src.sample_off
+        key = "meta_off" if name == "meta" else f"{name}_off"
+        return src.tables[key] if key in src.tables else np.zeros(len(src) + 1, np.int64)
+
+    names = ["meta", *(f"episode.{f}" for f in EPISODE_FIELDS), *(f"sample.{f}" for f in SAMPLE_FIELDS),
+             *(f"array.{a}" for a in arrays)]
+    for name in names:
+        refs = [src.tables[name] for src, _, _ in runs if name in src.tables]
+        dtype = refs[0].dtype if refs[0].dtype.kind != "S" else np.dtype(f"S{max(r.dtype.itemsize for r in refs)}")
+        tail = tuple(int(k) for k in np.max([r.shape[1:] for r in refs], axis=0)) if refs[0].ndim > 1 else ()
+        # (the widest V and D: a mixture VLADataset refuses is still written, to be refused by name)
+        pieces = [(src, int(offsets(src, name)[lo]), int(offsets(src, name)[hi])) for src, lo, hi in runs]
+        out = np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=dtype,
+                                        shape=(sum(b - a for _, a, b in pieces), *tail))
+        at = 0
+        for src, a, b in pieces:
+            if b > a:
+                chunk = src.tables[name][a:b]
+                if name == "episode.source":
+                    chunk = np.asarray([code.get(s, -1) for s in src.sources], dtype=np.int32)[chunk]
+                out[(slice(at, at + b - a), *(slice(0, k) for k in chunk.shape[1:]))] = chunk  # pad a smaller V, D
+                at += b - a
+        out.flush()
+        del out
+        if not name.startswith("episode."):  # its offsets, rebased run by run
+            parts, base = [np.zeros(1, np.int64)], 0
+            for src, lo, hi in runs:
+                off = offsets(src, name)
+                parts.append(off[lo + 1:hi + 1] - off[lo] + base)
+                base += int(off[hi] - off[lo])
+            key = {"meta": "meta_off", "sample.time": "sample_off"}.get(name, f"{name}_off")
+            if not name.startswith("sample.") or name == "sample.time":
+                np.save(folder / f"{key}.npy", np.concatenate(parts))
+    info = {k: v for k, v in runs[0][0].info.items() if k != "units"}
+    (folder / "units.json").write_text(json.dumps(units))
+    (folder / "index.json").write_text(json.dumps({**info, "sources": sources, "arrays": arrays}, indent=1))
+
+
+def _part_folder(folder: Path, rank: int) -> Path:
+    return folder.parent / f".{folder.name}.part{rank}"
+
+
+def open_index(config, pairs: list[tuple[Path, str]], unit_signatures: list[str] | None = None) -> DatasetIndex:
+    """The index of ``pairs`` (episode folders and LeRobot roots with their sources) under
+    ``config``, from the user cache: built if missing, updated if some units changed, else
+    mapped as it is. One process at a time builds (a file lock); the others then map its
+    result. When the cache cannot be written to, the index is built in memory (a warning)."""
+    plan = Plan(config, pairs, unit_signatures)
+    if plan.current:
+        return plan.old
+    try:
+        plan.folder.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(plan.folder.parent / f".{plan.folder.name}.lock", "w")
+    except OSError as e:
+        logger.warning("cannot write the dataset index to %s (%s; set VLA_DS_CACHE to a writable folder): "
+                       "indexing in memory in every process", plan.folder, e)
+        episodes = [ep for path, source in pairs for ep in load_unit(Path(path), source, config)]
+        for k, ep in enumerate(episodes):
+            ep.index = k
+        return DatasetIndex.from_episodes(episodes, config, resident=True)
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        plan = Plan(config, pairs, plan.signatures)  # another process may have built it while this one waited
+        if plan.current:
+            return plan.old
+        start = time.perf_counter()
+        build_part(plan)
+        index = merge_parts(plan)
+        logger.info("dataset index of %s: %d units, %d re-indexed, in %s (%.1f s)", config.dataset_dir,
+                    len(plan.paths), len(plan.stale), plan.folder, time.perf_counter() - start)
+        return index
