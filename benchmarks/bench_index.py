@@ -31,6 +31,7 @@ docs/dataset_format.md.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import shutil
@@ -44,7 +45,6 @@ REPO = Path(__file__).resolve().parent.parent
 FRAMES, FPS, STATE_HZ, SENSOR_HZ, SENSOR_CHANNELS = 100, 10.0, 50.0, 1000.0, 8
 TARGET_OPEN_S, TARGET_BYTES_PER_SAMPLE, TARGET_EPISODES = 10.0, 100.0, 100_000
 TARGET_WORKER_MB, TARGET_BUILD_RATE = 50.0, 2000.0
-LINKS_PER_TEMPLATE = 50_000
 
 
 def write_template(ep_dir: Path) -> None:
@@ -77,22 +77,27 @@ def make_dataset(root: Path, episodes: int) -> Path:
     done = root / ".complete"
     if done.is_file():
         return root
-    files = dirs = None
+    k = 0  # the template linked to: ext4 allows 65,000 links to a file, so a new copy when one is full
+    template = root.parent / "template_episode"
+    if not template.is_dir():
+        write_template(template)
+    files = [p.relative_to(template) for p in template.rglob("*") if p.is_file()]
+    dirs = sorted({f.parent for f in files})
     for e in range(episodes):
-        # ext4 allows 65,000 links to a file: one template (the same content) per 50,000 episodes.
-        k = e // LINKS_PER_TEMPLATE
-        template = root.parent / ("template_episode" if k == 0 else f"template_episode_{k}")
-        if not template.is_dir():
-            write_template(template)
-        if files is None:
-            files = [p.relative_to(template) for p in template.rglob("*") if p.is_file()]
-            dirs = sorted({f.parent for f in files})
         ep = root / "source_a" / f"episode_{e:06d}"
         for d in dirs:
             (ep / d).mkdir(parents=True, exist_ok=True)
         for f in files:
-            if not (ep / f).exists():
-                os.link(template / f, ep / f)
+            while not (ep / f).exists():
+                try:
+                    os.link(template / f, ep / f)
+                except OSError as err:
+                    if err.errno != errno.EMLINK:
+                        raise
+                    k += 1
+                    template = root.parent / f"template_episode_{k}"
+                    if not template.is_dir():
+                        write_template(template)
     done.write_text(str(episodes))
     return root
 

@@ -138,8 +138,12 @@ def launched_stage1_run(tiny_backbone_dir, demo_dataset_dir, tmp_path_factory):
         port = s.getsockname()[1]
     out = tmp_path_factory.mktemp("launched_stage1") / "run"
     launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
+    cache = tmp_path_factory.mktemp("launched_stage1_cache")  # its own: the dataset index is built here, cold
     proc = subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(port), str(REPO / "scripts" / "train.py"),
-                           *flags(out)], env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"), cwd=REPO,
+                           *flags(out)], env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+                                                  VLA_DS_CACHE=str(cache)), cwd=REPO,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return SimpleNamespace(out=out, flags=flags, epochs=LAUNCHED_STAGE1_EPOCHS, launcher=launcher)
+    # The two ranks indexed the dataset together: each a share, merged by rank 0 (no rank redid another's).
+    assert "re-indexed on 2 ranks" in proc.stdout + proc.stderr and "no index part" not in proc.stdout + proc.stderr
+    return SimpleNamespace(out=out, flags=flags, epochs=LAUNCHED_STAGE1_EPOCHS, launcher=launcher, cache=cache)

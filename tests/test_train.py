@@ -123,7 +123,7 @@ def test_deepspeed_launcher_two_ranks_loss_falls_and_resumes(launched_stage1_run
     tests/test_multinode.py); its resume, a second launch, writes into a copy of it."""
     run = launched_stage1_run
     assert run.epochs == 4
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", VLA_DS_CACHE=str(run.cache))
     out = tmp_path / "ds_run"
     shutil.copytree(run.out, out)
 
@@ -151,8 +151,10 @@ def test_deepspeed_launcher_two_ranks_loss_falls_and_resumes(launched_stage1_run
     assert not any(k.startswith("backbone.") and "weight" in k for k in module)
     assert any(k.startswith("sensor_encoder.") for k in module) and any(k.startswith("action_expert.") for k in module)
 
-    # Resume: the run continues at the next step with the saved state (no restart).
-    launch(5, "--resume", str(out))
+    # Resume: the run continues at the next step with the saved state (no restart), on the
+    # dataset index the first launch built (its ranks split the work; nothing is indexed again).
+    log = launch(5, "--resume", str(out))
+    assert "indexed" not in log.stdout + log.stderr and "dataset index" not in log.stdout + log.stderr
     rows = read_metrics(out)
     resumed = [r for r in rows if "train/loss" in r][len(train):]
     assert [r["step"] for r in resumed] == list(range(4 * steps_per_epoch + 1, 5 * steps_per_epoch + 1))

@@ -50,6 +50,7 @@ from vla_ds.data.index import (
     load_unit,
     merge_parts,
     open_index,
+    unit_signature,
 )
 from vla_ds.data.lerobot import LeRobotConfig
 from vla_ds.errors import ConfigError, DatasetError
@@ -173,35 +174,46 @@ def _default_source(episode_dir: Path, root: Path | None) -> str:
     return episode_dir.parent.name
 
 
-def scan_dataset(root: str | os.PathLike) -> tuple[list[tuple[Path, str]], dict[str, float] | None]:
+def scan_dataset(root: str | os.PathLike, describe=None) -> tuple[list[tuple], dict[str, float] | None]:
     """Find the episodes a dataset directory uses, without loading them.
 
     Returns ``([(episode_dir, source), ...] sorted by path, source_weights)``; a LeRobot
     dataset root (``meta/info.json``) stands for all of its episodes.
     ``source_weights`` is None without mixture.yaml (every episode used, uniform sampling);
-    with it only the listed sources are used.
+    with it only the listed sources are used. With ``describe`` (as
+    :func:`~vla_ds.data.episodes.find_episode_dirs` takes it) each pair has a third item, what
+    ``describe`` returned for that folder.
     """
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"{root}: dataset directory not found")
+
+    def found(folder: Path) -> list[tuple]:
+        if describe is None:
+            return [(d, None) for d in find_episode_dirs(folder)]
+        return find_episode_dirs(folder, describe)
+
+    def pair(d: Path, source: str, value) -> tuple:
+        return (d, source) if describe is None else (d, source, value)
+
     mixture = read_mixture(root)
     if mixture is None:
-        return [(d, _default_source(d, root)) for d in find_episode_dirs(root)], None
+        return [pair(d, _default_source(d, root), value) for d, value in found(root)], None
     owner: dict[str, str] = {}
     pairs = []
     for name, _ in mixture:
-        dirs = find_episode_dirs(root / name)
+        dirs = found(root / name)
         if not dirs:
             raise DatasetError(f"{root / MIXTURE_FILE}: source '{name}' has no episodes "
                                f"(no folder under {root / name} holds metadata.json or meta/info.json)")
-        for d in dirs:
+        for d, value in dirs:
             key = os.path.realpath(d)
             if key in owner:
                 raise DatasetError(f"{root / MIXTURE_FILE}: sources '{owner[key]}' and '{name}' overlap "
                                    f"(both contain {d})")
             owner[key] = name
-            pairs.append((d, name))
-    return sorted(pairs), dict(mixture)
+            pairs.append(pair(d, name, value))
+    return sorted(pairs, key=lambda p: (p[0], p[1])), dict(mixture)
 
 
 def load_episodes(pairs: Sequence[tuple[Path, str]], max_threads: int = 16,
@@ -219,18 +231,19 @@ def load_episodes(pairs: Sequence[tuple[Path, str]], max_threads: int = 16,
 
 def build_index(config: DataConfig, rank: int, world: int, phase) -> DatasetIndex:
     """Collective over ``world`` ranks: the index of ``config``'s dataset, each stale unit
-    indexed by one rank (every ``world``-th), merged by rank 0 while the others wait, then
+    indexed by one rank (a contiguous share each), merged by rank 0 while the others wait, then
     mapped by all. ``phase(name)`` is a context manager in which a rank works alone and
     at whose end it waits for every rank (the training's long-phase heartbeat); every rank
     enters both phases, whether or not there is work. One rank (``world`` 1) is
     :func:`open_index`."""
-    pairs, _ = scan_dataset(config.dataset_dir)
-    if not pairs:
+    signed, _ = scan_dataset(config.dataset_dir, describe=unit_signature)
+    if not signed:
         raise DatasetError(f"{config.dataset_dir}: no episodes found (no folder holds metadata.json)")
+    pairs, signatures = [(p, s) for p, s, _ in signed], [g for _, _, g in signed]
     if world == 1:
         with phase("dataset index"):
-            return open_index(config, pairs)
-    plan = Plan(config, pairs)
+            return open_index(config, pairs, signatures)
+    plan = Plan(config, pairs, signatures)
     with phase("dataset index build"):
         if not plan.current:
             plan.folder.parent.mkdir(parents=True, exist_ok=True)
@@ -331,10 +344,10 @@ class VLADataset(torch.utils.data.Dataset):
             if episodes is None:
                 if root is None:
                     raise ConfigError("DataConfig.dataset_dir is empty: set it with --dataset_dir")
-                pairs, scanned_weights = scan_dataset(root)
-                if not pairs:
+                signed, scanned_weights = scan_dataset(root, describe=unit_signature)
+                if not signed:
                     raise DatasetError(f"{root}: no episodes found (no folder holds metadata.json)")
-                index = open_index(config, pairs)
+                index = open_index(config, [(p, s) for p, s, _ in signed], [g for _, _, g in signed])
                 if source_weights is None:
                     source_weights = scanned_weights
             else:

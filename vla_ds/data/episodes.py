@@ -88,31 +88,50 @@ UNPACK_COMPRESSED_SENSOR = True
 # --------------------------------------------------------------------------- finding
 
 
-def find_episode_dirs(root: str | os.PathLike) -> list[Path]:
+def find_episode_dirs(root: str | os.PathLike, describe=None) -> list:
     """All episode directories (holding ``metadata.json``) and LeRobot dataset roots (holding
     ``meta/info.json``) under ``root``, any depth, sorted by path.
 
     ``root`` itself counts if it is one. The walk does not descend into an episode or a
     LeRobot root (their folders can hold thousands of files) and follows symbolic links to
-    folders, visiting each real folder once.
+    folders, visiting each real folder once. With ``describe(folder, its os.DirEntry list)``
+    the result is ``[(folder, what describe returned), ...]``: a caller that needs each
+    folder's files (the dataset index's signatures) reuses this walk's listing of it.
     """
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"{root}: dataset directory not found")
     found = []
-    seen = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:  # a symlink loop or a folder linked twice
-            dirnames[:] = []
+    st = os.stat(root)
+    seen = {(st.st_dev, st.st_ino)}
+    stack = [(str(root), st.st_dev)]
+    while stack:  # one listing per folder; a stat only for a symbolic link (to visit its target once)
+        dirpath, dev = stack.pop()
+        try:
+            with os.scandir(dirpath) as it:
+                entries = list(it)
+        except OSError:
+            continue  # unreadable: skipped, as os.walk does
+        names = {e.name for e in entries}
+        if METADATA_FILE in names or ("meta" in names and is_lerobot_root(dirpath)):
+            found.append((dirpath, describe(dirpath, entries) if describe is not None else None))
             continue
-        seen.add(real)
-        if METADATA_FILE in filenames or is_lerobot_root(dirpath):
-            found.append(Path(dirpath))
-            dirnames[:] = []
-        else:
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-    return sorted(found)
+        for e in entries:
+            try:
+                if e.name.startswith(".") or not e.is_dir():
+                    continue
+                if e.is_symlink():
+                    target = e.stat()
+                    key, child_dev = (target.st_dev, target.st_ino), target.st_dev
+                else:
+                    key, child_dev = (dev, e.inode()), dev
+            except OSError:
+                continue
+            if key not in seen:  # a symlink loop or a folder linked twice is visited once
+                seen.add(key)
+                stack.append((e.path, child_dev))
+    found.sort(key=lambda item: item[0].split(os.sep))  # Path order, without comparing 100k Path objects
+    return [(Path(d), value) for d, value in found] if describe is not None else [Path(d) for d, _ in found]
 
 
 # --------------------------------------------------------------------------- metadata
@@ -253,7 +272,8 @@ def read_robot_states(path: Path) -> RobotStates:
     """
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            header = next(csv.reader(f), None)
+            text = f.read()  # read once: the header here, the rows by np.loadtxt below
+        header = next(csv.reader(io.StringIO(text[:text.find("\n") + 1 or len(text)])), None)
     except FileNotFoundError:
         raise DatasetError(f"{path}: file not found") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -272,8 +292,8 @@ def read_robot_states(path: Path) -> RobotStates:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "input contained no data" is handled below
-            table = np.loadtxt(path, delimiter=",", skiprows=1, usecols=[header.index(c) for c in columns],
-                               dtype=np.float64, ndmin=2, encoding="utf-8-sig")
+            table = np.loadtxt(io.StringIO(text), delimiter=",", skiprows=1, dtype=np.float64, ndmin=2,
+                               usecols=[header.index(c) for c in columns])
         if (len(table) == 0 or not np.isfinite(table).all()
                 or (len(table) > 1 and not (np.diff(table[:, 0]) > 0).all())):
             table = None

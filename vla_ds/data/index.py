@@ -5,13 +5,13 @@ sensor timestamps into Python objects in every rank and every DataLoader worker 
 180 KB an episode). The index holds what samples need as flat arrays instead:
 
     <index folder>/
-      index.json              version, data-config key, V, D, action names and units, sources
+      index.json              version, sources, array names, the first episode's action names and units
       units.json              the units it was built from (episode folders, LeRobot roots) with
                               their sources and file signatures: what an incremental update compares
       episode.<field>.npy     (E,) per-episode columns: source code, path, views, channels, ...
       meta.npy, meta_off.npy  each episode's small JSON record (instruction, sensor layout, ...)
       array.<name>.npy        per-episode variable-length arrays concatenated (frame file names per
-      array.<name>_off.npy    view, sensor timestamps), with (E+1,) offsets
+      array.<name>_off.npy    view; a LeRobot episode's frame times, tasks and state rows), (E+1,) offsets
       sample_off.npy          (E+1,) each episode's first sample
       sample.<field>.npy      (N, ...) sample time, frame per view, action chunk, padding, and the
                               sensor row its window ends before (no timestamps are read per sample)
@@ -57,8 +57,8 @@ class DatasetIndex:
     """The tables of a set of episodes: in memory (just built) or memory-mapped from a folder.
 
     ``tables`` maps names to arrays (the file names above without ``.npy``); ``info`` is
-    index.json. ``episode(e)`` makes episode e's view; ``samples(e)`` is its slice of the
-    sample tables."""
+    index.json. ``episode(e)`` makes episode e's view; episode e's samples are rows
+    ``sample_off[e]:sample_off[e + 1]`` of the ``sample.*`` tables."""
 
     def __init__(self, tables: dict[str, np.ndarray], info: dict, folder: Path | None = None,
                  resident: list | None = None):
@@ -148,10 +148,8 @@ class DatasetIndex:
             "meta_off": np.cumsum([0] + [len(m) for m in metas], dtype=np.int64),
             "sample_off": np.cumsum([0] + [len(row["time"]) for row in rows], dtype=np.int64),
             "sample.time": _concat([row["time"] for row in rows], (0,), np.float64),
-            "sample.frames": _concat([np.pad(row["frames"], ((0, 0), (0, v - row["frames"].shape[1])),
-                                             constant_values=-1) for row in rows], (0, v), np.int32),
-            "sample.actions": _concat([np.pad(row["actions"], ((0, 0), (0, 0), (0, d - row["actions"].shape[2])))
-                                       for row in rows], (0, h, d), np.float32),
+            "sample.frames": _concat([_widen(row["frames"], v, -1) for row in rows], (0, v), np.int32),
+            "sample.actions": _concat([_widen(row["actions"], d, 0) for row in rows], (0, h, d), np.float32),
             "sample.is_pad": _concat([row["is_pad"] for row in rows], (0, h), np.bool_),
             "sample.sensor_end": _concat([row["sensor_end"] for row in rows], (0,), np.int64),
         }
@@ -231,6 +229,14 @@ def episode_row(ep, config, resident: bool = False) -> dict:
     }
 
 
+def _widen(array: np.ndarray, width: int, fill) -> np.ndarray:
+    """``array`` padded with ``fill`` along its last axis to ``width`` (a mixture of V or D)."""
+    missing = width - array.shape[-1]
+    if not missing:
+        return array
+    return np.pad(array, [(0, 0)] * (array.ndim - 1) + [(0, missing)], constant_values=fill)
+
+
 def _concat(parts: list[np.ndarray], empty_shape: tuple, dtype) -> np.ndarray:
     return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(empty_shape, dtype)
 
@@ -260,6 +266,17 @@ def index_folder(config) -> Path:
     return index_dir(config.dataset_dir) / config_key(config)
 
 
+EPISODE_FILES = ("metadata.json", "robot_states.csv", "sensor_data.npz", "images")
+
+
+def _entry_stat(entry: os.DirEntry) -> str:
+    try:
+        st = entry.stat()
+    except OSError:
+        return "-"
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
 def _stat(path: str) -> str:
     try:
         st = os.stat(path)
@@ -268,29 +285,37 @@ def _stat(path: str) -> str:
     return f"{st.st_size}:{st.st_mtime_ns}"
 
 
-def unit_signature(path: Path) -> str:
+def unit_signature(path: Path | str, entries: list[os.DirEntry] | None = None) -> str:
     """Size and modification time of every file and folder a unit's index depends on: an
     episode folder's metadata, robot states, sensor file and image folders (a folder's time
     changes when a frame is added, removed or renamed); a LeRobot root's metadata, data and
-    video files."""
+    video files. ``entries``: the folder's listing, when the caller has it."""
     from vla_ds.data.lerobot import is_lerobot_root
 
     parts = []
-    if is_lerobot_root(path):
+    if (entries is None or any(e.name == "meta" for e in entries)) and is_lerobot_root(path):
         for sub in ("meta", "data", "videos"):
-            for dirpath, dirnames, filenames in os.walk(path / sub):
+            for dirpath, dirnames, filenames in os.walk(os.path.join(path, sub)):
                 dirnames.sort()
                 parts += [f"{name}={_stat(os.path.join(dirpath, name))}" for name in sorted(filenames)]
-    else:
-        base = os.fspath(path)
-        parts = [_stat(os.path.join(base, f)) for f in ("metadata.json", "robot_states.csv", "sensor_data.npz")]
-        images = os.path.join(base, "images")
-        parts.append(_stat(images))
-        try:
-            with os.scandir(images) as it:
-                parts += sorted(f"{e.name}={_stat(e.path)}" for e in it if e.is_dir())
-        except OSError:
-            pass
+        return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
+    # An episode folder: one listing of it, one of images/, a stat per file and view folder.
+    try:
+        if entries is None:
+            with os.scandir(path) as it:
+                entries = list(it)
+    except OSError:
+        return "-"
+    entries = {e.name: e for e in entries if e.name in EPISODE_FILES}
+    for name in EPISODE_FILES:
+        entry = entries.get(name)
+        parts.append(_entry_stat(entry) if entry is not None else "-")
+        if name == "images" and entry is not None:
+            try:
+                with os.scandir(entry.path) as it:
+                    parts += sorted(f"{e.name}={_entry_stat(e)}" for e in it if e.is_dir())
+            except OSError:
+                pass
     return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
 
 
@@ -340,9 +365,9 @@ class Plan:
 
 
 def build_part(plan: Plan, rank: int = 0, world: int = 1) -> None:
-    """Index this rank's share of the stale units (every ``world``-th) into a part folder
+    """Index this rank's share of the stale units (a contiguous 1/world of them) into a part folder
     beside the index. Raises the first broken episode's DatasetError (nothing is written)."""
-    mine = plan.stale[rank::world]
+    mine = plan.stale[slice(*_share(len(plan.stale), rank, world))]
     part = _part_folder(plan.folder, rank)
     shutil.rmtree(part, ignore_errors=True)
     if not mine:
@@ -372,8 +397,9 @@ def merge_parts(plan: Plan, world: int = 1) -> DatasetIndex:
     runs: list[tuple[DatasetIndex, int, int]] = []  # (index, first episode, end episode), in unit order
     parts: dict[int, DatasetIndex] = {}
     where: dict[int, tuple[int, int]] = {}  # stale unit -> (rank, position among that rank's units)
-    for k, u in enumerate(plan.stale):
-        where[u] = (k % world, k // world)
+    for rank in range(world):
+        first, end = _share(len(plan.stale), rank, world)
+        where.update((plan.stale[k], (rank, k - first)) for k in range(first, end))
     starts = [0]
     for u in range(len(plan.paths)):
         if u in plan.reused:
@@ -460,6 +486,12 @@ def _write_runs(folder: Path, runs: list[tuple[DatasetIndex, int, int]], units: 
     info = {k: v for k, v in runs[0][0].info.items() if k != "units"}
     (folder / "units.json").write_text(json.dumps(units))
     (folder / "index.json").write_text(json.dumps({**info, "sources": sources, "arrays": arrays}, indent=1))
+
+
+def _share(n: int, rank: int, world: int) -> tuple[int, int]:
+    """[first, end) of ``rank``'s share of ``n`` stale units: contiguous, so the merge copies one
+    run per rank (every ``world``-th unit would make a run per episode)."""
+    return rank * n // world, (rank + 1) * n // world
 
 
 def _part_folder(folder: Path, rank: int) -> Path:

@@ -1,11 +1,13 @@
-"""Assemble a run: everything train.py builds before the process group starts.
+"""Assemble a run: everything train.py builds before the DeepSpeed engine starts.
 
 :func:`assemble` turns a resolved :class:`~vla_ds.training.config.RunConfig` into a :class:`Run`:
 the dataset and its split by episode, the sampler, the schedule's total steps, what the run
 starts from (a checkpoint to resume, the guide's weights-only ``.pt``, Stage 1's heads, or
 nothing) with its normalisation statistics, and the policy (backbone loaded, fingerprinted
 and frozen, heads built, LoRA or unfrozen layers set up, starting weights loaded). Every
-problem with the user's input surfaces here, before any rank waits for another.
+problem with the user's input surfaces here, before the engine starts. The process group is
+up (the ranks index the dataset together, :func:`vla_ds.data.dataset.build_index`); a rank's
+error during that phase is reported by the others as that rank's failure.
 
 ``train.py``, ``build_cache.py`` and the benchmarks (through :func:`build_policy`, on
 synthetic batches) use it, so they all build the same model the same way.

@@ -585,18 +585,21 @@ def _zero_stage(cfg: RunConfig) -> int:
 
 
 def validate_deepspeed(cfg: RunConfig, source: str = "config") -> None:
-    """Let DeepSpeed's own config parser check its keys now, before any process group
-    starts, so a typo (``zero_optimization.stagee``) is one message instead of a traceback
-    on every rank. Call after :func:`resolve_schedule`."""
+    """Let DeepSpeed's own config parser check its keys now, before the engine starts, so a
+    typo (``zero_optimization.stagee``) is one message instead of a traceback on every rank.
+    Call after :func:`resolve_schedule`."""
+    import deepspeed.comm as dist
     from deepspeed.runtime.config import DeepSpeedConfig
 
     _check_deepspeed_keys(cfg.deepspeed, source)
     left = _find_auto(cfg.deepspeed)
     if left:
         raise ConfigError(f"{source}: {left}=\"auto\" cannot be resolved by vla_ds; set a value")
-    # DeepSpeedConfig checks the batch product against the world size it sees (1 here).
+    # DeepSpeedConfig checks the batch product against the world size it sees (the process
+    # group's, or 1 before one starts).
     probe = copy.deepcopy(cfg.deepspeed)
-    probe["train_batch_size"] = cfg.micro_batch_size * cfg.grad_accum
+    probe["train_batch_size"] = cfg.micro_batch_size * cfg.grad_accum * (
+        dist.get_world_size() if dist.is_initialized() else 1)
     try:
         DeepSpeedConfig(probe)
     except Exception as e:  # pydantic ValidationError, AssertionError, ...: all mean a bad key or value

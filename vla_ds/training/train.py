@@ -4,8 +4,9 @@
     python scripts/train.py --ds_config ds_configs/stage1.json --dataset_dir DATA   # one process
 
 ``main(argv)`` runs in-process (tests call it). Everything that can be wrong with the
-user's input (config, dataset, backbone) is checked before the process group starts; a
-:class:`~vla_ds.errors.VLAError` ends the run with one message and exit code 2. SIGTERM /
+user's input (the config) is checked before the process group starts, the rest (dataset,
+backbone) right after it, before the engine; a :class:`~vla_ds.errors.VLAError` ends the run
+with one message and exit code 2. SIGTERM /
 SIGINT stop training at an optimizer step every rank agrees on, save a checkpoint there
 (``train.save_on_signal``), end the DataLoader workers and exit with 143 / 130 and one line
 naming the checkpoint to ``--resume`` from (:class:`~vla_ds.training.trainer.StopSignals`).
@@ -37,8 +38,8 @@ def run(args: argparse.Namespace) -> dict:
     """Assemble the run, start the process group and the engine, train."""
     world, rank = dist_lib.env_world_size(), dist_lib.env_rank()
     cfg = config_lib.load_run_config(args, world)
-    run_ = assemble(cfg, world, rank, source=str(args.ds_config))
-    with distributed(run_):
+    with distributed(cfg, world):  # first: the ranks build the dataset index together
+        run_ = assemble(cfg, world, rank, source=str(args.ds_config))
         engine, groups = start_engine(run_)
         return train_run(run_, engine, groups)
 
@@ -52,8 +53,8 @@ def build_cache(args: argparse.Namespace) -> dict:
     if not config_lib.cache_enabled(cfg):
         raise config_lib.ConfigError(f"{args.ds_config}: the VL feature cache is off for this run "
                                      f"(stage {cfg.stage}, cache.mode {cfg.cache.mode}); nothing to build")
-    run_ = assemble(cfg, world, rank, source=str(args.ds_config))
-    with distributed(run_):
+    with distributed(cfg, world):
+        run_ = assemble(cfg, world, rank, source=str(args.ds_config))
         engine, _ = start_engine(run_)
         build_feature_cache(cfg, engine, run_.fingerprint, [run_.train_ds, run_.val_ds],
                             PolicyCollator(run_.input_builder), rank, world)
@@ -61,17 +62,18 @@ def build_cache(args: argparse.Namespace) -> dict:
 
 
 @contextlib.contextmanager
-def distributed(run_: Run):
-    """The process group for ``run_``; a collective that fails inside (a dead peer, a
-    timeout) becomes one line."""
+def distributed(cfg, world: int):
+    """The process group of the run ``cfg`` describes, started before the run is assembled (its
+    ranks index the dataset together); a collective that fails inside (a dead peer, a timeout)
+    becomes one line."""
     from vla_ds.training import engine as engine_lib
 
-    dist_lib.init_distributed(run_.cfg.train.dist_timeout_minutes, run_.cfg.train.long_phase_minutes)
+    dist_lib.init_distributed(cfg.train.dist_timeout_minutes, cfg.train.long_phase_minutes)
     try:
         with engine_lib.process_patches_undone():
             yield
     except RuntimeError as e:
-        line = dist_lib.describe_distributed_failure(e, str(run_.output_dir)) if run_.world > 1 else None
+        line = dist_lib.describe_distributed_failure(e, str(cfg.train.output_dir)) if world > 1 else None
         if line is None:
             raise
         raise dist_lib.DistributedError(line) from None
