@@ -320,51 +320,37 @@ def index_view_frames(view_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     """
     if not view_dir.is_dir():
         raise DatasetError(f"{view_dir}: camera view folder not found")
-    # Fast path: the names as bytes, their stems parsed by numpy in one call (a large dataset
-    # lists millions of frames); any name it cannot parse is found and named by the loop below.
+    # The names as bytes, their stems parsed by numpy in one call (a large dataset lists
+    # millions of frames); a name it cannot parse is parsed, or named in the error, one by one.
     suffixes = tuple(s.encode() for s in IMAGE_SUFFIXES)
     listed = [n for n in os.listdir(os.fsencode(view_dir)) if n.lower().endswith(suffixes)]
     try:
-        stems = np.array([n[:n.rfind(b".")] for n in listed], dtype=np.bytes_)
-        times = stems.astype(np.float64) if len(listed) else np.zeros(0)
-        fast = bool(np.isfinite(times).all())
+        times = np.array([n[:n.rfind(b".")] for n in listed], dtype=np.bytes_).astype(np.float64) \
+            if listed else np.zeros(0)
     except ValueError:
-        fast = False
-    if fast:
-        order = np.argsort(times, kind="stable")
-        times = times[order]
-        names = np.array(listed, dtype=np.bytes_)[order] if listed else np.zeros(0, dtype="S1")
-        dup = np.flatnonzero(np.diff(times) == 0)
-        if len(dup):
-            i = dup[0]
-            raise DatasetError(f"{view_dir}: two frames with the same capture time: "
-                               f"{os.fsdecode(names[i])} and {os.fsdecode(names[i + 1])}")
-        return times, names
-    times, names = [], []
-    with os.scandir(view_dir) as it:
-        for entry in it:
-            stem, suffix = os.path.splitext(entry.name)
-            if suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            try:
-                t = float(stem)
-            except ValueError:
-                raise DatasetError(f"{view_dir / entry.name}: image file name must be the capture time "
-                                   f"in seconds (e.g. 1730000000.125000.jpg)") from None
-            if not math.isfinite(t):
-                raise DatasetError(f"{view_dir / entry.name}: capture time in the file name is not finite")
-            times.append(t)
-            names.append(os.fsencode(entry.name))
-    times = np.asarray(times, dtype=np.float64)
+        times = None
+    if times is None or not np.isfinite(times).all():
+        times = np.array([_capture_time(view_dir, os.fsdecode(n)) for n in listed], dtype=np.float64)
     order = np.argsort(times, kind="stable")
     times = times[order]
-    names = np.asarray(names, dtype=np.bytes_)[order] if names else np.zeros(0, dtype="S1")
+    names = np.array(listed, dtype=np.bytes_)[order] if listed else np.zeros(0, dtype="S1")
     dup = np.flatnonzero(np.diff(times) == 0)
     if len(dup):
         i = dup[0]
         raise DatasetError(f"{view_dir}: two frames with the same capture time: "
                            f"{os.fsdecode(names[i])} and {os.fsdecode(names[i + 1])}")
     return times, names
+
+
+def _capture_time(view_dir: Path, name: str) -> float:
+    try:
+        t = float(os.path.splitext(name)[0])
+    except ValueError:
+        raise DatasetError(f"{view_dir / name}: image file name must be the capture time "
+                           f"in seconds (e.g. 1730000000.125000.jpg)") from None
+    if not math.isfinite(t):
+        raise DatasetError(f"{view_dir / name}: capture time in the file name is not finite")
+    return t
 
 
 def nearest_frames(frame_times: np.ndarray, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
