@@ -196,3 +196,17 @@ def test_a_lerobot_dataset_is_indexed_once_with_its_frame_columns_mapped(tmp_pat
     assert in_memory._index.folder is None
     assert_same_samples(samples(again), samples(in_memory))
     assert_same_samples(samples(ds), samples(again))
+
+
+def test_a_dead_builds_leftovers_are_swept_and_a_live_ones_kept(tmp_path):
+    root = make_dataset(tmp_path / "ds", n=2)
+    folder = index_lib.index_folder(cfg(root))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    dead, live = folder.parent / f".{folder.name}.dead.tmp", folder.parent / f".{folder.name}.live.tmp"
+    for d in (dead, live):
+        d.mkdir()
+        (d / "sample.time.npy").write_bytes(b"")
+    old = os.stat(dead).st_mtime - 2 * index_lib.STALE_BUILD_S
+    os.utime(dead, (old, old))
+    VLADataset.from_config(cfg(root))
+    assert not dead.exists() and live.is_dir()

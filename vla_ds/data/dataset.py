@@ -48,6 +48,7 @@ from vla_ds.data.index import (
     Plan,
     build_part,
     load_unit,
+    locked,
     merge_parts,
     open_index,
     unit_signature,
@@ -229,13 +230,14 @@ def load_episodes(pairs: Sequence[tuple[Path, str]], max_threads: int = 16,
     return episodes
 
 
-def build_index(config: DataConfig, rank: int, world: int, phase) -> DatasetIndex:
+def build_index(config: DataConfig, rank: int, world: int, phase, job: str = "") -> DatasetIndex:
     """Collective over ``world`` ranks: the index of ``config``'s dataset, each stale unit
     indexed by one rank (a contiguous share each), merged by rank 0 while the others wait, then
     mapped by all. ``phase(name)`` is a context manager in which a rank works alone and
     at whose end it waits for every rank (the training's long-phase heartbeat); every rank
-    enters both phases, whether or not there is work. One rank (``world`` 1) is
-    :func:`open_index`."""
+    enters both phases, whether or not there is work. ``job`` names this run's part folders
+    (the launcher's port: another job building the same index keeps its own). One rank
+    (``world`` 1) is :func:`open_index`."""
     signed, _ = scan_dataset(config.dataset_dir, describe=unit_signature)
     if not signed:
         raise DatasetError(f"{config.dataset_dir}: no episodes found (no folder holds metadata.json)")
@@ -243,7 +245,7 @@ def build_index(config: DataConfig, rank: int, world: int, phase) -> DatasetInde
     if world == 1:
         with phase("dataset index"):
             return open_index(config, pairs, signatures)
-    plan = Plan(config, pairs, signatures)
+    plan = Plan(config, pairs, signatures, job)
     with phase("dataset index build"):
         if not plan.current:
             plan.folder.parent.mkdir(parents=True, exist_ok=True)
@@ -251,7 +253,8 @@ def build_index(config: DataConfig, rank: int, world: int, phase) -> DatasetInde
     with phase("dataset index merge"):
         if rank == 0 and not plan.current:
             start = time.perf_counter()
-            merge_parts(plan, world)
+            with locked(plan.folder):
+                merge_parts(plan, world)
             logger.info("dataset index of %s: %d units, %d re-indexed on %d ranks, in %s (merged in %.1f s)",
                         config.dataset_dir, len(plan.paths), len(plan.stale), world, plan.folder,
                         time.perf_counter() - start)

@@ -28,6 +28,7 @@ across ranks (:func:`build_part` on each, then :func:`merge_parts` on one).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -51,6 +52,7 @@ INDEX_VERSION = 1
 EPISODE_FIELDS = ("source", "path", "views", "action_dim", "channels", "invalid", "out_of_range")
 SAMPLE_FIELDS = ("time", "frames", "actions", "is_pad", "sensor_end")
 BUILD_THREADS = 4
+STALE_BUILD_S = 3600.0  # a temporary folder older than this is a dead build's
 
 
 class DatasetIndex:
@@ -332,9 +334,11 @@ class Plan:
     """What opening a dataset's index needs: the units now, which of them the index at
     ``folder`` already holds (``reused``: unit -> its episode range there) and which are stale."""
 
-    def __init__(self, config, pairs: list[tuple[Path, str]], unit_signatures: list[str] | None = None):
+    def __init__(self, config, pairs: list[tuple[Path, str]], unit_signatures: list[str] | None = None,
+                 job: str = ""):
         self.config = config
         self.folder = index_folder(config)
+        self.job = job  # names this build's part folders (two jobs building at once do not share them)
         self.paths = [str(p) for p, _ in pairs]
         self.sources = [s for _, s in pairs]
         self.signatures = unit_signatures if unit_signatures is not None else signatures([p for p, _ in pairs])
@@ -368,7 +372,7 @@ def build_part(plan: Plan, rank: int = 0, world: int = 1) -> None:
     """Index this rank's share of the stale units (a contiguous 1/world of them) into a part folder
     beside the index. Raises the first broken episode's DatasetError (nothing is written)."""
     mine = plan.stale[slice(*_share(len(plan.stale), rank, world))]
-    part = _part_folder(plan.folder, rank)
+    part = _part_folder(plan, rank)
     shutil.rmtree(part, ignore_errors=True)
     if not mine:
         return
@@ -407,12 +411,12 @@ def merge_parts(plan: Plan, world: int = 1) -> DatasetIndex:
         else:
             rank, k = where[u]
             if rank not in parts:
-                if not (_part_folder(plan.folder, rank) / "index.json").is_file():
+                if not (_part_folder(plan, rank) / "index.json").is_file():
                     # That rank's cache is not this one (a node-local VLA_DS_CACHE): index its share here.
                     logger.warning("%s: no index part from rank %d (is VLA_DS_CACHE on a filesystem every node "
                                    "sees?); indexing its share on this rank", plan.folder, rank)
                     build_part(plan, rank, world)
-                parts[rank] = DatasetIndex.load(_part_folder(plan.folder, rank))
+                parts[rank] = DatasetIndex.load(_part_folder(plan, rank))
             src = parts[rank]
             first = src.units()["episodes"]
             lo, hi = first[k], first[k + 1]
@@ -433,7 +437,7 @@ def merge_parts(plan: Plan, world: int = 1) -> DatasetIndex:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         for rank in range(world):
-            shutil.rmtree(_part_folder(plan.folder, rank), ignore_errors=True)
+            shutil.rmtree(_part_folder(plan, rank), ignore_errors=True)
     return DatasetIndex.load(plan.folder)
 
 
@@ -494,8 +498,25 @@ def _share(n: int, rank: int, world: int) -> tuple[int, int]:
     return rank * n // world, (rank + 1) * n // world
 
 
-def _part_folder(folder: Path, rank: int) -> Path:
-    return folder.parent / f".{folder.name}.part{rank}"
+def _part_folder(plan: Plan, rank: int) -> Path:
+    return plan.folder.parent / f".{plan.folder.name}.part{rank}{'.' + plan.job if plan.job else ''}"
+
+
+@contextlib.contextmanager
+def locked(folder: Path):
+    """Hold the lock of the index ``folder`` (a file beside it): one process writes it at a
+    time. Half-written or replaced copies left by builds that died more than an hour ago are
+    removed under it."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for stale in [*folder.parent.glob(f".{folder.name}.*.tmp"), *folder.parent.glob(f".{folder.name}.*.old")]:
+            try:
+                if stale.is_dir() and time.time() - stale.stat().st_mtime > STALE_BUILD_S:
+                    shutil.rmtree(stale, ignore_errors=True)
+            except OSError:
+                pass
+        yield
 
 
 def open_index(config, pairs: list[tuple[Path, str]], unit_signatures: list[str] | None = None) -> DatasetIndex:
@@ -508,7 +529,7 @@ def open_index(config, pairs: list[tuple[Path, str]], unit_signatures: list[str]
         return plan.old
     try:
         plan.folder.parent.mkdir(parents=True, exist_ok=True)
-        lock = open(plan.folder.parent / f".{plan.folder.name}.lock", "w")
+        (plan.folder.parent / f".{plan.folder.name}.lock").touch()
     except OSError as e:
         logger.warning("cannot write the dataset index to %s (%s; set VLA_DS_CACHE to a writable folder): "
                        "indexing in memory in every process", plan.folder, e)
@@ -516,8 +537,7 @@ def open_index(config, pairs: list[tuple[Path, str]], unit_signatures: list[str]
         for k, ep in enumerate(episodes):
             ep.index = k
         return DatasetIndex.from_episodes(episodes, config, resident=True)
-    with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with locked(plan.folder):
         plan = Plan(config, pairs, plan.signatures)  # another process may have built it while this one waited
         if plan.current:
             return plan.old

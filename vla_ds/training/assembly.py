@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,7 +80,7 @@ def assemble(cfg: RunConfig, world: int, rank: int, source: str = "config") -> R
     from vla_ds.data.dataset import build_index
     from vla_ds.training.distributed import long_phase
 
-    index = build_index(cfg.data, rank, world, long_phase)
+    index = build_index(cfg.data, rank, world, long_phase, job=os.environ.get("MASTER_PORT", ""))
     dataset = VLADataset.from_config(cfg.data, index)
     train_ds, val_ds = split_train_val(dataset, cfg.data.val_split, cfg.train.seed)
     logger.info("%s", dataset.describe())
