@@ -230,6 +230,14 @@ def load_episodes(pairs: Sequence[tuple[Path, str]], max_threads: int = 16,
     return episodes
 
 
+def _scan_units(root: Path) -> tuple[list[tuple[Path, str]], list[str], dict[str, float] | None]:
+    """(units with their sources, their file signatures, mixture weights) of a dataset: one walk."""
+    signed, weights = scan_dataset(root, describe=unit_signature)
+    if not signed:
+        raise DatasetError(f"{root}: no episodes found (no folder holds metadata.json)")
+    return [(p, s) for p, s, _ in signed], [g for _, _, g in signed], weights
+
+
 def build_index(config: DataConfig, rank: int, world: int, phase, job: str = "") -> DatasetIndex:
     """Collective over ``world`` ranks: the index of ``config``'s dataset, each stale unit
     indexed by one rank (a contiguous share each), merged by rank 0 while the others wait, then
@@ -238,10 +246,7 @@ def build_index(config: DataConfig, rank: int, world: int, phase, job: str = "")
     enters both phases, whether or not there is work. ``job`` names this run's part folders
     (the launcher's port: another job building the same index keeps its own). One rank
     (``world`` 1) is :func:`open_index`."""
-    signed, _ = scan_dataset(config.dataset_dir, describe=unit_signature)
-    if not signed:
-        raise DatasetError(f"{config.dataset_dir}: no episodes found (no folder holds metadata.json)")
-    pairs, signatures = [(p, s) for p, s, _ in signed], [g for _, _, g in signed]
+    pairs, signatures, _ = _scan_units(Path(config.dataset_dir))
     if world == 1:
         with phase("dataset index"):
             return open_index(config, pairs, signatures)
@@ -347,10 +352,8 @@ class VLADataset(torch.utils.data.Dataset):
             if episodes is None:
                 if root is None:
                     raise ConfigError("DataConfig.dataset_dir is empty: set it with --dataset_dir")
-                signed, scanned_weights = scan_dataset(root, describe=unit_signature)
-                if not signed:
-                    raise DatasetError(f"{root}: no episodes found (no folder holds metadata.json)")
-                index = open_index(config, [(p, s) for p, s, _ in signed], [g for _, _, g in signed])
+                pairs, signatures, scanned_weights = _scan_units(root)
+                index = open_index(config, pairs, signatures)
                 if source_weights is None:
                     source_weights = scanned_weights
             else:

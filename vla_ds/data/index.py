@@ -43,7 +43,10 @@ from pathlib import Path
 
 import numpy as np
 
+from vla_ds.data.episodes import Episode, load_episode
+from vla_ds.data.lerobot import LeRobotEpisode, is_lerobot_root, load_lerobot_episodes
 from vla_ds.errors import DatasetError
+from vla_ds.user_cache import index_dir
 
 logger = logging.getLogger(__name__)
 
@@ -113,9 +116,6 @@ class DatasetIndex:
 
     def episode(self, e: int):
         """A view of episode e with the interface VLADataset uses (made now; not kept)."""
-        from vla_ds.data.episodes import Episode
-        from vla_ds.data.lerobot import LeRobotEpisode
-
         if self.resident is not None:
             return self.resident[e]
         meta = self.meta(e)
@@ -203,9 +203,6 @@ class DatasetIndex:
 def load_unit(path: Path, source: str, config) -> list:
     """The episodes of one unit of a dataset (``config``: a DataConfig): an episode folder, or
     every episode of a LeRobot root."""
-    from vla_ds.data.episodes import load_episode
-    from vla_ds.data.lerobot import is_lerobot_root, load_lerobot_episodes
-
     if is_lerobot_root(path):
         return load_lerobot_episodes(path, config.lerobot, source, config.on_bad_sample)
     return [load_episode(path, source=source)]
@@ -263,8 +260,6 @@ def config_key(config) -> str:
 
 
 def index_folder(config) -> Path:
-    from vla_ds.user_cache import index_dir
-
     return index_dir(config.dataset_dir) / config_key(config)
 
 
@@ -292,8 +287,6 @@ def unit_signature(path: Path | str, entries: list[os.DirEntry] | None = None) -
     episode folder's metadata, robot states, sensor file and image folders (a folder's time
     changes when a frame is added, removed or renamed); a LeRobot root's metadata, data and
     video files. ``entries``: the folder's listing, when the caller has it."""
-    from vla_ds.data.lerobot import is_lerobot_root
-
     parts = []
     if (entries is None or any(e.name == "meta" for e in entries)) and is_lerobot_root(path):
         for sub in ("meta", "data", "videos"):
