@@ -9,7 +9,7 @@ Phases, each timed:
 
 1. **record**: ``vla-record-sim`` writes ``--demos`` successful scripted-expert episodes per
    task (seeds from 0) as one LeRobot v3.0 dataset (the corner2 camera at ``--image-size``,
-   H.264).
+   H.264; ``--cameras`` adds others, each a view of the policies).
 2. **train**: Stage 1 with the shipped ``ds_configs/stage1.json`` and the tiny preset on the
    CPU (one process, feature cache), the 4-D state as a ``--window``-frame sensor stream,
    exactly ``--steps`` optimizer steps (warmup + cosine over them), 10% of the episodes held
@@ -71,7 +71,7 @@ def record(a, work: Path) -> tuple[Path, float]:
     shutil.rmtree(data, ignore_errors=True)
     seconds = _run([str(REPO / "scripts" / "record_sim.py"), "--output", str(data), "--tasks", a.tasks,
                     "--episodes", str(a.demos), "--image-size", str(a.image_size), "--rendering", a.rendering,
-                    "--n-envs", str(a.n_envs), "--no-progress"], work / "record.log")
+                    "--n-envs", str(a.n_envs), "--cameras", a.cameras, "--no-progress"], work / "record.log")
     return data, seconds
 
 
@@ -146,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--window", type=int, default=4, help="sensor window: the last W states")
     p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--cameras", default="corner2",
+                   help="cameras recorded and given to the policies (vla-record-sim --cameras; corner2 first)")
     p.add_argument("--rendering", choices=["lerobot", "fast"], default="fast",
                    help="fast (default here: 3-4x cheaper on a CPU; recording and evaluation both use it) or "
                         "lerobot (Meta-World's scene as LeRobot renders it)")
@@ -198,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((task, *(_cell(by_task[n].get(task)) for n in columns)))
     rows.append(("all", *(_cell(infos[n]["overall"]) for n in columns)))
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    print(f"\nMeta-World closed loop: {a.demos} expert demos per task ({a.image_size} px, {a.rendering} rendering), "
+    print(f"\nMeta-World closed loop: {a.demos} expert demos per task ({a.image_size} px, {a.rendering} rendering, "
+          f"cameras {a.cameras}), "
           f"Stage 1 tiny preset, {a.steps} steps, state window {a.window}"
           + (f", {' '.join(a.set)}" if a.set else "") + f"; {a.episodes} held-out seeds per task "
           f"(1000+), success % (95% interval)")

@@ -42,7 +42,7 @@ def render_goals(seeds: int, image_size: int) -> tuple[list[np.ndarray], np.ndar
         for seed in range(seeds):
             env.reset(seed)
             env.step(np.zeros(4))
-            images.append(env.render().copy())
+            images.append(env.render()["observation.image"])
             goals.append(np.array(env.env._target_pos))  # Meta-World keeps the goal privately
     finally:
         env.close()

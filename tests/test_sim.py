@@ -15,6 +15,7 @@ from conftest import REPO
 
 from vla_ds.data import DataConfig, VLADataset
 from vla_ds.data.lerobot import FrameHistory, LeRobotConfig, load_lerobot_episodes
+from vla_ds.errors import ConfigError
 from vla_ds.sim import metaworld
 from vla_ds.sim.cli import eval_main, record_main
 from vla_ds.sim.envs import EnvPool
@@ -28,7 +29,7 @@ WINDOW = 3
 def recording(tmp_path_factory):
     out = tmp_path_factory.mktemp("sim") / "reach_demos"
     assert record_main(["--output", str(out), "--tasks", "reach", "--episodes", "2", "--seed", "5",
-                        "--n-envs", "2", *COMMON]) == 0
+                        "--n-envs", "2", "--cameras", "corner2,topview", *COMMON]) == 0
     return out
 
 
@@ -61,10 +62,12 @@ def test_task_names_and_groups():
 def test_recording_is_a_lerobot_dataset_that_replays(recording):
     info = json.loads((recording / "meta/info.json").read_text())
     assert info["codebase_version"] == "v3.0" and info["fps"] == metaworld.FPS and info["total_episodes"] == 2
-    # lerobot/metaworld_mt50's features (the camera as a video), then LeRobot's defaults.
-    assert list(info["features"])[:7] == ["observation.image", "observation.state", "observation.environment_state",
-                                          "action", "next.reward", "next.success", "task_id"]
-    assert info["features"]["observation.image"]["shape"] == [64, 64, 3]
+    # lerobot/metaworld_mt50's features (the camera as a video) with a second camera, then LeRobot's defaults.
+    assert list(info["features"])[:8] == ["observation.image", "observation.images.topview", "observation.state",
+                                          "observation.environment_state", "action", "next.reward", "next.success",
+                                          "task_id"]
+    assert info["features"]["observation.image"]["shape"] == info["features"]["observation.images.topview"][
+        "shape"] == [64, 64, 3]
     summary = json.loads((recording / "meta/vla_ds_recording.json").read_text())
     seeds = summary["tasks"]["reach-v3"]["saved_seeds"]
     assert sorted(seeds) == seeds[:2] and all(5 <= s < metaworld.EVAL_START_SEED for s in seeds)
@@ -78,7 +81,7 @@ def test_recording_is_a_lerobot_dataset_that_replays(recording):
     # and the policy's transform, recorded from the dataset, makes the window of them.
     data = VLADataset(DataConfig(dataset_dir=str(recording), sensor_window_size=WINDOW, action_horizon=4,
                                  lerobot=LeRobotConfig(sensor_features=["observation.state"])))
-    with EnvPool("reach-v3", 1, 64, "fast") as pool:
+    with EnvPool("reach-v3", 1, 64, "fast", cameras=("corner2", "topview")) as pool:
         for e, (episode, seed) in enumerate(zip(episodes, seeds)):
             rows = [i for i, ep in enumerate(table["episode_index"]) if ep == e]
             actions = np.array([table["action"][i] for i in rows], dtype=np.float32)
@@ -93,6 +96,11 @@ def test_recording_is_a_lerobot_dataset_that_replays(recording):
                 window, pad = transform.window(history.state(), WINDOW)
                 sample = data[sum(len(ep.timestamps) for ep in episodes[:e]) + k]
                 np.testing.assert_array_equal(window, sample["sensor_window"])
+                if k == 0:  # each camera's view, through the video codec: the same picture, and two pictures
+                    views = [frame["observation.image"], frame["observation.images.topview"]]
+                    decoded = [np.asarray(v, dtype=float) for v in sample["images"]]
+                    assert max(np.abs(d - v).mean() for d, v in zip(decoded, views)) < 8.0
+                    assert np.abs(decoded[0] - views[1]).mean() > 30
                 assert pad == sample["sensor_pad"] == max(0, WINDOW - 1 - k)
                 result = pool.step({0: actions[k]})[0]
                 obs, image = result.obs, None
@@ -209,6 +217,7 @@ def test_server_gives_the_in_process_result(policy_dir, local_run, tmp_path):
     local = local_run
     server = PolicyServer(VLAPolicy.from_pretrained(policy_dir), ServeConfig(port=0))
     # The raw contract: the policy asks for the raw 4-D state and makes its window itself.
+    assert server.metadata["camera_views"] == ["observation.image", "observation.images.topview"]
     state = server.metadata["state"]
     assert server.metadata["lerobot"] is None and list(state["features"]) == ["observation.state"]
     assert state["features"]["observation.state"]["size"] == metaworld.STATE_DIM
@@ -234,3 +243,16 @@ def test_bad_input_is_one_line(recording, policy_dir, tmp_path, capsys):
     assert f"{recording}: exists and is not an empty directory" in capsys.readouterr().err
     assert record_main(["--output", str(tmp_path / "z"), "--episodes", "400", *COMMON]) == 2
     assert "reach the evaluation seeds" in capsys.readouterr().err
+    assert record_main(["--output", str(tmp_path / "z"), "--cameras", "topview,corner2", *COMMON]) == 2
+    assert "--cameras must start with LeRobot's camera corner2" in capsys.readouterr().err
+    assert record_main(["--output", str(tmp_path / "z"), "--cameras", "corner2,side", *COMMON]) == 2
+    assert "unknown Meta-World camera 'side'" in capsys.readouterr().err
+    assert not (tmp_path / "z").exists()
+    from types import SimpleNamespace
+
+    from vla_ds.sim.policies import ChunkingPolicy
+
+    with pytest.raises(ConfigError, match=r"reads camera view\(s\) observation.images.wrist; Meta-World renders"):
+        ChunkingPolicy("p", model=SimpleNamespace(metadata={"camera_views": ["observation.image",
+                                                                            "observation.images.wrist"],
+                                                            "action_horizon": 4}))

@@ -244,6 +244,10 @@ def build_record_parser() -> argparse.ArgumentParser:
     p.add_argument("--rendering", choices=list(metaworld.RENDERINGS), default="lerobot",
                    help="lerobot: Meta-World's scene as LeRobot renders it (default); fast: no shadows or "
                         "reflections, 3-4x faster on a CPU (evaluate with the same)")
+    p.add_argument("--cameras", default=metaworld.CAMERA,
+                   help=f"comma-separated cameras, {metaworld.CAMERA} (LeRobot's, observation.image) first; each other "
+                        f"is observation.images.<camera>: {', '.join(metaworld.CAMERA_NAMES[1:])} (default "
+                        f"{metaworld.CAMERA}). The evaluator renders the views a policy was trained on")
     p.add_argument("--codec", choices=list(VIDEO_CODECS), default="h264",
                    help="video codec: h264 (libx264, default) or av1 (libsvtav1, LeRobot's default)")
     p.add_argument("--max-steps", "--max_steps", dest="max_steps", type=int, default=metaworld.MAX_EPISODE_STEPS)
@@ -258,8 +262,8 @@ def run_record(args: argparse.Namespace) -> dict:
     tasks = list(dict.fromkeys(t for _, t in resolve_tasks(args.tasks)))
     return record_demos(tasks, args.output, episodes=args.episodes, seed=args.seed, n_envs=args.n_envs,
                         image_size=args.image_size, rendering=args.rendering, codec=args.codec,
-                        max_steps=args.max_steps,
-                        max_attempts=args.max_attempts, progress=args.progress)
+                        max_steps=args.max_steps, max_attempts=args.max_attempts,
+                        cameras=args.cameras, progress=args.progress)
 
 
 def record_main(argv: list[str] | None = None) -> int:

@@ -37,17 +37,17 @@ class StepResult:
     reward: float
     success: bool
     truncated: bool
-    image: np.ndarray | None  # uint8 (S, S, 3)
+    images: dict[str, np.ndarray] | None  # each camera's uint8 (S, S, 3), by its dataset key
 
 
-def _worker(conn, env_name: str, task: str, image_size: int, rendering: str) -> None:
-    """A worker's loop: ("reset", seed, render) -> (obs, image); ("step", action, render) ->
+def _worker(conn, env_name: str, task: str, image_size: int, rendering: str, cameras: tuple[str, ...]) -> None:
+    """A worker's loop: ("reset", seed, render) -> (obs, images); ("step", action, render) ->
     StepResult; ("close",) ends it. Any failure is sent back as ("error", text)."""
     env = None
     try:
         from vla_ds.sim.metaworld import MetaWorldEnv
 
-        env = MetaWorldEnv(task, image_size=image_size, rendering=rendering)
+        env = MetaWorldEnv(task, image_size=image_size, cameras=cameras, rendering=rendering)
         conn.send(("ready", env.max_episode_steps))
         while True:
             command = conn.recv()
@@ -88,16 +88,20 @@ class EnvPool:
     the parent's threads or GL state).
 
     ``reset(seeds)`` resets the first ``len(seeds)`` environments; ``step({i: action})``
-    steps the named ones; both render the environments listed in ``render``.
+    steps the named ones; both render the environments listed in ``render``: each of
+    ``cameras`` (default LeRobot's corner2 alone), as {dataset key: image}.
     """
 
-    def __init__(self, task: str, n: int, image_size: int, rendering: str = "lerobot", env_name: str = "metaworld"):
+    def __init__(self, task: str, n: int, image_size: int, rendering: str = "lerobot", env_name: str = "metaworld",
+                 cameras: tuple[str, ...] | None = None):
         if env_name != "metaworld":
             raise SimError(f"unknown environment {env_name!r}; vla_ds simulates 'metaworld'")
         import importlib.util
 
         if importlib.util.find_spec("metaworld") is None:
             raise SimError("Meta-World is not installed: pip install -e \".[sim]\" (metaworld, gymnasium, mujoco)")
+        from vla_ds.sim.metaworld import CAMERA
+
         ctx = multiprocessing.get_context("spawn")
         self.task = task
         self.n = n
@@ -106,7 +110,8 @@ class EnvPool:
         try:
             for _ in range(n):
                 parent, child = ctx.Pipe()
-                proc = ctx.Process(target=_worker, args=(child, env_name, task, image_size, rendering), daemon=True)
+                proc = ctx.Process(target=_worker, args=(child, env_name, task, image_size, rendering,
+                                                            tuple(cameras or (CAMERA,))), daemon=True)
                 proc.start()
                 child.close()
                 self._conns.append(parent)
@@ -135,7 +140,7 @@ class EnvPool:
                 from None
 
     def reset(self, seeds: list[int | None], render: set[int] | frozenset = frozenset()) -> list:
-        """Reset environments 0..len(seeds)-1; returns [(obs, image or None), ...]."""
+        """Reset environments 0..len(seeds)-1; returns [(obs, {key: image} or None), ...]."""
         for i, seed in enumerate(seeds):
             self._send(i, ("reset", seed, i in render))
         return [self._receive(i, f"resetting with seed {seed}") for i, seed in enumerate(seeds)]
@@ -145,7 +150,7 @@ class EnvPool:
             self._send(i, ("step", np.asarray(action, dtype=np.float32), i in render))
         return {i: self._receive(i, "stepping") for i in actions}
 
-    def render(self, ids) -> dict[int, np.ndarray]:
+    def render(self, ids) -> dict[int, dict[str, np.ndarray]]:
         for i in ids:
             self._send(i, ("render",))
         return {i: self._receive(i, "rendering") for i in ids}

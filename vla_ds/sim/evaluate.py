@@ -169,7 +169,7 @@ class RolloutObserver:
     def step(self, env: int, frame: dict, action: np.ndarray, result, chunk, step: int, totals: list) -> None:
         """``frame`` is what ``action`` was chosen from; ``result`` the step's StepResult."""
 
-    def end(self, env: int, episode: EpisodeResult, last_image: np.ndarray | None, chunk) -> None:
+    def end(self, env: int, episode: EpisodeResult, last_images: dict | None, chunk) -> None:
         pass
 
 
@@ -197,10 +197,12 @@ class VideoObserver(RolloutObserver):
             # The frame before the step: its reward and success are not in yet (success ends an episode).
             self.writers[env].add(frame[IMAGE_KEY], chunk, step, totals[0] - result.reward, False)
 
-    def end(self, env, episode, last_image, chunk):
+    def end(self, env, episode, last_images, chunk):
+        from vla_ds.sim.metaworld import IMAGE_KEY
+
         writer = self.writers.pop(env, None)
         if writer is not None:
-            writer.add(last_image, chunk, episode.steps, episode.sum_reward, episode.success)
+            writer.add(last_images[IMAGE_KEY], chunk, episode.steps, episode.sum_reward, episode.success)
             writer.close()
             episode.video = str(writer.path)
 
@@ -223,8 +225,8 @@ def run_episodes(pool, policy, group: str, task: str, seeds: list[int], limit: i
             for o in observers:
                 o.begin(i, task, seed, start + i)
         obs, images = {}, {}
-        for i, (o, image) in enumerate(pool.reset(batch, render=wanted(range(len(batch))))):
-            obs[i], images[i] = o, image
+        for i, (o, rendered) in enumerate(pool.reset(batch, render=wanted(range(len(batch))))):
+            obs[i], images[i] = o, rendered
         totals = {i: [0.0, -math.inf, False] for i in range(len(batch))}  # reward sum, max, success
         active = set(range(len(batch)))
         step = 0
@@ -241,13 +243,13 @@ def run_episodes(pool, policy, group: str, task: str, seeds: list[int], limit: i
                 totals[i][2] = totals[i][2] or r.success
                 for o in observers:
                     o.step(i, frames[i], actions[i], r, chunks[i], step - 1, totals[i])
-                obs[i], images[i] = r.obs, r.image
+                obs[i], images[i] = r.obs, r.images
                 if not (r.success or r.truncated or step >= limit):
                     continue
                 active.discard(i)
                 episode = EpisodeResult(group, task, batch[i], bool(totals[i][2]), step, totals[i][0], totals[i][1])
                 for o in observers:
-                    o.end(i, episode, r.image, chunks[i])
+                    o.end(i, episode, r.images, chunks[i])
                 results.append(episode)
                 if progress is not None:
                     progress.update(1)
@@ -349,7 +351,7 @@ def evaluate_policy(policy, tasks: list[tuple[str, str]], output: str | Path, *,
                dynamic_ncols=True)
     try:
         for k, (group, task) in enumerate(tasks):
-            with EnvPool(task, min(n_envs, episodes), image_size, rendering) as pool:
+            with EnvPool(task, min(n_envs, episodes), image_size, rendering, cameras=policy.cameras) as pool:
                 policy.begin_task(task, TASK_DESCRIPTIONS[task], pool.n)
                 films = VideoObserver(output / VIDEOS_DIR / f"{group}_{task_id(tasks, k)}", videos, max_steps)
                 done, steps = run_episodes(pool, policy, group, task, seeds, max_steps, [films], progress=bar)

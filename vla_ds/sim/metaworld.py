@@ -27,6 +27,7 @@ process have been seen to corrupt each other's images).
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -51,6 +52,9 @@ EVAL_START_SEED = 1000           # lerobot-eval's default --seed
 MT1_SEED = 42                    # LeRobot's metaworld.MT1(task, seed=42)
 
 IMAGE_KEY = "observation.image"
+# Every Meta-World v3 scene's cameras. corner2 is LeRobot's (IMAGE_KEY); a recording may add
+# others as observation.images.<camera>, rendered the same way (turned 180 degrees upright).
+CAMERA_NAMES = ("corner2", "corner", "corner3", "corner4", "topview", "behindGripper", "gripperPOV")
 STATE_KEY = "observation.state"
 ENV_STATE_KEY = "observation.environment_state"
 ACTION_KEY = "action"
@@ -173,14 +177,44 @@ def resolve_tasks(spec: str) -> list[tuple[str, str]]:
     return unique
 
 
-def dataset_features(image_size: int, camera_dtype: str = "video") -> dict[str, dict]:
+def camera_key(camera: str) -> str:
+    """The dataset feature of a camera: ``observation.image`` for LeRobot's corner2,
+    ``observation.images.<camera>`` for another."""
+    if camera not in CAMERA_NAMES:
+        raise ConfigError(f"unknown Meta-World camera {camera!r}; the cameras are {', '.join(CAMERA_NAMES)}")
+    return IMAGE_KEY if camera == CAMERA else f"observation.images.{camera}"
+
+
+def key_camera(key: str) -> str | None:
+    """The camera a dataset feature (a policy's camera view) is rendered by, or None."""
+    if key == IMAGE_KEY:
+        return CAMERA
+    camera = key.removeprefix("observation.images.")
+    return camera if camera != key and camera in CAMERA_NAMES and camera != CAMERA else None
+
+
+def parse_cameras(spec: str | Sequence[str]) -> tuple[str, ...]:
+    """``corner2,corner`` -> ("corner2", "corner"): LeRobot's corner2 first, no repeats."""
+    names = [c.strip() for c in (spec.split(",") if isinstance(spec, str) else spec) if c.strip()]
+    for name in names:
+        camera_key(name)
+    if not names or names[0] != CAMERA or len(set(names)) != len(names):
+        raise ConfigError(f"--cameras must start with LeRobot's camera {CAMERA} and name each camera once, got "
+                          f"{','.join(names) or 'none'}")
+    return tuple(names)
+
+
+def dataset_features(image_size: int, camera_dtype: str = "video",
+                     cameras: Sequence[str] = (CAMERA,)) -> dict[str, dict]:
     """The features of ``lerobot/metaworld_mt50`` (its meta/info.json) for a recording at
     ``image_size``: the corner2 camera, the 4-D state, the 39-D environment state, the 4-D
     action, ``next.reward``, ``next.success`` and the MT50 ``task_id``. The camera is a video
-    here (the hub copy stores PNG images: ``camera_dtype="image"``)."""
+    here (the hub copy stores PNG images: ``camera_dtype="image"``). Further ``cameras``
+    follow corner2 as ``observation.images.<camera>``."""
+    image = {"dtype": camera_dtype, "shape": [image_size, image_size, 3], "names": ["height", "width", "channels"]}
     return {
-        IMAGE_KEY: {"dtype": camera_dtype, "shape": [image_size, image_size, 3],
-                    "names": ["height", "width", "channels"]},
+        IMAGE_KEY: image,
+        **{camera_key(c): dict(image) for c in cameras if c != CAMERA},
         STATE_KEY: {"dtype": "float32", "shape": [STATE_DIM], "names": {"axes": None}},
         ENV_STATE_KEY: {"dtype": "float32", "shape": [ENV_STATE_DIM], "names": ["keypoints"]},
         ACTION_KEY: {"dtype": "float32", "shape": [ACTION_DIM], "names": {"axes": list(ACTION_NAMES)}},
@@ -190,14 +224,15 @@ def dataset_features(image_size: int, camera_dtype: str = "video") -> dict[str, 
     }
 
 
-def lerobot_frame(raw_obs: np.ndarray, image: np.ndarray | None) -> dict[str, Any]:
-    """The LeRobot frame of one Meta-World observation: ``observation.image`` (the flipped
-    corner2 render, or absent when not rendered), ``observation.state`` (hand xyz + gripper)
-    and ``observation.environment_state`` (all 39 values), float32 as the dataset stores them."""
+def lerobot_frame(raw_obs: np.ndarray, images: dict[str, np.ndarray] | None) -> dict[str, Any]:
+    """The LeRobot frame of one Meta-World observation: its camera images (``observation.image``,
+    the flipped corner2 render, and any other camera's; absent when not rendered),
+    ``observation.state`` (hand xyz + gripper) and ``observation.environment_state`` (all 39
+    values), float32 as the dataset stores them."""
     frame: dict[str, Any] = {STATE_KEY: np.asarray(raw_obs[:STATE_DIM], dtype=np.float32),
                              ENV_STATE_KEY: np.asarray(raw_obs[:ENV_STATE_DIM], dtype=np.float32)}
-    if image is not None:
-        frame[IMAGE_KEY] = image
+    if images:
+        frame.update(images)
     return frame
 
 
@@ -205,24 +240,27 @@ class MetaWorldEnv:
     """One Meta-World task as LeRobot's ``MetaworldEnv`` sets it up (module docstring).
 
     ``reset(seed)`` -> the raw 39-D observation; ``step(action)`` -> (observation, reward,
-    success, truncated); ``render()`` -> uint8 (S, S, 3), flipped as LeRobot flips corner2.
-    Create one per process.
+    success, truncated); ``render()`` -> {dataset key: uint8 (S, S, 3)} of each of ``cameras``,
+    flipped as LeRobot flips corner2. Create one per process.
     """
 
-    def __init__(self, task: str, image_size: int = DEFAULT_IMAGE_SIZE, camera: str = CAMERA, rendering: str = "lerobot"):
+    def __init__(self, task: str, image_size: int = DEFAULT_IMAGE_SIZE, cameras: Sequence[str] = (CAMERA,),
+                 rendering: str = "lerobot"):
         os.environ.setdefault("MUJOCO_GL", "egl")  # headless; osmesa also works (docs/sim.md)
         import metaworld
         import mujoco
 
         self.task = task_name(task)
         self.description = TASK_DESCRIPTIONS[self.task]
-        self.camera = camera
+        self.views = {camera_key(c): c for c in cameras}
         mt1 = metaworld.MT1(self.task, seed=MT1_SEED)
-        env = mt1.train_classes[self.task](render_mode="rgb_array", camera_name=camera, width=image_size,
+        env = mt1.train_classes[self.task](render_mode="rgb_array", camera_name=CAMERA, width=image_size,
                                            height=image_size)
         env.set_task(mt1.train_tasks[0])
-        if camera == CAMERA:  # LeRobot writes cam_pos[2]: corner2's index in every Meta-World v3 model
-            env.model.cam_pos[mujoco.mj_name2id(env.model, mujoco.mjtObj.mjOBJ_CAMERA, CAMERA)] = CAMERA_POS
+        camera_ids = {c: mujoco.mj_name2id(env.model, mujoco.mjtObj.mjOBJ_CAMERA, c) for c in self.views.values()}
+        self.camera_ids = {key: camera_ids[c] for key, c in self.views.items()}
+        # LeRobot writes cam_pos[2]: corner2's index in every Meta-World v3 model
+        env.model.cam_pos[mujoco.mj_name2id(env.model, mujoco.mjtObj.mjOBJ_CAMERA, CAMERA)] = CAMERA_POS
         if rendering == "fast":
             env.model.light_castshadow[:] = 0
             env.model.mat_reflectance[:] = 0
@@ -244,11 +282,13 @@ class MetaWorldEnv:
         obs, reward, _, truncated, info = self.env.step(np.asarray(action, dtype=np.float32))
         return np.asarray(obs, dtype=np.float64), float(reward), bool(info.get("success", 0)), bool(truncated)
 
-    def render(self) -> np.ndarray:
-        image = self.env.render()
-        if self.camera == CAMERA:  # corner2 renders upside down and mirrored
-            image = np.flip(image, (0, 1))
-        return np.ascontiguousarray(image)
+    def render(self) -> dict[str, np.ndarray]:
+        images = {}
+        for key, camera_id in self.camera_ids.items():
+            self.env.mujoco_renderer.camera_id = camera_id  # gymnasium's renderer reads it on every render
+            # Meta-World's cameras render upside down and mirrored (LeRobot flips corner2 back)
+            images[key] = np.ascontiguousarray(np.flip(self.env.render(), (0, 1)))
+        return images
 
     def close(self) -> None:
         self.env.close()

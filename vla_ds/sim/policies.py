@@ -52,6 +52,7 @@ class RolloutPolicy:
     """The interface a rollout drives (see the module docstring)."""
 
     name = "policy"
+    cameras: tuple[str, ...] = ("corner2",)  # the Meta-World cameras it reads (LeRobot's corner2 is rendered always)
 
     def begin_task(self, task: str, description: str, n_envs: int) -> None:
         """A new task, evaluated in ``n_envs`` environments at once."""
@@ -192,6 +193,7 @@ class ChunkingPolicy(RolloutPolicy):
         self.metadata = model.metadata if model is not None else self._client(0).metadata
         self.views = list(self.metadata["camera_views"])
         self.horizon = int(self.metadata["action_horizon"])
+        self.cameras = self._cameras()
         if execute is not None and not 1 <= execute <= self.horizon:
             self.close()
             raise ConfigError(f"--execute-steps must be in 1..{self.horizon} (the policy's chunk length), got {execute}")
@@ -199,6 +201,20 @@ class ChunkingPolicy(RolloutPolicy):
             self.close()
             raise ConfigError(f"--prefetch must be in 0..{(execute or self.horizon) - 1} (less than the actions "
                               f"executed per chunk), got {prefetch}")
+
+    def _cameras(self) -> tuple[str, ...]:
+        """The Meta-World cameras that render the policy's views (corner2 first: videos film it)."""
+        from vla_ds.sim import metaworld
+
+        cameras = {v: metaworld.key_camera(v) for v in self.views}
+        missing = [v for v, c in cameras.items() if c is None]
+        if missing:
+            self.close()
+            raise ConfigError(f"the policy reads camera view(s) {', '.join(missing)}; Meta-World renders "
+                              f"'{metaworld.IMAGE_KEY}' (LeRobot's {metaworld.CAMERA}) and "
+                              f"'observation.images.<camera>' for its other cameras "
+                              f"({', '.join(metaworld.CAMERA_NAMES[1:])})")
+        return tuple(dict.fromkeys([metaworld.CAMERA, *cameras.values()]))
 
     def _client(self, i: int):
         while len(self.clients) <= i:
@@ -216,11 +232,6 @@ class ChunkingPolicy(RolloutPolicy):
         from vla_ds.serving.client import ActionChunker
         from vla_ds.sim import metaworld
 
-        missing = [v for v in self.views if v != metaworld.IMAGE_KEY]
-        if missing:
-            raise ConfigError(f"the policy reads camera view(s) {', '.join(missing)}; Meta-World renders one, "
-                              f"'{metaworld.IMAGE_KEY}' (a policy trained on LeRobot's Meta-World data, or on "
-                              "vla-record-sim's, has exactly that view)")
         known = self.metadata.get("instructions") or []
         if known and description not in known:
             logger.warning("%s: the policy was not trained with the instruction %r (it knows %d, e.g. %r)", task,

@@ -6,7 +6,8 @@ episodes succeeded (at most ``max_attempts`` x that many tries); each successful
 saved, a failed one dropped and counted. Frames are :func:`vla_ds.sim.metaworld.lerobot_frame`
 of the observation the action was chosen from, with that action, the step's reward and
 success (``next.reward``, ``next.success``), the MT50 ``task_id`` and the task's
-description as its task: ``lerobot/metaworld_mt50``'s features, the camera as a video. The
+description as its task: ``lerobot/metaworld_mt50``'s features, the camera as a video (and
+any further camera, ``--cameras``, as ``observation.images.<camera>``). The
 recording stops at the first success, as LeRobot's environment does. Evaluation seeds start
 at 1000; recordings must stay below them (held-out seeds).
 
@@ -58,7 +59,7 @@ class _Recorder(RolloutObserver):
                                   "next.reward": np.float32(result.reward), "next.success": bool(result.success),
                                   "task_id": np.int16(self.task_id), "task": self.description})
 
-    def end(self, env, episode, last_image, chunk):
+    def end(self, env, episode, last_images, chunk):
         self.finished.append((episode.seed, episode.success, self.buffers.pop(env)))
 
     def flush(self) -> None:
@@ -76,9 +77,10 @@ class _Recorder(RolloutObserver):
 
 def record_demos(tasks: list[str], output: str | Path, *, episodes: int, seed: int = 0, n_envs: int = 1,
                  image_size: int = 480, rendering: str = "lerobot", codec: str = "h264", max_steps: int = 500, max_attempts: int = 3,
-                 progress: bool = True) -> dict[str, Any]:
+                 cameras: str | tuple[str, ...] = "corner2", progress: bool = True) -> dict[str, Any]:
     """Record ``episodes`` successful expert episodes per task into a new dataset at ``output``
-    (module docstring); returns the summary also written to meta/vla_ds_recording.json."""
+    (module docstring), filmed by ``cameras`` (corner2 first); returns the summary also written
+    to meta/vla_ds_recording.json."""
     from tqdm import tqdm
 
     from vla_ds.data.lerobot_writer import LeRobotDatasetWriter
@@ -88,17 +90,18 @@ def record_demos(tasks: list[str], output: str | Path, *, episodes: int, seed: i
 
     check_settings(episodes=episodes, n_envs=n_envs, image_size=image_size, max_steps=max_steps, seed=seed,
                    max_attempts=max_attempts)
+    cameras = metaworld.parse_cameras(cameras)
     last_seed = seed + max_attempts * episodes - 1
     if last_seed >= metaworld.EVAL_START_SEED:
         raise ConfigError(f"recording seeds {seed}..{last_seed} (--seed, --episodes x --max-attempts) reach the "
                           f"evaluation seeds, which start at {metaworld.EVAL_START_SEED}: keep them below so that "
                           "evaluation episodes are never training episodes")
-    writer = LeRobotDatasetWriter.create(output, fps=metaworld.FPS, features=metaworld.dataset_features(image_size),
+    writer = LeRobotDatasetWriter.create(output, fps=metaworld.FPS, features=metaworld.dataset_features(image_size, cameras=cameras),
                                          robot_type=metaworld.ROBOT_TYPE, video_codec=codec)
     expert = ExpertPolicy()
     summary: dict[str, Any] = {"format": "vla_ds-recording", "vla_ds_version": vla_ds.__version__, "env": "metaworld",
                                "policy": "scripted expert (metaworld.policies)", "image_size": image_size,
-                               "rendering": rendering, "camera": metaworld.CAMERA, "codec": codec, "max_steps": max_steps, "tasks": {}}
+                               "rendering": rendering, "camera": metaworld.CAMERA, "cameras": list(cameras), "codec": codec, "max_steps": max_steps, "tasks": {}}
     started = time.monotonic()
     bar = tqdm(total=len(tasks) * episodes, desc="record", unit="episode", disable=not progress, dynamic_ncols=True)
     try:
@@ -106,7 +109,7 @@ def record_demos(tasks: list[str], output: str | Path, *, episodes: int, seed: i
             recorder = _Recorder(writer, task, episodes)
             next_seed, steps = seed, 0
             task_started = time.monotonic()
-            with EnvPool(task, min(n_envs, episodes), image_size, rendering) as pool:
+            with EnvPool(task, min(n_envs, episodes), image_size, rendering, cameras=cameras) as pool:
                 expert.begin_task(task, metaworld.TASK_DESCRIPTIONS[task], pool.n)
                 while len(recorder.saved) < episodes and next_seed < seed + max_attempts * episodes:
                     batch = list(range(next_seed, min(next_seed + pool.n, seed + max_attempts * episodes)))
