@@ -203,10 +203,41 @@ def test_a_dead_builds_leftovers_are_swept_and_a_live_ones_kept(tmp_path):
     folder = index_lib.index_folder(cfg(root))
     folder.parent.mkdir(parents=True, exist_ok=True)
     dead, live = folder.parent / f".{folder.name}.dead.tmp", folder.parent / f".{folder.name}.live.tmp"
-    for d in (dead, live):
+    dead_part = folder.parent / f".{folder.name}.part1.29500"  # a rank's share of a job that died
+    for d in (dead, live, dead_part):
         d.mkdir()
         (d / "sample.time.npy").write_bytes(b"")
     old = os.stat(dead).st_mtime - 2 * index_lib.STALE_BUILD_S
     os.utime(dead, (old, old))
+    os.utime(dead_part, (old, old))
     VLADataset.from_config(cfg(root))
-    assert not dead.exists() and live.is_dir()
+    assert not dead.exists() and not dead_part.exists() and live.is_dir()
+
+
+def test_threads_only_where_they_are_faster():
+    """Parsing holds the GIL: after one chunk alone and a few on threads, the rest runs on
+    threads only when those were faster (reading waits, as on a network file system); the
+    order is kept either way."""
+    import threading
+    import time
+
+    def tag(chunk):
+        return [(v, threading.current_thread().name) for v in chunk]
+
+    def computes(chunk):  # the same pure-Python work per item, holding the GIL
+        for _ in chunk:
+            sum(i * i for i in range(100_000))
+        return tag(chunk)
+
+    def waits(chunk):
+        for _ in chunk:
+            time.sleep(0.01)
+        return tag(chunk)
+
+    chunks = [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10], [11, 12]]
+    me = threading.current_thread().name
+    for fn, threaded in ((computes, False), (waits, True)):
+        out = [row for part in index_lib.map_chunks(fn, chunks, threads=3) for row in part]
+        assert [v for v, _ in out] == list(range(13))
+        assert {name for _, name in out[:2]} == {me} and me not in {name for _, name in out[2:8]}  # the trial
+        assert (me not in {name for _, name in out[8:]}) == threaded, fn.__name__

@@ -37,7 +37,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -54,7 +54,7 @@ INDEX_VERSION = 1
 # The per-episode columns (E,) every index has.
 EPISODE_FIELDS = ("source", "path", "views", "action_dim", "channels", "invalid", "out_of_range")
 SAMPLE_FIELDS = ("time", "frames", "actions", "is_pad", "sensor_end")
-BUILD_THREADS = 4
+BUILD_THREADS = 4  # threads per process where they read faster than one (map_chunks)
 STALE_BUILD_S = 3600.0  # a temporary folder older than this is a dead build's
 
 
@@ -314,13 +314,34 @@ def unit_signature(path: Path | str, entries: list[os.DirEntry] | None = None) -
     return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
 
 
+def map_chunks(fn: Callable[[Sequence], list], chunks: Sequence[Sequence], threads: int = BUILD_THREADS) -> list:
+    """``fn`` of each chunk, in order, the faster of two ways, measured: the first chunk runs in
+    this thread, the next ``threads`` on as many threads; the rest runs on threads only if they
+    were 1.5x as fast per item or more. Threads overlap a file system's waits (a network one's
+    latency); where reading does not wait, parsing holds the GIL and threads only hand it back
+    and forth (one process indexing from the page cache here: 4 threads 1.65x slower than one)."""
+    if len(chunks) <= 1 + threads or threads <= 1:
+        return [fn(chunk) for chunk in chunks]
+    start = time.perf_counter()
+    out = [fn(chunks[0])]
+    alone = (time.perf_counter() - start) / max(1, len(chunks[0]))
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        probe = chunks[1:1 + threads]
+        start = time.perf_counter()
+        out += pool.map(fn, probe)
+        threaded = (time.perf_counter() - start) / max(1, sum(len(c) for c in probe))
+        rest = chunks[1 + threads:]
+        if 1.5 * threaded <= alone:
+            logger.debug("reading on %d threads: %.2f ms an item, %.2f ms alone", threads, 1e3 * threaded, 1e3 * alone)
+            return out + list(pool.map(fn, rest))
+    return out + [fn(chunk) for chunk in rest]
+
+
 def signatures(paths: Sequence[Path], threads: int = BUILD_THREADS) -> list[str]:
-    """:func:`unit_signature` of each path (threads overlap a network file system's latency)."""
+    """:func:`unit_signature` of each path (:func:`map_chunks`)."""
     chunks = [paths[k:k + 512] for k in range(0, len(paths), 512)]
-    if len(chunks) < 2:
-        return [unit_signature(p) for p in paths]
-    with ThreadPoolExecutor(max_workers=min(threads, len(chunks))) as pool:
-        return [sig for part in pool.map(lambda chunk: [unit_signature(p) for p in chunk], chunks) for sig in part]
+    return [sig for part in map_chunks(lambda chunk: [unit_signature(p) for p in chunk], chunks, threads)
+            for sig in part]
 
 
 class Plan:
@@ -375,10 +396,8 @@ def build_part(plan: Plan, rank: int = 0, world: int = 1) -> None:
         return [[episode_row(ep, plan.config) for ep in load_unit(Path(plan.paths[u]), plan.sources[u], plan.config)]
                 for u in units]
 
-    # A few threads overlap a network file system's latency; parsing holds the GIL anyway.
     chunks = [mine[k:k + 32] for k in range(0, len(mine), 32)]
-    with ThreadPoolExecutor(max_workers=max(1, min(BUILD_THREADS, len(chunks)))) as pool:
-        per_unit = [rows for chunk in pool.map(index_units, chunks) for rows in chunk]
+    per_unit = [rows for chunk in map_chunks(index_units, chunks) for rows in chunk]
     starts = np.cumsum([0] + [len(rows) for rows in per_unit]).tolist()
     index = DatasetIndex.from_rows([row for rows in per_unit for row in rows], plan.config,
                                    units={"units": mine, "episodes": starts})
@@ -498,12 +517,13 @@ def _part_folder(plan: Plan, rank: int) -> Path:
 @contextlib.contextmanager
 def locked(folder: Path):
     """Hold the lock of the index ``folder`` (a file beside it): one process writes it at a
-    time. Half-written or replaced copies left by builds that died more than an hour ago are
-    removed under it."""
+    time. Half-written or replaced copies and ranks' parts left by builds that died more than
+    an hour ago are removed under it."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     with open(folder.parent / f".{folder.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        for stale in [*folder.parent.glob(f".{folder.name}.*.tmp"), *folder.parent.glob(f".{folder.name}.*.old")]:
+        for stale in [*folder.parent.glob(f".{folder.name}.*.tmp"), *folder.parent.glob(f".{folder.name}.*.old"),
+                      *folder.parent.glob(f".{folder.name}.part*")]:
             try:
                 if stale.is_dir() and time.time() - stale.stat().st_mtime > STALE_BUILD_S:
                     shutil.rmtree(stale, ignore_errors=True)
