@@ -1,7 +1,7 @@
 """How well do the backbone's image tokens say where reach-v3's goal is? A linear probe.
 
     python benchmarks/probe_goal.py [--backbone DIR] [--seeds 400] [--train 45 320]
-        [--image-size 128] [--grid 4] [--json out.json]
+        [--image-size 128] [--grid 4] [--cameras corner2[,corner,...]] [--json out.json]
 
 Renders reach-v3 after its first step (the goal marker moves to the episode's goal there, not
 at reset) for ``--seeds`` seeds, runs the backbone once with every hidden layer, and fits ridge
@@ -33,16 +33,16 @@ RIDGE = (1.0, 10.0, 100.0, 1000.0)
 TEST = 100
 
 
-def render_goals(seeds: int, image_size: int) -> tuple[list[np.ndarray], np.ndarray]:
+def render_goals(seeds: int, image_size: int, cameras: tuple[str, ...]) -> tuple[list[dict], np.ndarray]:
     from vla_ds.sim.metaworld import MetaWorldEnv
 
-    env = MetaWorldEnv("reach-v3", image_size=image_size, rendering="fast")
+    env = MetaWorldEnv("reach-v3", image_size=image_size, cameras=cameras, rendering="fast")
     images, goals = [], []
     try:
         for seed in range(seeds):
             env.reset(seed)
             env.step(np.zeros(4))
-            images.append(env.render()["observation.image"])
+            images.append(env.render())
             goals.append(np.array(env.env._target_pos))  # Meta-World keeps the goal privately
     finally:
         env.close()
@@ -94,29 +94,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train", type=int, nargs="+", default=[45, 300], help="training goals per probe")
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--grid", type=int, default=4)
+    p.add_argument("--cameras", default="corner2",
+                   help="comma-separated Meta-World cameras (vla-record-sim --cameras): features of all, side by side")
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
     if max(a.train) + TEST > a.seeds:
         p.error(f"--seeds must cover the largest --train plus {TEST} test goals")
 
-    images, goals = render_goals(a.seeds, a.image_size)
+    from vla_ds.sim.metaworld import parse_cameras
+
+    cameras = parse_cameras(a.cameras)
+    images, goals = render_goals(a.seeds, a.image_size, cameras)
     with tempfile.TemporaryDirectory() as tmp:
         backbone = a.backbone
         if backbone is None:
             from vla_ds.models.tiny_backbone import make_tiny_backbone
 
             backbone = make_tiny_backbone(Path(tmp) / "tiny_backbone")
-        feats = features(backbone, images, a.grid)
+        per_view = [features(backbone, [views[key] for views in images], a.grid) for key in images[0]]
+        feats = {name: np.concatenate([f[name] for f in per_view], axis=1) for name in per_view[0]}
 
     rows = [{"features": name, "dims": x.shape[1], "train_goals": n, **probe(x, goals, n)}
             for name, x in feats.items() for n in a.train]
-    print(f"reach-v3 goal from {a.image_size} px images, {TEST} held-out goals, grid {a.grid}x{a.grid}")
+    print(f"reach-v3 goal from {a.image_size} px images of {a.cameras}, {TEST} held-out goals, grid {a.grid}x{a.grid}")
     print(f"{'features':<16} {'dims':>5} {'train':>6}   R^2 x / y / z          within 5 cm")
     for r in rows:
         r2 = " / ".join(f"{v:6.2f}" for v in r["r2_xyz"])
         print(f"{r['features']:<16} {r['dims']:>5} {r['train_goals']:>6}   {r2}   {r['within_5cm']:.0%}")
     if a.json:
-        a.json.write_text(json.dumps({"image_size": a.image_size, "grid": a.grid, "rows": rows}, indent=2))
+        a.json.write_text(json.dumps({"image_size": a.image_size, "grid": a.grid, "cameras": list(cameras),
+                                      "rows": rows}, indent=2))
         print(f"wrote {a.json}")
     return 0
 
