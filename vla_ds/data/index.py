@@ -514,13 +514,17 @@ def _part_folder(plan: Plan, rank: int) -> Path:
     return plan.folder.parent / f".{plan.folder.name}.part{rank}{'.' + plan.job if plan.job else ''}"
 
 
+def _lock_file(folder: Path) -> Path:
+    return folder.parent / f".{folder.name}.lock"
+
+
 @contextlib.contextmanager
 def locked(folder: Path):
     """Hold the lock of the index ``folder`` (a file beside it): one process writes it at a
     time. Half-written or replaced copies and ranks' parts left by builds that died more than
     an hour ago are removed under it."""
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
+    with open(_lock_file(folder), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         for stale in [*folder.parent.glob(f".{folder.name}.*.tmp"), *folder.parent.glob(f".{folder.name}.*.old"),
                       *folder.parent.glob(f".{folder.name}.part*")]:
@@ -542,7 +546,7 @@ def open_index(config, pairs: list[tuple[Path, str]], unit_signatures: list[str]
         return plan.old
     try:
         plan.folder.parent.mkdir(parents=True, exist_ok=True)
-        (plan.folder.parent / f".{plan.folder.name}.lock").touch()
+        _lock_file(plan.folder).touch()  # can this process write the cache?
     except OSError as e:
         logger.warning("cannot write the dataset index to %s (%s; set VLA_DS_CACHE to a writable folder): "
                        "indexing in memory in every process", plan.folder, e)

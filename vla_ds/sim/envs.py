@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from vla_ds.errors import VLAError
+from vla_ds.sim.metaworld import CAMERA
 
 
 class SimError(VLAError):
@@ -93,15 +94,13 @@ class EnvPool:
     """
 
     def __init__(self, task: str, n: int, image_size: int, rendering: str = "lerobot", env_name: str = "metaworld",
-                 cameras: tuple[str, ...] | None = None):
+                 cameras: tuple[str, ...] = (CAMERA,)):
         if env_name != "metaworld":
             raise SimError(f"unknown environment {env_name!r}; vla_ds simulates 'metaworld'")
         import importlib.util
 
         if importlib.util.find_spec("metaworld") is None:
             raise SimError("Meta-World is not installed: pip install -e \".[sim]\" (metaworld, gymnasium, mujoco)")
-        from vla_ds.sim.metaworld import CAMERA
-
         ctx = multiprocessing.get_context("spawn")
         self.task = task
         self.n = n
@@ -110,8 +109,8 @@ class EnvPool:
         try:
             for _ in range(n):
                 parent, child = ctx.Pipe()
-                proc = ctx.Process(target=_worker, args=(child, env_name, task, image_size, rendering,
-                                                            tuple(cameras or (CAMERA,))), daemon=True)
+                proc = ctx.Process(target=_worker, args=(child, env_name, task, image_size, rendering, tuple(cameras)),
+                                   daemon=True)
                 proc.start()
                 child.close()
                 self._conns.append(parent)

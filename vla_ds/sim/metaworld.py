@@ -252,13 +252,12 @@ class MetaWorldEnv:
 
         self.task = task_name(task)
         self.description = TASK_DESCRIPTIONS[self.task]
-        self.views = {camera_key(c): c for c in cameras}
         mt1 = metaworld.MT1(self.task, seed=MT1_SEED)
         env = mt1.train_classes[self.task](render_mode="rgb_array", camera_name=CAMERA, width=image_size,
                                            height=image_size)
         env.set_task(mt1.train_tasks[0])
-        camera_ids = {c: mujoco.mj_name2id(env.model, mujoco.mjtObj.mjOBJ_CAMERA, c) for c in self.views.values()}
-        self.camera_ids = {key: camera_ids[c] for key, c in self.views.items()}
+        self.camera_ids = {camera_key(c): mujoco.mj_name2id(env.model, mujoco.mjtObj.mjOBJ_CAMERA, c)
+                           for c in cameras}  # dataset key -> camera
         # LeRobot writes cam_pos[2]: corner2's index in every Meta-World v3 model
         env.model.cam_pos[mujoco.mj_name2id(env.model, mujoco.mjtObj.mjOBJ_CAMERA, CAMERA)] = CAMERA_POS
         if rendering == "fast":

@@ -31,6 +31,7 @@ import websockets
 
 from vla_ds.errors import ConfigError
 from vla_ds.sim.envs import SimError
+from vla_ds.sim.metaworld import CAMERA
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class RolloutPolicy:
     """The interface a rollout drives (see the module docstring)."""
 
     name = "policy"
-    cameras: tuple[str, ...] = ("corner2",)  # the Meta-World cameras it reads (LeRobot's corner2 is rendered always)
+    cameras: tuple[str, ...] = (CAMERA,)  # the Meta-World cameras it reads (LeRobot's corner2 is rendered always)
 
     def begin_task(self, task: str, description: str, n_envs: int) -> None:
         """A new task, evaluated in ``n_envs`` environments at once."""
