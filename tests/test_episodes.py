@@ -18,6 +18,7 @@ from vla_ds.data.episodes import (
     nearest_frames,
     read_metadata,
     read_robot_states,
+    read_robot_states_many,
 )
 from vla_ds.errors import DatasetError
 
@@ -154,6 +155,52 @@ def test_robot_states_quoted_values_parse(tmp_path):
     s = read_robot_states(path)
     np.testing.assert_array_equal(s.times, [0.0, 0.5])
     np.testing.assert_array_equal(s.poses[:, 0], [1, 2])
+
+
+def test_robot_states_many_same_arrays_as_one_by_one_and_leaves_the_rest(tmp_path):
+    """The batched reader gives every plain file the bytes read_robot_states gives it, and
+    returns None for any file read_robot_states must read itself (to parse it or name its line)."""
+    rng = np.random.default_rng(0)
+    header = ["timestamp", "pose_x", "pose_y", "pose_z", "pose_a", "pose_b", "pose_r", "gripper"]
+
+    def table(n, ndigits):
+        values = rng.standard_normal((n, 8)) * 10.0 ** rng.integers(-9, 9, (n, 8))
+        values[:, 0] = 0.02 * np.arange(n) + rng.uniform(0, 1)
+        values[:, 4:7] = rng.uniform(-180, 180, (n, 3))  # angles that wrap
+        values[0, 1] = -0.0
+        return [[f"{v:.{ndigits}g}" if ndigits else repr(float(v)) for v in row] for row in values]
+
+    plain = [write_csv(tmp_path / "a.csv", header, table(50, 0)),
+             write_csv(tmp_path / "b.csv", header, table(30, 6)),
+             write_csv(tmp_path / "c.csv", header, table(1, 17)),
+             write_csv(tmp_path / "d.csv", ["pose_x", "timestamp", "pose_y", "pose_z", "pose_a", "pose_b", "pose_r",
+                                            "joint"], [[r[1], r[0], *r[2:]] for r in table(20, 9)]),
+             write_csv(tmp_path / "e.csv", header[:7], [row[:7] for row in table(20, 0)])]
+    bom = tmp_path / "f.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + (tmp_path / "a.csv").read_bytes().rstrip(b"\n"))  # BOM, no last newline
+    plain.append(bom)
+    rows = "0.0,0,0,0,0,0,0\n0.1,1,2,3,4,5,6\n"
+    odd = {"quoted": '"0.0",1,2,3,4,5,6\n0.5,2,2,3,4,5,6\n', "crlf": rows.replace("\n", "\r\n"),
+           "blank": rows.replace("\n", "\n\n", 1), "nan": rows + "0.2,nan,0,0,0,0,0\n",
+           "backwards": rows + "0.05,0,0,0,0,0,0\n", "short": rows + "0.2,0,0\n", "word": rows + "0.2,x,0,0,0,0,0\n",
+           "header_only": ""}
+    others = []
+    for name, body in odd.items():
+        others.append(tmp_path / f"{name}.csv")
+        others[-1].write_text(",".join(header[:7]) + "\n" + body)
+    others += [write_csv(tmp_path / "no_pose_z.csv", ["timestamp", "pose_x", "pose_y"], [[0, 0, 0]]),
+               tmp_path / "missing.csv"]
+    order = [plain[0], others[0], plain[1], others[3], plain[2], others[4], plain[3], plain[4], *others[1:], plain[5]]
+    many = read_robot_states_many(order)
+    for path, states in zip(order, many):
+        if path in plain:
+            one = read_robot_states(path)
+            for field in ("times", "poses", "gripper"):
+                a, b = getattr(one, field), getattr(states, field)
+                assert (a is None and b is None) or (a.dtype == b.dtype and a.tobytes() == b.tobytes()), (path, field)
+        else:
+            assert states is None, path
+    assert sorted(p.name for p, st in zip(order, many) if st is not None) == sorted(p.name for p in plain)
 
 
 # ---------------------------------------------------------------- images

@@ -301,11 +301,83 @@ def read_robot_states(path: Path) -> RobotStates:
         table = None
     if table is None:
         table = _parse_csv_slow(path, header, columns)  # raises with the exact line, or parses quoted files
+    return _states(table)
 
+
+def _states(table: np.ndarray) -> RobotStates:
+    """RobotStates of a checked (T, 7 or 8) table: timestamp, the six pose columns[, gripper]."""
     poses = table[:, 1:7].copy()
     poses[:, 3:6] = np.unwrap(poses[:, 3:6], period=360.0, axis=0)  # pose_a/b/r, degrees
-    gripper = table[:, 7].copy() if len(columns) == 8 else None
+    gripper = table[:, 7].copy() if table.shape[1] == 8 else None
     return RobotStates(times=table[:, 0].copy(), poses=poses, gripper=gripper)
+
+
+def _plain_csv(path: Path) -> tuple[bytes, bytes] | None:
+    """(header line, rows) of a robot-state file the batched parser may take: no quotes, carriage
+    returns or blank lines, the rows ending in a newline; None for anything else (and unreadable files)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    data = data.removeprefix(b"\xef\xbb\xbf")
+    end = data.find(b"\n")
+    if end < 0 or b'"' in data or b"\r" in data:
+        return None
+    rows = data[end + 1:]
+    if not rows or rows.startswith(b"\n") or b"\n\n" in rows:
+        return None
+    return data[:end], rows if rows.endswith(b"\n") else rows + b"\n"
+
+
+def read_robot_states_many(paths: list[Path]) -> list[RobotStates | None]:
+    """:func:`read_robot_states` of each plain file, the same arrays, about 5x faster: files with
+    the same header are parsed as one CSV by pyarrow (numpy's parser costs 0.6 ms a file, most
+    of it per call), then checked one by one. None for a file the batch cannot take or whose
+    rows fail a check: :func:`load_episode` reads it alone, in its turn (naming the line)."""
+    import pyarrow as pa
+    import pyarrow.csv as pa_csv
+
+    out: list[RobotStates | None] = [None] * len(paths)
+    groups: dict[bytes, list[tuple[int, bytes]]] = {}
+    for k, path in enumerate(paths):
+        plain = _plain_csv(path)
+        if plain is not None:
+            groups.setdefault(plain[0], []).append((k, plain[1]))
+    for header_line, members in groups.items():
+        try:
+            header = [h.strip() for h in header_line.decode("utf-8").split(",")]
+        except UnicodeDecodeError:
+            continue
+        if not all(c in header for c in (TIMESTAMP_COLUMN, *POSE_COLUMNS)):
+            continue  # read_robot_states names the missing column
+        columns = [TIMESTAMP_COLUMN, *POSE_COLUMNS] + ([GRIPPER_COLUMN] if GRIPPER_COLUMN in header else [])
+        names = [f"c{i}" for i in range(len(header))]
+        used = [names[header.index(c)] for c in columns]
+        options = dict(
+            read_options=pa_csv.ReadOptions(column_names=names, use_threads=False, block_size=1 << 26),
+            parse_options=pa_csv.ParseOptions(quote_char=False),
+            convert_options=pa_csv.ConvertOptions(include_columns=used, column_types={n: pa.float64() for n in used}))
+        batches = [members]
+        while batches:
+            batch = batches.pop()
+            try:
+                table = pa_csv.read_csv(pa.py_buffer(b"".join(rows for _, rows in batch)), **options)
+                values = np.stack([table.column(n).to_numpy() for n in used], axis=1)
+            except (pa.ArrowException, ValueError):
+                if len(batch) > 1:  # a bad row somewhere: each file alone
+                    batches += [[member] for member in batch]
+                continue
+            lengths = [rows.count(b"\n") for _, rows in batch]
+            if sum(lengths) != len(values):
+                continue
+            start = 0
+            for (k, _), n in zip(batch, lengths):
+                part = values[start:start + n]
+                start += n
+                if np.isfinite(part).all() and (n < 2 or (np.diff(part[:, 0]) > 0).all()):
+                    out[k] = _states(part)
+    return out
 
 
 # --------------------------------------------------------------------------- images
@@ -1026,11 +1098,14 @@ def decode_image(path: Path) -> np.ndarray:
         raise DatasetError(f"{path}: cannot decode image ({e})") from None
 
 
-def load_episode(episode_dir: str | os.PathLike, source: str = "", index: int = -1) -> Episode:
-    """Read one episode directory (metadata, robot states, image index, sensor index)."""
+def load_episode(episode_dir: str | os.PathLike, source: str = "", index: int = -1,
+                 states: RobotStates | None = None) -> Episode:
+    """Read one episode directory (metadata, robot states, image index, sensor index);
+    ``states``: its robot states when already read (:func:`read_robot_states_many`)."""
     episode_dir = Path(episode_dir)
     meta = read_metadata(episode_dir)
-    states = read_robot_states(episode_dir / ROBOT_STATES_FILE)
+    if states is None:
+        states = read_robot_states(episode_dir / ROBOT_STATES_FILE)
     frame_times, frame_names = [], []
     for view in meta.camera_views:
         times, names = index_view_frames(episode_dir / IMAGES_DIR / view)

@@ -43,7 +43,12 @@ from pathlib import Path
 
 import numpy as np
 
-from vla_ds.data.episodes import Episode, load_episode
+from vla_ds.data.episodes import (
+    ROBOT_STATES_FILE,
+    Episode,
+    load_episode,
+    read_robot_states_many,
+)
 from vla_ds.data.lerobot import LeRobotEpisode, is_lerobot_root, load_lerobot_episodes
 from vla_ds.errors import DatasetError
 from vla_ds.user_cache import index_dir
@@ -200,12 +205,12 @@ class DatasetIndex:
         return self.info["units"]
 
 
-def load_unit(path: Path, source: str, config) -> list:
+def load_unit(path: Path, source: str, config, states=None) -> list:
     """The episodes of one unit of a dataset (``config``: a DataConfig): an episode folder, or
-    every episode of a LeRobot root."""
+    every episode of a LeRobot root. ``states``: an episode folder's robot states, when read."""
     if is_lerobot_root(path):
         return load_lerobot_episodes(path, config.lerobot, source, config.on_bad_sample)
-    return [load_episode(path, source=source)]
+    return [load_episode(path, source=source, states=states)]
 
 
 def episode_row(ep, config, resident: bool = False) -> dict:
@@ -393,8 +398,10 @@ def build_part(plan: Plan, rank: int = 0, world: int = 1) -> None:
     start = time.perf_counter()
 
     def index_units(units: list[int]) -> list[list[dict]]:
-        return [[episode_row(ep, plan.config) for ep in load_unit(Path(plan.paths[u]), plan.sources[u], plan.config)]
-                for u in units]
+        paths = [Path(plan.paths[u]) for u in units]
+        states = read_robot_states_many([p / ROBOT_STATES_FILE for p in paths])  # one parse for the chunk
+        return [[episode_row(ep, plan.config) for ep in load_unit(path, plan.sources[u], plan.config, st)]
+                for u, path, st in zip(units, paths, states)]
 
     chunks = [mine[k:k + 32] for k in range(0, len(mine), 32)]
     per_unit = [rows for chunk in map_chunks(index_units, chunks) for rows in chunk]
