@@ -358,6 +358,52 @@ def test_sensor_errors_name_file(tmp_path):
         SensorData(path)
 
 
+def test_sensor_fast_open_reads_what_zipfile_reads(tmp_path):
+    """The central-directory reader (most of a sensor file's indexing time) gives the same
+    timestamps, layout and data offset as zipfile for the files np.savez writes, and leaves
+    every other file (compressed data, a bad checksum) to the zipfile path and its errors."""
+    from vla_ds.data.episodes import _npz_fast, _npz_zipfile
+
+    ts, data = _stream(n=300)
+    cases = {"savez": lambda p: np.savez(p, timestamps=ts, data=data),
+             "windows_int_fortran": lambda p: np.savez(p, timestamps=ts.astype(np.float32),
+                                                       data=np.asfortranarray(np.zeros((300, 5, 3), np.int16))),
+             "comment_and_extra_member": lambda p: _zip(p, {"notes.txt": b"x", "timestamps.npy": _npy_bytes(ts),
+                                                            "data.npy": _npy_bytes(data)}, comment=b"made by hand"),
+             "deflated_timestamps": lambda p: _zip(p, {"timestamps.npy": (_npy_bytes(ts), zipfile.ZIP_DEFLATED),
+                                                       "data.npy": _npy_bytes(data)})}
+    for name, write in cases.items():
+        path = tmp_path / f"{name}.npz"
+        write(path)
+        fast, slow = _npz_fast(path), _npz_zipfile(path)
+        assert fast is not None, name
+        assert fast[0].dtype == slow[0].dtype and fast[0].tobytes() == slow[0].tobytes(), name
+        assert fast[1:] == slow[1:], name
+        np.testing.assert_array_equal(SensorData(path).timestamps, slow[0].astype(np.float64))
+
+    compressed = tmp_path / "compressed.npz"
+    np.savez_compressed(compressed, timestamps=ts, data=data)
+    assert _npz_fast(compressed) is None and _npz_zipfile(compressed)[8] is True
+
+    bad_crc = tmp_path / "bad_crc.npz"
+    np.savez(bad_crc, timestamps=ts, data=data)
+    raw = bytearray(bad_crc.read_bytes())
+    raw[raw.find(_npy_bytes(ts)) + 200] ^= 0xFF  # a timestamp byte: zipfile's CRC check fails
+    bad_crc.write_bytes(bytes(raw))
+    assert _npz_fast(bad_crc) is None
+    with pytest.raises(DatasetError) as e:
+        SensorData(bad_crc)
+    assert str(e.value).startswith(f"{bad_crc}: cannot read sensor file member 'timestamps.npy'")
+
+
+def _zip(path: Path, members: dict, comment: bytes = b"") -> None:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        for name, content in members.items():
+            content, method = content if isinstance(content, tuple) else (content, zipfile.ZIP_STORED)
+            zf.writestr(name, content, compress_type=method)
+        zf.comment = comment
+
+
 def _npy_bytes(a: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, a)
