@@ -183,11 +183,12 @@ def test_robot_states_many_same_arrays_as_one_by_one_and_leaves_the_rest(tmp_pat
     odd = {"quoted": '"0.0",1,2,3,4,5,6\n0.5,2,2,3,4,5,6\n', "crlf": rows.replace("\n", "\r\n"),
            "blank": rows.replace("\n", "\n\n", 1), "nan": rows + "0.2,nan,0,0,0,0,0\n",
            "backwards": rows + "0.05,0,0,0,0,0,0\n", "short": rows + "0.2,0,0\n", "word": rows + "0.2,x,0,0,0,0,0\n",
-           "header_only": ""}
+           "header_only": "", "latin1_column": "0.0,0,0,0,0,0,0,caf\xe9\n"}
     others = []
     for name, body in odd.items():
         others.append(tmp_path / f"{name}.csv")
-        others[-1].write_text(",".join(header[:7]) + "\n" + body)
+        columns = header[:7] + (["note"] if name == "latin1_column" else [])
+        others[-1].write_bytes((",".join(columns) + "\n" + body).encode("latin-1"))
     others += [write_csv(tmp_path / "no_pose_z.csv", ["timestamp", "pose_x", "pose_y"], [[0, 0, 0]]),
                tmp_path / "missing.csv"]
     order = [plain[0], others[0], plain[1], others[3], plain[2], others[4], plain[3], plain[4], *others[1:], plain[5]]

@@ -315,8 +315,9 @@ def _states(table: np.ndarray) -> RobotStates:
 
 
 def _plain_csv(path: Path) -> tuple[bytes, bytes] | None:
-    """(header line, rows) of a robot-state file the batched parser may take: no quotes, carriage
-    returns or blank lines, the rows ending in a newline; None for anything else (and unreadable files)."""
+    """(header line, rows) of a robot-state file the batched parser may take: ASCII (pyarrow does
+    not decode the columns it skips, :func:`read_robot_states` decodes them all), no quotes,
+    carriage returns or blank lines, the rows ending in a newline; None for anything else."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -324,7 +325,7 @@ def _plain_csv(path: Path) -> tuple[bytes, bytes] | None:
         return None
     data = data.removeprefix(b"\xef\xbb\xbf")
     end = data.find(b"\n")
-    if end < 0 or b'"' in data or b"\r" in data:
+    if end < 0 or not data.isascii() or b'"' in data or b"\r" in data:
         return None
     rows = data[end + 1:]
     if not rows or rows.startswith(b"\n") or b"\n\n" in rows:
