@@ -286,9 +286,7 @@ def read_robot_states(path: Path) -> RobotStates:
     for c in (TIMESTAMP_COLUMN, *POSE_COLUMNS):
         if c not in header:
             raise DatasetError(f"{path}: missing required column '{c}'")
-    columns = [TIMESTAMP_COLUMN, *POSE_COLUMNS]
-    if GRIPPER_COLUMN in header:
-        columns.append(GRIPPER_COLUMN)
+    columns = _state_columns(header)
 
     table = None
     try:
@@ -296,14 +294,24 @@ def read_robot_states(path: Path) -> RobotStates:
             warnings.simplefilter("ignore")  # "input contained no data" is handled below
             table = np.loadtxt(io.StringIO(text), delimiter=",", skiprows=1, dtype=np.float64, ndmin=2,
                                usecols=[header.index(c) for c in columns])
-        if (len(table) == 0 or not np.isfinite(table).all()
-                or (len(table) > 1 and not (np.diff(table[:, 0]) > 0).all())):
+        if not _rows_ok(table):
             table = None
     except (ValueError, IndexError):
         table = None
     if table is None:
         table = _parse_csv_slow(path, header, columns)  # raises with the exact line, or parses quoted files
     return _states(table)
+
+
+def _state_columns(header: list[str]) -> list[str]:
+    """The columns a robot-state file is read for: timestamp, the six pose columns[, gripper]."""
+    return [TIMESTAMP_COLUMN, *POSE_COLUMNS] + ([GRIPPER_COLUMN] if GRIPPER_COLUMN in header else [])
+
+
+def _rows_ok(table: np.ndarray) -> bool:
+    """Rows the fast parsers may keep: some, all finite, timestamps strictly increasing."""
+    return (len(table) > 0 and bool(np.isfinite(table).all())
+            and (len(table) < 2 or bool((np.diff(table[:, 0]) > 0).all())))
 
 
 def _states(table: np.ndarray) -> RobotStates:
@@ -354,9 +362,8 @@ def read_robot_states_many(paths: list[Path]) -> list[RobotStates | None]:
             continue
         if not all(c in header for c in (TIMESTAMP_COLUMN, *POSE_COLUMNS)):
             continue  # read_robot_states names the missing column
-        columns = [TIMESTAMP_COLUMN, *POSE_COLUMNS] + ([GRIPPER_COLUMN] if GRIPPER_COLUMN in header else [])
         names = [f"c{i}" for i in range(len(header))]
-        used = [names[header.index(c)] for c in columns]
+        used = [names[header.index(c)] for c in _state_columns(header)]
         options = dict(
             read_options=pa_csv.ReadOptions(column_names=names, use_threads=False, block_size=1 << 26),
             parse_options=pa_csv.ParseOptions(quote_char=False),
@@ -378,7 +385,7 @@ def read_robot_states_many(paths: list[Path]) -> list[RobotStates | None]:
             for (k, _), n in zip(batch, lengths):
                 part = values[start:start + n]
                 start += n
-                if np.isfinite(part).all() and (n < 2 or (np.diff(part[:, 0]) > 0).all()):
+                if _rows_ok(part):
                     out[k] = _states(part)
     return out
 
@@ -543,14 +550,19 @@ def _read_npy_header(fp, where: str) -> tuple[tuple[int, ...], bool, np.dtype]:
 
 def _read_npy(fp, where: str) -> np.ndarray:
     """A small numeric .npy array from the stream ``fp`` (no pickles)."""
+    return _npy_from_bytes(fp.read(), where)
+
+
+def _npy_from_bytes(raw: bytes, where: str) -> np.ndarray:
+    """The numeric .npy array a whole .npy file ``raw`` holds, as a view of it (no pickles)."""
+    fp = io.BytesIO(raw)
     shape, fortran, dtype = _read_npy_header(fp, where)
     if dtype.hasobject:
         raise ValueError("object arrays are not allowed")
-    count = int(np.prod(shape))
-    buf = fp.read(count * dtype.itemsize)
-    if len(buf) != count * dtype.itemsize:
-        raise ValueError(f"the array ends after {len(buf)} of {count * dtype.itemsize} bytes")
-    return np.frombuffer(buf, dtype=dtype).reshape(shape, order="F" if fortran else "C")
+    count, start = int(np.prod(shape)), fp.tell()
+    if len(raw) - start < count * dtype.itemsize:
+        raise ValueError(f"the array ends after {len(raw) - start} of {count * dtype.itemsize} bytes")
+    return np.frombuffer(raw, dtype, count, start).reshape(shape, order="F" if fortran else "C")
 
 
 def _stamp(st: os.stat_result) -> str:
@@ -581,22 +593,28 @@ def _npz_zipfile(path: Path) -> tuple:
             compressed = info.compress_type != zipfile.ZIP_STORED
             data_start = 0
             if not compressed:
-                # The member's bytes start after its local file header (30 bytes, then
-                # name and extra field, whose lengths can differ from the central directory's).
                 with open(path, "rb") as raw:
-                    raw.seek(info.header_offset)
-                    local = raw.read(30)
-                if len(local) != 30 or local[:4] != b"PK\x03\x04":
+                    member_start = _member_start(raw, info.header_offset)
+                if member_start is None:
                     raise DatasetError(f"{path}: corrupt zip member 'data.npy'")
-                name_len = int.from_bytes(local[26:28], "little")
-                extra_len = int.from_bytes(local[28:30], "little")
-                data_start = info.header_offset + 30 + name_len + extra_len + header_len
+                data_start = member_start + header_len
             st = os.stat(path)
     except (DatasetError, MemoryError):
         raise
     except Exception as e:  # BadZipFile, zlib.error, OSError, ValueError, EOFError, ...: any decoding failure
         raise DatasetError(_read_error(path, member, e)) from None
     return ts, shape, fortran, dtype, header_len, data_start, info.file_size, st.st_size, compressed, _stamp(st)
+
+
+def _member_start(f, header_offset: int) -> int | None:
+    """Where the bytes of the zip member whose local header is at ``header_offset`` start: after
+    that header (30 bytes, then name and extra field, whose lengths can differ from the central
+    directory's); None when no local header is there."""
+    f.seek(header_offset)
+    local = f.read(30)
+    if len(local) != 30 or local[:4] != b"PK\x03\x04":
+        return None
+    return header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little")
 
 
 _CENTRAL = struct.Struct("<4s6H3I5H2I")  # a zip central directory entry (46 bytes)
@@ -631,33 +649,21 @@ def _npz_fast(path: Path) -> tuple | None:
                 name = cd[pos + 46:pos + 46 + name_len].decode("utf-8", "replace")
                 members[name] = (method, crc, csize, usize, offset)
                 pos += 46 + name_len + extra_len + comment_len
-
-            def start(offset: int) -> int:
-                f.seek(offset)
-                local = f.read(30)
-                if len(local) != 30 or local[:4] != b"PK\x03\x04":
-                    raise ValueError("bad local header")
-                return offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little")
-
             method, crc, csize, usize, offset = members["timestamps.npy"]
-            if method not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            ts_at = _member_start(f, offset)
+            if method not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) or ts_at is None:
                 return None
-            f.seek(start(offset))
+            f.seek(ts_at)
             raw = f.read(csize)
             if method == zipfile.ZIP_DEFLATED:
                 raw = zlib.decompress(raw, -15)
             if len(raw) != usize or zlib.crc32(raw) != crc:
                 return None
-            header = io.BytesIO(raw)
-            ts_shape, ts_fortran, ts_dtype = _read_npy_header(header, f"{path}: sensor file member 'timestamps.npy'")
-            count = int(np.prod(ts_shape))
-            if ts_dtype.hasobject or header.tell() + count * ts_dtype.itemsize != len(raw):
-                return None
-            ts = np.frombuffer(raw, ts_dtype, count, header.tell()).reshape(ts_shape, order="F" if ts_fortran else "C")
+            ts = _npy_from_bytes(raw, f"{path}: sensor file member 'timestamps.npy'")
             method, _, _, usize, offset = members["data.npy"]
-            if method != zipfile.ZIP_STORED:
+            data_at = _member_start(f, offset)
+            if method != zipfile.ZIP_STORED or data_at is None:
                 return None
-            data_at = start(offset)
             f.seek(data_at)
             shape, fortran, dtype = _read_npy_header(f, f"{path}: sensor file member 'data.npy'")
             header_len = f.tell() - data_at
