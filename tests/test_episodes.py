@@ -363,7 +363,7 @@ def test_sensor_fast_open_reads_what_zipfile_reads(tmp_path):
     """The central-directory reader (most of a sensor file's indexing time) gives the same
     timestamps, layout and data offset as zipfile for the files np.savez writes, and leaves
     every other file (compressed data, a bad checksum) to the zipfile path and its errors."""
-    from vla_ds.data.episodes import _npz_fast, _npz_zipfile
+    from vla_ds.data.npz import read_direct, read_with_zipfile
 
     ts, data = _stream(n=300)
     cases = {"savez": lambda p: np.savez(p, timestamps=ts, data=data),
@@ -376,7 +376,7 @@ def test_sensor_fast_open_reads_what_zipfile_reads(tmp_path):
     for name, write in cases.items():
         path = tmp_path / f"{name}.npz"
         write(path)
-        fast, slow = _npz_fast(path), _npz_zipfile(path)
+        fast, slow = read_direct(path), read_with_zipfile(path)
         assert fast is not None, name
         assert fast[0].dtype == slow[0].dtype and fast[0].tobytes() == slow[0].tobytes(), name
         assert fast[1:] == slow[1:], name
@@ -384,14 +384,14 @@ def test_sensor_fast_open_reads_what_zipfile_reads(tmp_path):
 
     compressed = tmp_path / "compressed.npz"
     np.savez_compressed(compressed, timestamps=ts, data=data)
-    assert _npz_fast(compressed) is None and _npz_zipfile(compressed)[8] is True
+    assert read_direct(compressed) is None and read_with_zipfile(compressed)[8] is True
 
     bad_crc = tmp_path / "bad_crc.npz"
     np.savez(bad_crc, timestamps=ts, data=data)
     raw = bytearray(bad_crc.read_bytes())
     raw[raw.find(_npy_bytes(ts)) + 200] ^= 0xFF  # a timestamp byte: zipfile's CRC check fails
     bad_crc.write_bytes(bytes(raw))
-    assert _npz_fast(bad_crc) is None
+    assert read_direct(bad_crc) is None
     with pytest.raises(DatasetError) as e:
         SensorData(bad_crc)
     assert str(e.value).startswith(f"{bad_crc}: cannot read sensor file member 'timestamps.npy'")
