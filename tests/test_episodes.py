@@ -12,6 +12,7 @@ from data_helpers import corrupt_compressed_member, write_csv, write_episode
 
 from vla_ds.data.episodes import (
     SensorData,
+    _states,
     find_episode_dirs,
     index_view_frames,
     load_episode,
@@ -155,6 +156,24 @@ def test_robot_states_quoted_values_parse(tmp_path):
     s = read_robot_states(path)
     np.testing.assert_array_equal(s.times, [0.0, 0.5])
     np.testing.assert_array_equal(s.poses[:, 0], [1, 2])
+
+
+def test_angles_are_unwrapped_exactly_as_numpy_unwraps_them():
+    """The states' angle columns, bit for bit np.unwrap's (period 360), whether they jump by
+    180 degrees or more somewhere (np.unwrap itself) or nowhere (the shortcut: +0.0)."""
+    rng = np.random.default_rng(0)
+    makers = [lambda n: rng.uniform(-180, 180, (n, 3)), lambda n: np.cumsum(rng.normal(0, 30, (n, 3)), 0),
+              lambda n: rng.choice([-0.0, 0.0, 180.0, -180.0, 179.999, -179.5], (n, 3)),
+              lambda n: np.round(rng.uniform(-200, 200, (n, 3)))]
+    shortcut = 0
+    for k in range(400):
+        n = int(rng.integers(1, 30))
+        angles = makers[k % 4](n)
+        table = np.concatenate([np.cumsum(rng.random((n, 1)) + 0.01, 0), rng.normal(size=(n, 3)), angles], 1)
+        expected = np.unwrap(table[:, 4:7], period=360.0, axis=0)
+        assert _states(table).poses[:, 3:6].tobytes() == expected.tobytes(), k
+        shortcut += bool((np.abs(np.diff(angles, axis=0)) < 180).all())
+    assert 50 < shortcut < 350  # both ways were taken
 
 
 def test_robot_states_many_same_arrays_as_one_by_one_and_leaves_the_rest(tmp_path):

@@ -315,7 +315,11 @@ def _rows_ok(table: np.ndarray) -> bool:
 def _states(table: np.ndarray) -> RobotStates:
     """RobotStates of a checked (T, 7 or 8) table: timestamp, the six pose columns[, gripper]."""
     poses = table[:, 1:7].copy()
-    poses[:, 3:6] = np.unwrap(poses[:, 3:6], period=360.0, axis=0)  # pose_a/b/r, degrees
+    angles = poses[:, 3:6]  # pose_a/b/r, degrees
+    if (np.abs(np.diff(angles, axis=0)) < 180.0).all():
+        angles[1:] += 0.0  # no jump to unwrap: what np.unwrap returns then (-0.0 becomes 0.0), 4x faster
+    else:
+        poses[:, 3:6] = np.unwrap(angles, period=360.0, axis=0)
     gripper = table[:, 7].copy() if table.shape[1] == 8 else None
     return RobotStates(times=table[:, 0].copy(), poses=poses, gripper=gripper)
 
