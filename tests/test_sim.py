@@ -137,6 +137,21 @@ def _raw_metaworld_expert(task: str, seeds: list[int]) -> list[tuple[int, float]
     return out
 
 
+@pytest.mark.parametrize("task", ["reach-v3", "push-v3"])
+def test_the_goal_marker_is_where_the_goal_is_from_the_first_frame(task):
+    """Meta-World's reset moves the goal in the model, and its marker in the rendered scene only
+    at the first step: the first frame, the one a policy plans its first chunk from, would show
+    it elsewhere. After MetaWorldEnv.reset the marker (what the renderer draws) is at the
+    observation's goal. (Not rendered here: one renderer per process is the workers'.)"""
+    env = metaworld.MetaWorldEnv(task, image_size=32, rendering="fast")
+    try:
+        for seed in (3, 4):
+            obs = env.reset(seed)
+            np.testing.assert_allclose(env.env.data.site("goal").xpos, obs[36:39], atol=1e-9)
+    finally:
+        env.close()
+
+
 def test_baselines_expert_succeeds_zero_fails(tmp_path):
     out = tmp_path / "expert"
     assert eval_main(["--policy", "expert", "--tasks", "reach-v3", "--episodes", "2", "--videos", "0",

@@ -49,6 +49,9 @@ DEFAULT_IMAGE_SIZE = 480         # LeRobot's observation_width / height
 # be evaluated with the rendering its data was recorded with.
 RENDERINGS = ("lerobot", "fast")
 EVAL_START_SEED = 1000           # lerobot-eval's default --seed
+# What an episode's first frame shows (recorded with the data): this episode's goal marker.
+# Meta-World itself, and so LeRobot, renders the previous episode's there (MetaWorldEnv.reset).
+RESET_FRAME = "goal placed at reset"
 MT1_SEED = 42                    # LeRobot's metaworld.MT1(task, seed=42)
 
 IMAGE_KEY = "observation.image"
@@ -275,6 +278,11 @@ class MetaWorldEnv:
         if seed is not None:
             self.env.seed(int(seed))
         obs, _ = self.env.reset()
+        # Meta-World's reset moves the goal in the model, but the rendered marker follows only at
+        # the first step, which places the target sites again: the reset frame would show the
+        # previous episode's goal. Placed now, as step places them (the observation is unchanged).
+        for site in self.env._target_site_config:
+            self.env._set_pos_site(*site)
         return np.asarray(obs, dtype=np.float64)
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool]:

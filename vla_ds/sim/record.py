@@ -101,7 +101,8 @@ def record_demos(tasks: list[str], output: str | Path, *, episodes: int, seed: i
     expert = ExpertPolicy()
     summary: dict[str, Any] = {"format": "vla_ds-recording", "vla_ds_version": vla_ds.__version__, "env": "metaworld",
                                "policy": "scripted expert (metaworld.policies)", "image_size": image_size,
-                               "rendering": rendering, "camera": metaworld.CAMERA, "cameras": list(cameras), "codec": codec, "max_steps": max_steps, "tasks": {}}
+                               "rendering": rendering, "camera": metaworld.CAMERA, "cameras": list(cameras), "codec": codec, "max_steps": max_steps,
+                               "reset_frame": metaworld.RESET_FRAME, "tasks": {}}
     started = time.monotonic()
     bar = tqdm(total=len(tasks) * episodes, desc="record", unit="episode", disable=not progress, dynamic_ncols=True)
     try:
