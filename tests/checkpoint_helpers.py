@@ -42,8 +42,8 @@ def fp32_masters_from_shards(out: Path, ranks: int = 2) -> dict[str, dict[str, t
 
 def capture_starting_weights(monkeypatch) -> dict[str, dict[str, torch.Tensor]]:
     """Fill the returned dict, when ``train.main`` hands its engine to the training loop, with
-    every trainable parameter's fp32 master ("fp32") and bf16 module copy ("module"): the
-    weights the run starts from, before its first update."""
+    every trainable parameter's fp32 master ("fp32") and bf16 module copy ("module"), and every
+    buffer in both: the weights the run starts from, before its first update."""
     from deepspeed.utils import safe_get_full_fp32_param
 
     from vla_ds.training import trainer
@@ -55,6 +55,8 @@ def capture_starting_weights(monkeypatch) -> dict[str, dict[str, torch.Tensor]]:
         named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
         seen["fp32"] = {n: safe_get_full_fp32_param(p).detach().clone() for n, p in named}
         seen["module"] = {n: p.detach().clone() for n, p in named}
+        for n, b in engine.module.named_buffers():  # the statistics the heads read (fp32 either way)
+            seen["fp32"][n] = seen["module"][n] = b.detach().clone()
         return train(cfg, engine, *args, **kwargs)
 
     monkeypatch.setattr(trainer, "train", spy)

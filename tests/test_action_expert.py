@@ -31,6 +31,7 @@ def tiny_config() -> ActionExpertConfig:
         d_model=32, num_layers=2, num_heads=4, dim_feedforward=64, dropout=0.0,
         num_train_timesteps=T, num_inference_steps=5, prediction_type="epsilon",  # the maths tests' head
         num_views=1, vl_grid=2,  # VL tokens: prompt mean, instruction mean, 2x2 cells of one view
+        vl_normalize=False,  # the toy features are standardised already
     )
 
 
@@ -431,6 +432,55 @@ def test_a_stored_section_without_an_objective_is_the_legacy_head(tiny_config):
     assert ActionExpertConfig().prediction_type != LEGACY_HEAD["prediction_type"]  # not today's default
     flow = ActionExpertConfig(**stored_section({**section, "objective": "flow_matching"}))
     assert flow.objective == "flow_matching"
+
+
+def test_vl_features_are_standardised_with_float32_statistics_saved_with_the_weights(tiny_config):
+    tiny_config = dataclasses.replace(tiny_config, vl_normalize=True)
+    model = ActionExpert(tiny_config)
+    shape = (tiny_config.num_vl_tokens, tiny_config.vl_hidden_size)
+    assert model.vl_norm.mean.shape == shape and not model.vl_norm.mean.any() and (model.vl_norm.std == 1).all()
+    g = torch.Generator().manual_seed(0)
+    mean = torch.randn(shape, generator=g) * 10 + 0.123456789
+    std = torch.rand(shape, generator=g) * 0.1 + 0.001
+    model.vl_norm.set_stats(mean, std)
+    z = torch.randn(5, *shape, generator=g)
+    torch.testing.assert_close(model.vl_norm(mean + std * z), z, rtol=0, atol=2e-3)  # float32 rounding of mean + std z
+    # A bf16 engine casts the module: the statistics stay exactly what they were.
+    model.bfloat16()
+    assert model.head.weight.dtype == torch.bfloat16
+    assert model.vl_norm.mean.dtype == torch.float32 and torch.equal(model.vl_norm.mean, mean)
+    torch.testing.assert_close(model.vl_norm((mean + std * z).bfloat16()).std(), torch.tensor(1.0), rtol=0.2, atol=0)
+    state = model.state_dict()
+    assert torch.equal(state["vl_norm.mean"], mean) and torch.equal(state["vl_norm.std"], std)
+    fresh = ActionExpert(tiny_config)
+    fresh.load_state_dict(state)  # the features a policy reads travel with its weights
+    assert torch.equal(fresh.vl_norm.std, std)
+    with pytest.raises(ValueError, match=r"must be \(6, 8\)"):
+        fresh.vl_norm.set_stats(mean[:, :4], std[:, :4])
+    with pytest.raises(ValueError, match="std > 0"):
+        fresh.vl_norm.set_stats(mean, torch.zeros_like(std))
+    with torch.device("meta"):
+        meta = ActionExpert(dataclasses.replace(tiny_config, vl_conditioning="pooled"))
+    meta.to_empty(device="cpu")
+    assert meta.vl_norm.mean.shape == (tiny_config.vl_hidden_size,) and meta.vl_norm.mean.dtype == torch.float32
+
+
+def test_heads_written_before_vl_normalize_read_raw_features_and_keep_their_tensors(tiny_config):
+    tiny_config = dataclasses.replace(tiny_config, vl_normalize=True)
+    section = {k: v for k, v in dataclasses.asdict(tiny_config).items() if k != "vl_normalize"}
+    legacy = ActionExpertConfig(**stored_section(section))
+    assert legacy.vl_normalize is False and tiny_config.vl_normalize is True
+    old, new = ActionExpert(legacy), ActionExpert(tiny_config)
+    assert set(new.state_dict()) - set(old.state_dict()) == {"vl_norm.mean", "vl_norm.std"}
+    vl, sensor = _conditioning(legacy, 3)
+    a = ActionExpert(legacy).eval()
+    b = ActionExpert(tiny_config).eval()
+    b.load_state_dict({**a.state_dict(), **{k: v for k, v in b.state_dict().items() if k.startswith("vl_norm.")}})
+    # identity statistics until a run sets them: the same weights give the same outputs
+    x, t = torch.randn(3, tiny_config.horizon, tiny_config.action_dim), torch.tensor([1, 5, 9])
+    torch.testing.assert_close(a.denoise(x, t, vl, sensor), b.denoise(x, t, vl, sensor))
+    with pytest.raises(ConfigError, match="vl_normalize must be true or false"):
+        ActionExpertConfig(vl_normalize="yes")
 
 
 def test_run_sampler_without_a_module():

@@ -120,7 +120,7 @@ def test_cached_samples_never_decode_images(setup, monkeypatch):
 
 
 def test_same_losses_with_and_without_the_cache(tiny_backbone_dir, demo_dataset_dir, tmp_path):
-    common = ["--epochs", "2", "--lr", "1e-3", "--max_steps", "30"]
+    common = ["--epochs", "2", "--lr", "1e-3", "--max_steps", "30", "--set", "action_expert.vl_normalize=true"]
     with_cache, without = tmp_path / "cached", tmp_path / "live"
     assert main(args("stage1.json", demo_dataset_dir, tiny_backbone_dir, with_cache, *common,
                      "--set", f"cache.dir={tmp_path / 'cache'}")) == 0
@@ -131,6 +131,50 @@ def test_same_losses_with_and_without_the_cache(tiny_backbone_dir, demo_dataset_
     for x, y in zip(a, b):
         key = "train/loss" if "train/loss" in x else "val/loss"
         assert x[key] == pytest.approx(y[key], rel=2e-2, abs=2e-3), x["step"]
+    # Both standardised the VL features with their training split's statistics: from the
+    # cache's bf16 features and from the backbone's, the same up to that rounding.
+    stats = []
+    for run in (with_cache, without):
+        module = torch.load(run / "global_step30" / "mp_rank_00_model_states.pt", map_location="cpu",
+                            weights_only=False)["module"]
+        stats.append((module["action_expert.vl_norm.mean"], module["action_expert.vl_norm.std"]))
+    (mean, std), (live_mean, live_std) = stats
+    assert mean.dtype == torch.float32 and not torch.equal(std, torch.ones_like(std))
+    torch.testing.assert_close(live_mean, mean, rtol=0, atol=0.01 * float(mean.abs().max()))
+    torch.testing.assert_close(live_std, std, rtol=0.05, atol=1e-3)
+
+
+def test_vl_feature_stats_are_the_training_features_mean_and_std(setup):
+    """What vl_normalize standardises with: each channel's mean and std over the training
+    samples and every token place, read from the cache, over a seeded subset when there are
+    more than ``max_samples``, and the same from the backbone without a cache."""
+    data, bcfg, backbone, collate, cache_dir = setup
+    ds, keys, store, _ = build(data, bcfg, backbone, collate, cache_dir, grid=4)
+    cached = cache.CachedFeatures(ds, keys, store)
+    every = np.stack([store.get(k) for k in keys]).astype(np.float64)  # (N, T, H)
+    mean, std, used = cache.vl_feature_stats(cached, None, None, None, 4, seed=0, max_samples=len(ds))
+    assert used == len(ds) and mean.shape == std.shape == every.shape[1:]
+    channels = every.reshape(-1, every.shape[-1])
+    np.testing.assert_allclose(mean, np.broadcast_to(channels.mean(0), mean.shape), rtol=1e-5, atol=1e-6)
+    expected = np.maximum(channels.std(0), 0.01 * np.median(channels.std(0)))
+    np.testing.assert_allclose(std, np.broadcast_to(expected, std.shape), rtol=1e-4, atol=1e-6)
+    # A subset: the seed decides which samples, and the figures are theirs.
+    part, _, n = cache.vl_feature_stats(cached, None, None, None, 4, seed=3, max_samples=40)
+    again, _, _ = cache.vl_feature_stats(cached, None, None, None, 4, seed=3, max_samples=40)
+    other, _, _ = cache.vl_feature_stats(cached, None, None, None, 4, seed=4, max_samples=40)
+    chosen = np.sort(np.random.default_rng(3).permutation(len(ds))[:40])
+    assert n == 40 and np.array_equal(part, again) and not np.array_equal(part, other)
+    np.testing.assert_allclose(part[0], every[chosen].reshape(-1, every.shape[-1]).mean(0), rtol=1e-5, atol=1e-6)
+    # Without the cache: the backbone's own features of the same samples (not rounded to bf16).
+    live, live_std, _ = cache.vl_feature_stats(ds, backbone, collate, "cpu", 4, seed=3, max_samples=40)
+    np.testing.assert_allclose(live, part, atol=0.01 * float(np.abs(part).max()))
+    assert not np.array_equal(live, part) and (live_std > 0).all()
+    # Pooled: one vector per sample, its channels' figures.
+    _, _, pooled, _ = build(data, bcfg, backbone, collate, cache_dir)
+    vectors = np.stack([pooled.get(k) for k in keys]).astype(np.float64)
+    mean, _, _ = cache.vl_feature_stats(cache.CachedFeatures(ds, keys, pooled), None, None, None, None, seed=0,
+                                        max_samples=len(ds))
+    np.testing.assert_allclose(mean, vectors.mean(0), rtol=1e-5, atol=1e-6)
 
 
 def test_stage2_refuses_the_cache(tiny_backbone_dir, demo_dataset_dir, tmp_path, capsys):

@@ -216,7 +216,8 @@ def test_stage1_pt_starts_stage2(runs, tiny_backbone_dir, demo_dataset_dir, tmp_
     assert guide["training_stage"] == "stage1" and set(guide) == {"sensor_encoder", "action_expert",
                                                                   "training_stage", "norm_stats", "head"}
     assert guide["head"] == {"objective": "diffusion", "prediction_type": "sample",  # Stage 2 continues that head
-                             "vl_conditioning": "tokens", "vl_grid": 4, "vl_attention": "joint"}
+                             "vl_conditioning": "tokens", "vl_grid": 4, "vl_attention": "joint",
+                             "vl_normalize": False}
     out = tmp_path / "s2"
     start = capture_starting_weights(monkeypatch)
     assert main(run_args("stage2.json", demo_dataset_dir, tiny_backbone_dir, out, "--stage1-checkpoint", str(pt),

@@ -118,8 +118,9 @@ def test_openpi_client_reads_metadata_gets_predict_actions_and_steps_a_chunk(ope
     assert (meta["sensor_window_size"], meta["sensor_channels"]) == (32, len(stats["sensor_mean"]))
     assert meta["ddim_steps"] == STEPS
     assert meta["policy"]["backbone_fingerprint"] == config["backbone"]["fingerprint"]
-    assert (meta["policy"]["vl_conditioning"], meta["policy"]["vl_grid"]) == \
-        (config["action_expert"]["vl_conditioning"], config["action_expert"]["vl_grid"])
+    assert (meta["policy"]["vl_conditioning"], meta["policy"]["vl_grid"], meta["policy"]["vl_normalize"]) == \
+        (config["action_expert"]["vl_conditioning"], config["action_expert"]["vl_grid"],
+         config["action_expert"]["vl_normalize"])
     assert meta["vla_ds_version"] == config["vla_ds_version"]
 
     expected = expected_chunk(policy, spec, obs)  # (H, D)

@@ -97,7 +97,8 @@ def test_research_script_checkpoint_continues_its_epsilon_head(stage1, tiny_back
     """The research script's .pt has no head field: it trained the DDPM epsilon head on the
     pooled VL vector, which Stage 2 continues (and says so) although stage2.json asks for
     sample prediction on VL tokens."""
-    module = {k: v for k, v in final_module(stage1).items() if k != "action_expert.vl_embed"}  # a pooled head
+    module = {k: v for k, v in final_module(stage1).items()  # a pooled head of raw features: the script's
+              if k != "action_expert.vl_embed" and not k.startswith("action_expert.vl_norm.")}
     torch.save({part: {k[len(part) + 1:]: v for k, v in module.items() if k.startswith(part + ".")}
                 for part in ("sensor_encoder", "action_expert")}, tmp_path / "diffusion_epoch2.pt")
     out = tmp_path / "s2"
@@ -109,12 +110,41 @@ def test_research_script_checkpoint_continues_its_epsilon_head(stage1, tiny_back
         "(prediction_type sample) on VL tokens (4x4 per view, joint attention)" in capsys.readouterr().err
 
 
+def test_standardised_features_keep_their_stage1_statistics(tiny_backbone_dir, demo_dataset_dir, tmp_path,
+                                                            monkeypatch):
+    """action_expert.vl_normalize: a fresh Stage 1 sets the statistics (from its cache), a
+    resume and Stage 2 keep them exactly (Stage 2's backbone is live and changes: they are
+    the Stage 1 head's inputs, not recomputed), and the exported policy reads them."""
+    from vla_ds.models.policy import VLAPolicy
+    from vla_ds.policy_tools.convert import main as convert_main
+
+    s1 = tmp_path / "s1"
+    norm = ["--set", "action_expert.vl_normalize=true"]
+    assert main(args("stage1.json", demo_dataset_dir, tiny_backbone_dir, s1, "--max_steps", "4", *norm)) == 0
+    stats = {k: v for k, v in final_module(s1).items() if k.startswith("action_expert.vl_norm.")}
+    assert set(stats) == {"action_expert.vl_norm.mean", "action_expert.vl_norm.std"}
+    assert stats["action_expert.vl_norm.std"].dtype == torch.float32 and (stats["action_expert.vl_norm.std"] != 1).any()
+    assert main(args("stage1.json", demo_dataset_dir, tiny_backbone_dir, s1, "--max_steps", "6", "--resume", str(s1),
+                     *norm)) == 0
+    start = capture_starting_weights(monkeypatch)
+    assert main(args("stage2.json", demo_dataset_dir, tiny_backbone_dir, tmp_path / "s2", "--stage1-checkpoint",
+                     str(s1), "--max_steps", "1", "--lora-r", "4")) == 0  # its config does not ask: continued
+    for k, v in stats.items():
+        assert torch.equal(final_module(s1)[k], v), k  # the resumed run did not recompute them
+        assert torch.equal(start["module"][k], v), k
+        assert torch.equal(final_module(tmp_path / "s2")[k], v), k
+    assert convert_main([str(tmp_path / "s2"), str(tmp_path / "policy"), "--to", "policy"]) == 0
+    policy = VLAPolicy.from_pretrained(tmp_path / "policy", device="cpu")
+    assert policy.action_expert.config.vl_normalize
+    assert torch.equal(policy.action_expert.vl_norm.mean, stats["action_expert.vl_norm.mean"])
+
+
 def test_guide_format_stage1_checkpoint_loads(stage1, tiny_backbone_dir, demo_dataset_dir, tmp_path, monkeypatch):
     module = final_module(stage1)
     guide = {part: {k[len(part) + 1:]: v for k, v in module.items() if k.startswith(part + ".")}
              for part in ("sensor_encoder", "action_expert")}
     head = {"objective": "diffusion", "prediction_type": "sample", "vl_conditioning": "tokens", "vl_grid": 4,
-            "vl_attention": "joint"}  # what convert_checkpoint.py --to stage1 adds
+            "vl_attention": "joint", "vl_normalize": False}  # what convert_checkpoint.py --to stage1 adds
     torch.save({**guide, "training_stage": "stage1", "head": head}, tmp_path / "diffusion_epoch2.pt")
     start = capture_starting_weights(monkeypatch)
     assert main(args("stage2.json", demo_dataset_dir, tiny_backbone_dir, tmp_path / "s2", "--stage1-checkpoint",

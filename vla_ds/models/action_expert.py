@@ -58,6 +58,8 @@ SAMPLING_METHODS = ("ddim", "ddpm")
 LEGACY_HEAD = {"objective": "diffusion", "prediction_type": "epsilon"}
 # ...and what one without ``vl_conditioning`` was conditioned on: one pooled vector.
 LEGACY_CONDITIONING = {"vl_conditioning": "pooled", "vl_attention": "joint"}
+# ...and what one without ``vl_normalize`` read: the backbone's features as they come.
+LEGACY_VL_NORMALIZE = {"vl_normalize": False}
 # Flow time t in [0, 1] enters the sinusoidal timestep embedding as t * FLOW_TIME_SCALE,
 # so its frequencies span the same range as diffusion timesteps 0..1000 do.
 FLOW_TIME_SCALE = 1000.0
@@ -71,9 +73,10 @@ def stored_section(section: dict) -> dict:
     checkpoint's run config), with the head it was trained with made explicit: one written
     before ``objective`` existed trained the DDPM epsilon head (``LEGACY_HEAD``), whatever
     today's defaults are, and one written before ``vl_conditioning`` existed was conditioned on
-    the pooled vector (``LEGACY_CONDITIONING``)."""
+    the pooled vector (``LEGACY_CONDITIONING``), and one written before ``vl_normalize`` existed
+    read the features unnormalised (``LEGACY_VL_NORMALIZE``)."""
     section = section if "objective" in section else {**section, **LEGACY_HEAD}
-    return {**LEGACY_CONDITIONING, **section}
+    return {**LEGACY_CONDITIONING, **LEGACY_VL_NORMALIZE, **section}
 
 
 # A clamp for predicted clean chunks: a symmetric bound (0 = none) or per-dimension (lo, hi).
@@ -130,6 +133,17 @@ class ActionExpertConfig:
             to the VL tokens in every layer (Diffusion Policy's transformer, GR00T's DiT).
             Measured in docs/conditioning.md: joint is level with or ahead of the pooled head
             on every learning task; cross learns positions faster but loses on the sensor task.
+        vl_normalize: standardise each channel of the VL features with the mean and standard
+            deviation of the training split's features over every token place (``vl_norm``,
+            set when a fresh Stage 1 run starts and carried in every checkpoint and policy after
+            it), as the action and sensor inputs are, and as a linear probe of frozen features
+            is (MAE's linear probing puts a BatchNorm without affine in front). The backbone's
+            channels differ in offset and spread while the change a small object makes is a
+            small part of them: without it the head fits the first frames of Meta-World reach,
+            where only the goal's dot says where to go, far worse (docs/conditioning.md).
+            Statistics shared by a channel's places keep the per-place offsets, which tell the
+            places apart. Off by default; checkpoints and policies written before this field
+            existed read raw features (false).
         snr_gamma: diffusion only: Min-SNR-gamma loss weighting (Hang et al. 2023), 0 = off.
             Epsilon prediction weights the clean chunk's error by SNR(t) = alpha_bar / (1 -
             alpha_bar), so nearly all of its loss comes from the low-noise steps, where the
@@ -162,6 +176,7 @@ class ActionExpertConfig:
     vl_grid: int = 4
     num_views: int = 2
     vl_attention: str = "joint"
+    vl_normalize: bool = False
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
@@ -186,6 +201,8 @@ class ActionExpertConfig:
                 f"{owner}.clip_sample must be a finite number >= 0 (0 disables), "
                 f"got {self.clip_sample!r}"
             )
+        if not isinstance(self.vl_normalize, bool):
+            raise ConfigError(f"{owner}.vl_normalize must be true or false, got {self.vl_normalize!r}")
         if not isinstance(self.clip_to_data_range, bool):
             raise ConfigError(f"{owner}.clip_to_data_range must be true or false, got {self.clip_to_data_range!r}")
         for name in ("flow_beta_alpha", "flow_beta_beta"):
@@ -592,6 +609,44 @@ def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0)
     return emb                                                         # (B, dim)
 
 
+class FeatureNorm(nn.Module):
+    """``(x - mean) / std`` per feature, with the training data's statistics as float32
+    buffers (saved in every checkpoint and policy; identity until :meth:`set_stats`).
+
+    They stay float32 whatever the module is cast to: a bf16 copy of a mean (0.004 relative
+    rounding) would shift a feature that varies by a few hundredths by a large part of its
+    spread, differently in a bf16 training engine and an fp32 exported policy."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(shape))
+        self.register_buffer("std", torch.ones(shape))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x.float() - self.mean.float()) / self.std.float()
+
+    @torch.no_grad()
+    def set_stats(self, mean, std) -> None:
+        """Set the statistics (array-likes of the buffers' shape; ``std`` > 0)."""
+        mean, std = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
+        if mean.shape != self.mean.shape or std.shape != self.std.shape:
+            raise ValueError(f"feature statistics must be {tuple(self.mean.shape)}, got {tuple(mean.shape)} and "
+                             f"{tuple(std.shape)}")
+        if not (torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all()):
+            raise ValueError("feature statistics must be finite, with std > 0")
+        self.mean.copy_(mean)
+        self.std.copy_(std)
+
+    def _apply(self, fn, recurse: bool = True):
+        # Moved where ``fn`` moves them, kept float32 (a cast would round the statistics).
+        before = dict(self._buffers)
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            self._buffers[name] = new.float() if old.is_meta or new.is_meta else old.to(new.device, torch.float32)
+        return self
+
+
 class ActionExpert(nn.Module):
     """Action-chunk denoiser conditioned on VL features, sensor features and the timestep.
 
@@ -624,6 +679,9 @@ class ActionExpert(nn.Module):
         # state dict is the guide's.
         self.vl_embed = nn.Parameter(torch.zeros(1, c.num_vl_tokens, c.d_model)) \
             if c.vl_conditioning == "tokens" else None
+        # The training split's feature statistics (vl_normalize); absent from older heads.
+        self.vl_norm = FeatureNorm((c.vl_hidden_size,) if c.feature_tokens is None
+                                   else (c.feature_tokens, c.vl_hidden_size)) if c.vl_normalize else None
         self.sensor_cond = nn.Linear(c.sensor_feature_dim, c.d_model)
         self.time_mlp = nn.Sequential(
             nn.Linear(c.d_model, c.d_model),
@@ -695,6 +753,8 @@ class ActionExpert(nn.Module):
         if timesteps.is_floating_point() and c.objective == "flow_matching":
             timesteps = timesteps.float() * FLOW_TIME_SCALE
 
+        if self.vl_norm is not None:
+            vl_hidden = self.vl_norm(vl_hidden)                               # float32, standardised
         vl = self.vl_cond(self.vl_proj(vl_hidden.to(dtype)))                 # (B, D) or (B, T, D)
         vl = vl[:, None] if self.vl_embed is None else vl + self.vl_embed    # (B, T, D)
         sensor = self.sensor_cond(sensor_features.to(dtype))                  # (B, D)

@@ -159,6 +159,7 @@ def server_metadata(policy, spec: ObservationSpec, config: ServeConfig, steps: i
             "objective": expert.objective,
             "vl_conditioning": expert.vl_conditioning,
             "vl_grid": expert.vl_grid_size,
+            "vl_normalize": expert.vl_normalize,
             "backbone": backbone.get("model_name_or_path"),
             "backbone_fingerprint": backbone.get("fingerprint"),
         },

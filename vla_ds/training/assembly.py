@@ -39,6 +39,11 @@ class Start:
     stage1: Any = None                     # checkpoint.Stage1Weights: Stage 2's heads
     weights: Any = None                    # checkpoint.WeightsFile: the guide's --resume X.pt
 
+    @property
+    def fresh(self) -> bool:
+        """Nothing to start from: the heads are initialised here."""
+        return self.resume_file is None and self.stage1 is None and self.weights is None
+
     def fp32_weights(self) -> dict[str, torch.Tensor]:
         """The weights loaded into the policy before the engine, by VLAPolicy name (Stage 1's
         heads, or a weights-only file): the optimizer's fp32 masters start from them."""
@@ -273,12 +278,13 @@ def continue_head(stored: dict[str, Any], cfg: RunConfig, source: str) -> None:
     """Stage 2 and ``--resume`` continue heads trained for one objective and one VL
     conditioning: train them towards another and they start from scratch (and the weights of
     another conditioning do not fit). ``cfg.action_expert`` takes the checkpoint's objective,
-    prediction_type and vl_conditioning (with its grid); a config that asked for another head
-    is told so."""
+    prediction_type, vl_conditioning (with its grid) and vl_normalize; a config that asked for
+    another head is told so."""
     keys = (["objective"] + (["prediction_type"] if stored["objective"] == "diffusion" else [])
-            + ["vl_conditioning", "vl_attention"] + (["vl_grid"] if stored["vl_conditioning"] == "tokens" else []))
+            + ["vl_conditioning", "vl_attention", "vl_normalize"]
+            + (["vl_grid"] if stored["vl_conditioning"] == "tokens" else []))
     config_head = {k: getattr(cfg.action_expert, k)
-                   for k in ("objective", "prediction_type", "vl_conditioning", "vl_attention", "vl_grid")}
+                   for k in ("objective", "prediction_type", "vl_conditioning", "vl_attention", "vl_normalize", "vl_grid")}
     if all(stored[k] == config_head[k] for k in keys):
         return
     logger.warning("%s trained an action expert with %s; continuing with it, not with the config's %s",
@@ -290,7 +296,9 @@ def _describe_head(head: dict[str, Any]) -> str:
     out = f"objective {head['objective']}"
     if head["objective"] == "diffusion":
         out = f"objective diffusion (prediction_type {head['prediction_type']})"
+    raw = " (standardised)" if head["vl_normalize"] else ""
     if head["vl_conditioning"] == "tokens":
-        return f"{out} on VL tokens ({head['vl_grid']}x{head['vl_grid']} per view, {head['vl_attention']} attention)"
-    return f"{out} on the pooled VL vector" + ("" if head["vl_attention"] == "joint"
-                                               else f" ({head['vl_attention']} attention)")
+        return (f"{out} on VL tokens{raw} ({head['vl_grid']}x{head['vl_grid']} per view, {head['vl_attention']} "
+                "attention)")
+    return f"{out} on the pooled VL vector{raw}" + ("" if head["vl_attention"] == "joint"
+                                                    else f" ({head['vl_attention']} attention)")

@@ -331,3 +331,56 @@ class CachedFeatures(torch.utils.data.Dataset):
 
     def describe_sample(self, i: int) -> str:
         return self.dataset.describe_sample(i)
+
+
+VL_STATS_SAMPLES = 1024  # training samples the VL feature statistics are estimated from
+
+
+@torch.no_grad()
+def vl_feature_stats(dataset, backbone, collate, device, grid: int | None, seed: int, num_workers: int = 0,
+                     max_samples: int = VL_STATS_SAMPLES) -> tuple[np.ndarray, np.ndarray, int]:
+    """Mean and standard deviation of each VL channel over up to ``max_samples`` random samples
+    of ``dataset`` (the training split), over every token place (tokens) or of the one pooled
+    vector: read from the cache when it is one (:class:`CachedFeatures`), else computed with
+    ``backbone``. Returned in the features' shape ((T, H) tokens: the same figures at every
+    place, whose own offsets stay, telling the places apart), with the samples used. A channel
+    that barely varies gets 1% of the median spread as its std, so that its rounding noise is
+    not blown up to the scale of the channels that carry signal."""
+    from torch.utils.data import DataLoader, Subset
+
+    from vla_ds.batch import SAMPLE_INDEX
+    from vla_ds.data.loading import LoaderDataset
+
+    chosen = np.sort(np.random.default_rng(seed).permutation(len(dataset))[:max_samples])
+    total = total_sq = None
+    used, shape = 0, None
+
+    def add(features: np.ndarray) -> None:
+        nonlocal total, total_sq, used, shape
+        shape = features.shape[1:]
+        rows = features.astype(np.float64).reshape(-1, features.shape[-1])  # every place's rows of a channel
+        total = rows.sum(0) if total is None else total + rows.sum(0)
+        total_sq = (rows ** 2).sum(0) if total_sq is None else total_sq + (rows ** 2).sum(0)
+        used += len(features)
+
+    if isinstance(dataset, CachedFeatures):
+        keys = [dataset.keys[i] for i in chosen if dataset.keys[i] in dataset.store]  # bad samples have none
+        for start in range(0, len(keys), 256):
+            add(np.stack([dataset.store.get(k) for k in keys[start:start + 256]]))
+    else:
+        was_training = backbone.training
+        backbone.eval()
+        loader = DataLoader(Subset(LoaderDataset(dataset, "skip"), chosen.tolist()), batch_size=16,
+                            collate_fn=collate, num_workers=num_workers)
+        for batch in loader:
+            if SAMPLE_INDEX in batch:
+                inputs = [batch[k].to(device) for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")]
+                add(backbone(*inputs, grid=grid).float().cpu().numpy())
+        backbone.train(was_training)
+    if not used:
+        raise DatasetError("no training sample could be read to estimate the VL feature statistics")
+    rows = used * int(np.prod(shape[:-1]))
+    mean = total / rows
+    std = np.sqrt(np.maximum(total_sq / rows - mean ** 2, 0.0))
+    std = np.maximum(std, 0.01 * float(np.median(std)) + 1e-12)
+    return (np.broadcast_to(mean, shape).astype(np.float32), np.broadcast_to(std, shape).astype(np.float32), used)

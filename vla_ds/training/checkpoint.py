@@ -371,13 +371,14 @@ class Stage1Weights(NamedTuple):
 
 
 def head_settings(action_expert_section: dict[str, Any] | None) -> dict[str, Any]:
-    """``{"objective", "prediction_type", "vl_conditioning", "vl_attention"[, "vl_grid"]}`` of a stored
+    """``{"objective", "prediction_type", "vl_conditioning", "vl_attention", "vl_normalize"[, "vl_grid"]}`` of a stored
     action-expert config section (or a ``.pt``'s ``head``); a section written before they
     existed (or none) is the guide's DDPM epsilon head on the pooled vector."""
     section = stored_section(action_expert_section or {})
     head = {k: section.get(k, LEGACY_HEAD[k]) for k in LEGACY_HEAD}
     head["vl_conditioning"] = section["vl_conditioning"]
     head["vl_attention"] = section.get("vl_attention", ActionExpertConfig.vl_attention)
+    head["vl_normalize"] = section["vl_normalize"]
     if head["vl_conditioning"] == "tokens":
         head["vl_grid"] = section.get("vl_grid", ActionExpertConfig.vl_grid)
     return head

@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -109,6 +110,8 @@ def train_run(run_: Run, engine, groups) -> dict:
     train_ds, val_ds = run_.train_ds, run_.val_ds
     if config_lib.cache_enabled(cfg):
         train_ds, val_ds = build_feature_cache(cfg, engine, run_.fingerprint, [train_ds, val_ds], collate, rank, world)
+    if cfg.action_expert.vl_normalize and run_.start.fresh:  # else they come with the weights it starts from
+        set_vl_feature_stats(run_, engine, train_ds, collate)
     # Bad samples skipped on request; each worker's current sample known if the worker dies.
     train_ds, val_ds = (LoaderDataset(ds, cfg.data.on_bad_sample, track_workers=cfg.data.num_workers > 0)
                         for ds in (train_ds, val_ds))
@@ -187,6 +190,32 @@ def build_feature_cache(cfg, engine, fingerprint: str, datasets: list, collate, 
     logger.info("VL feature cache %s: %d features (%d computed now by this rank); images are not decoded in training",
                 root, len(store.index), computed)
     return [cache.CachedFeatures(ds, k, store) for ds, k in zip(datasets, keys)]
+
+
+def set_vl_feature_stats(run_: Run, engine, train_ds, collate) -> None:
+    """A fresh run's VL feature statistics (``action_expert.vl_normalize``): estimated by rank 0
+    from the training split (its cached features, or the backbone's), the same on every rank.
+    Collective."""
+    import deepspeed.comm as dist
+
+    from vla_ds.training import cache
+    from vla_ds.training.distributed import long_phase
+
+    cfg, expert = run_.cfg, engine.module.action_expert
+    mean, std = torch.zeros_like(expert.vl_norm.mean), torch.ones_like(expert.vl_norm.std)
+    with long_phase("VL feature statistics"):
+        if run_.rank == 0:
+            m, s, n = cache.vl_feature_stats(train_ds, engine.module.backbone, collate, engine.device,
+                                             expert.config.vl_grid_size, cfg.train.seed, cfg.data.num_workers)
+            mean.copy_(torch.from_numpy(m))
+            std.copy_(torch.from_numpy(s))
+            logger.info("VL features standardised with the statistics of %d training samples (%s; std %.3g to %.3g, "
+                        "median %.3g)", n, "cached" if isinstance(train_ds, cache.CachedFeatures) else "backbone",
+                        float(s.min()), float(s.max()), float(np.median(s)))
+    if run_.world > 1:
+        dist.broadcast(mean, 0)
+        dist.broadcast(std, 0)
+    expert.vl_norm.set_stats(mean, std)
 
 
 def main(argv: list[str] | None = None, action=None) -> int:
