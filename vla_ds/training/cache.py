@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vla_ds.batch import VL_HIDDEN
+from vla_ds.batch import SAMPLE_INDEX, VL_HIDDEN, VL_INPUT_KEYS
 from vla_ds.errors import ConfigError, DatasetError
 from vla_ds.user_cache import feature_cache_dir
 
@@ -249,6 +249,20 @@ def cache_root(cache_config: CacheConfig, dataset_dir: str, key: str, parts: dic
     return root
 
 
+def backbone_features(backbone, loader, device, grid: int | None):
+    """(sample indices, float32 features (B, hidden) / (B, T, hidden)) of each batch of ``loader``
+    that has samples (one of only bad samples has none), with ``backbone`` in eval mode."""
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        for batch in loader:
+            if SAMPLE_INDEX in batch:
+                inputs = [batch[k].to(device) for k in VL_INPUT_KEYS]
+                yield batch[SAMPLE_INDEX], backbone(*inputs, grid=grid).float().cpu().numpy()
+    finally:
+        backbone.train(was_training)
+
+
 @torch.no_grad()
 def build(store: FeatureStore, datasets: list, keys: list[list[str]], backbone, collate, cache_config: CacheConfig,
           num_workers: int, rank: int, world_size: int, device, on_bad_sample: str = "error",
@@ -261,7 +275,6 @@ def build(store: FeatureStore, datasets: list, keys: list[list[str]], backbone, 
     import deepspeed.comm as dist
     from torch.utils.data import DataLoader, Subset
 
-    from vla_ds.batch import SAMPLE_INDEX
     from vla_ds.data.loading import LoaderDataset
     from vla_ds.training.distributed import long_phase
 
@@ -279,8 +292,6 @@ def build(store: FeatureStore, datasets: list, keys: list[list[str]], backbone, 
         if jobs:
             logger.info("VL feature cache: computing %d of %d missing features on this rank (%s)",
                         len(jobs), len(missing), store.root)
-            was_training = backbone.training
-            backbone.eval()
             for d, ds in enumerate(datasets):
                 mine = [(k, i) for k, (dd, i) in jobs if dd == d]
                 if not mine:
@@ -288,14 +299,9 @@ def build(store: FeatureStore, datasets: list, keys: list[list[str]], backbone, 
                 key_of = dict((i, k) for k, i in mine)
                 loader = DataLoader(Subset(LoaderDataset(ds, on_bad_sample), [i for _, i in mine]),
                                     batch_size=cache_config.build_batch_size, collate_fn=collate, num_workers=num_workers)
-                for batch in loader:
-                    if SAMPLE_INDEX not in batch:  # only bad samples (on_bad_sample="skip")
-                        continue
-                    inputs = [batch[k].to(device) for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")]
-                    features = backbone(*inputs, grid=grid).float().cpu().numpy()  # (B, hidden) / (B, T, hidden)
-                    writer.add([key_of[i] for i in batch[SAMPLE_INDEX]], features)  # bad samples were dropped
+                for indices, features in backbone_features(backbone, loader, device, grid):
+                    writer.add([key_of[i] for i in indices], features)  # bad samples were dropped
             writer.flush()
-            backbone.train(was_training)
     store.refresh()
     still = sum(1 for ds_keys in keys for k in ds_keys if k not in store)
     if still and on_bad_sample == "skip":
@@ -348,7 +354,6 @@ def vl_feature_stats(dataset, backbone, collate, device, grid: int | None, seed:
     not blown up to the scale of the channels that carry signal."""
     from torch.utils.data import DataLoader, Subset
 
-    from vla_ds.batch import SAMPLE_INDEX
     from vla_ds.data.loading import LoaderDataset
 
     chosen = np.sort(np.random.default_rng(seed).permutation(len(dataset))[:max_samples])
@@ -368,15 +373,10 @@ def vl_feature_stats(dataset, backbone, collate, device, grid: int | None, seed:
         for start in range(0, len(keys), 256):
             add(np.stack([dataset.store.get(k) for k in keys[start:start + 256]]))
     else:
-        was_training = backbone.training
-        backbone.eval()
         loader = DataLoader(Subset(LoaderDataset(dataset, "skip"), chosen.tolist()), batch_size=16,
                             collate_fn=collate, num_workers=num_workers)
-        for batch in loader:
-            if SAMPLE_INDEX in batch:
-                inputs = [batch[k].to(device) for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")]
-                add(backbone(*inputs, grid=grid).float().cpu().numpy())
-        backbone.train(was_training)
+        for _, features in backbone_features(backbone, loader, device, grid):
+            add(features)
     if not used:
         raise DatasetError("no training sample could be read to estimate the VL feature statistics")
     rows = used * int(np.prod(shape[:-1]))
