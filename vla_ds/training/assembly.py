@@ -296,9 +296,9 @@ def _describe_head(head: dict[str, Any]) -> str:
     out = f"objective {head['objective']}"
     if head["objective"] == "diffusion":
         out = f"objective diffusion (prediction_type {head['prediction_type']})"
-    raw = " (standardised)" if head["vl_normalize"] else ""
+    standardised = " (standardised)" if head["vl_normalize"] else ""
     if head["vl_conditioning"] == "tokens":
-        return (f"{out} on VL tokens{raw} ({head['vl_grid']}x{head['vl_grid']} per view, {head['vl_attention']} "
-                "attention)")
-    return f"{out} on the pooled VL vector{raw}" + ("" if head["vl_attention"] == "joint"
-                                                    else f" ({head['vl_attention']} attention)")
+        return (f"{out} on VL tokens{standardised} ({head['vl_grid']}x{head['vl_grid']} per view, "
+                f"{head['vl_attention']} attention)")
+    return f"{out} on the pooled VL vector{standardised}" + ("" if head["vl_attention"] == "joint"
+                                                             else f" ({head['vl_attention']} attention)")
