@@ -155,6 +155,35 @@ def test_the_build_split_across_ranks_is_the_single_build(tmp_path):
     assert index_lib.Plan(config, scan_dataset(root)[0]).current
 
 
+def test_the_written_tables_are_the_in_memory_tables(tmp_path, monkeypatch):
+    """Tables are streamed to their files in chunks (here a few rows each), by one rank and
+    merged from two: the same dtypes, shapes and values as concatenating the episodes' rows,
+    an episode with fewer views padded as in memory."""
+    monkeypatch.setattr(index_lib, "WRITE_CHUNK_BYTES", 64)
+    root = make_dataset(tmp_path / "ds")
+    write_episode(root / "A" / "ep7", frame_times={"front": list(np.round(np.arange(0, 21) * 0.1, 6))},
+                  metadata={"camera_views": ["front"]})
+    from vla_ds.data.dataset import scan_dataset
+
+    pairs = scan_dataset(root)[0]
+    config = cfg(root)
+    episodes = [ep for path, source in pairs for ep in index_lib.load_unit(path, source, config)]
+    expected = index_lib.DatasetIndex.from_episodes(episodes, config)
+    assert expected.tables["sample.frames"].shape[1] == 2 and (expected.tables["sample.frames"] == -1).any()
+    single = index_lib.open_index(config, pairs)
+    plan = index_lib.Plan(cfg(root, frame_stride=1, view_tolerance_s=config.view_tolerance_s * 1.5), pairs)
+    expected_plan = index_lib.DatasetIndex.from_episodes(episodes, plan.config)
+    for rank in range(2):
+        index_lib.build_part(plan, rank, world=2)
+    merged = index_lib.merge_parts(plan, world=2)
+    for built, want in ((single, expected), (merged, expected_plan)):
+        assert isinstance(built.tables["sample.actions"], np.memmap)
+        assert set(built.tables) == set(want.tables)
+        for name, table in want.tables.items():
+            assert built.tables[name].dtype == table.dtype, name
+            np.testing.assert_array_equal(built.tables[name], table, err_msg=name)
+
+
 def test_workers_and_pickles_carry_the_index_folder_not_its_tables(tmp_path):
     root = make_dataset(tmp_path / "ds", n=3)
     ds = VLADataset.from_config(cfg(root))
