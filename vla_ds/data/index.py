@@ -31,15 +31,17 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import io
 import json
 import logging
 import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -59,6 +61,8 @@ INDEX_VERSION = 1
 # The per-episode columns (E,) every index has.
 EPISODE_FIELDS = ("source", "path", "views", "action_dim", "channels", "invalid", "out_of_range")
 SAMPLE_FIELDS = ("time", "frames", "actions", "is_pad", "sensor_end")
+SAMPLE_DTYPES = {"time": np.float64, "frames": np.int32, "actions": np.float32, "is_pad": np.bool_,
+                 "sensor_end": np.int64}
 BUILD_THREADS = 4  # threads per process where they read faster than one (map_chunks)
 STALE_BUILD_S = 3600.0  # a temporary folder older than this is a dead build's
 
@@ -193,9 +197,11 @@ def episode_row(ep, config, resident: bool = False) -> dict:
     }
 
 
-def _row_tables(rows: list[dict], config) -> tuple[dict[str, tuple[list[np.ndarray], np.dtype, tuple]], dict]:
+def _row_tables(rows: list[dict], config, samples: bool = True) -> tuple[dict, dict]:
     """Every table of the index of ``rows`` (:func:`episode_row` results) as the pieces it is the
-    concatenation of: ``{name: (pieces, dtype, row shape)}``, and index.json's fields."""
+    concatenation of: ``{name: (pieces, dtype, row shape)}``, and index.json's fields.
+    ``samples=False``: without the ``sample.*`` tables (rows as :meth:`SampleStream.add` returns
+    them: their sample counts, not their samples)."""
     sources = sorted({row["source"] for row in rows})
     code = {s: i for i, s in enumerate(sources)}
     names = sorted({name for row in rows for name in row["arrays"]})
@@ -214,13 +220,11 @@ def _row_tables(rows: list[dict], config) -> tuple[dict[str, tuple[list[np.ndarr
         **{f"episode.{f}": whole(np.asarray([row[f] for row in rows], dtype=np.int64)) for f in EPISODE_FIELDS[2:]},
         "meta": whole(np.frombuffer(b"".join(metas), dtype=np.uint8)),
         "meta_off": whole(np.cumsum([0] + [len(m) for m in metas], dtype=np.int64)),
-        "sample_off": whole(np.cumsum([0] + [len(row["time"]) for row in rows], dtype=np.int64)),
-        "sample.time": ([row["time"] for row in rows], np.dtype(np.float64), ()),
-        "sample.frames": ([_widen(row["frames"], v, -1) for row in rows], np.dtype(np.int32), (v,)),
-        "sample.actions": ([_widen(row["actions"], d, 0) for row in rows], np.dtype(np.float32), (h, d)),
-        "sample.is_pad": ([row["is_pad"] for row in rows], np.dtype(np.bool_), (h,)),
-        "sample.sensor_end": ([row["sensor_end"] for row in rows], np.dtype(np.int64), ()),
+        "sample_off": whole(np.cumsum([0] + [row["samples"] if "samples" in row else len(row["time"])
+                                             for row in rows], dtype=np.int64)),
     }
+    if samples:
+        tables |= _sample_tables(rows, v, d, h)
     for name in names:  # an array an episode lacks (fewer views, another format) is empty there
         like = next(row["arrays"][name] for row in rows if name in row["arrays"])
         pieces = [row["arrays"].get(name, np.zeros((0, *like.shape[1:]), like.dtype)) for row in rows]
@@ -234,50 +238,105 @@ def _row_tables(rows: list[dict], config) -> tuple[dict[str, tuple[list[np.ndarr
     return tables, info
 
 
-def write_rows(folder: Path, rows: list[dict], config, units: dict) -> None:
-    """Write the index of ``rows`` to ``folder`` (which must not exist yet: written beside, then
-    renamed), each table streamed from its pieces: no table is ever whole in memory (a copy
-    into fresh memory and ``np.save`` took 5x as long as writing the pieces)."""
-    tables, info = _row_tables(rows, config)
-    tmp = folder.parent / f".{folder.name}.{uuid.uuid4().hex}.tmp"
-    tmp.mkdir(parents=True)
-    try:
-        for name, (pieces, dtype, tail) in tables.items():
-            write_table(tmp / f"{name}.npy", pieces, dtype, (sum(len(piece) for piece in pieces), *tail))
-        (tmp / "units.json").write_text(json.dumps(units))
-        (tmp / "index.json").write_text(json.dumps(info, indent=1))  # last: a folder without it is incomplete
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def _write_tables(folder: Path, tables: dict, info: dict, units: dict) -> None:
+    """Write :func:`_row_tables`' ``tables`` and the JSON files into ``folder``, index.json last
+    (a folder without it is incomplete). No table is ever whole in memory: it is written from
+    its pieces (a copy into fresh memory and ``np.save`` took longer than the writes)."""
+    for name, (pieces, dtype, tail) in tables.items():
+        write_table(folder / f"{name}.npy", pieces, dtype, (sum(len(piece) for piece in pieces), *tail))
+    (folder / "units.json").write_text(json.dumps(units))
+    (folder / "index.json").write_text(json.dumps(info, indent=1))
 
 
 WRITE_CHUNK_BYTES = 1 << 22
 
 
-def write_table(path: Path, pieces: Iterable[np.ndarray], dtype: np.dtype, shape: tuple) -> None:
-    """Write the .npy file (``shape``, ``dtype``) of the concatenation of ``pieces`` (arrays or
-    maps of rows), in writes of about WRITE_CHUNK_BYTES. A piece narrower than a row (a
-    mixture's fewer views or action dimensions) is padded with zeros."""
+def _sample_tables(rows: list[dict], v: int, d: int, h: int) -> dict:
+    """The ``sample.*`` tables of ``rows`` as their pieces (:func:`_row_tables`)."""
+    return {
+        "sample.time": ([row["time"] for row in rows], np.dtype(SAMPLE_DTYPES["time"]), ()),
+        "sample.frames": ([_widen(row["frames"], v, -1) for row in rows], np.dtype(SAMPLE_DTYPES["frames"]), (v,)),
+        "sample.actions": ([_widen(row["actions"], d, 0) for row in rows], np.dtype(SAMPLE_DTYPES["actions"]),
+                           (h, d)),
+        "sample.is_pad": ([row["is_pad"] for row in rows], np.dtype(SAMPLE_DTYPES["is_pad"]), (h,)),
+        "sample.sensor_end": ([row["sensor_end"] for row in rows], np.dtype(SAMPLE_DTYPES["sensor_end"]), ()),
+    }
+
+
+class FileBytes(NamedTuple):
+    """Rows that are already in a file, as :func:`write_table` takes them: ``count`` bytes at
+    ``start`` of ``path`` (copied by the kernel, never through this process's memory)."""
+
+    path: Path
+    start: int
+    count: int
+
+
+def write_table(path: Path, pieces: Iterable, dtype: np.dtype, shape: tuple) -> None:
+    """Write the .npy file (``shape``, ``dtype``) of the concatenation of ``pieces``: arrays (or
+    maps) of rows, gathered into writes of about WRITE_CHUNK_BYTES, or :class:`FileBytes`. An
+    array narrower than a row (a mixture's fewer views or action dimensions) is padded with zeros."""
     tail = tuple(shape[1:])
-    with open(path, "wb") as f:
-        np.lib.format.write_array_header_1_0(
-            f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)})
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)})
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        at = _write_all(fd, header.getvalue(), 0)
         batch, size = [], 0
         for piece in pieces:
+            if isinstance(piece, FileBytes):
+                if batch:
+                    at = _write_all(fd, np.concatenate(batch).data, at)
+                    batch, size = [], 0
+                at = _copy_bytes(piece, fd, at)
+                continue
             step = max(1, WRITE_CHUNK_BYTES // max(1, piece[:1].nbytes))
-            for at in range(0, len(piece), step):
-                rows = np.ascontiguousarray(piece[at:at + step], dtype=dtype)
+            for k in range(0, len(piece), step):
+                rows = np.ascontiguousarray(piece[k:k + step], dtype=dtype)
                 if rows.shape[1:] != tail:
                     wide = np.zeros((len(rows), *tail), dtype)
-                    wide[(slice(None), *(slice(0, k) for k in rows.shape[1:]))] = rows
+                    wide[(slice(None), *(slice(0, n) for n in rows.shape[1:]))] = rows
                     rows = wide
                 batch.append(rows)
                 size += rows.nbytes
                 if size >= WRITE_CHUNK_BYTES:
-                    f.write(np.concatenate(batch).data if len(batch) > 1 else batch[0].data)
+                    at = _write_all(fd, np.concatenate(batch).data, at)
                     batch, size = [], 0
         if batch:
-            f.write(np.concatenate(batch).data if len(batch) > 1 else batch[0].data)
+            at = _write_all(fd, np.concatenate(batch).data, at)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data, at: int) -> int:
+    """Write ``data`` at offset ``at`` of ``fd``; returns the offset after it."""
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.pwrite(fd, view, at)
+        view, at = view[n:], at + n
+    return at
+
+
+def _copy_bytes(src: FileBytes, fd: int, at: int) -> int:
+    """Copy ``src`` to offset ``at`` of ``fd`` (``copy_file_range``: in the kernel, 10x faster than
+    through a map here; read and written where the file systems cannot); returns the offset after it."""
+    with open(src.path, "rb", buffering=0) as f:
+        start, left = src.start, src.count
+        try:
+            while left:
+                n = os.copy_file_range(f.fileno(), fd, left, start, at)
+                if n == 0:
+                    raise EOFError(f"{src.path} ends before byte {src.start + src.count}")
+                start, left, at = start + n, left - n, at + n
+        except OSError:  # not across these file systems (or not on this kernel): through memory
+            while left:
+                chunk = os.pread(f.fileno(), min(left, WRITE_CHUNK_BYTES), start)
+                if not chunk:
+                    raise EOFError(f"{src.path} ends before byte {src.start + src.count}") from None
+                at = _write_all(fd, chunk, at)
+                start, left = start + len(chunk), left - len(chunk)
+    return at
 
 
 def _widen(array: np.ndarray, width: int, fill) -> np.ndarray:
@@ -366,27 +425,31 @@ def unit_signature(path: Path | str, entries: list[os.DirEntry] | None = None) -
     return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
 
 
-def map_chunks(fn: Callable[[Sequence], list], chunks: Sequence[Sequence], threads: int = BUILD_THREADS) -> list:
-    """``fn`` of each chunk, in order, the faster of two ways, measured: the first chunk runs in
-    this thread, the next ``threads`` on as many threads; the rest runs on threads only if they
-    were 1.5x as fast per item or more. Threads overlap a file system's waits (a network one's
-    latency); where reading does not wait, parsing holds the GIL and threads only hand it back
-    and forth (one process indexing from the page cache here: 4 threads 1.65x slower than one)."""
+def map_chunks(fn: Callable[[Sequence], list], chunks: Sequence[Sequence], threads: int = BUILD_THREADS) -> Iterator:
+    """``fn`` of each chunk, in order (yielded as they are done), the faster of two ways, measured:
+    the first chunk runs in this thread, the next ``threads`` on as many threads; the rest runs on
+    threads only if they were 1.5x as fast per item or more. Threads overlap a file system's waits
+    (a network one's latency); where reading does not wait, parsing holds the GIL and threads only
+    hand it back and forth (one process indexing from the page cache here: 4 threads 1.65x slower
+    than one)."""
     if len(chunks) <= 1 + threads or threads <= 1:
-        return [fn(chunk) for chunk in chunks]
+        yield from (fn(chunk) for chunk in chunks)
+        return
     start = time.perf_counter()
-    out = [fn(chunks[0])]
+    yield fn(chunks[0])
     alone = (time.perf_counter() - start) / max(1, len(chunks[0]))
     with ThreadPoolExecutor(max_workers=threads) as pool:
         probe = chunks[1:1 + threads]
         start = time.perf_counter()
-        out += pool.map(fn, probe)
+        done = list(pool.map(fn, probe))
         threaded = (time.perf_counter() - start) / max(1, sum(len(c) for c in probe))
+        yield from done
         rest = chunks[1 + threads:]
         if 1.5 * threaded <= alone:
             logger.debug("reading on %d threads: %.2f ms an item, %.2f ms alone", threads, 1e3 * threaded, 1e3 * alone)
-            return out + list(pool.map(fn, rest))
-    return out + [fn(chunk) for chunk in rest]
+            yield from pool.map(fn, rest)
+            return
+    yield from (fn(chunk) for chunk in rest)
 
 
 def signatures(paths: Sequence[Path], threads: int = BUILD_THREADS) -> list[str]:
@@ -436,7 +499,10 @@ class Plan:
 
 def build_part(plan: Plan, rank: int = 0, world: int = 1) -> None:
     """Index this rank's share of the stale units (a contiguous 1/world of them) into a part folder
-    beside the index. Raises the first broken episode's DatasetError (nothing is written)."""
+    beside the index. Raises the first broken episode's DatasetError (nothing is written).
+
+    The samples' tables are streamed to their files chunk by chunk (:class:`SampleStream`): a
+    rank holds its episodes' small fields, not their samples."""
     mine = plan.stale[slice(*_share(len(plan.stale), rank, world))]
     part = _part_folder(plan, rank)
     shutil.rmtree(part, ignore_errors=True)
@@ -450,15 +516,83 @@ def build_part(plan: Plan, rank: int = 0, world: int = 1) -> None:
         return [[episode_row(ep, plan.config) for ep in load_unit(path, plan.sources[u], plan.config, st)]
                 for u, path, st in zip(units, paths, states)]
 
-    chunks = [mine[k:k + 32] for k in range(0, len(mine), 32)]
-    per_unit = [rows for chunk in map_chunks(index_units, chunks) for rows in chunk]
-    starts = np.cumsum([0] + [len(rows) for rows in per_unit]).tolist()
-    rows = [row for rows in per_unit for row in rows]
     part.parent.mkdir(parents=True, exist_ok=True)
-    write_rows(part, rows, plan.config, units={"units": mine, "episodes": starts})
+    tmp = part.parent / f".{part.name}.{uuid.uuid4().hex}.tmp"
+    tmp.mkdir()
+    try:
+        rows, starts = [], [0]
+        with SampleStream(tmp) as stream:
+            for chunk in map_chunks(index_units, [mine[k:k + 32] for k in range(0, len(mine), 32)]):
+                for unit_rows in chunk:
+                    rows += [stream.add(row) for row in unit_rows]
+                    starts.append(len(rows))
+            tables, info = _row_tables(rows, plan.config, samples=False)
+            stream.finish(max((row["views"] for row in rows), default=0),
+                          max((row["action_dim"] for row in rows), default=0), plan.config.action_horizon)
+        _write_tables(tmp, tables, info, {"units": mine, "episodes": starts})
+        os.replace(tmp, part)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     logger.info("indexed %d of %d units (%d episodes, %d samples) of %s in %.1f s", len(mine), len(plan.paths),
-                len(rows), sum(len(row["time"]) for row in rows), plan.config.dataset_dir,
+                len(rows), sum(row["samples"] for row in rows), plan.config.dataset_dir,
                 time.perf_counter() - start)
+
+
+class SampleStream:
+    """The ``sample.*`` tables of an index folder, written as episodes are indexed: each
+    episode's sample arrays are appended to a file per table and dropped (:meth:`add`), and
+    :meth:`finish` gives each file its .npy header. The build then holds no samples, and it
+    touches no new memory for them: on the machine measured, a page's first touch costs 10 us,
+    0.4 s of a 5000-episode part when the rows were kept."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.files = {f: open(folder / f"sample.{f}.raw", "wb", buffering=1 << 20) for f in SAMPLE_FIELDS}
+        self.shapes: list[tuple[int, int, int]] = []  # each episode's (samples, views, action dim)
+
+    def add(self, row: dict) -> dict:
+        """Append ``row``'s samples (an :func:`episode_row` result); returns it without them."""
+        n = len(row["time"])
+        for f in SAMPLE_FIELDS:
+            self.files[f].write(np.ascontiguousarray(row[f], dtype=SAMPLE_DTYPES[f]).data)
+        self.shapes.append((n, row["frames"].shape[1], row["actions"].shape[2]) if n else (0, -1, -1))
+        return {k: v for k, v in row.items() if k not in SAMPLE_FIELDS} | {"samples": len(row["time"])}
+
+    def finish(self, views: int, action_dim: int, horizon: int) -> None:
+        """Write each table's .npy file: its header, then its rows (copied in the kernel), the
+        rows of an episode with fewer views or action dimensions (a mixture VLADataset refuses,
+        written to be refused by name) padded as :meth:`DatasetIndex.from_rows` pads them."""
+        for f in self.files.values():
+            f.close()
+        n = sum(k for k, _, _ in self.shapes)
+        tails = {"time": (), "frames": (views,), "actions": (horizon, action_dim), "is_pad": (horizon,),
+                 "sensor_end": ()}
+        uniform = all(k == 0 or (v == views and d == action_dim) for k, v, d in self.shapes)
+        for field, tail in tails.items():
+            dtype = SAMPLE_DTYPES[field]
+            raw = self.folder / f"sample.{field}.raw"
+            if uniform or field not in ("frames", "actions"):
+                write_table(self.folder / f"sample.{field}.npy", [FileBytes(raw, 0, raw.stat().st_size)],
+                            np.dtype(dtype), (n, *tail))
+            else:
+                flat = np.fromfile(raw, dtype=dtype)
+                pieces, at = [], 0
+                for k, v, d in self.shapes:
+                    if not k:
+                        continue
+                    shape = (k, v) if field == "frames" else (k, horizon, d)
+                    size = int(np.prod(shape))
+                    pieces.append(_widen(flat[at:at + size].reshape(shape), tail[-1], -1 if field == "frames" else 0))
+                    at += size
+                write_table(self.folder / f"sample.{field}.npy", pieces, np.dtype(dtype), (n, *tail))
+            raw.unlink()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for f in self.files.values():
+            f.close()
 
 
 def merge_parts(plan: Plan, world: int = 1) -> DatasetIndex:
@@ -533,13 +667,17 @@ def _write_runs(folder: Path, runs: list[tuple[DatasetIndex, int, int]], units: 
         # (the widest V and D: a mixture VLADataset refuses is still written, to be refused by name)
         pieces = [(src, int(offsets(src, name)[lo]), int(offsets(src, name)[hi])) for src, lo, hi in runs]
 
-        def rows(pieces=pieces, name=name):
+        def rows(pieces=pieces, name=name, dtype=dtype, tail=tail):
             for src, a, b in pieces:
                 if b > a:
-                    chunk = src.tables[name][a:b]
+                    table = src.tables[name]
                     if name == "episode.source":
-                        chunk = np.asarray([code.get(s, -1) for s in src.sources], dtype=np.int32)[chunk]
-                    yield chunk
+                        yield np.asarray([code.get(s, -1) for s in src.sources], dtype=np.int32)[table[a:b]]
+                    elif isinstance(table, np.memmap) and table.dtype == dtype and table.shape[1:] == tail:
+                        row = table.dtype.itemsize * int(np.prod(tail, dtype=np.int64))  # its rows as they are
+                        yield FileBytes(src.folder / f"{name}.npy", table.offset + a * row, (b - a) * row)
+                    else:
+                        yield table[a:b]
 
         write_table(folder / f"{name}.npy", rows(), dtype, (sum(b - a for _, a, b in pieces), *tail))
         if not name.startswith("episode."):  # its offsets, rebased run by run
