@@ -65,6 +65,7 @@ SAMPLE_DTYPES = {"time": np.float64, "frames": np.int32, "actions": np.float32, 
                  "sensor_end": np.int64}
 BUILD_THREADS = 4  # threads per process where they read faster than one (map_chunks)
 STALE_BUILD_S = 3600.0  # a temporary folder older than this is a dead build's
+WRITE_CHUNK_BYTES = 1 << 22  # what write_table gathers rows into before writing them
 
 
 class DatasetIndex:
@@ -246,9 +247,6 @@ def _write_tables(folder: Path, tables: dict, info: dict, units: dict) -> None:
         write_table(folder / f"{name}.npy", pieces, dtype, (sum(len(piece) for piece in pieces), *tail))
     (folder / "units.json").write_text(json.dumps(units))
     (folder / "index.json").write_text(json.dumps(info, indent=1))
-
-
-WRITE_CHUNK_BYTES = 1 << 22
 
 
 def _sample_tables(rows: list[dict], v: int, d: int, h: int) -> dict:
@@ -556,7 +554,7 @@ class SampleStream:
         for f in SAMPLE_FIELDS:
             self.files[f].write(np.ascontiguousarray(row[f], dtype=SAMPLE_DTYPES[f]).data)
         self.shapes.append((n, row["frames"].shape[1], row["actions"].shape[2]) if n else (0, -1, -1))
-        return {k: v for k, v in row.items() if k not in SAMPLE_FIELDS} | {"samples": len(row["time"])}
+        return {k: v for k, v in row.items() if k not in SAMPLE_FIELDS} | {"samples": n}
 
     def finish(self, views: int, action_dim: int, horizon: int) -> None:
         """Write each table's .npy file: its header, then its rows (copied in the kernel), the
