@@ -155,11 +155,20 @@ def test_the_build_split_across_ranks_is_the_single_build(tmp_path):
     assert index_lib.Plan(config, scan_dataset(root)[0]).current
 
 
-def test_the_written_tables_are_the_in_memory_tables(tmp_path, monkeypatch):
-    """Tables are streamed to their files in chunks (here a few rows each), by one rank and
+@pytest.mark.parametrize("kernel_copy", [True, False])
+def test_the_written_tables_are_the_in_memory_tables(tmp_path, monkeypatch, kernel_copy):
+    """Tables are streamed to their files in chunks (here a few rows each) and joined by
+    copy_file_range (or, where a file system refuses it, through memory), by one rank and
     merged from two: the same dtypes, shapes and values as concatenating the episodes' rows,
     an episode with fewer views padded as in memory."""
     monkeypatch.setattr(index_lib, "WRITE_CHUNK_BYTES", 64)
+    if not kernel_copy:
+        import errno
+
+        def refuse(*args):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+        monkeypatch.setattr(os, "copy_file_range", refuse)
     root = make_dataset(tmp_path / "ds")
     write_episode(root / "A" / "ep7", frame_times={"front": list(np.round(np.arange(0, 21) * 0.1, 6))},
                   metadata={"camera_views": ["front"]})
