@@ -133,6 +133,7 @@ def test_a_broken_episode_is_named_at_build_and_nothing_is_kept(tmp_path):
     with pytest.raises(DatasetError, match=f"^{csv}: line 7: column 'timestamp' is 'not-a-number'"):
         VLADataset.from_config(cfg(root))
     assert not folder.exists() and not list(folder.parent.glob(f".{folder.name}*tmp"))
+    assert not list(folder.parent.glob(f".{folder.name}.part*"))  # nor a part, nor its temporary folder
     csv.write_text(good)
     assert len(VLADataset.from_config(cfg(root)).episodes) == 5
 

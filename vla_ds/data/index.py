@@ -34,6 +34,7 @@ import hashlib
 import io
 import json
 import logging
+import mmap
 import os
 import shutil
 import time
@@ -274,10 +275,11 @@ def write_table(path: Path, pieces: Iterable, dtype: np.dtype, shape: tuple) -> 
     """Write the .npy file (``shape``, ``dtype``) of the concatenation of ``pieces``: arrays (or
     maps) of rows, gathered into writes of about WRITE_CHUNK_BYTES, or :class:`FileBytes`. An
     array narrower than a row (a mixture's fewer views or action dimensions) is padded with zeros."""
-    tail = tuple(shape[1:])
+    shape, dtype = tuple(int(n) for n in shape), np.dtype(dtype)
+    tail = shape[1:]
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(
-        header, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)})
+        header, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape})
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         at = _write_all(fd, header.getvalue(), 0)
@@ -303,6 +305,9 @@ def write_table(path: Path, pieces: Iterable, dtype: np.dtype, shape: tuple) -> 
                     batch, size = [], 0
         if batch:
             at = _write_all(fd, np.concatenate(batch).data, at)
+        expected = len(header.getvalue()) + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if at != expected:
+            raise RuntimeError(f"{path}: wrote {at} bytes for a {shape} {dtype} table of {expected}")
     finally:
         os.close(fd)
 
@@ -322,6 +327,8 @@ def _copy_bytes(src: FileBytes, fd: int, at: int) -> int:
     with open(src.path, "rb", buffering=0) as f:
         start, left = src.start, src.count
         try:
+            if not hasattr(os, "copy_file_range"):
+                raise OSError("no copy_file_range on this system")
             while left:
                 n = os.copy_file_range(f.fileno(), fd, left, start, at)
                 if n == 0:
@@ -434,8 +441,9 @@ def map_chunks(fn: Callable[[Sequence], list], chunks: Sequence[Sequence], threa
         yield from (fn(chunk) for chunk in chunks)
         return
     start = time.perf_counter()
-    yield fn(chunks[0])
-    alone = (time.perf_counter() - start) / max(1, len(chunks[0]))
+    first = fn(chunks[0])
+    alone = (time.perf_counter() - start) / max(1, len(chunks[0]))  # (not the caller's work on it)
+    yield first
     with ThreadPoolExecutor(max_workers=threads) as pool:
         probe = chunks[1:1 + threads]
         start = time.perf_counter()
@@ -500,7 +508,8 @@ def build_part(plan: Plan, rank: int = 0, world: int = 1) -> None:
     beside the index. Raises the first broken episode's DatasetError (nothing is written).
 
     The samples' tables are streamed to their files chunk by chunk (:class:`SampleStream`): a
-    rank holds its episodes' small fields, not their samples."""
+    rank holds its episodes' small fields, not their samples (on threads, also the chunks read
+    ahead of the writer)."""
     mine = plan.stale[slice(*_share(len(plan.stale), rank, world))]
     part = _part_folder(plan, rank)
     shutil.rmtree(part, ignore_errors=True)
@@ -515,7 +524,7 @@ def build_part(plan: Plan, rank: int = 0, world: int = 1) -> None:
                 for u, path, st in zip(units, paths, states)]
 
     part.parent.mkdir(parents=True, exist_ok=True)
-    tmp = part.parent / f".{part.name}.{uuid.uuid4().hex}.tmp"
+    tmp = part.parent / f"{part.name}.{uuid.uuid4().hex}.tmp"  # swept as a part folder if the build dies
     tmp.mkdir()
     try:
         rows, starts = [], [0]
@@ -545,7 +554,13 @@ class SampleStream:
 
     def __init__(self, folder: Path):
         self.folder = folder
-        self.files = {f: open(folder / f"sample.{f}.raw", "wb", buffering=1 << 20) for f in SAMPLE_FIELDS}
+        self.files = {}
+        try:
+            for f in SAMPLE_FIELDS:
+                self.files[f] = open(folder / f"sample.{f}.raw", "wb", buffering=1 << 20)
+        except OSError:
+            self.__exit__()
+            raise
         self.shapes: list[tuple[int, int, int]] = []  # each episode's (samples, views, action dim)
 
     def add(self, row: dict) -> dict:
@@ -671,7 +686,8 @@ def _write_runs(folder: Path, runs: list[tuple[DatasetIndex, int, int]], units: 
                     table = src.tables[name]
                     if name == "episode.source":
                         yield np.asarray([code.get(s, -1) for s in src.sources], dtype=np.int32)[table[a:b]]
-                    elif isinstance(table, np.memmap) and table.dtype == dtype and table.shape[1:] == tail:
+                    elif isinstance(table.base, mmap.mmap) and table.dtype == dtype and table.shape[1:] == tail:
+                        # (a whole mapped table: its .offset is its file's header length)
                         row = table.dtype.itemsize * int(np.prod(tail, dtype=np.int64))  # its rows as they are
                         yield FileBytes(src.folder / f"{name}.npy", table.offset + a * row, (b - a) * row)
                     else:
