@@ -562,6 +562,7 @@ class SampleStream:
             self.__exit__()
             raise
         self.shapes: list[tuple[int, int, int]] = []  # each episode's (samples, views, action dim)
+        self.touched = time.monotonic()
 
     def add(self, row: dict) -> dict:
         """Append ``row``'s samples (an :func:`episode_row` result); returns it without them."""
@@ -569,6 +570,9 @@ class SampleStream:
         for f in SAMPLE_FIELDS:
             self.files[f].write(np.ascontiguousarray(row[f], dtype=SAMPLE_DTYPES[f]).data)
         self.shapes.append((n, row["frames"].shape[1], row["actions"].shape[2]) if n else (0, -1, -1))
+        if time.monotonic() - self.touched > 60:  # a build's folder older than STALE_BUILD_S is a dead one's
+            os.utime(self.folder)
+            self.touched = time.monotonic()
         return {k: v for k, v in row.items() if k not in SAMPLE_FIELDS} | {"samples": n}
 
     def finish(self, views: int, action_dim: int, horizon: int) -> None:
