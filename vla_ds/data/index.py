@@ -64,6 +64,7 @@ EPISODE_FIELDS = ("source", "path", "views", "action_dim", "channels", "invalid"
 SAMPLE_FIELDS = ("time", "frames", "actions", "is_pad", "sensor_end")
 SAMPLE_DTYPES = {"time": np.float64, "frames": np.int32, "actions": np.float32, "is_pad": np.bool_,
                  "sensor_end": np.int64}
+SAMPLE_FILL = {"frames": -1, "actions": 0}  # what pads a narrower episode's views and action dimensions
 BUILD_THREADS = 4  # threads per process where they read faster than one (map_chunks)
 STALE_BUILD_S = 3600.0  # a temporary folder older than this is a dead build's
 WRITE_CHUNK_BYTES = 1 << 22  # what write_table gathers rows into before writing them
@@ -146,7 +147,8 @@ class DatasetIndex:
     def from_rows(cls, rows: list[dict], config, units: dict | None = None,
                   resident: list | None = None) -> DatasetIndex:
         """The index of episodes given as :func:`episode_row` results, in order (in memory)."""
-        parts, info = _row_tables(rows, config)
+        parts, info = _row_tables(rows)
+        parts |= _sample_tables(rows, *_widths(rows), config.action_horizon)
         tables = {name: _concat(pieces, (0, *tail), dtype) for name, (pieces, dtype, tail) in parts.items()}
         return cls(tables, {**info, **({"units": units} if units else {})}, resident=resident)
 
@@ -189,7 +191,7 @@ def episode_row(ep, config, resident: bool = False) -> dict:
         "action_dim": ep.action_dim, "channels": ep.sensor.channels if ep.sensor is not None else 0,
         "invalid": built.invalid, "out_of_range": built.out_of_range,
         "action_names": list(ep.action_names), "action_units": list(ep.action_units),
-        "meta": json.dumps(meta, separators=(",", ":")).encode(), "arrays": arrays,
+        "meta": json.dumps(meta, separators=(",", ":")).encode(), "arrays": arrays, "samples": len(built.times),
         "time": np.asarray(built.times, dtype=np.float64),
         "frames": np.asarray(built.frames, dtype=np.int32),
         "actions": np.asarray(built.actions, dtype=np.float32),
@@ -199,17 +201,19 @@ def episode_row(ep, config, resident: bool = False) -> dict:
     }
 
 
-def _row_tables(rows: list[dict], config, samples: bool = True) -> tuple[dict, dict]:
-    """Every table of the index of ``rows`` (:func:`episode_row` results) as the pieces it is the
-    concatenation of: ``{name: (pieces, dtype, row shape)}``, and index.json's fields.
-    ``samples=False``: without the ``sample.*`` tables (rows as :meth:`SampleStream.add` returns
-    them: their sample counts, not their samples)."""
+def _widths(rows: list[dict]) -> tuple[int, int]:
+    """(views, action dimension) of the index of ``rows``: the widest (VLADataset refuses a
+    mixture, by name; the narrower episodes' rows are padded)."""
+    return max((row["views"] for row in rows), default=0), max((row["action_dim"] for row in rows), default=0)
+
+
+def _row_tables(rows: list[dict]) -> tuple[dict, dict]:
+    """Every table of the index of ``rows`` (:func:`episode_row` results, with or without their
+    samples) but the ``sample.*`` ones (:func:`_sample_tables`), as the pieces it is the
+    concatenation of: ``{name: (pieces, dtype, row shape)}``; and index.json's fields."""
     sources = sorted({row["source"] for row in rows})
     code = {s: i for i, s in enumerate(sources)}
     names = sorted({name for row in rows for name in row["arrays"]})
-    v = max((row["views"] for row in rows), default=0)  # VLADataset refuses episodes with fewer views
-    d = max((row["action_dim"] for row in rows), default=0)  # or another action dimension
-    h = config.action_horizon
     metas = [row["meta"] for row in rows]
 
     def whole(array: np.ndarray) -> tuple[list[np.ndarray], np.dtype, tuple]:
@@ -222,11 +226,8 @@ def _row_tables(rows: list[dict], config, samples: bool = True) -> tuple[dict, d
         **{f"episode.{f}": whole(np.asarray([row[f] for row in rows], dtype=np.int64)) for f in EPISODE_FIELDS[2:]},
         "meta": whole(np.frombuffer(b"".join(metas), dtype=np.uint8)),
         "meta_off": whole(np.cumsum([0] + [len(m) for m in metas], dtype=np.int64)),
-        "sample_off": whole(np.cumsum([0] + [row["samples"] if "samples" in row else len(row["time"])
-                                             for row in rows], dtype=np.int64)),
+        "sample_off": whole(np.cumsum([0] + [row["samples"] for row in rows], dtype=np.int64)),
     }
-    if samples:
-        tables |= _sample_tables(rows, v, d, h)
     for name in names:  # an array an episode lacks (fewer views, another format) is empty there
         like = next(row["arrays"][name] for row in rows if name in row["arrays"])
         pieces = [row["arrays"].get(name, np.zeros((0, *like.shape[1:]), like.dtype)) for row in rows]
@@ -250,16 +251,17 @@ def _write_tables(folder: Path, tables: dict, info: dict, units: dict) -> None:
     (folder / "index.json").write_text(json.dumps(info, indent=1))
 
 
-def _sample_tables(rows: list[dict], v: int, d: int, h: int) -> dict:
-    """The ``sample.*`` tables of ``rows`` as their pieces (:func:`_row_tables`)."""
-    return {
-        "sample.time": ([row["time"] for row in rows], np.dtype(SAMPLE_DTYPES["time"]), ()),
-        "sample.frames": ([_widen(row["frames"], v, -1) for row in rows], np.dtype(SAMPLE_DTYPES["frames"]), (v,)),
-        "sample.actions": ([_widen(row["actions"], d, 0) for row in rows], np.dtype(SAMPLE_DTYPES["actions"]),
-                           (h, d)),
-        "sample.is_pad": ([row["is_pad"] for row in rows], np.dtype(SAMPLE_DTYPES["is_pad"]), (h,)),
-        "sample.sensor_end": ([row["sensor_end"] for row in rows], np.dtype(SAMPLE_DTYPES["sensor_end"]), ()),
-    }
+def _sample_tails(views: int, action_dim: int, horizon: int) -> dict[str, tuple]:
+    """The row shape of each ``sample.*`` table."""
+    return {"time": (), "frames": (views,), "actions": (horizon, action_dim), "is_pad": (horizon,), "sensor_end": ()}
+
+
+def _sample_tables(rows: list[dict], views: int, action_dim: int, horizon: int) -> dict:
+    """The ``sample.*`` tables of ``rows`` as their pieces (:func:`_row_tables`); a narrower
+    episode's frames and actions widened with SAMPLE_FILL."""
+    return {f"sample.{field}": ([_widen(row[field], tail[-1], SAMPLE_FILL[field]) if field in SAMPLE_FILL
+                                 else row[field] for row in rows], np.dtype(SAMPLE_DTYPES[field]), tail)
+            for field, tail in _sample_tails(views, action_dim, horizon).items()}
 
 
 class FileBytes(NamedTuple):
@@ -277,12 +279,13 @@ def write_table(path: Path, pieces: Iterable, dtype: np.dtype, shape: tuple) -> 
     array narrower than a row (a mixture's fewer views or action dimensions) is padded with zeros."""
     shape, dtype = tuple(int(n) for n in shape), np.dtype(dtype)
     tail = shape[1:]
-    header = io.BytesIO()
+    buf = io.BytesIO()
     np.lib.format.write_array_header_1_0(
-        header, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape})
+        buf, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape})
+    header = buf.getvalue()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        at = _write_all(fd, header.getvalue(), 0)
+        at = _write_all(fd, header, 0)
         batch, size = [], 0
         for piece in pieces:
             if isinstance(piece, FileBytes):
@@ -305,7 +308,7 @@ def write_table(path: Path, pieces: Iterable, dtype: np.dtype, shape: tuple) -> 
                     batch, size = [], 0
         if batch:
             at = _write_all(fd, np.concatenate(batch).data, at)
-        expected = len(header.getvalue()) + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        expected = len(header) + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         if at != expected:
             raise RuntimeError(f"{path}: wrote {at} bytes for a {shape} {dtype} table of {expected}")
     finally:
@@ -533,9 +536,8 @@ def build_part(plan: Plan, rank: int = 0, world: int = 1) -> None:
                 for unit_rows in chunk:
                     rows += [stream.add(row) for row in unit_rows]
                     starts.append(len(rows))
-            tables, info = _row_tables(rows, plan.config, samples=False)
-            stream.finish(max((row["views"] for row in rows), default=0),
-                          max((row["action_dim"] for row in rows), default=0), plan.config.action_horizon)
+            stream.finish(*_widths(rows), plan.config.action_horizon)
+        tables, info = _row_tables(rows)
         _write_tables(tmp, tables, info, {"units": mine, "episodes": starts})
         os.replace(tmp, part)
     finally:
@@ -573,7 +575,7 @@ class SampleStream:
         if time.monotonic() - self.touched > 60:  # a build's folder older than STALE_BUILD_S is a dead one's
             os.utime(self.folder)
             self.touched = time.monotonic()
-        return {k: v for k, v in row.items() if k not in SAMPLE_FIELDS} | {"samples": n}
+        return {k: v for k, v in row.items() if k not in SAMPLE_FIELDS}
 
     def finish(self, views: int, action_dim: int, horizon: int) -> None:
         """Write each table's .npy file: its header, then its rows (copied in the kernel), the
@@ -582,26 +584,20 @@ class SampleStream:
         for f in self.files.values():
             f.close()
         n = sum(k for k, _, _ in self.shapes)
-        tails = {"time": (), "frames": (views,), "actions": (horizon, action_dim), "is_pad": (horizon,),
-                 "sensor_end": ()}
         uniform = all(k == 0 or (v == views and d == action_dim) for k, v, d in self.shapes)
-        for field, tail in tails.items():
-            dtype = SAMPLE_DTYPES[field]
+        for field, tail in _sample_tails(views, action_dim, horizon).items():
             raw = self.folder / f"sample.{field}.raw"
-            if uniform or field not in ("frames", "actions"):
-                write_table(self.folder / f"sample.{field}.npy", [FileBytes(raw, 0, raw.stat().st_size)],
-                            np.dtype(dtype), (n, *tail))
-            else:
-                flat = np.fromfile(raw, dtype=dtype)
-                pieces, at = [], 0
+            if uniform or field not in SAMPLE_FILL:
+                pieces = [FileBytes(raw, 0, raw.stat().st_size)]
+            else:  # each episode's rows at its own width, widened
+                flat, pieces, at = np.fromfile(raw, dtype=SAMPLE_DTYPES[field]), [], 0
                 for k, v, d in self.shapes:
-                    if not k:
-                        continue
-                    shape = (k, v) if field == "frames" else (k, horizon, d)
-                    size = int(np.prod(shape))
-                    pieces.append(_widen(flat[at:at + size].reshape(shape), tail[-1], -1 if field == "frames" else 0))
-                    at += size
-                write_table(self.folder / f"sample.{field}.npy", pieces, np.dtype(dtype), (n, *tail))
+                    if k:
+                        shape = (k, *_sample_tails(v, d, horizon)[field])
+                        size = int(np.prod(shape))
+                        pieces.append(_widen(flat[at:at + size].reshape(shape), tail[-1], SAMPLE_FILL[field]))
+                        at += size
+            write_table(self.folder / f"sample.{field}.npy", pieces, SAMPLE_DTYPES[field], (n, *tail))
             raw.unlink()
 
     def __enter__(self):
