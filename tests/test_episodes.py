@@ -234,6 +234,27 @@ def test_index_view_frames_sorted_ignores_other_files(tmp_path):
     assert [n.decode() for n in names] == ["2.0.JPG", "3.5.png", "1730000000.125000.jpg"]
 
 
+def test_index_view_frames_one_suffix_as_name_by_name(tmp_path):
+    """A camera's folder (every name with the same suffix) is cut in one pass over the names'
+    join; the same times and names as the per-name path, also for names it must not cut."""
+    from vla_ds.data.episodes import _stems_one_suffix
+
+    names = ["10.25.jpg", "2.jpg", "1730000000.125000.jpg", "0.5.jpg"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    times, got = index_view_frames(tmp_path)
+    np.testing.assert_array_equal(times, [0.5, 2.0, 10.25, 1730000000.125])
+    assert [n.decode() for n in got] == ["0.5.jpg", "2.jpg", "10.25.jpg", "1730000000.125000.jpg"]
+    assert _stems_one_suffix([n.encode() for n in names]) == [b"10.25", b"2", b"1730000000.125000", b"0.5"]
+    assert _stems_one_suffix([b"1.jpg", b"2.png"]) is None  # two suffixes
+    assert _stems_one_suffix([b"1.jpg", b"2.JPG"]) is None  # a capital: the per-name path lowers it
+    assert _stems_one_suffix([b"1.jpg\n2.jpg"]) is None  # a name holding a newline is not two names
+    assert _stems_one_suffix([b"1.jpg\n", b"2.jpg"]) is None
+    (tmp_path / "3.0.jpg\n4.jpg").write_bytes(b"")  # so it is read name by name, and named
+    with pytest.raises(DatasetError, match="image file name must be the capture time"):
+        index_view_frames(tmp_path)
+
+
 def test_index_view_frames_errors(tmp_path):
     (tmp_path / "frame_01.jpg").write_bytes(b"")
     with pytest.raises(DatasetError) as e:
@@ -246,6 +267,8 @@ def test_index_view_frames_errors(tmp_path):
         index_view_frames(tmp_path)
     with pytest.raises(DatasetError, match="camera view folder not found"):
         index_view_frames(tmp_path / "missing")
+    with pytest.raises(DatasetError, match="camera view folder not found"):  # a file, not a folder
+        index_view_frames(tmp_path / "1.5.jpg")
 
 
 def test_nearest_frames():

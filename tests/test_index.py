@@ -254,22 +254,23 @@ def test_a_dead_builds_leftovers_are_swept_and_a_live_ones_kept(tmp_path):
 
 
 def test_threads_only_where_they_are_faster(monkeypatch):
-    """After one chunk alone and a few on threads, the rest runs on threads only when those
-    were 1.5x as fast per item (reading waits, as on a network file system), else in the
-    caller's thread (parsing holds the GIL); the order is kept either way. The two trials'
-    times are given here, so that the decision does not depend on this machine's load."""
+    """After one chunk alone untimed (it pays the imports), one alone timed and a few on threads,
+    the rest runs on threads only when those were 1.5x as fast per item (reading waits, as on a
+    network file system), else in the caller's thread (parsing holds the GIL); the order is kept
+    either way. The two trials' times are given here, so that the decision does not depend on
+    this machine's load."""
     import threading
     from types import SimpleNamespace
 
     def tag(chunk):
         return [(v, threading.current_thread().name) for v in chunk]
 
-    chunks = [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10], [11, 12]]  # 1 alone, 3 on trial, 3 left
+    chunks = [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10], [11, 12], [13]]  # 2 alone, 3 on trial, 3 left
     me = threading.current_thread().name
     for threaded_s, threaded in ((0.7, False), (0.6, True), (1.0, False)):  # s per item; alone: 1.0
         clock = iter([0.0, 2.0, 10.0, 10.0 + 6 * threaded_s])  # before and after each trial
         monkeypatch.setattr(index_lib, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
         out = [row for part in index_lib.map_chunks(tag, chunks, threads=3) for row in part]
-        assert [v for v, _ in out] == list(range(13))
-        assert {name for _, name in out[:2]} == {me} and me not in {name for _, name in out[2:8]}  # the trials
-        assert (me not in {name for _, name in out[8:]}) == threaded, threaded_s
+        assert [v for v, _ in out] == list(range(14))
+        assert {name for _, name in out[:4]} == {me} and me not in {name for _, name in out[4:10]}  # the trials
+        assert (me not in {name for _, name in out[10:]}) == threaded, threaded_s
