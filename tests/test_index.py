@@ -156,13 +156,19 @@ def test_the_build_split_across_ranks_is_the_single_build(tmp_path):
     assert index_lib.Plan(config, scan_dataset(root)[0]).current
 
 
-@pytest.mark.parametrize("kernel_copy", [True, False])
-def test_the_written_tables_are_the_in_memory_tables(tmp_path, monkeypatch, kernel_copy):
-    """Tables are streamed to their files in chunks (here a few rows each) and joined by
-    copy_file_range (or, where a file system refuses it, through memory), by one rank and
-    merged from two: the same dtypes, shapes and values as concatenating the episodes' rows,
-    an episode with fewer views padded as in memory."""
+@pytest.mark.parametrize("kernel_copy,move", [(True, True), (False, True), (True, False)])
+def test_the_written_tables_are_the_in_memory_tables(tmp_path, monkeypatch, kernel_copy, move):
+    """Tables are streamed to their files in chunks (here a few rows each); a part's file is
+    moved into the index whole where its rows come first (``move``; else copied), the other
+    rows joined by copy_file_range (or, where a file system refuses it, through memory), by
+    one rank and merged from two: the same dtypes, shapes and values as concatenating the
+    episodes' rows, an episode with fewer views padded as in memory."""
     monkeypatch.setattr(index_lib, "WRITE_CHUNK_BYTES", 64)
+    copied = []
+    copy_bytes = index_lib._copy_bytes
+    monkeypatch.setattr(index_lib, "_copy_bytes", lambda src, *a: copied.append(src.path.name) or copy_bytes(src, *a))
+    if not move:
+        monkeypatch.setattr(index_lib, "_takes_whole", lambda *a: False)
     if not kernel_copy:
         import errno
 
@@ -181,6 +187,9 @@ def test_the_written_tables_are_the_in_memory_tables(tmp_path, monkeypatch, kern
     expected = index_lib.DatasetIndex.from_episodes(episodes, config)
     assert expected.tables["sample.frames"].shape[1] == 2 and (expected.tables["sample.frames"] == -1).any()
     single = index_lib.open_index(config, pairs)
+    # One rank's index is its part's files, moved, none copied (a table rewritten, as the frames
+    # of the episode with fewer views or the recoded episode.source, is written from memory).
+    assert copied == [] if move else {"sample.time.npy", "sample.actions.npy", "meta.npy"} <= set(copied)
     plan = index_lib.Plan(cfg(root, frame_stride=1, view_tolerance_s=config.view_tolerance_s * 1.5), pairs)
     expected_plan = index_lib.DatasetIndex.from_episodes(episodes, plan.config)
     for rank in range(2):
