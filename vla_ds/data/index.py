@@ -292,7 +292,9 @@ def _takes_whole(piece, header: bytes) -> bool:
 def write_table(path: Path, pieces: Iterable, dtype: np.dtype, shape: tuple) -> None:
     """Write the .npy file (``shape``, ``dtype``) of the concatenation of ``pieces``: arrays (or
     maps) of rows, gathered into writes of about WRITE_CHUNK_BYTES, or :class:`FileBytes`. An
-    array narrower than a row (a mixture's fewer views or action dimensions) is padded with zeros."""
+    array narrower than a row (a mixture's fewer views or action dimensions) is padded with zeros.
+    A first piece that is a movable file's every row, after room for this header, becomes the
+    file (renamed to ``path``, the header written over its room): nothing is copied."""
     shape, dtype = tuple(int(n) for n in shape), np.dtype(dtype)
     tail = shape[1:]
     header = _npy_header(dtype, shape)
