@@ -269,6 +269,9 @@ def test_index_view_frames_errors(tmp_path):
         index_view_frames(tmp_path / "missing")
     with pytest.raises(DatasetError, match="camera view folder not found"):  # a file, not a folder
         index_view_frames(tmp_path / "1.5.jpg")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    with pytest.raises(DatasetError, match="camera view folder not found"):  # a link to itself
+        index_view_frames(tmp_path / "loop")
 
 
 def test_nearest_frames():

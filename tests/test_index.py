@@ -3,6 +3,7 @@ ranks, memory-mapped; and the same samples as indexing in memory."""
 
 import os
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,18 +86,32 @@ def test_the_index_is_reused_and_only_changed_episodes_are_indexed_again(tmp_pat
     assert_same_samples(samples(VLADataset.from_config(cfg(root))), first)
     assert count_indexed == []  # reused as it is
 
+    def change_states(episode: Path) -> None:
+        csv = episode / "robot_states.csv"
+        text = csv.read_text().splitlines()
+        text[5] = ",".join([text[5].split(",")[0]] + ["9.5"] * (len(text[5].split(",")) - 1))
+        csv.write_text("\n".join(text) + "\n")
+        os.utime(csv, ns=(os.stat(csv).st_atime_ns, os.stat(csv).st_mtime_ns + 10**9))
+
     # One episode's robot states change: only it is indexed again, and its actions follow.
-    csv = root / "B" / "ep2" / "robot_states.csv"
-    text = csv.read_text().splitlines()
-    text[5] = ",".join([text[5].split(",")[0]] + ["9.5"] * (len(text[5].split(",")) - 1))
-    csv.write_text("\n".join(text) + "\n")
-    os.utime(csv, ns=(os.stat(csv).st_atime_ns, os.stat(csv).st_mtime_ns + 10**9))
+    change_states(root / "B" / "ep2")
     updated = VLADataset.from_config(cfg(root))
     assert count_indexed == ["ep2"]
     fresh = VLADataset.from_config(cfg(root, action_horizon=4))  # another data config: its own index, all new
     assert len(count_indexed) == 6 and len(fresh) >= len(updated)
     assert_same_samples(samples(updated), samples(VLADataset(cfg(root), updated.episodes[:])))  # = in memory
     assert not np.array_equal(updated._actions, np.stack([s["actions"] for s in first]))
+    count_indexed.clear()
+
+    # The first episode changes: its part's files come first and are moved into the new index,
+    # the other rows appended; the index the dataset above maps is left as it was.
+    kept = samples(updated)
+    change_states(Path(updated.episodes[0].path))
+    again = VLADataset.from_config(cfg(root))
+    assert count_indexed == [Path(updated.episodes[0].path).name]
+    assert_same_samples(samples(updated), kept)
+    assert_same_samples(samples(again), samples(VLADataset(cfg(root), again.episodes[:])))
+    assert not np.array_equal(again._actions, updated._actions)
     count_indexed.clear()
 
     # A new episode is indexed alone; a removed one is gone without indexing anything.
@@ -195,7 +210,15 @@ def test_the_written_tables_are_the_in_memory_tables(tmp_path, monkeypatch, kern
     for rank in range(2):
         index_lib.build_part(plan, rank, world=2)
     merged = index_lib.merge_parts(plan, world=2)
-    for built, want in ((single, expected), (merged, expected_plan)):
+    # Each unit its own part: the part of the episode with fewer views is narrower than the
+    # others, and its rows are widened in the merge as in memory (frames with -1).
+    each_config = cfg(root, action_horizon=3)
+    each_plan = index_lib.Plan(each_config, pairs)
+    for rank in range(len(pairs)):
+        index_lib.build_part(each_plan, rank, world=len(pairs))
+    each = index_lib.merge_parts(each_plan, world=len(pairs))
+    expected_each = index_lib.DatasetIndex.from_episodes(episodes, each_config)
+    for built, want in ((single, expected), (merged, expected_plan), (each, expected_each)):
         assert isinstance(built.tables["sample.actions"], np.memmap)
         assert set(built.tables) == set(want.tables)
         for name, table in want.tables.items():

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import csv
+import errno
 import io
 import json
 import logging
@@ -404,7 +405,9 @@ def index_view_frames(view_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     """
     try:
         listed = os.listdir(os.fsencode(view_dir))
-    except (FileNotFoundError, NotADirectoryError):
+    except OSError as e:
+        if e.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):  # what Path.is_dir takes for "not a folder"
+            raise
         raise DatasetError(f"{view_dir}: camera view folder not found") from None
     # The names as bytes, their stems parsed by numpy in one call (a large dataset lists
     # millions of frames); a name it cannot parse is parsed, or named in the error, one by one.

@@ -289,10 +289,10 @@ def _takes_whole(piece, header: bytes) -> bool:
             and os.stat(piece.path).st_size == piece.start + piece.count)
 
 
-def write_table(path: Path, pieces: Iterable, dtype: np.dtype, shape: tuple) -> None:
+def write_table(path: Path, pieces: Iterable, dtype: np.dtype, shape: tuple, fill=0) -> None:
     """Write the .npy file (``shape``, ``dtype``) of the concatenation of ``pieces``: arrays (or
     maps) of rows, gathered into writes of about WRITE_CHUNK_BYTES, or :class:`FileBytes`. An
-    array narrower than a row (a mixture's fewer views or action dimensions) is padded with zeros.
+    array narrower than a row (a mixture's fewer views or action dimensions) is padded with ``fill``.
     A first piece that is a movable file's every row, after room for this header, becomes the
     file (renamed to ``path``, the header written over its room): nothing is copied."""
     shape, dtype = tuple(int(n) for n in shape), np.dtype(dtype)
@@ -321,7 +321,7 @@ def write_table(path: Path, pieces: Iterable, dtype: np.dtype, shape: tuple) -> 
             for k in range(0, len(piece), step):
                 rows = np.ascontiguousarray(piece[k:k + step], dtype=dtype)
                 if rows.shape[1:] != tail:
-                    wide = np.zeros((len(rows), *tail), dtype)
+                    wide = np.full((len(rows), *tail), fill, dtype) if fill else np.zeros((len(rows), *tail), dtype)
                     wide[(slice(None), *(slice(0, n) for n in rows.shape[1:]))] = rows
                     rows = wide
                 batch.append(rows)
@@ -588,7 +588,8 @@ class SampleStream:
         self.files = {}
         try:
             for f in SAMPLE_FIELDS:
-                self.files[f] = open(folder / f"sample.{f}.npy", "wb", buffering=1 << 20)
+                self.files[f] = open(folder / f"sample.{f}.npy", "wb", buffering=1 << 20,
+                                     opener=lambda path, flags: os.open(path, flags, 0o644))  # as write_table's
                 self.files[f].write(bytes(self.HEADER_BYTES))
         except OSError:
             self.__exit__()
@@ -730,7 +731,8 @@ def _write_runs(folder: Path, runs: list[tuple[DatasetIndex, int, int]], units: 
                     else:
                         yield table[a:b]
 
-        write_table(folder / f"{name}.npy", rows(), dtype, (sum(b - a for _, a, b in pieces), *tail))
+        fill = SAMPLE_FILL.get(name.removeprefix("sample."), 0) if name.startswith("sample.") else 0
+        write_table(folder / f"{name}.npy", rows(), dtype, (sum(b - a for _, a, b in pieces), *tail), fill)
         if not name.startswith("episode."):  # its offsets, rebased run by run
             parts, base = [np.zeros(1, np.int64)], 0
             for src, lo, hi in runs:
