@@ -618,9 +618,8 @@ class SampleStream:
         uniform = all(k == 0 or (v == views and d == action_dim) for k, v, d in self.shapes)
         for field, tail in _sample_tails(views, action_dim, horizon).items():
             path, dtype = self.folder / f"sample.{field}.npy", np.dtype(SAMPLE_DTYPES[field])
-            written = FileBytes(path, self.HEADER_BYTES, path.stat().st_size - self.HEADER_BYTES, movable=True)
-            if uniform or field not in SAMPLE_FILL:
-                pieces = [written]  # taken whole when numpy's header fits its room, else copied
+            if uniform or field not in SAMPLE_FILL:  # the file taken whole when numpy's header fits its room
+                pieces = [FileBytes(path, self.HEADER_BYTES, path.stat().st_size - self.HEADER_BYTES, movable=True)]
             else:  # each episode's rows at its own width, widened
                 flat, pieces, at = np.fromfile(path, dtype=dtype, offset=self.HEADER_BYTES), [], 0
                 for k, v, d in self.shapes:
