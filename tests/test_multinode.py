@@ -240,6 +240,23 @@ def test_preflight_passes_a_good_launch(hostfile, demo_dataset_dir, tmp_path, ca
     assert not (tmp_path / "new").exists()  # checked, not created
 
 
+def test_preflight_checks_a_stage2_launch_with_its_stage1_checkpoint(hostfile, demo_dataset_dir, tmp_path, capsys):
+    stage2 = str(REPO / "ds_configs" / "stage2.json")
+    argv = preflight_args(hostfile, demo_dataset_dir, tmp_path / "out")
+    argv[argv.index("--ds_config") + 1] = stage2
+    assert preflight.main(argv) == 2  # as train.py: Stage 2 needs the Stage 1 weights
+    failed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[FAIL]")]
+    assert len(failed) == 1 and "stage2 needs the Stage 1 weights: pass --stage1-checkpoint" in failed[0]
+    stage1 = tmp_path / "s1"
+    assert preflight.main([*argv, "--stage1-checkpoint", str(stage1)]) == 2
+    failed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[FAIL]")]
+    assert failed == [f"[FAIL] stage1    {stage1}: not found (train.py reads it at start-up)"]
+    stage1.mkdir()
+    assert preflight.main([*argv, "--stage1-checkpoint", str(stage1)]) == 0
+    out = capsys.readouterr().out
+    assert "ready to launch" in out and f"{stage1}: found" in out
+
+
 def test_preflight_counts_slots_like_the_launcher(tmp_path):
     path = tmp_path / "hostfile"
     path.write_text("node-01 slots=4\nnode-02 slots=4\nnode-03 slots=4\n")

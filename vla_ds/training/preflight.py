@@ -182,6 +182,12 @@ def run_checks(args: argparse.Namespace) -> list[Check]:
         checks.append(Check("dataset", FAIL, "no dataset: pass --dataset_dir"))
     if args.output_dir or cfg is not None:
         checks.append(check_writable("output", args.output_dir or cfg.train.output_dir))
+    for name, path in (("stage1", cfg.train.stage1_checkpoint if cfg is not None else ""),
+                       ("resume", cfg.train.resume if cfg is not None else "")):
+        if path:
+            found = Path(path).exists()
+            checks.append(Check(name, OK if found else FAIL, f"{path}: {'found' if found else 'not found'} "
+                                                             "(train.py reads it at start-up)"))
     if cfg is not None:
         from vla_ds.training.config import cache_enabled
 
@@ -219,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--master_port", "--master-port", type=int, default=29500)
     p.add_argument("--batch_size", "--batch-size", type=int)
     p.add_argument("--grad_accum", "--grad-accum", type=int)
+    p.add_argument("--stage1-checkpoint", "--stage1_checkpoint", dest="stage1_checkpoint",
+                   help="Stage 2: the Stage 1 output dir or its .pt, as given to train.py")
+    p.add_argument("--resume", help="the run to continue, as given to train.py")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     return p
 
