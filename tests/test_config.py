@@ -67,6 +67,12 @@ def test_bad_value_names_the_field():
         resolve(["--dataset_dir", "/d", "--set", "train.log_every=often"])
 
 
+@pytest.mark.parametrize("value", ["five", "1x"])
+def test_zero_stage_that_is_not_a_number_is_refused(value):
+    with pytest.raises(ConfigError, match=rf"stage1\.json: zero_optimization\.stage='{value}': expected 0, 1, 2 or 3"):
+        resolve(["--dataset_dir", "/d", "--set", f"zero_optimization.stage={value}"])
+
+
 def test_inconsistent_batch_settings_are_refused(tmp_path):
     raw = json.loads(STAGE1.read_text())
     raw["train_batch_size"] = 10

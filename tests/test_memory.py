@@ -289,3 +289,12 @@ def test_backbone_flop_formula_matches_torch_flop_counter(tiny_backbone_dir):
     assert est["lm"] == counted["VLBackbone.model.model.language_model"]
     assert est["vision"] + est["merger"] == counted["VLBackbone.model.model.visual"]
     assert est["lm_attention"] > 0 and est["vision_attention"] > 0
+
+
+def test_zero_stage_that_is_not_a_number_is_one_message(tmp_path, capsys):
+    ds_config = tmp_path / "z.json"
+    ds_config.write_text(json.dumps({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": "1x"}}))
+    with pytest.raises(ConfigError, match=r"zero_optimization\.stage='1x': expected 0, 1, 2 or 3"):
+        memory.ZeroSettings.from_ds_config(json.loads(ds_config.read_text()))
+    assert estimate_memory.main(["--ds_config", str(ds_config)]) == 2
+    assert "error: zero_optimization.stage='1x'" in capsys.readouterr().err
