@@ -11,6 +11,7 @@ from vla_ds.data.demo import (
     FRAME_HZ,
     LINEAR_SPEED,
     SENSOR_WINDOW,
+    main,
     make_demo_dataset,
 )
 from vla_ds.data.episodes import load_episode
@@ -90,3 +91,10 @@ def test_demo_deterministic_and_refuses_to_clobber(tmp_path):
     with pytest.raises(DatasetError, match="not a demo dataset"):
         make_demo_dataset(tmp_path / "user", overwrite=True)
     assert (tmp_path / "user" / "precious.txt").exists()
+
+
+def test_cli_names_an_output_it_cannot_write(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert main([str(blocker / "demo")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {blocker / 'demo'}: cannot write the demo dataset (Not a directory)"

@@ -88,3 +88,10 @@ def test_cli_main(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "model.safetensors" in printed and str(tmp_path / "out") in printed
     assert (tmp_path / "out" / "config.json").is_file()
+
+
+def test_cli_main_names_an_output_it_cannot_write(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert make_tiny_backbone_main([str(blocker / "out")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {blocker / 'out'}: cannot write the backbone (Not a directory)"

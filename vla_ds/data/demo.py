@@ -239,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     except (VLAError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"error: {args.out_dir}: cannot write the demo dataset ({e.strerror or e})", file=sys.stderr)
+        return 2
     print(f"wrote demo dataset to {out}")
     print(ds.describe())
     print(f"train with: --dataset_dir {out} --sensor-window-size {SENSOR_WINDOW}")

@@ -312,7 +312,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     args = parser.parse_args(argv)
 
-    out = make_tiny_backbone(args.out_dir, seed=args.seed)
+    try:
+        out = make_tiny_backbone(args.out_dir, seed=args.seed)
+    except OSError as e:
+        import sys
+
+        print(f"error: {args.out_dir}: cannot write the backbone ({e.strerror or e})", file=sys.stderr)
+        return 2
     files = sorted(p for p in out.iterdir() if p.is_file())
     total = sum(p.stat().st_size for p in files)
     print(f"tiny Qwen2.5-VL backbone (seed {args.seed}) written to {out}:")
