@@ -81,6 +81,11 @@ def test_wandb_logs_through_deepspeeds_monitor(tiny_backbone_dir, demo_dataset_d
     assert len(logs) == 1
     raw = logs[0].read_bytes()
     assert b"train/loss" in raw and b"train/lr/other" in raw and b"val/loss" in raw
+    # Stopped mid-epoch by max_steps: the validation row names the epoch its training rows do.
+    rows = read_metrics(out)
+    last_train = [r for r in rows if "train/loss" in r][-1]
+    (val,) = [r for r in rows if "val/loss" in r]
+    assert (val["step"], val["epoch"]) == (3, last_train["epoch"]) == (3, 1)
 
 
 @pytest.mark.parametrize("case", ["no_dataset", "not_qwen", "bad_batch", "unknown_key", "corrupt_image_in_worker"])

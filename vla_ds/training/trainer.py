@@ -329,8 +329,11 @@ class Loop:
         swapped = engine_lib.weights_swapped(self.engine, self.ema.shadow) if self.ema is not None else None
         with swapped or contextlib.nullcontext():
             val_loss = validate(self.engine, *self.val_loader, self.cfg)
-        self.metrics.log({"step": self.state.step, "epoch": self.state.epoch, "val/loss": val_loss})
-        logger.info("epoch %d step %d: val/loss %.4f%s", self.state.epoch, self.state.step, val_loss,
+        # The epoch the training rows name: the one in progress (1-based) when max_steps stops
+        # mid-epoch, else the last one completed (0 before the first step).
+        epoch = self.state.epoch + (1 if self.state.micro_step_in_epoch else 0)
+        self.metrics.log({"step": self.state.step, "epoch": epoch, "val/loss": val_loss})
+        logger.info("epoch %d step %d: val/loss %.4f%s", epoch, self.state.step, val_loss,
                     " (EMA weights)" if self.ema is not None else "")
 
     def log(self, window: LogWindow, loss_sum: torch.Tensor, lrs, guard: SkipGuard) -> None:
