@@ -262,6 +262,13 @@ def test_a_message_past_the_transport_limit_closes_only_that_connection(server, 
         assert closed.value.rcvd.code == 1009  # "message too big"
     with PolicyClient("127.0.0.1", server.port) as again:  # the same robot reconnects
         np.testing.assert_allclose(again.infer(good)["actions"], expected_chunk(policy, spec, good), atol=1e-5)
+        # vla_ds's client: the cut-off request raises, the next one connects again by itself.
+        huge = {**good, "prompt": "x" * int(TRANSPORT_LIMIT_FACTOR * LIMIT_MB * 2 ** 20 + 1)}
+        with pytest.raises(websockets.ConnectionClosedError) as closed:
+            again.infer(huge)
+        assert closed.value.rcvd.code == 1009
+        np.testing.assert_allclose(again.infer(good)["actions"], expected_chunk(policy, spec, good), atol=1e-5)
+        assert again.metadata["action_horizon"] == 8
     assert other.infer(good)["actions"].shape == (8, 7)
     other.close()
 

@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 import numpy as np
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from vla_ds.serving import wire
@@ -45,11 +46,16 @@ class PolicyClient:
         self.uri = host if host.startswith(("ws://", "wss://")) else f"ws://{host}"
         if port is not None:
             self.uri += f":{port}"
-        headers = {"Authorization": f"Api-Key {api_key}"} if api_key else None
-        deadline = time.monotonic() + connect_timeout_s
+        self._headers = {"Authorization": f"Api-Key {api_key}"} if api_key else None
+        self._connect_timeout_s = connect_timeout_s
+        self._ws = None
+        self._connect()
+
+    def _connect(self) -> None:
+        deadline = time.monotonic() + self._connect_timeout_s
         while True:
             try:
-                self._ws = connect(self.uri, compression=None, max_size=None, additional_headers=headers)
+                self._ws = connect(self.uri, compression=None, max_size=None, additional_headers=self._headers)
                 break
             except (ConnectionRefusedError, TimeoutError):
                 if time.monotonic() > deadline:
@@ -59,9 +65,17 @@ class PolicyClient:
 
     def infer(self, obs: dict[str, Any]) -> dict[str, Any]:
         """Send one observation; returns ``{"actions": (H, D) float32, "policy_timing",
-        "server_timing"}`` or raises :class:`PolicyServerError` with the server's message."""
-        self._ws.send(wire.packb(obs))
-        reply = self._ws.recv()
+        "server_timing"}`` or raises :class:`PolicyServerError` with the server's message.
+        A connection the server closed (a message over its transport limit, a restart)
+        raises websockets' ``ConnectionClosed`` here; the next call connects again."""
+        if self._ws is None:
+            self._connect()
+        try:
+            self._ws.send(wire.packb(obs))
+            reply = self._ws.recv()
+        except ConnectionClosed:
+            self._ws = None
+            raise
         if isinstance(reply, str):
             raise PolicyServerError(reply)
         return wire.unpackb(reply)
@@ -70,7 +84,8 @@ class PolicyClient:
         """Nothing to reset: the server keeps no per-client state (openpi's policy interface)."""
 
     def close(self) -> None:
-        self._ws.close()
+        if self._ws is not None:
+            self._ws.close()
 
     def __enter__(self) -> PolicyClient:
         return self
