@@ -504,6 +504,9 @@ def _spec_of(metadata):
     (["--views", "only_one"], "--views names 1 view(s), but the policy was trained on 2"),
     (["--ddim-steps", "0"], "sampling steps must be"),
     (["--max-batch-size", "0"], "max_batch_size must be"),
+    (["--device", "gpu"], "device 'gpu': not a torch device (cpu, cuda, cuda:1, ...)"),
+    pytest.param(["--device", "cuda"], "device 'cuda': torch sees no CUDA GPU on this machine",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is there")),
 ])
 def test_serve_refuses_bad_flags_in_one_line(policy_dir, extra, match, capsys):
     assert serve_main(["--policy", str(policy_dir), "--port", "0", "--device", "cpu", *extra]) == 2

@@ -49,7 +49,7 @@ from vla_ds.batch import (
 )
 from vla_ds.data.observation import SensorTransform
 from vla_ds.dataclass_io import dataclass_from_dict
-from vla_ds.errors import CheckpointError, VLAError
+from vla_ds.errors import CheckpointError, ConfigError, VLAError
 from vla_ds.models.action_expert import (
     ActionExpert,
     ActionExpertConfig,
@@ -408,6 +408,7 @@ class VLAPolicy(nn.Module):
         Returns the policy in eval mode, every parameter frozen, with ``input_builder``
         set (ready for :meth:`predict_actions`) and ``policy_config`` holding config.json.
         """
+        device = _checked_device(device)
         policy_dir = Path(policy_dir)
         stored = _StoredPolicy.read(policy_dir)
         config, finetune = stored.config, stored.finetune
@@ -475,6 +476,19 @@ def _read_json(path: Path) -> Any:
         raise CheckpointError(f"{path}: cannot read ({exc})") from None
     except ValueError as exc:
         raise CheckpointError(f"{path}: invalid JSON ({exc})") from None
+
+
+def _checked_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device that this machine has, or one ConfigError line."""
+    try:
+        checked = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device {str(device)!r}: not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if checked.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {str(device)!r}: torch sees no CUDA GPU on this machine (use cpu)")
+    if checked.type == "cuda" and checked.index is not None and checked.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return checked
 
 
 @dataclasses.dataclass
