@@ -189,8 +189,9 @@ class SensorTransform:
             "angle_encoding": self.angle_encoding,
             "window_frames": window_size,
             "model_channels": self.channel_names,
-            "send": "'state': {feature: float32 (T, size)}, the last T <= window_frames frames, oldest first "
-                    "(a (size,) array is one frame); fewer frames than the window are padded",
+            "send": "'state': {feature: float32 (T, size)}, the last T frames, oldest first (a (size,) "
+                    "array is one frame); of more than window_frames, the last window_frames are used; "
+                    "fewer are padded",
         }
 
 
