@@ -321,7 +321,7 @@ def write_table(path: Path, pieces: Iterable, dtype: np.dtype, shape: tuple, fil
             for k in range(0, len(piece), step):
                 rows = np.ascontiguousarray(piece[k:k + step], dtype=dtype)
                 if rows.shape[1:] != tail:
-                    wide = np.full((len(rows), *tail), fill, dtype) if fill else np.zeros((len(rows), *tail), dtype)
+                    wide = np.full((len(rows), *tail), fill, dtype)
                     wide[(slice(None), *(slice(0, n) for n in rows.shape[1:]))] = rows
                     rows = wide
                 batch.append(rows)
@@ -730,7 +730,7 @@ def _write_runs(folder: Path, runs: list[tuple[DatasetIndex, int, int]], units: 
                     else:
                         yield table[a:b]
 
-        fill = SAMPLE_FILL.get(name.removeprefix("sample."), 0) if name.startswith("sample.") else 0
+        fill = SAMPLE_FILL.get(name.removeprefix("sample."), 0)  # episode.* tables are never narrower
         write_table(folder / f"{name}.npy", rows(), dtype, (sum(b - a for _, a, b in pieces), *tail), fill)
         if not name.startswith("episode."):  # its offsets, rebased run by run
             parts, base = [np.zeros(1, np.int64)], 0

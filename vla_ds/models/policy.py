@@ -422,7 +422,7 @@ class VLAPolicy(nn.Module):
         logger.info("loading policy %s (%s, finetune %s) with VL backbone %s%s", policy_dir,
                     config.get("stage", "?"), finetune.mode, source, " (LoRA merged)" if use_merged else "")
         # A GPU gets the backbone's tensors as they are read, not via a host copy.
-        backbone = VLBackbone(backbone_config, device=device if torch.device(device).type == "cuda" else None)
+        backbone = VLBackbone(backbone_config, device=device if device.type == "cuda" else None)
         stored.check_fingerprint(backbone, source, use_merged)
         backbone.freeze()
         if stored.has_adapter and not use_merged:

@@ -173,11 +173,10 @@ class ZeroSettings:
     @classmethod
     def from_ds_config(cls, ds: dict[str, Any]) -> "ZeroSettings":
         """Read the ``zero_optimization`` and ``data_types`` keys of a DeepSpeed JSON."""
+        from vla_ds.training.config import zero_stage
+
         zero = ds.get("zero_optimization") or {}
-        try:
-            stage = int(zero.get("stage", 0))
-        except (TypeError, ValueError):
-            raise ConfigError(f"zero_optimization.stage={zero.get('stage')!r}: expected 0, 1, 2 or 3") from None
+        stage = zero_stage(ds)
 
         def offloaded(key: str) -> bool:
             device = (zero.get(key) or {}).get("device", "none")

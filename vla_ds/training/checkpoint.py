@@ -50,7 +50,7 @@ from torch import nn
 from vla_ds.errors import CheckpointError
 from vla_ds.models.action_expert import LEGACY_HEAD, ActionExpertConfig, stored_section
 from vla_ds.models.policy import state_dict_problems
-from vla_ds.training.config import PROJECT_KEY
+from vla_ds.training.config import PROJECT_KEY, zero_stage
 from vla_ds.training.ema import ema_weights
 
 logger = logging.getLogger(__name__)
@@ -577,7 +577,7 @@ def _uses_bf16_optimizer(ds_config: dict[str, Any]) -> bool:
     zero = ds_config.get("zero_optimization") or {}
     offload = str((zero.get("offload_optimizer") or {}).get("device", "none")).lower()
     accum = str((ds_config.get("data_types") or {}).get("grad_accum_dtype") or "").lower()
-    return (int(zero.get("stage", 0)) == 1 and bool((ds_config.get("bf16") or {}).get("enabled"))
+    return (zero_stage(ds_config) == 1 and bool((ds_config.get("bf16") or {}).get("enabled"))
             and accum in ("fp32", "float32", "float") and offload in ("none", ""))
 
 

@@ -458,7 +458,7 @@ def _check_consistency(cfg: RunConfig, source: str, for_run: bool = True) -> Non
     if cfg.stage == "stage2" and cfg.cache.mode == "on":
         raise ConfigError(f"{source}: the VL feature cache is for Stage 1 only: in Stage 2 the VL model "
                           "trains, so its features change every step; drop cache.mode=on (or use --no-cache)")
-    if cfg.stage == "stage1" and cfg.cache.mode != "off" and _zero_stage(cfg, source) == 3:
+    if cfg.stage == "stage1" and cfg.cache.mode != "off" and zero_stage(cfg.deepspeed, source) == 3:
         raise ConfigError(f"{source}: the Stage 1 VL feature cache is built with ZeRO-1/2 (under ZeRO-3 every "
                           "forward is collective and ranks build different shares); use stage1.json, or --no-cache")
     if for_run and cfg.stage == "stage2" and not (cfg.train.stage1_checkpoint or cfg.train.resume):
@@ -580,12 +580,15 @@ def cache_enabled(cfg: RunConfig) -> bool:
     return cfg.stage == "stage1" and cfg.cache.mode != "off"
 
 
-def _zero_stage(cfg: RunConfig, source: str = "config") -> int:
-    value = cfg.deepspeed.get("zero_optimization", {}).get("stage", 0)
+def zero_stage(ds: dict[str, Any], source: str | None = None) -> int:
+    """The ZeRO stage a DeepSpeed config asks for (0 when it has none), or one ConfigError line
+    (prefixed with ``source``, the config's file, when given)."""
+    value = (ds.get("zero_optimization") or {}).get("stage", 0)
     try:
         return int(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{source}: zero_optimization.stage={value!r}: expected 0, 1, 2 or 3") from None
+        prefix = f"{source}: " if source else ""
+        raise ConfigError(f"{prefix}zero_optimization.stage={value!r}: expected 0, 1, 2 or 3") from None
 
 
 def validate_deepspeed(cfg: RunConfig, source: str = "config") -> None:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from vla_ds.errors import ConfigError
-from vla_ds.training.config import ParamGroupConfig, RunConfig
+from vla_ds.training.config import ParamGroupConfig, RunConfig, zero_stage
 from vla_ds.training.distributed import launcher_env
 
 logger = logging.getLogger(__name__)
@@ -34,8 +34,7 @@ def backbone_device(cfg: RunConfig) -> str | None:
     CPU) without CUDA, and under ZeRO-3, which partitions the model from host memory (its
     configs are for GPUs too small to hold it whole); on the CPU the weights stay
     memory-mapped from the checkpoint files, shared by the node's ranks."""
-    zero_stage = int(cfg.deepspeed.get("zero_optimization", {}).get("stage", 0))
-    if not torch.cuda.is_available() or zero_stage == 3:
+    if not torch.cuda.is_available() or zero_stage(cfg.deepspeed) == 3:
         return None
     return f"cuda:{int(launcher_env().get('LOCAL_RANK', '0'))}"
 

@@ -182,13 +182,12 @@ def run_checks(args: argparse.Namespace) -> list[Check]:
         checks.append(Check("dataset", FAIL, "no dataset: pass --dataset_dir"))
     if args.output_dir or cfg is not None:
         checks.append(check_writable("output", args.output_dir or cfg.train.output_dir))
-    for name, path in (("stage1", cfg.train.stage1_checkpoint if cfg is not None else ""),
-                       ("resume", cfg.train.resume if cfg is not None else "")):
-        if path:
-            found = Path(path).exists()
-            checks.append(Check(name, OK if found else FAIL, f"{path}: {'found' if found else 'not found'} "
-                                                             "(train.py reads it at start-up)"))
     if cfg is not None:
+        for name, path in (("stage1", cfg.train.stage1_checkpoint), ("resume", cfg.train.resume)):
+            if path:
+                found = Path(path).exists()
+                checks.append(Check(name, OK if found else FAIL, f"{path}: {'found' if found else 'not found'} "
+                                                                 "(train.py reads it at start-up)"))
         from vla_ds.training.config import cache_enabled
 
         if cache_enabled(cfg) and dataset_dir:
