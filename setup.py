@@ -28,7 +28,7 @@ setup(
         "msgpack>=1.0",     # their messages
     ],
     extras_require={
-        "dev": ["pytest>=8"],
+        "dev": ["pytest>=8", "pytest-xdist>=3"],  # the suite runs on two workers (pytest.ini)
         "monitor": ["tensorboard"],
         # Closed-loop evaluation (vla_ds.sim): Meta-World 3.1 and its MuJoCo / gymnasium; headless
         # rendering also needs EGL or OSMesa from the system (docs/sim.md).
