@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 import numpy as np
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from vla_ds.serving import wire
@@ -29,6 +29,16 @@ from vla_ds.serving import wire
 
 class PolicyServerError(RuntimeError):
     """The server refused a request or failed on it; the message is the server's."""
+
+
+class ConnectionRefusedByServer(PolicyServerError):
+    """The server answered the connection with an HTTP error instead of a websocket: 401 for
+    a missing or wrong API key, 503 when it has ``--max-connections`` clients already.
+    ``status_code`` is the HTTP status; the message ends with the server's reason."""
+
+    def __init__(self, uri: str, status_code: int, reason: str):
+        super().__init__(f"{uri} refused the connection: HTTP {status_code}" + (f": {reason}" if reason else ""))
+        self.status_code = status_code
 
 
 class PolicyClient:
@@ -39,6 +49,9 @@ class PolicyClient:
         port: the server's port (omit when ``host`` is a URI that has it).
         api_key: sent as ``Authorization: Api-Key <key>`` when the server needs one.
         connect_timeout_s: how long to retry while the server is still starting.
+
+    Raises :class:`ConnectionRefusedByServer` when the server turns the connection away
+    (a missing or wrong API key, too many clients), with the server's reason.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int | None = 8000, api_key: str | None = None,
@@ -61,6 +74,9 @@ class PolicyClient:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
+            except InvalidStatus as e:  # websockets says only "server rejected WebSocket connection: HTTP 401"
+                reason = (e.response.body or b"").decode("utf-8", "replace").strip()
+                raise ConnectionRefusedByServer(self.uri, e.response.status_code, reason) from None
         self.metadata: dict[str, Any] = wire.unpackb(self._ws.recv())
 
     def infer(self, obs: dict[str, Any]) -> dict[str, Any]:

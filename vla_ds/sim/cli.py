@@ -101,7 +101,7 @@ def make_rollout_policy(args: argparse.Namespace):
     if args.server:
         import websockets
 
-        from vla_ds.serving.client import PolicyClient
+        from vla_ds.serving.client import PolicyClient, PolicyServerError
 
         host, sep, port = args.server.rpartition(":")
         if not sep or not port.isdigit():
@@ -110,7 +110,7 @@ def make_rollout_policy(args: argparse.Namespace):
         def connect():
             try:
                 return PolicyClient(host, int(port), api_key=args.api_key, connect_timeout_s=args.connect_timeout)
-            except (OSError, websockets.exceptions.InvalidHandshake) as e:
+            except (OSError, websockets.exceptions.InvalidHandshake, PolicyServerError) as e:
                 raise ConfigError(f"--server {args.server}: cannot connect ({e})") from None
 
         return ChunkingPolicy(f"server {args.server}", connect=connect, execute=args.execute_steps,
