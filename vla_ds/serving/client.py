@@ -75,7 +75,8 @@ class PolicyClient:
                     raise
                 time.sleep(0.2)
             except InvalidStatus as e:  # websockets says only "server rejected WebSocket connection: HTTP 401"
-                reason = (e.response.body or b"").decode("utf-8", "replace").strip()
+                body = (e.response.body or b"").decode("utf-8", "replace").strip()
+                reason = body.splitlines()[0][:200] if body else ""  # another server may send a page
                 raise ConnectionRefusedByServer(self.uri, e.response.status_code, reason) from None
         self.metadata: dict[str, Any] = wire.unpackb(self._ws.recv())
 
