@@ -378,7 +378,7 @@ class VLAPolicy(nn.Module):
         cls,
         policy_dir: str | os.PathLike,
         vl_model: str | os.PathLike | None = None,
-        device: str | torch.device = "cpu",
+        device: str | torch.device | None = "cpu",
         dtype: str | torch.dtype | None = None,
     ) -> VLAPolicy:
         """Load a policy directory written by ``convert_checkpoint.py --to policy``.
@@ -401,7 +401,8 @@ class VLAPolicy(nn.Module):
             policy_dir: the exported directory.
             vl_model: a local Qwen2.5-VL directory or hub id to use as the base backbone
                 (when the training path no longer exists, e.g. on another machine).
-            device: where the policy runs (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...).
+            device: where the policy runs (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...); None: CUDA
+                if torch sees a GPU, else the CPU (the command lines' default).
             dtype: backbone weight dtype (``"bfloat16"``/``"float32"`` or the torch dtype);
                 default the stored ``backbone.dtype``. The heads stay float32.
 
@@ -478,8 +479,11 @@ def _read_json(path: Path) -> Any:
         raise CheckpointError(f"{path}: invalid JSON ({exc})") from None
 
 
-def _checked_device(device: str | torch.device) -> torch.device:
-    """``device`` as a torch.device that this machine has, or one ConfigError line."""
+def _checked_device(device: str | torch.device | None) -> torch.device:
+    """``device`` (None: CUDA if available, else the CPU) as a torch.device that this machine
+    has, or one ConfigError line."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         checked = torch.device(device)
     except (RuntimeError, TypeError):

@@ -613,8 +613,7 @@ def run_cli(args: argparse.Namespace) -> dict:
         raise ConfigError(f"{Path(args.policy) / 'config.json'} records no data.dataset_dir: pass --dataset_dir")
     if args.split == "val":
         split_settings(config, args.val_split, args.split_seed, str(Path(args.policy) / "config.json"))
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    policy = VLAPolicy.from_pretrained(args.policy, vl_model=args.vl_model, device=device, dtype=args.dtype)
+    policy = VLAPolicy.from_pretrained(args.policy, vl_model=args.vl_model, device=args.device, dtype=args.dtype)
     return run_evaluation(policy, dataset_dir, args.output, split=args.split, max_samples=args.max_samples,
                           num_inference_steps=args.steps, seed=args.seed, batch_size=args.batch_size,
                           val_split=args.val_split, split_seed=args.split_seed, num_plot_episodes=args.plots,

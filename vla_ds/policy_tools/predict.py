@@ -73,9 +73,9 @@ def format_chunk(predicted: np.ndarray, recorded: np.ndarray | None = None, is_p
 def run(args: argparse.Namespace) -> str:
     """The predicted chunk next to the recorded one, as text."""
     lines: list[str] = []
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    policy = VLAPolicy.from_pretrained(args.policy, vl_model=args.vl_model, device=device, dtype=args.dtype)
+    policy = VLAPolicy.from_pretrained(args.policy, vl_model=args.vl_model, device=args.device, dtype=args.dtype)
     expert = policy.action_expert.config
+    device = next(policy.action_expert.parameters()).device
     steps = expert.check_inference_steps(args.steps)
     dataset = load_episode_dataset(policy.policy_config, args.episode, args.episode_index)
     check_sensor_transform(policy, dataset, args.episode)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 
-import torch
-
 from vla_ds.errors import ConfigError, run_command
 from vla_ds.log import setup_logging
 
@@ -52,8 +50,7 @@ def make_server(args: argparse.Namespace):
     config = ServeConfig(host=args.host, port=args.port, api_key=args.api_key, max_batch_size=args.max_batch_size,
                          batch_wait_ms=args.batch_wait_ms, max_message_mb=args.max_message_mb,
                          max_connections=args.max_connections, ddim_steps=args.ddim_steps)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    policy = VLAPolicy.from_pretrained(args.policy, vl_model=args.vl_model, device=device, dtype=args.dtype)
+    policy = VLAPolicy.from_pretrained(args.policy, vl_model=args.vl_model, device=args.device, dtype=args.dtype)
     return PolicyServer(policy, config, views=args.views)
 
 

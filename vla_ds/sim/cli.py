@@ -117,14 +117,12 @@ def make_rollout_policy(args: argparse.Namespace):
                               prefetch=args.prefetch)
     if is_baseline(args.policy):
         return baseline_policy(args.policy, flag="--policy")
-    import torch
 
     from vla_ds.models.policy import VLAPolicy, read_policy_config
 
     config = read_policy_config(args.policy)
     check_recording(config, args.image_size, args.rendering)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    policy = VLAPolicy.from_pretrained(args.policy, vl_model=args.vl_model, device=device, dtype=args.dtype)
+    policy = VLAPolicy.from_pretrained(args.policy, vl_model=args.vl_model, device=args.device, dtype=args.dtype)
     return ChunkingPolicy(str(args.policy), model=LocalModel(policy, args.steps), execute=args.execute_steps,
                           prefetch=args.prefetch)
 
